@@ -1,0 +1,185 @@
+"""Adapter directories and run directories: the contract between stages.
+
+An adapter directory is the standard PEFT layout (``adapter_config.json`` +
+``adapter_model.safetensors``, loadable by plain ``peft.PeftModel.from_pretrained``) plus
+``lorakit.json`` (task, label space, base model and its hash, resolved config, metrics, versions)
+and a model card ``README.md``. Every artifact is written to a temporary path and renamed into
+place, so an interrupted run never leaves something that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import AdapterError, RunDirError
+
+METADATA_FILE = "lorakit.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` in (nearly) one rename.
+
+    An existing ``target`` is moved aside first and removed only after the new one is in place.
+    On failure the temporary folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directory
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(path: str | Path, *, overwrite: bool) -> Path:
+    """Create the run directory, refusing to clobber a previous run unless ``overwrite``.
+
+    Raises:
+        RunDirError: The directory holds a run and ``overwrite`` is false, or it cannot be written.
+    """
+    run = Path(path)
+    if run.exists() and not run.is_dir():
+        raise RunDirError(f"output.dir: '{run}' is a file; choose a folder path")
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"output.dir: '{run}' already holds a run; pass --overwrite to replace it or choose another output.dir"
+            )
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"output.dir: cannot write to '{run}' ({exc.strerror}); choose a writable folder") from None
+    return run
+
+
+def clear_run_dir(run: Path) -> None:
+    """Remove the artifacts of a previous run (used with --overwrite) before training starts."""
+    for child in run.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter directory
+# --------------------------------------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("lorakit", "torch", "transformers", "peft", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], *, card: str) -> Path:
+    """Save a peft model's adapter with lorakit metadata and a model card, atomically.
+
+    Args:
+        peft_model: The ``PeftModel`` being trained.
+        target: The adapter directory to (re)place.
+        metadata: Contents of ``lorakit.json``.
+        card: Markdown text of the model card ``README.md``.
+
+    Returns:
+        The adapter directory.
+    """
+    with atomic_dir(target) as tmp:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        # peft writes its own README.md stub; ours replaces it.
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+    return Path(target)
+
+
+def find_adapter_dir(path: str | Path) -> Path:
+    """Accept a run directory (with ``adapter/``) or an adapter directory; return the adapter directory.
+
+    Raises:
+        AdapterError: Neither layout is found.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise AdapterError(f"'{p}' does not exist; pass a run directory or an adapter directory")
+    for candidate in (p, p / "adapter"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            if not (candidate / ADAPTER_WEIGHTS).is_file():
+                if (candidate / "adapter_model.bin").is_file():
+                    raise AdapterError(f"'{candidate}' holds pickled adapter_model.bin weights; lorakit loads only safetensors (re-save with safe_serialization=True)")
+                raise AdapterError(f"'{candidate}' has no {ADAPTER_WEIGHTS}: the adapter is incomplete (an interrupted save?)")
+            if not (candidate / METADATA_FILE).is_file():
+                raise AdapterError(f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so its task and labels are unknown")
+            return candidate
+    raise AdapterError(f"'{p}' is neither an adapter directory nor a run directory with adapter/ inside; pass the folder `lorakit train` wrote")
+
+
+def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
+    adapter_dir = find_adapter_dir(adapter_dir)
+    try:
+        return json.loads((adapter_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"'{adapter_dir / METADATA_FILE}' is not valid JSON ({exc}); the adapter directory is damaged") from None

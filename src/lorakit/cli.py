@@ -1,0 +1,149 @@
+"""The `lorakit` command: a thin layer over the Python API.
+
+It parses arguments, calls the same functions a Python user would, prints results, and turns
+:class:`~lorakit.errors.LorakitError` into ``error: <one line>`` with exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorakit.errors import LorakitError
+
+app = typer.Typer(
+    name="lorakit",
+    help="Fine-tune, evaluate, publish and serve LoRA adapters.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).", metavar="KEY=VALUE")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logger = logging.getLogger("lorakit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        import warnings
+
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+@app.command()
+def check(config: Annotated[Path, typer.Argument(help="Run config (YAML).")], set_: SetOpt = None) -> None:
+    """Validate a config and dry-run it: data sizes and labels, model, LoRA targets, parameter counts."""
+    from lorakit.preflight import check as run_check
+
+    _setup_logging()
+    plan = run_check(config, overrides=set_ or [])
+    typer.echo("\n".join(plan.lines()))
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a LoRA adapter; the best one (by validation metric) lands in <output.dir>/adapter."""
+    from lorakit.training import train as run_train
+
+    _setup_logging()
+    result = run_train(config, overrides=set_ or [], overwrite=overwrite or None, progress=not no_progress)
+    metric = result.best_metric
+    typer.echo(f"best validation {metric}: {result.best_value:.4f}")
+    if result.test:
+        n = sum(v["support"] for v in result.test.get("per_class", {}).values()) or "?"
+        shown = {k: v for k, v in result.test.items() if isinstance(v, float)}
+        typer.echo(f"held-out test ({n} examples never trained on): " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    typer.echo(f"trained {result.trainable_params:,} of {result.total_params:,} parameters in {result.seconds / 60:.1f} min")
+    typer.echo(f"adapter: {result.adapter_dir}")
+    if (result.run_dir / "report" / "index.html").is_file():
+        typer.echo(f"report:  {result.run_dir / 'report' / 'index.html'}")
+
+
+@app.command("eval")
+def eval_(
+    path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
+    data: Annotated[str, typer.Option("--data", help="Labelled data file with the training columns.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default <run>/eval-<data>).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Score only the first N rows.")] = None,
+) -> None:
+    """Evaluate an adapter on a data file: accuracy, macro-F1, per-class scores, confusion matrix, report."""
+    from lorakit.evaluation import evaluate
+
+    _setup_logging()
+    m = evaluate(path, data, out_dir=out, batch_size=batch_size, max_samples=max_samples)
+    typer.echo(", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) + f" on {m['examples']:,} examples")
+    typer.echo(f"metrics: {Path(m['output_dir']) / 'metrics.json'}")
+    typer.echo(f"report:  {Path(m['output_dir']) / 'report' / 'index.html'}")
+
+
+@app.command()
+def predict(
+    path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
+    inputs: Annotated[list[str] | None, typer.Argument(help="Texts to classify.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="A file with one input per line.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Show the k most likely labels.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
+) -> None:
+    """Predict labels (with probabilities) for texts given as arguments or in a file."""
+    from lorakit.errors import DataError
+    from lorakit.prediction import predict as run_predict
+
+    _setup_logging()
+    items = list(inputs or [])
+    if file is not None:
+        try:
+            items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except FileNotFoundError:
+            raise DataError(f"--file: '{file}' does not exist") from None
+        except UnicodeDecodeError:
+            raise DataError(f"--file: '{file}' is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+    for r in run_predict(path, items, top_k=top_k):
+        if as_json:
+            typer.echo(json.dumps(r, ensure_ascii=False))
+        else:
+            text = r["input"] if len(r["input"]) <= 60 else r["input"][:57] + "..."
+            alts = "  ".join(f"{a['label']} {a['score']:.3f}" for a in r["top_k"])
+            typer.echo(f"{alts}\t{text}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, prog_name="lorakit")
+    except LorakitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing half-written was left in place", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The run configuration: one YAML file with sections data / model / lora / train / output.
+
+Each section is a typed pydantic model whose fields document themselves. :func:`load_config` reads
+the YAML, applies ``--set section.key=value`` overrides and validates everything at once: every
+problem (unknown key with a "did you mean", wrong type, out-of-range value, inconsistent pair) is
+collected into a single :class:`~lorakit.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorakit.errors import ConfigError
+
+TaskName = Literal["text-classification"]
+TASKS: tuple[str, ...] = ("text-classification",)
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (typos must not be silently ignored); validate on assignment too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they are split."""
+
+    train: str = Field(description="Training data: a csv/json/jsonl/parquet file (or glob), a pkg:// path, or a Hub dataset name.")
+    validation: str | None = Field(None, description="Validation data; when unset a seeded split of `train` of size `validation_size` is used.")
+    test: str | None = Field(None, description="Held-out test data, scored once at the end; when unset and `test_size` > 0, split from `train`.")
+    format: Literal["auto", "csv", "json", "jsonl", "parquet", "hub"] = Field("auto", description="File format; `auto` decides by extension, anything else without a file is a Hub name.")
+    hub_split: str = Field("train", description="Which split of a Hub dataset `train` names.")
+    text_column: str = Field("text", description="Column with the input text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence-pair tasks).")
+    label_column: str = Field("label", description="Column with the label (strings or integers).")
+    label_names: list[str] | None = Field(None, description="Names for integer labels 0..K-1, in order (e.g. [negative, positive]).")
+    where: dict[str, Any] = Field(default_factory=dict, description="Keep only rows whose columns equal these values, e.g. {source: imdb}.")
+    validation_size: float = Field(0.1, gt=0, description="Share (0-1) or count (>= 1) of `train` held out for validation when `validation` is unset.")
+    test_size: float = Field(0, ge=0, description="Share (0-1) or count (>= 1) of `train` held out as a test split when `test` is unset; 0 = none.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (seeded sample).")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many validation and test examples each.")
+    max_length: int = Field(256, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
+    seed: int = Field(42, description="Seed of splits and sampling: the same seed gives the same examples.")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DataConfig:
+        for key in ("validation_size", "test_size"):
+            v = getattr(self, key)
+            if v >= 1 and v != int(v):
+                raise ValueError(f"data.{key}: {v} is neither a share below 1 nor a whole count; use e.g. 0.1 or 500")
+        return self
+
+
+class ModelConfig(_Section):
+    """The pretrained base model."""
+
+    name_or_path: str = Field(description="A local folder, a pkg:// path or a Hugging Face Hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
+
+
+class LoraSettings(_Section):
+    """LoRA hyperparameters (passed to peft.LoraConfig)."""
+
+    r: int = Field(16, ge=1, le=4096, description="Rank of the update matrices.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str | None = Field(None, description="Module name suffixes to adapt, a regex string, or `all-linear`; unset = the default for the architecture.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained fully and saved; the task head is always added.")
+
+
+class TrainConfig(_Section):
+    """Optimisation and evaluation schedule."""
+
+    epochs: float = Field(3, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per forward pass during evaluation.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    head_learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the task head; unset = learning_rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warm-up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = none.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="`auto` = bf16 (or fp16) on a CUDA GPU, fp32 on CPU.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
+    eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; unset = at the end of each epoch.")
+    metric_for_best: str = Field("accuracy", description="Validation metric that selects the best adapter (e.g. accuracy, f1_macro, loss).")
+    greater_is_better: bool | None = Field(None, description="Whether a higher `metric_for_best` is better; unset = False for losses, True otherwise.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement.")
+    logging_steps: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")
+    seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = torch's default.")
+
+
+class OutputConfig(_Section):
+    """Where the run writes its artifacts."""
+
+    dir: str = Field("runs/lorakit", description="Run directory: adapter/, metrics, report/, logs.")
+    overwrite: bool = Field(False, description="Replace an existing run directory.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under <dir>/tensorboard.")
+    report: bool = Field(True, description="Write an HTML report with plots under <dir>/report.")
+
+
+class RunConfig(_Section):
+    """A whole fine-tuning run."""
+
+    task: TaskName = Field("text-classification", description="What is learned: " + ", ".join(TASKS) + ".")
+    data: DataConfig
+    model: ModelConfig
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain YAML-able data."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> RunConfig, every problem reported at once
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a YAML-parsed value.
+
+    Raises:
+        ConfigError: The item has no ``=`` or an empty key.
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"--set '{item}': expected section.key=value, e.g. --set train.epochs=2"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``section.key=value`` override set (creating sections)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Names of the fields valid at ``path`` (the parent of an unknown key)."""
+    current: Any = model
+    for part in path:
+        field = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        allowed = _field_names(RunConfig, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "allowed: " + ", ".join(allowed)
+        return f"{key}: unknown key; {hint}"
+    if etype == "missing":
+        return f"{key}: required but missing"
+    if etype == "value_error":
+        # Messages of our own validators already name the key and the fix.
+        return str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"{key} = {shown}: {err['msg'].lower()}"
+
+
+def validate_config(raw: Any, source: str | None = None) -> RunConfig:
+    """Validate plain data (as read from YAML) into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: With every problem found, each naming the key, the bad value and what is allowed.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(["the file must be a YAML mapping with sections data, model, lora, train, output"], source)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_format_error(e) for e in exc.errors()]
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``section.key=value`` overrides and validate it.
+
+    Args:
+        path: The YAML file.
+        overrides: Items like ``"train.epochs=2"``; values are parsed as YAML.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The file is missing, not YAML, or has one or more invalid settings (all listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file '{path}' does not exist; pass the path of a YAML file (see configs/)"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError([f"not valid YAML{at}: {getattr(exc, 'problem', exc)}"], str(path)) from None
+    if overrides:
+        if not isinstance(raw, dict):
+            raw = {}
+        raw = apply_overrides(raw, overrides)
+    return validate_config(raw, str(path))

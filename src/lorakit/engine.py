@@ -1,0 +1,54 @@
+"""The pieces of the training loop that evaluation and prediction share: moving batches, evaluating."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from lorakit.batching import eval_batches
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def take(ds: Dataset, idx: list[int]) -> list[dict[str, Any]]:
+    """Rows ``idx`` of ``ds`` as a list of dicts (one Arrow read for the whole batch)."""
+    cols = ds[idx]
+    return [{k: cols[k][j] for k in cols} for j in range(len(idx))]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, ds: Dataset, collate: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Run ``model`` over ``ds`` and gather outputs in dataset order.
+
+    Returns:
+        (logits [N, C], labels [N], mean loss per example).
+    """
+    was_training = model.training
+    model.eval()
+    lengths = ds["length"] if "length" in ds.column_names else [1] * len(ds)
+    logits_out: list[np.ndarray | None] = [None] * len(ds)
+    labels_out = np.zeros(len(ds), dtype=np.int64)
+    loss_sum = 0.0
+    for idx in eval_batches(lengths, batch_size):
+        batch = to_device(collate(take(ds, idx)), device)
+        with autocast(device, amp):
+            out = model(**batch)
+        loss_sum += float(out.loss) * len(idx)
+        logits = out.logits.float().cpu().numpy()
+        for j, i in enumerate(idx):
+            logits_out[i] = logits[j]
+        labels_out[idx] = batch["labels"].cpu().numpy()
+        if progress is not None:
+            progress.update(len(idx))
+    model.train(was_training)
+    return np.stack(logits_out), labels_out, loss_sum / max(1, len(ds))

@@ -1,0 +1,198 @@
+"""Base model + LoRA: resolve the model location, choose and check target modules, wrap with peft.
+
+peft does LoRA. This module decides *where*: a default set of target modules per architecture,
+a check that every requested target exists (with the model's real module names in the error), and
+the task head plus any newly initialised module kept fully trainable via ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraSettings, ModelConfig
+from lorakit.errors import LorakitError, ModelError
+from lorakit.paths import resolve_location
+
+# Default LoRA targets per `config.model_type`: every linear layer inside the transformer blocks
+# (attention projections and the MLP). Measured on IMDB with the packaged MiniLM, adapting the MLP
+# as well as q/v closes most of the gap to full fine-tuning (README: "Defaults").
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+_ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def resolve_model_path(model_cfg: ModelConfig) -> str:
+    """The location transformers should load: a folder for local / pkg:// models, else the Hub id."""
+    try:
+        path = resolve_location(model_cfg.name_or_path, what="model.name_or_path")
+    except LorakitError as exc:
+        raise ModelError(str(exc)) from None
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face model folder")
+        return str(p.resolve())
+    if path.startswith((".", "/", "~")):
+        raise ModelError(f"model.name_or_path: folder '{path}' does not exist; check the path or give a Hub id")
+    return path
+
+
+def model_fingerprint(model_path: str, model: nn.Module | None = None) -> str:
+    """A content hash of the base model: sha256 over its weight files, or the Hub commit hash.
+
+    Stored with every adapter so that later stages can tell when a different base is used.
+    """
+    p = Path(model_path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"} and f.is_file())
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        return "sha256:" + h.hexdigest()
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return f"hub-commit:{commit}" if commit else "unknown"
+
+
+def adaptable_module_names(model: nn.Module) -> list[str]:
+    """Distinct last-name components of the layers LoRA can wrap (linear, conv, embedding)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, _ADAPTABLE)})
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # peft's rule: a target matches a module whose full name equals it or ends with "." + target.
+    return module_name == target or module_name.endswith("." + target)
+
+
+def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]) -> list[str] | str:
+    """The target modules to use: the configured ones (checked) or the architecture default.
+
+    Args:
+        model: The base model.
+        settings: The lora section.
+        exclude: Module paths that must not be targets (the head in modules_to_save).
+
+    Returns:
+        A list of name suffixes, or a regex / ``all-linear`` string as given.
+
+    Raises:
+        ModelError: A requested target matches no module; the message lists the real names.
+    """
+    targets = settings.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if targets is None:
+        targets = DEFAULT_TARGETS.get(model_type or "", "all-linear")
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            names = [n for n, _ in model.named_modules()]
+            if not any(re.fullmatch(targets, n) for n in names):
+                raise ModelError(
+                    f"lora.target_modules: regex '{targets}' matches no module of this {model_type} model; "
+                    f"its adaptable layers are named: {', '.join(adaptable_module_names(model))}"
+                )
+        return targets
+    names = [n for n, m in model.named_modules() if isinstance(m, _ADAPTABLE) and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    real = adaptable_module_names(model)
+    bad = [t for t in targets if not any(_matches(n, t) for n in names)]
+    if bad:
+        hints = []
+        for t in bad:
+            close = difflib.get_close_matches(t.rsplit(".", 1)[-1], real, n=1)
+            hints.append(f"'{t}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ModelError(
+            f"lora.target_modules: {', '.join(hints)} match{'es' if len(bad) == 1 else ''} no layer of this "
+            f"{model_type} model; its adaptable layers are named: {', '.join(real)}"
+        )
+    return list(targets)
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str, new_modules: list[str]) -> Any:
+    """Wrap ``model`` with peft LoRA; new (randomly initialised) modules are trained fully and saved.
+
+    Returns:
+        The ``peft.PeftModel``.
+
+    Raises:
+        ModelError: Bad targets or a combination peft rejects.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = sorted(set(new_modules) | set(settings.modules_to_save))
+    targets = resolve_targets(model, settings, exclude=modules_to_save)
+    config = LoraConfig(
+        task_type=task_type,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias=settings.bias,
+        use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
+        modules_to_save=modules_to_save or None,
+    )
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"lora: peft could not apply this configuration: {str(exc).splitlines()[0][:300]}") from None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` prefers CUDA, then Apple MPS, then CPU.
+
+    Raises:
+        LorakitError: The requested device is not available.
+    """
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("train.device: cuda was asked for but no CUDA GPU is visible; set train.device: auto or cpu")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LorakitError("train.device: mps was asked for but Apple MPS is not available; set train.device: auto or cpu")
+    return torch.device(requested)
+
+
+def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.mixed_precision`, or None for fp32.
+
+    `auto` uses bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 elsewhere: CPUs without
+    native bf16 run bf16 autocast slower than fp32.
+    """
+    if requested == "no":
+        return None
+    if requested == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if requested == "fp16" and device.type == "cpu":
+        raise LorakitError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU")
+    return torch.float16 if requested == "fp16" else torch.bfloat16

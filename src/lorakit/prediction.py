@@ -1,0 +1,37 @@
+"""`lorakit predict`: labels and probabilities for raw inputs, from an adapter directory alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import DataError
+from lorakit.loader import LoadedAdapter, load_adapter
+
+
+class Predictor:
+    """Keeps a base model + adapter loaded and predicts on batches of raw inputs.
+
+    Example:
+        >>> p = Predictor.from_adapter("runs/imdb/adapter")
+        >>> p(["A wonderful film."])[0]["label"]
+    """
+
+    def __init__(self, loaded: LoadedAdapter) -> None:
+        self.loaded = loaded
+        self.max_length = int(loaded.meta["config"]["data"].get("max_length", 512))
+
+    @classmethod
+    def from_adapter(cls, path: str | Path, *, device: str = "auto") -> Predictor:
+        return cls(load_adapter(path, device=device))
+
+    def __call__(self, inputs: list[Any], *, top_k: int = 1) -> list[dict[str, Any]]:
+        if not inputs:
+            raise DataError("no inputs to predict; pass texts as arguments or --file")
+        l = self.loaded
+        return l.task.predict(l.model, l.processor, inputs, l.label_space, top_k=top_k, max_length=self.max_length)
+
+
+def predict(path: str | Path, inputs: list[Any], *, top_k: int = 1, device: str = "auto") -> list[dict[str, Any]]:
+    """One-shot prediction: load the adapter at ``path`` and predict ``inputs``."""
+    return Predictor.from_adapter(path, device=device)(inputs, top_k=top_k)

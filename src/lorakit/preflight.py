@@ -1,0 +1,100 @@
+"""`lorakit check`: validate a config and dry-run everything before training starts.
+
+Reads the data (sizes, columns, label distribution), loads the model, resolves the LoRA targets
+and counts parameters, without writing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit import modeling
+from lorakit.config import RunConfig, load_config
+from lorakit.tasks import get_task
+
+
+@dataclass
+class Plan:
+    """What a run would do."""
+
+    config: RunConfig
+    model_path: str
+    model_type: str
+    sizes: dict[str, int]
+    columns: list[str]
+    label_counts: dict[str, dict[str, int]]
+    labels: list[str]
+    target_modules: list[str] | str
+    modules_to_save: list[str]
+    trainable: int
+    total: int
+    device: str
+    steps: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        c = self.config
+        out = [
+            f"config      ok ({c.task})",
+            f"data        {c.data.train}" + (f" where {c.data.where}" if c.data.where else ""),
+            "  splits    " + ", ".join(f"{k} {v:,}" for k, v in self.sizes.items()),
+            "  columns   " + ", ".join(self.columns),
+        ]
+        if self.labels:
+            out.append(f"  labels    {len(self.labels)}: " + ", ".join(self.labels[:20]) + (" …" if len(self.labels) > 20 else ""))
+            for split, counts in self.label_counts.items():
+                out.append(f"  {split:<9} " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        tok = self.stats.get("train_tokens")
+        if tok:
+            out.append(f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} train examples cut at {c.data.max_length}")
+        out += [
+            f"model       {c.model.name_or_path} ({self.model_type})",
+            f"LoRA        r={c.lora.r} alpha={c.lora.alpha} dropout={c.lora.dropout}"
+            + (" rsLoRA" if c.lora.use_rslora else "") + (" DoRA" if c.lora.use_dora else ""),
+            f"  targets   {self.target_modules}",
+            f"  trained   {self.modules_to_save} (fully, saved with the adapter)",
+            f"  params    {self.trainable:,} trainable / {self.total:,} total ({100 * self.trainable / max(1, self.total):.2f}%)",
+            f"train       {self.steps:,} optimizer steps on {self.device}; output to {c.output.dir}",
+        ]
+        return out
+
+
+def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None) -> Plan:
+    """Validate ``config`` and resolve data, model and LoRA targets without training or writing.
+
+    Raises:
+        LorakitError: The first problem that would stop the run (config problems are all listed).
+    """
+    import math
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    task = get_task(cfg.task)
+    device = modeling.pick_device(cfg.train.device)
+    modeling.pick_precision(cfg.train.mixed_precision, device)
+    model_path = modeling.resolve_model_path(cfg.model)
+    processor = task.load_processor(cfg.model, model_path)
+    data = task.prepare(cfg, processor)
+    base, new_modules = task.load_model(cfg.model, model_path, data.label_space)
+    model = modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules)
+    trainable, total = modeling.count_parameters(model)
+    lc = model.peft_config["default"]
+    t = cfg.train
+    steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(math.ceil(len(data.splits["train"]) / t.batch_size) / t.gradient_accumulation_steps)))
+    return Plan(
+        config=cfg,
+        model_path=model_path,
+        model_type=base.config.model_type,
+        sizes={k: len(v) for k, v in data.splits.items()},
+        columns=list(data.stats.get("columns", [])),
+        label_counts=data.stats.get("label_counts", {}),
+        labels=list(data.label_space.labels) if data.label_space else [],
+        target_modules=sorted(lc.target_modules) if not isinstance(lc.target_modules, str) else lc.target_modules,
+        modules_to_save=sorted(set(lc.modules_to_save or [])),
+        trainable=trainable,
+        total=total,
+        device=str(device),
+        steps=steps,
+        stats=data.stats,
+    )

@@ -1,0 +1,73 @@
+"""The task interface: the one extension point of lorakit.
+
+A task owns everything that depends on *what* is learned: the model class, preprocessing, the
+collator, metrics and post-processing of predictions. The training loop, export and serving code
+only talk to this interface and never branch on the task name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+
+from lorakit.config import DataConfig, ModelConfig, RunConfig
+
+
+@dataclass
+class PreparedData:
+    """Model-ready splits plus what the task learned about them (e.g. the label space)."""
+
+    splits: DatasetDict
+    processor: Any  # tokenizer or image processor
+    label_space: Any | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """What a task must provide. Subclasses are registered in :mod:`lorakit.tasks`."""
+
+    name: str
+    #: peft's TaskType for get_peft_model (e.g. "SEQ_CLS").
+    peft_task_type: str
+    #: Metric used to pick the best adapter when the config does not say.
+    default_metric: str = "loss"
+
+    # ---- data -----------------------------------------------------------------------------------
+    @abstractmethod
+    def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
+        """Load the tokenizer / image processor of the base model."""
+
+    @abstractmethod
+    def prepare(self, cfg: RunConfig, processor: Any) -> PreparedData:
+        """Read, check, split and preprocess the data of a run."""
+
+    @abstractmethod
+    def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+        """Turn raw rows (already label-encoded where needed) into model inputs."""
+
+    @abstractmethod
+    def collate(self, processor: Any) -> Any:
+        """A collate function for DataLoader batches of preprocessed examples."""
+
+    # ---- model ----------------------------------------------------------------------------------
+    @abstractmethod
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any) -> tuple[torch.nn.Module, list[str]]:
+        """Load the base model; return it and the names of modules that are new (not in the checkpoint)."""
+
+    # ---- evaluation / prediction ----------------------------------------------------------------
+    @abstractmethod
+    def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:
+        """Metrics from gathered model outputs; scalar values are logged, others go in the report."""
+
+    @abstractmethod
+    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, *, top_k: int = 1, max_length: int = 512) -> list[dict[str, Any]]:
+        """Post-processed predictions for raw inputs."""
+
+    def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+        """Map raw labels to ids for a new dataset (evaluation files); identity for unlabelled tasks."""
+        return ds

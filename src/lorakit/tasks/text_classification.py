@@ -1,0 +1,179 @@
+"""Text classification (sentiment, topic, intent, ...): one label per text or text pair."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset
+
+from lorakit.config import DataConfig, ModelConfig, RunConfig
+from lorakit.data import build_splits
+from lorakit.errors import DataError, ModelError
+from lorakit.labels import LabelSpace
+from lorakit.metrics import classification_metrics
+from lorakit.tasks.base import PreparedData, Task
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load-time chatter; lorakit reports new modules itself."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def new_module_names(missing_keys: list[str], mismatched_keys: list[Any]) -> list[str]:
+    """Module paths (``classifier``, ``pooler.dense``) whose weights the checkpoint did not provide."""
+    keys = list(missing_keys) + [k[0] if isinstance(k, (tuple, list)) else k for k in mismatched_keys]
+    return sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
+
+
+class TextClassification(Task):
+    name = "text-classification"
+    peft_task_type = "SEQ_CLS"
+    default_metric = "accuracy"
+
+    # ---- data -----------------------------------------------------------------------------------
+    def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        except Exception as exc:
+            raise ModelError(f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+        if tok.pad_token is None:
+            # Decoder-only models often ship without a pad token; padding positions are masked anyway.
+            tok.pad_token = tok.eos_token or tok.unk_token
+        return tok
+
+    def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: LabelSpace, *, key: str) -> Dataset:
+        self._check_texts(ds, data_cfg, key=key)
+        unknown = label_space.unknown(ds[data_cfg.label_column])
+        if unknown:
+            raise DataError(
+                f"{key}: labels {unknown[:5]} are not among the training labels {list(label_space.labels)[:10]}; "
+                "add examples of them to the training data or remove those rows"
+            )
+        col = data_cfg.label_column
+        ds = ds.map(lambda b: {"labels": [label_space.encode(v) for v in b[col]]}, batched=True, desc="labels")
+        return ds.cast_column("labels", ClassLabel(names=list(label_space.labels)))
+
+    def _check_texts(self, ds: Dataset, data_cfg: DataConfig, *, key: str) -> None:
+        for col in filter(None, [data_cfg.text_column, data_cfg.text_pair_column]):
+            values = ds[col]
+            bad = [i for i, t in enumerate(values) if not isinstance(t, str) or not t.strip()]
+            if bad:
+                raise DataError(
+                    f"{key}: {len(bad)} row(s) have empty or non-text '{col}' (first at row {bad[0]}); "
+                    "remove them or fill them in"
+                )
+
+    def prepare(self, cfg: RunConfig, processor: Any) -> PreparedData:
+        d = cfg.data
+        columns = [d.text_column, d.label_column] + ([d.text_pair_column] if d.text_pair_column else [])
+        space_box: dict[str, LabelSpace] = {}
+
+        def encode(ds: Dataset, key: str) -> Dataset:
+            if "space" not in space_box:  # the first source read is train: it defines the label space
+                self._check_texts(ds, d, key=key)
+                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key)
+            return self.encode_labels(ds, d, space_box["space"], key=key)
+
+        raw = build_splits(d, columns=columns, encode=encode, stratify="labels")
+        space = space_box["space"]
+        splits = {name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()}
+        stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names}
+        stats["label_counts"] = {
+            k: dict(sorted(Counter(space.labels[i] for i in v["labels"]).items())) for k, v in raw.items()
+        }
+        lengths = np.asarray(splits["train"]["length"])
+        stats["train_tokens"] = {"mean": float(lengths.mean()), "max": int(lengths.max()), "truncated": int((lengths >= d.max_length).sum())}
+        from datasets import DatasetDict
+
+        return PreparedData(DatasetDict(splits), processor, space, stats)
+
+    def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+        text, pair, max_len = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.max_length
+
+        def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
+            enc = processor(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_len)
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            return enc
+
+        keep = {"labels"}
+        drop = [c for c in ds.column_names if c not in keep]
+        # datasets fingerprints this map: re-running the same data + tokenizer reuses the cached result.
+        return ds.map(tokenize, batched=True, remove_columns=drop, desc=f"tokenize {key}")
+
+    def collate(self, processor: Any) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        pad = DataCollatorWithPadding(processor, pad_to_multiple_of=None)
+
+        def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            # Dynamic padding: each batch is padded to its own longest example only.
+            return pad([{k: v for k, v in ex.items() if k != "length"} for ex in examples])
+
+        return collate_fn
+
+    # ---- model ----------------------------------------------------------------------------------
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace) -> tuple[torch.nn.Module, list[str]]:
+        from transformers import AutoModelForSequenceClassification
+
+        try:
+            with quiet_transformers():
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    model_path,
+                    num_labels=label_space.num_labels,
+                    id2label=label_space.id2label,
+                    label2id=label_space.label2id,
+                    ignore_mismatched_sizes=True,  # a checkpoint with a head of another size gets a fresh head
+                    output_loading_info=True,
+                    revision=model_cfg.revision,
+                    trust_remote_code=model_cfg.trust_remote_code,
+                )
+        except ValueError as exc:
+            if "Unrecognized configuration class" in str(exc) or "sequence classification" in str(exc).lower():
+                raise ModelError(
+                    f"model.name_or_path: '{model_path}' has no sequence-classification variant "
+                    "(its architecture does not fit task text-classification); pick a text encoder such as BERT or RoBERTa"
+                ) from None
+            raise ModelError(f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
+        return model, new_module_names(info.get("missing_keys", []), info.get("mismatched_keys", []))
+
+    # ---- evaluation / prediction ----------------------------------------------------------------
+    def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict[str, Any]:
+        return classification_metrics(logits.argmax(-1), labels, label_space.labels)
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, *, top_k: int = 1, max_length: int = 512, batch_size: int = 32) -> list[dict[str, Any]]:
+        device = next(model.parameters()).device
+        results: list[dict[str, Any]] = []
+        k = max(1, min(top_k, label_space.num_labels))
+        for start in range(0, len(inputs), batch_size):
+            chunk = [str(t) for t in inputs[start : start + batch_size]]
+            enc = processor(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+            probs = torch.softmax(model(**enc).logits.float(), dim=-1)
+            top = probs.topk(k, dim=-1)
+            for row, (vals, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+                results.append(
+                    {
+                        "input": chunk[row],
+                        "label": label_space.labels[idx[0]],
+                        "score": vals[0],
+                        "top_k": [{"label": label_space.labels[i], "score": v} for v, i in zip(vals, idx, strict=True)],
+                    }
+                )
+        return results

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random BERT with its own vocabulary, and small synthetic sentiment data.
+
+Nothing here downloads anything: the model is built from a config with random weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+GOOD = ["great", "wonderful", "brilliant", "moving", "superb", "delightful", "funny", "beautiful"]
+BAD = ["awful", "boring", "terrible", "dull", "clumsy", "painful", "weak", "tedious"]
+FILLER = ["the", "film", "was", "a", "plot", "and", "acting", "story", "very", "really", "movie", "it"]
+
+
+def make_texts(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Reviews whose sentiment words decide the label (learnable by a tiny model in a few steps)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.choices(FILLER, k=rng.randint(3, 12)) + rng.choices(GOOD if label == "pos" else BAD, k=2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[Any, ...]], header: tuple[str, ...] = ("text", "label")) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT, hidden size 32, random weights, saved with a word-level vocabulary."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(GOOD + BAD + FILLER)), "cat", "dog"]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64, type_vocab_size=2,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def sentiment_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "reviews.csv", make_texts(160))
+
+
+@pytest.fixture()
+def write_config(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path):
+    """Write a run config for the tiny model; keyword arguments override sections."""
+
+    def _write(**sections: dict[str, Any]) -> Path:
+        cfg: dict[str, Any] = {
+            "task": "text-classification",
+            "data": {"train": str(sentiment_csv), "validation_size": 32, "test_size": 32, "max_length": 32},
+            "model": {"name_or_path": str(tiny_bert_dir)},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "logging_steps": 2, "seed": 7},
+            "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        }
+        for name, values in sections.items():
+            cfg.setdefault(name, {}).update(values)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return _write

@@ -1,0 +1,95 @@
+"""Config loading: every problem reported at once, overrides, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorakit.config import RunConfig, apply_overrides, load_config, validate_config
+from lorakit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"data": {"train": "x.csv"}, "model": {"name_or_path": "some/model"}}
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, MINIMAL))
+    assert cfg.task == "text-classification"
+    assert cfg.lora.r == 16 and cfg.train.batch_size == 16 and cfg.data.max_length == 256
+    for section in (cfg.data, cfg.model, cfg.lora, cfg.train, cfg.output):
+        for name, field in type(section).model_fields.items():
+            assert field.description, f"{type(section).__name__}.{name} has no description"
+
+
+def test_three_mistakes_are_reported_together(tmp_path: Path) -> None:
+    bad = {**MINIMAL, "lora": {"r": 0}, "train": {"learning_rat": 1e-3, "epochs": "many"}}
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, bad))
+    problems = exc.value.problems
+    assert len(problems) == 3, problems
+    text = str(exc.value)
+    assert "3 problems" in text and "\n" not in text
+    assert "lora.r = 0" in text and "greater than or equal to 1" in text
+    assert "train.learning_rat: unknown key; did you mean 'learning_rate'?" in text
+    assert "train.epochs = 'many'" in text
+
+
+def test_missing_required_sections_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, {"lora": {"r": 8}}))
+    assert {"data: required but missing", "model: required but missing"} <= set(exc.value.problems)
+
+
+def test_unknown_section_suggests_closest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trian: unknown key; did you mean 'train'"):
+        load_config(_write(tmp_path, {**MINIMAL, "trian": {}}))
+
+
+def test_cross_field_rule_names_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.validation_size: 2.5 is neither a share"):
+        load_config(_write(tmp_path, {**MINIMAL, "data": {"train": "x.csv", "validation_size": 2.5}}))
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, MINIMAL), ["train.epochs=2", "lora.target_modules=[query, value]", "data.where={source: imdb}"])
+    assert cfg.train.epochs == 2
+    assert cfg.lora.target_modules == ["query", "value"]
+    assert cfg.data.where == {"source": "imdb"}
+
+
+def test_override_creates_missing_section_and_unknown_key_is_reported(tmp_path: Path) -> None:
+    raw = apply_overrides(MINIMAL, ["output.dir=/tmp/x"])
+    assert raw["output"] == {"dir": "/tmp/x"} and "output" not in MINIMAL
+    with pytest.raises(ConfigError, match="train.lr: unknown key"):
+        load_config(_write(tmp_path, MINIMAL), ["train.lr=0.1"])
+
+
+@pytest.mark.parametrize("item", ["epochs", "=3", "train..x=1"])
+def test_malformed_override(item: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(_write(tmp_path, MINIMAL), [item])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        validate_config([1, 2])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)

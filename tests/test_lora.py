@@ -1,0 +1,114 @@
+"""LoRA invariants on a tiny random BERT: what must hold whatever the hyperparameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit import modeling
+from lorakit.config import LoraSettings, ModelConfig
+from lorakit.errors import ModelError
+from lorakit.labels import LabelSpace
+from lorakit.tasks import get_task
+
+SPACE = LabelSpace(("neg", "pos"))
+
+
+def _model(tiny_bert_dir: Path, **lora):
+    task = get_task("text-classification")
+    torch.manual_seed(0)
+    base, new = task.load_model(ModelConfig(name_or_path=str(tiny_bert_dir)), str(tiny_bert_dir), SPACE)
+    return modeling.apply_lora(base, LoraSettings(**({"r": 4, "alpha": 8, "dropout": 0.0} | lora)), task_type="SEQ_CLS", new_modules=new), new
+
+
+def _batch(tiny_bert_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    enc = tok(["great film", "awful boring plot and acting"], padding=True, return_tensors="pt")
+    return dict(enc) | {"labels": torch.tensor([1, 0])}
+
+
+def _train_step(model, batch, lr: float = 0.05) -> None:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(**batch).loss.backward()
+    opt.step()
+    model.eval()
+
+
+def test_head_is_new_and_trained_fully(tiny_bert_dir: Path) -> None:
+    model, new = _model(tiny_bert_dir)
+    assert new == ["classifier"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+
+
+def test_default_targets_cover_attention_and_mlp(tiny_bert_dir: Path) -> None:
+    model, _ = _model(tiny_bert_dir)
+    lora_layers = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith("lora_A")}
+    assert any(n.endswith("attention.self.query") for n in lora_layers)
+    assert any(n.endswith("intermediate.dense") for n in lora_layers)
+    assert not any("pooler" in n or "classifier" in n for n in lora_layers)
+
+
+def test_wrong_target_lists_real_module_names(tiny_bert_dir: Path) -> None:
+    with pytest.raises(ModelError) as exc:
+        _model(tiny_bert_dir, target_modules=["qurey", "value"])
+    msg = str(exc.value)
+    assert "'qurey' (did you mean 'query'?)" in msg and "its adaptable layers are named:" in msg
+    assert "key" in msg and "dense" in msg and "\n" not in msg
+    with pytest.raises(ModelError, match="regex 'nothing.*' matches no module"):
+        _model(tiny_bert_dir, target_modules="nothing.*")
+
+
+def test_frozen_weights_do_not_move(tiny_bert_dir: Path) -> None:
+    model, _ = _model(tiny_bert_dir)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    _train_step(model, _batch(tiny_bert_dir))
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
+
+
+def test_lora_b_starts_at_zero_so_adapter_starts_as_base(tiny_bert_dir: Path) -> None:
+    model, _ = _model(tiny_bert_dir)
+    batch = _batch(tiny_bert_dir)
+    with torch.no_grad():
+        with_adapter = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+    assert torch.allclose(with_adapter, base)
+
+
+def test_disabled_adapter_gives_base_output_after_training(tiny_bert_dir: Path) -> None:
+    model, _ = _model(tiny_bert_dir)
+    batch = _batch(tiny_bert_dir)
+    with torch.no_grad():
+        base_before = model.get_base_model().bert(input_ids=batch["input_ids"]).last_hidden_state
+    _train_step(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        base_after = model.get_base_model().bert(input_ids=batch["input_ids"]).last_hidden_state
+    assert torch.equal(base_before, base_after)
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True}, {"use_dora": True}])
+def test_merged_equals_unmerged(tiny_bert_dir: Path, extra: dict) -> None:
+    model, _ = _model(tiny_bert_dir, **extra)
+    batch = _batch(tiny_bert_dir)
+    _train_step(model, batch)
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        merged = model.merge_and_unload()(**batch).logits
+    assert torch.allclose(unmerged, merged, atol=1e-5)
+
+
+def test_rslora_scaling(tiny_bert_dir: Path) -> None:
+    model, _ = _model(tiny_bert_dir, r=4, alpha=8, use_rslora=True)
+    layer = next(m for n, m in model.named_modules() if n.endswith("attention.self.query"))
+    assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)
