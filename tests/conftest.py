@@ -63,23 +63,28 @@ def sentiment_csv(tmp_path: Path) -> Path:
     return write_csv(tmp_path / "reviews.csv", make_texts(160))
 
 
+def make_config(folder: Path, model_dir: Path, data_csv: Path, **sections: dict[str, Any]) -> Path:
+    """Write a run config for the tiny model into ``folder``; keyword arguments override sections."""
+    cfg: dict[str, Any] = {
+        "task": "text-classification",
+        "data": {"train": str(data_csv), "validation_size": 32, "test_size": 32, "max_length": 32},
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 2, "seed": 7},
+        "output": {"dir": str(folder / "run"), "tensorboard": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture()
 def write_config(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path):
-    """Write a run config for the tiny model; keyword arguments override sections."""
+    """Write a run config for the tiny model in this test's folder."""
 
     def _write(**sections: dict[str, Any]) -> Path:
-        cfg: dict[str, Any] = {
-            "task": "text-classification",
-            "data": {"train": str(sentiment_csv), "validation_size": 32, "test_size": 32, "max_length": 32},
-            "model": {"name_or_path": str(tiny_bert_dir)},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "train": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "logging_steps": 2, "seed": 7},
-            "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
-        }
-        for name, values in sections.items():
-            cfg.setdefault(name, {}).update(values)
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return make_config(tmp_path, tiny_bert_dir, sentiment_csv, **sections)
 
     return _write

@@ -8,12 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import make_texts, write_csv
 from lorakit.config import DataConfig
 from lorakit.data import build_splits, read_source
 from lorakit.errors import DataError
 from lorakit.labels import LabelSpace
-
-from conftest import make_texts, write_csv
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet", "tsv"])
@@ -61,8 +60,8 @@ def _cfg(train: Path, **kw) -> DataConfig:
 
 
 def test_missing_column_lists_the_real_ones(tmp_path: Path) -> None:
-    from lorakit.tasks import get_task
     from lorakit.config import RunConfig
+    from lorakit.tasks import get_task
 
     path = write_csv(tmp_path / "d.csv", [("a b", "x"), ("c d", "y")], header=("review", "label"))
     cfg = RunConfig(data=_cfg(path), model={"name_or_path": "m"})

@@ -93,11 +93,8 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool) -> Path:
     run = Path(path)
     if run.exists() and not run.is_dir():
         raise RunDirError(f"output.dir: '{run}' is a file; choose a folder path")
-    if run.exists() and any(run.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"output.dir: '{run}' already holds a run; pass --overwrite to replace it or choose another output.dir"
-            )
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        raise RunDirError(f"output.dir: '{run}' already holds a run; pass --overwrite to replace it or choose another output.dir")
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / f".write-test-{uuid.uuid4().hex[:6]}"

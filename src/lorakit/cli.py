@@ -34,6 +34,7 @@ def _setup_logging(verbose: bool = False) -> None:
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setLevel(logging.DEBUG if verbose else logging.INFO)
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False

@@ -61,6 +61,7 @@ class ModelConfig(_Section):
     name_or_path: str = Field(description="A local folder, a pkg:// path or a Hugging Face Hub id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Override every dropout probability of the base model (hidden, attention, classifier); null keeps the model's own. 0 halves the step time on CPUs, where dropout masks are costly.")
 
 
 class LoraSettings(_Section):
@@ -68,7 +69,7 @@ class LoraSettings(_Section):
 
     r: int = Field(16, ge=1, le=4096, description="Rank of the update matrices.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str | None = Field(None, description="Module name suffixes to adapt, a regex string, or `all-linear`; unset = the default for the architecture.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")

@@ -50,5 +50,7 @@ def evaluate_model(model: torch.nn.Module, ds: Dataset, collate: Any, *, batch_s
         labels_out[idx] = batch["labels"].cpu().numpy()
         if progress is not None:
             progress.update(len(idx))
+    if progress is not None:
+        progress.close()
     model.train(was_training)
     return np.stack(logits_out), labels_out, loss_sum / max(1, len(ds))

@@ -54,6 +54,27 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     return path
 
 
+def load_base_config(model_cfg: ModelConfig, model_path: str, **kwargs: Any) -> Any:
+    """The base model's transformers config with ``kwargs`` and the ``model.dropout`` override applied.
+
+    Raises:
+        ModelError: The location holds no model config (or the Hub cannot be reached).
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        hub = "" if Path(model_path).exists() else " (not a local folder, and the Hugging Face Hub could not serve it: offline or a wrong id?)"
+        raise ModelError(f"model.name_or_path: cannot load a model config from '{model_path}'{hub}: {str(exc).splitlines()[0][:200]}") from None
+    if model_cfg.dropout is not None:
+        # Names differ per architecture (hidden_dropout_prob, attention_dropout, classifier_dropout, ...).
+        for key, value in config.to_dict().items():
+            if "dropout" in key and (isinstance(value, float) or (key == "classifier_dropout" and value is None)):
+                setattr(config, key, model_cfg.dropout)
+    return config
+
+
 def model_fingerprint(model_path: str, model: nn.Module | None = None) -> str:
     """A content hash of the base model: sha256 over its weight files, or the Hub commit hash.
 

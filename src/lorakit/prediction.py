@@ -28,8 +28,8 @@ class Predictor:
     def __call__(self, inputs: list[Any], *, top_k: int = 1) -> list[dict[str, Any]]:
         if not inputs:
             raise DataError("no inputs to predict; pass texts as arguments or --file")
-        l = self.loaded
-        return l.task.predict(l.model, l.processor, inputs, l.label_space, top_k=top_k, max_length=self.max_length)
+        a = self.loaded
+        return a.task.predict(a.model, a.processor, inputs, a.label_space, top_k=top_k, max_length=self.max_length)
 
 
 def predict(path: str | Path, inputs: list[Any], *, top_k: int = 1, device: str = "auto") -> list[dict[str, Any]]:

@@ -121,7 +121,10 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     artifacts.clear_run_dir(run)
     log_file = logging.FileHandler(run / "train.log", encoding="utf-8")
     log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log_file.setLevel(logging.DEBUG)
     log.addHandler(log_file)
+    old_level = log.level
+    log.setLevel(logging.DEBUG)  # the file gets every training-loss line; the console handler filters
     artifacts.write_text_atomic(run / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
     sizes = {k: len(v) for k, v in data.splits.items()}
     log.info("data: %s; labels: %s", sizes, ", ".join(data.label_space.labels) if data.label_space else "-")
@@ -131,179 +134,186 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     log.info("device: %s, precision: %s, threads: %d", device, amp or "fp32", torch.get_num_threads())
 
     writer = None
-    if cfg.output.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+    try:
+        if cfg.output.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run / "tensorboard"))
+            writer = SummaryWriter(str(run / "tensorboard"))
 
-    model.to(device)
-    model.train()
-    collate = task.collate(processor)
-    train_ds = data.splits["train"]
-    lengths = train_ds["length"]
-    micro_per_epoch = math.ceil(len(train_ds) / t.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    head_modules = sorted(set(lora_cfg.modules_to_save or []))
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg, head_modules), lr=t.learning_rate, betas=t.adam_betas)
-    from transformers import get_scheduler
+        model.to(device)
+        model.train()
+        collate = task.collate(processor)
+        train_ds = data.splits["train"]
+        lengths = train_ds["length"]
+        micro_per_epoch = math.ceil(len(train_ds) / t.batch_size)
+        steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
+        total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        head_modules = sorted(set(lora_cfg.modules_to_save or []))
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg, head_modules), lr=t.learning_rate, betas=t.adam_betas)
+        from transformers import get_scheduler
 
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    def base_metadata() -> dict[str, Any]:
-        return {
-            "format": "lorakit-adapter/1",
-            "task": cfg.task,
-            "base_model": {
-                "name_or_path": cfg.model.name_or_path,
-                "resolved": model_path,
-                "revision": cfg.model.revision,
-                "model_type": base.config.model_type,
-                "fingerprint": fingerprint,
-            },
-            "label_space": data.label_space.to_dict() if data.label_space else None,
-            "data": {"sizes": sizes, "stats": data.stats},
-            "lora": {
-                "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                "target_modules": sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str) else lora_cfg.target_modules,
-                "modules_to_save": head_modules, "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora,
-            },
+        def base_metadata() -> dict[str, Any]:
+            return {
+                "format": "lorakit-adapter/1",
+                "task": cfg.task,
+                "base_model": {
+                    "name_or_path": cfg.model.name_or_path,
+                    "resolved": model_path,
+                    "revision": cfg.model.revision,
+                    "model_type": base.config.model_type,
+                    "fingerprint": fingerprint,
+                },
+                "label_space": data.label_space.to_dict() if data.label_space else None,
+                "data": {"sizes": sizes, "stats": data.stats},
+                "lora": {
+                    "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                    "target_modules": sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str) else lora_cfg.target_modules,
+                    "modules_to_save": head_modules, "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora,
+                },
+                "parameters": {"trainable": trainable, "total": total},
+                "config": cfg.to_yaml_dict(),
+                "versions": artifacts.library_versions(),
+                "created_at": artifacts.now_iso(),
+            }
+
+        fingerprint = modeling.model_fingerprint(model_path, base)
+
+        # ============================================================================================
+        # train
+        # ============================================================================================
+        history: list[dict[str, Any]] = []
+        best_value: float | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        best_eval: dict[str, Any] = {}
+        evals_without_gain = 0
+        step = 0
+        running_loss, running_n = 0.0, 0
+        stop = False
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+
+        def eval_bar(split: str) -> Any:
+            return tqdm(total=len(data.splits[split]), desc=split, unit="ex", disable=not progress, leave=False, dynamic_ncols=True)
+
+        def run_eval(epoch: float) -> None:
+            nonlocal best_value, best_state, best_eval, evals_without_gain, stop
+            logits, labels, loss = evaluate_model(model, data.splits["validation"], collate, batch_size=t.eval_batch_size, device=device, amp=amp, progress=eval_bar("validation"))
+            metrics = {"loss": loss, **task.compute_metrics(logits, labels, data.label_space)}
+            if metric_name not in metrics:
+                raise TrainingError(f"train.metric_for_best: '{metric_name}' is not computed for {cfg.task}; choose one of {', '.join(scalars(metrics))}")
+            row = {"step": step, "epoch": round(epoch, 4), "split": "validation", **scalars(metrics)}
+            history.append(row)
+            if writer:
+                for k, v in scalars(metrics).items():
+                    writer.add_scalar(f"validation/{k}", v, step)
+            value = float(metrics[metric_name])
+            improved = best_value is None or (value > best_value if greater else value < best_value)
+            log.info("eval step %d (epoch %.2f): %s%s", step, epoch, ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items()), "  (best)" if improved else "")
+            if improved:
+                best_value, best_eval, evals_without_gain = value, metrics, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _is_trainable_key(model, k)}
+                meta = base_metadata() | {"metrics": {"validation": scalars(metrics)}, "trained": {"step": step, "epoch": epoch}}
+                artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta))
+            else:
+                evals_without_gain += 1
+                if t.early_stopping_patience and evals_without_gain >= t.early_stopping_patience:
+                    log.info("early stopping: no gain in %s for %d evaluations", metric_name, evals_without_gain)
+                    stop = True
+
+        epoch = 0
+        while step < total_steps and not stop:
+            batches = train_batches(lengths, t.batch_size, seed=t.seed, epoch=epoch, group_by_length=t.group_by_length)
+            for micro, idx in enumerate(batches):
+                batch = to_device(collate(take(train_ds, idx)), device)
+                with autocast(device, amp):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    where = f"; the best adapter so far is in {run / 'adapter'}" if best_state is not None else ""
+                    raise TrainingError(f"training loss became {float(loss)} at step {step}: lower train.learning_rate or use mixed_precision: no{where}")
+                scaler.scale(loss / t.gradient_accumulation_steps).backward()
+                running_loss += float(loss.detach()) * len(idx)
+                running_n += len(idx)
+                last_micro = micro == len(batches) - 1
+                if (micro + 1) % t.gradient_accumulation_steps and not last_micro:
+                    continue
+                # ---- optimizer step ----
+                if t.max_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                ep = epoch + (micro + 1) / len(batches)
+                if step % t.logging_steps == 0 or step == total_steps:
+                    avg = running_loss / max(1, running_n)
+                    lr = scheduler.get_last_lr()[0]
+                    history.append({"step": step, "epoch": round(ep, 4), "split": "train", "loss": avg, "lr": lr})
+                    bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
+                    log.log(logging.DEBUG if progress else logging.INFO, "step %d/%d (epoch %.2f): loss=%.4f lr=%.2e", step, total_steps, ep, avg, lr)
+                    if writer:
+                        writer.add_scalar("train/loss", avg, step)
+                        writer.add_scalar("train/lr", lr, step)
+                    running_loss, running_n = 0.0, 0
+                if t.eval_every_steps and step % t.eval_every_steps == 0:
+                    run_eval(ep)
+                if step >= total_steps or stop:
+                    break
+            epoch += 1
+            if not t.eval_every_steps:  # evaluate at the end of each epoch (or of a fractional last one)
+                run_eval(min(epoch, step / steps_per_epoch))
+        bar.close()
+        evaluated_last = any(r["split"] == "validation" and r["step"] == step for r in history)
+        if not evaluated_last and not stop:
+            run_eval(step / steps_per_epoch)
+
+        # ============================================================================================
+        # cleanup: best weights back in, test split, metrics, report
+        # ============================================================================================
+        if best_state is not None:
+            model.load_state_dict(best_state, strict=False)
+        test_metrics = None
+        if "test" in data.splits:
+            logits, labels, loss = evaluate_model(model, data.splits["test"], collate, batch_size=t.eval_batch_size, device=device, amp=amp, progress=eval_bar("test"))
+            test_metrics = {"loss": loss, **task.compute_metrics(logits, labels, data.label_space)}
+            log.info("test (%d held-out examples): %s", len(labels), ", ".join(f"{k}={v:.4f}" for k, v in scalars(test_metrics).items()))
+        elapsed = time.perf_counter() - t0
+        final = {
+            "best_metric": metric_name,
+            "best_value": best_value,
+            "validation": best_eval,
+            "test": test_metrics,
+            "seconds": round(elapsed, 1),
+            "steps": step,
             "parameters": {"trainable": trainable, "total": total},
-            "config": cfg.to_yaml_dict(),
-            "versions": artifacts.library_versions(),
-            "created_at": artifacts.now_iso(),
         }
+        artifacts.write_json_atomic(run / "metrics.json", final)
+        artifacts.write_text_atomic(run / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        # The adapter's metadata and card get the final numbers (validation of the best step + test).
+        meta = artifacts.read_metadata(run / "adapter")
+        meta["metrics"] = {"validation": scalars(best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
+        artifacts.write_json_atomic(run / "adapter" / artifacts.METADATA_FILE, meta)
+        artifacts.write_text_atomic(run / "adapter" / "README.md", model_card(meta))
+        if cfg.output.report:
+            from lorakit.report import write_report
 
-    fingerprint = modeling.model_fingerprint(model_path, base)
-
-    # ============================================================================================
-    # train
-    # ============================================================================================
-    history: list[dict[str, Any]] = []
-    best_value: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    best_eval: dict[str, Any] = {}
-    evals_without_gain = 0
-    step = 0
-    running_loss, running_n = 0.0, 0
-    stop = False
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-
-    def run_eval(epoch: float) -> None:
-        nonlocal best_value, best_state, best_eval, evals_without_gain, stop
-        logits, labels, loss = evaluate_model(model, data.splits["validation"], collate, batch_size=t.eval_batch_size, device=device, amp=amp)
-        metrics = {"loss": loss, **task.compute_metrics(logits, labels, data.label_space)}
-        if metric_name not in metrics:
-            raise TrainingError(f"train.metric_for_best: '{metric_name}' is not computed for {cfg.task}; choose one of {', '.join(scalars(metrics))}")
-        row = {"step": step, "epoch": round(epoch, 4), "split": "validation", **scalars(metrics)}
-        history.append(row)
+            write_report(run / "report", title=f"{cfg.task}: {Path(cfg.output.dir).name}", history=history,
+                         evaluations={"validation (best)": best_eval} | ({"test": test_metrics} if test_metrics else {}),
+                         label_space=data.label_space, meta=meta)
+        return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, elapsed, trainable, total)
+    finally:
         if writer:
-            for k, v in scalars(metrics).items():
-                writer.add_scalar(f"validation/{k}", v, step)
-        value = float(metrics[metric_name])
-        improved = best_value is None or (value > best_value if greater else value < best_value)
-        log.info("eval step %d (epoch %.2f): %s%s", step, epoch, ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items()), "  (best)" if improved else "")
-        if improved:
-            best_value, best_eval, evals_without_gain = value, metrics, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _is_trainable_key(model, k)}
-            meta = base_metadata() | {"metrics": {"validation": scalars(metrics)}, "trained": {"step": step, "epoch": epoch}}
-            artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta))
-        else:
-            evals_without_gain += 1
-            if t.early_stopping_patience and evals_without_gain >= t.early_stopping_patience:
-                log.info("early stopping: no gain in %s for %d evaluations", metric_name, evals_without_gain)
-                stop = True
-
-    epoch = 0
-    while step < total_steps and not stop:
-        batches = train_batches(lengths, t.batch_size, seed=t.seed, epoch=epoch, group_by_length=t.group_by_length)
-        for micro, idx in enumerate(batches):
-            batch = to_device(collate(take(train_ds, idx)), device)
-            with autocast(device, amp):
-                loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                where = f"; the best adapter so far is in {run / 'adapter'}" if best_state is not None else ""
-                raise TrainingError(f"training loss became {float(loss)} at step {step}: lower train.learning_rate or use mixed_precision: no{where}")
-            scaler.scale(loss / t.gradient_accumulation_steps).backward()
-            running_loss += float(loss.detach()) * len(idx)
-            running_n += len(idx)
-            last_micro = micro == len(batches) - 1
-            if (micro + 1) % t.gradient_accumulation_steps and not last_micro:
-                continue
-            # ---- optimizer step ----
-            if t.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            ep = epoch + (micro + 1) / len(batches)
-            if step % t.logging_steps == 0 or step == total_steps:
-                avg = running_loss / max(1, running_n)
-                lr = scheduler.get_last_lr()[0]
-                history.append({"step": step, "epoch": round(ep, 4), "split": "train", "loss": avg, "lr": lr})
-                bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
-                if writer:
-                    writer.add_scalar("train/loss", avg, step)
-                    writer.add_scalar("train/lr", lr, step)
-                running_loss, running_n = 0.0, 0
-            if t.eval_every_steps and step % t.eval_every_steps == 0:
-                run_eval(ep)
-            if step >= total_steps or stop:
-                break
-        epoch += 1
-        if not t.eval_every_steps:  # evaluate at the end of each epoch (or of a fractional last one)
-            run_eval(min(epoch, step / steps_per_epoch))
-    bar.close()
-    evaluated_last = any(r["split"] == "validation" and r["step"] == step for r in history)
-    if not evaluated_last and not stop:
-        run_eval(step / steps_per_epoch)
-
-    # ============================================================================================
-    # cleanup: best weights back in, test split, metrics, report
-    # ============================================================================================
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    test_metrics = None
-    if "test" in data.splits:
-        logits, labels, loss = evaluate_model(model, data.splits["test"], collate, batch_size=t.eval_batch_size, device=device, amp=amp)
-        test_metrics = {"loss": loss, **task.compute_metrics(logits, labels, data.label_space)}
-        log.info("test (%d held-out examples): %s", len(labels), ", ".join(f"{k}={v:.4f}" for k, v in scalars(test_metrics).items()))
-    elapsed = time.perf_counter() - t0
-    final = {
-        "best_metric": metric_name,
-        "best_value": best_value,
-        "validation": best_eval,
-        "test": test_metrics,
-        "seconds": round(elapsed, 1),
-        "steps": step,
-        "parameters": {"trainable": trainable, "total": total},
-    }
-    artifacts.write_json_atomic(run / "metrics.json", final)
-    artifacts.write_text_atomic(run / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    # The adapter's metadata and card get the final numbers (validation of the best step + test).
-    meta = artifacts.read_metadata(run / "adapter")
-    meta["metrics"] = {"validation": scalars(best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
-    artifacts.write_json_atomic(run / "adapter" / artifacts.METADATA_FILE, meta)
-    artifacts.write_text_atomic(run / "adapter" / "README.md", model_card(meta))
-    if cfg.output.report:
-        from lorakit.report import write_report
-
-        write_report(run / "report", title=f"{cfg.task}: {Path(cfg.output.dir).name}", history=history,
-                     evaluations={"validation (best)": best_eval} | ({"test": test_metrics} if test_metrics else {}),
-                     label_space=data.label_space, meta=meta)
-    if writer:
-        writer.close()
-    log.removeHandler(log_file)
-    log_file.close()
-    return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, elapsed, trainable, total)
+            writer.close()
+        log.removeHandler(log_file)
+        log_file.close()
+        log.setLevel(old_level)
 
 
 def _is_trainable_key(model: torch.nn.Module, key: str) -> bool:

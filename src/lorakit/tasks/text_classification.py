@@ -15,6 +15,7 @@ from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
 from lorakit.labels import LabelSpace
 from lorakit.metrics import classification_metrics
+from lorakit.modeling import load_base_config
 from lorakit.tasks.base import PreparedData, Task
 
 
@@ -130,13 +131,14 @@ class TextClassification(Task):
     def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace) -> tuple[torch.nn.Module, list[str]]:
         from transformers import AutoModelForSequenceClassification
 
+        config = load_base_config(
+            model_cfg, model_path, num_labels=label_space.num_labels, id2label=label_space.id2label, label2id=label_space.label2id
+        )
         try:
             with quiet_transformers():
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     model_path,
-                    num_labels=label_space.num_labels,
-                    id2label=label_space.id2label,
-                    label2id=label_space.label2id,
+                    config=config,
                     ignore_mismatched_sizes=True,  # a checkpoint with a head of another size gets a fresh head
                     output_loading_info=True,
                     revision=model_cfg.revision,

