@@ -44,10 +44,13 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (seeded sample).")
     max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many validation and test examples each.")
     max_length: int = Field(256, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
+    truncation: Literal["head", "tail", "head_tail"] = Field("head", description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict).")
     seed: int = Field(42, description="Seed of splits and sampling: the same seed gives the same examples.")
 
     @model_validator(mode="after")
     def _sizes(self) -> DataConfig:
+        if self.truncation == "head_tail" and self.text_pair_column:
+            raise ValueError("data.truncation: head_tail works on single texts; use head or tail with text_pair_column")
         for key in ("validation_size", "test_size"):
             v = getattr(self, key)
             if v >= 1 and v != int(v):
@@ -95,7 +98,7 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="`auto` = bf16 (or fp16) on a CUDA GPU, fp32 on CPU.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; unset = at the end of each epoch.")
-    metric_for_best: str = Field("accuracy", description="Validation metric that selects the best adapter (e.g. accuracy, f1_macro, loss).")
+    metric_for_best: str | None = Field(None, description="Validation metric that selects the best adapter (e.g. accuracy, f1_macro, loss); unset = the task's default (accuracy for classification).")
     greater_is_better: bool | None = Field(None, description="Whether a higher `metric_for_best` is better; unset = False for losses, True otherwise.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement.")
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorakit.config import DataConfig
 from lorakit.errors import DataError
 from lorakit.loader import LoadedAdapter, load_adapter
 
@@ -19,7 +20,8 @@ class Predictor:
 
     def __init__(self, loaded: LoadedAdapter) -> None:
         self.loaded = loaded
-        self.max_length = int(loaded.meta["config"]["data"].get("max_length", 512))
+        # Inputs are cut exactly as in training (max_length, truncation side).
+        self.data_cfg = DataConfig.model_validate(loaded.meta["config"]["data"])
 
     @classmethod
     def from_adapter(cls, path: str | Path, *, device: str = "auto") -> Predictor:
@@ -29,7 +31,7 @@ class Predictor:
         if not inputs:
             raise DataError("no inputs to predict; pass texts as arguments or --file")
         a = self.loaded
-        return a.task.predict(a.model, a.processor, inputs, a.label_space, top_k=top_k, max_length=self.max_length)
+        return a.task.predict(a.model, a.processor, inputs, a.label_space, self.data_cfg, top_k=top_k)
 
 
 def predict(path: str | Path, inputs: list[Any], *, top_k: int = 1, device: str = "auto") -> list[dict[str, Any]]:

@@ -35,6 +35,10 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> str | None:
         ax = axes[0][1]
         for k in metric_keys:
             ax.plot([r["step"] for r in val], [r[k] for r in val], "o-", label=k)
+        values = [r[k] for r in val for k in metric_keys]
+        if all(0 <= v <= 1 for v in values):  # shares: show them on the full 0-1 scale
+            ax.set_ylim(max(0.0, min(values) - 0.1), 1.0)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("optimizer step")
         ax.set_title("Validation metrics")
         ax.grid(alpha=0.3)

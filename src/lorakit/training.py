@@ -114,7 +114,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     model = modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules)
     trainable, total = modeling.count_parameters(model)
     lora_cfg = model.peft_config["default"]
-    metric_name = t.metric_for_best
+    metric_name = t.metric_for_best or task.default_metric
     greater = t.greater_is_better if t.greater_is_better is not None else "loss" not in metric_name
 
     run = artifacts.prepare_run_dir(cfg.output.dir, overwrite=overwrite if overwrite is not None else cfg.output.overwrite)

@@ -65,7 +65,7 @@ class Task(ABC):
         """Metrics from gathered model outputs; scalar values are logged, others go in the report."""
 
     @abstractmethod
-    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, *, top_k: int = 1, max_length: int = 512) -> list[dict[str, Any]]:
+    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1) -> list[dict[str, Any]]:
         """Post-processed predictions for raw inputs."""
 
     def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:

@@ -38,6 +38,27 @@ def new_module_names(missing_keys: list[str], mismatched_keys: list[Any]) -> lis
     return sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
 
 
+def head_tail(seq: list[int], max_len: int) -> list[int]:
+    """Keep the first quarter of ``max_len`` tokens and fill the rest from the end.
+
+    The first token ([CLS]) and the last ([SEP]) survive, so the cut sequence is still well formed.
+    """
+    if len(seq) <= max_len:
+        return seq
+    head = max_len // 4
+    return seq[:head] + seq[len(seq) - (max_len - head) :]
+
+
+def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, data_cfg: DataConfig) -> dict[str, list[list[int]]]:
+    """Tokenize with the run's truncation rule; training, evaluation and prediction all come here."""
+    max_len = data_cfg.max_length
+    if data_cfg.truncation == "head_tail":
+        enc = dict(tokenizer(texts, truncation=False))
+        return {key: [head_tail(r, max_len) for r in rows] for key, rows in enc.items()}
+    tokenizer.truncation_side = "left" if data_cfg.truncation == "tail" else "right"
+    return dict(tokenizer(texts, pairs, truncation=True, max_length=max_len))
+
+
 class TextClassification(Task):
     name = "text-classification"
     peft_task_type = "SEQ_CLS"
@@ -104,10 +125,10 @@ class TextClassification(Task):
         return PreparedData(DatasetDict(splits), processor, space, stats)
 
     def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
-        text, pair, max_len = data_cfg.text_column, data_cfg.text_pair_column, data_cfg.max_length
+        text, pair = data_cfg.text_column, data_cfg.text_pair_column
 
         def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
-            enc = processor(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_len)
+            enc = encode_texts(processor, batch[text], batch[pair] if pair else None, data_cfg)
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
             return enc
 
@@ -160,14 +181,16 @@ class TextClassification(Task):
         return classification_metrics(logits.argmax(-1), labels, label_space.labels)
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, *, top_k: int = 1, max_length: int = 512, batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, data_cfg: DataConfig, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
         device = next(model.parameters()).device
         results: list[dict[str, Any]] = []
         k = max(1, min(top_k, label_space.num_labels))
+        collate = self.collate(processor)
         for start in range(0, len(inputs), batch_size):
             chunk = [str(t) for t in inputs[start : start + batch_size]]
-            enc = processor(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
-            probs = torch.softmax(model(**enc).logits.float(), dim=-1)
+            enc = encode_texts(processor, chunk, None, data_cfg)
+            batch = collate([{k: v[i] for k, v in enc.items()} for i in range(len(chunk))])
+            probs = torch.softmax(model(**{k: v.to(device) for k, v in batch.items()}).logits.float(), dim=-1)
             top = probs.topk(k, dim=-1)
             for row, (vals, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
                 results.append(

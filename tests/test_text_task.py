@@ -1,0 +1,55 @@
+"""Text-classification specifics: truncation rules shared by training and prediction, model errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorakit.config import DataConfig, ModelConfig
+from lorakit.errors import ModelError
+from lorakit.tasks import get_task
+from lorakit.tasks.text_classification import encode_texts, head_tail
+
+
+def test_head_tail_keeps_both_ends() -> None:
+    seq = list(range(100))
+    cut = head_tail(seq, 16)
+    assert len(cut) == 16 and cut[:4] == [0, 1, 2, 3] and cut[4:] == list(range(88, 100))
+    assert head_tail([1, 2, 3], 16) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["head", "tail", "head_tail"])
+def test_truncation_modes_keep_special_tokens(mode: str, tiny_bert_dir: Path) -> None:
+    task = get_task("text-classification")
+    tok = task.load_processor(ModelConfig(name_or_path=str(tiny_bert_dir)), str(tiny_bert_dir))
+    text = "great " + "the film " * 20 + "awful"
+    cfg = DataConfig(train="x.csv", max_length=12, truncation=mode)
+    ids = encode_texts(tok, [text], None, cfg)["input_ids"][0]
+    assert len(ids) == 12 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    words = tok.convert_ids_to_tokens(ids)
+    assert ("great" in words) == (mode in {"head", "head_tail"})
+    assert ("awful" in words) == (mode in {"tail", "head_tail"})
+
+
+def test_head_tail_rejects_text_pairs() -> None:
+    with pytest.raises(ValueError, match="head_tail works on single texts"):
+        DataConfig(train="x.csv", truncation="head_tail", text_pair_column="b")
+
+
+def test_unknown_hub_model_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = get_task("text-classification")
+    with pytest.raises(ModelError, match="model.name_or_path: could not load a tokenizer from 'nobody/no-such-model'"):
+        task.load_processor(ModelConfig(name_or_path="nobody/no-such-model"), "nobody/no-such-model")
+
+
+def test_folder_without_config_is_refused(tmp_path: Path) -> None:
+    from lorakit.modeling import resolve_model_path
+
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_model_path(ModelConfig(name_or_path=str(tmp_path)))
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model_path(ModelConfig(name_or_path="./no/such/folder"))
+    with pytest.raises(ModelError, match="package 'no_such_pkg_xyz' of 'pkg://no_such_pkg_xyz/model' is not installed"):
+        resolve_model_path(ModelConfig(name_or_path="pkg://no_such_pkg_xyz/model"))
