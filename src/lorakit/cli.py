@@ -82,13 +82,16 @@ def train(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its newest checkpoint.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune a LoRA adapter; the best one (by validation metric) lands in <output.dir>/adapter."""
     from lorakit.training import train as run_train
 
     _setup_logging()
-    result = run_train(config, overrides=set_ or [], overwrite=overwrite or None, progress=not no_progress)
+    if resume and overwrite:
+        raise LorakitError("--resume and --overwrite exclude each other: resume continues a run, overwrite starts it again")
+    result = run_train(config, overrides=set_ or [], overwrite=overwrite or None, resume=resume, progress=not no_progress)
     metric = result.best_metric
     typer.echo(f"best validation {metric}: {result.best_value:.4f}")
     if result.test:

@@ -102,6 +102,7 @@ class TrainConfig(_Section):
     greater_is_better: bool | None = Field(None, description="Whether a higher `metric_for_best` is better; unset = False for losses, True otherwise.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement.")
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")
+    save_every_steps: int | None = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps (and after each evaluation); null = only after evaluations.")
     seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = torch's default.")

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import yaml
 
-from lorakit import artifacts, modeling
+from lorakit import artifacts, checkpoint, modeling
 from lorakit.batching import train_batches
 from lorakit.card import model_card
 from lorakit.config import RunConfig, load_config
 from lorakit.engine import autocast, evaluate_model, take, to_device
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, RunDirError
 from lorakit.tasks import get_task
 
 log = logging.getLogger("lorakit")
@@ -78,13 +78,16 @@ def _param_groups(model: torch.nn.Module, cfg: RunConfig, head_modules: list[str
     return out
 
 
-def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None, overwrite: bool | None = None, progress: bool = True) -> TrainResult:
+def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None, overwrite: bool | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune a LoRA adapter as the run config says.
 
     Args:
         config: A :class:`RunConfig` or the path of a YAML config.
         overrides: ``section.key=value`` items applied on top of a YAML config.
         overwrite: Replace an existing run directory (defaults to ``output.overwrite``).
+        resume: Continue from the newest checkpoint in the run directory (weights, optimizer,
+            schedule, RNG and data position), giving the same result as an uninterrupted run.
+            Without a checkpoint the run starts from the beginning.
         progress: Show progress bars.
 
     Returns:
@@ -117,8 +120,16 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     metric_name = t.metric_for_best or task.default_metric
     greater = t.greater_is_better if t.greater_is_better is not None else "loss" not in metric_name
 
-    run = artifacts.prepare_run_dir(cfg.output.dir, overwrite=overwrite if overwrite is not None else cfg.output.overwrite)
-    artifacts.clear_run_dir(run)
+    run = Path(cfg.output.dir)
+    state = checkpoint.load_latest(run) if resume else None
+    if state is not None:
+        _check_resumable(run, cfg)
+    elif resume and (run / "metrics.json").is_file():
+        raise RunDirError(f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)")
+    else:
+        # A fresh start; with --resume and no checkpoint yet, whatever a killed run left is replaced.
+        run = artifacts.prepare_run_dir(run, overwrite=resume or (overwrite if overwrite is not None else cfg.output.overwrite))
+        artifacts.clear_run_dir(run)
     log_file = logging.FileHandler(run / "train.log", encoding="utf-8")
     log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log_file.setLevel(logging.DEBUG)
@@ -154,6 +165,11 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
 
         scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        if state is not None:
+            _restore_weights(model, state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
 
         def base_metadata() -> dict[str, Any]:
             return {
@@ -188,20 +204,38 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         best_value: float | None = None
         best_state: dict[str, torch.Tensor] | None = None
         best_eval: dict[str, Any] = {}
+        best_at: dict[str, float] = {}
         evals_without_gain = 0
         step = 0
+        epoch, start_micro = 0, 0
         running_loss, running_n = 0.0, 0
         stop = False
+        if state is not None:
+            history, best_value, best_state, best_eval, best_at = state["history"], state["best_value"], state["best_state"], state["best_eval"], state["best_at"]
+            evals_without_gain, stop, step, epoch, start_micro = state["evals_without_gain"], state["stop"], state["step"], state["epoch"], state["micro"]
+            running_loss, running_n = state["running_loss"], state["running_n"]
+            checkpoint.set_rng_state(state["rng"])  # last: everything above may have drawn random numbers
+            log.info("resumed from checkpoint at step %d (epoch %d, batch %d)", step, epoch, start_micro)
+
+        def save_checkpoint(at_epoch: int, next_micro: int) -> None:
+            checkpoint.save(run, step, {
+                "step": step, "epoch": at_epoch, "micro": next_micro, "stop": stop,
+                "trainable": {k: v.detach().cpu() for k, v in model.state_dict().items() if _is_trainable_key(model, k)},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": checkpoint.rng_state(), "history": history, "best_value": best_value, "best_state": best_state,
+                "best_eval": best_eval, "best_at": best_at, "evals_without_gain": evals_without_gain,
+                "running_loss": running_loss, "running_n": running_n,
+            })
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
 
         def eval_bar(split: str) -> Any:
             return tqdm(total=len(data.splits[split]), desc=split, unit="ex", disable=not progress, leave=False, dynamic_ncols=True)
 
         def run_eval(epoch: float) -> None:
-            nonlocal best_value, best_state, best_eval, evals_without_gain, stop
+            nonlocal best_value, best_state, best_eval, best_at, evals_without_gain, stop
             logits, labels, loss = evaluate_model(model, data.splits["validation"], collate, batch_size=t.eval_batch_size, device=device, amp=amp, progress=eval_bar("validation"))
             metrics = {"loss": loss, **task.compute_metrics(logits, labels, data.label_space)}
             if metric_name not in metrics:
@@ -215,9 +249,9 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             improved = best_value is None or (value > best_value if greater else value < best_value)
             log.info("eval step %d (epoch %.2f): %s%s", step, epoch, ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items()), "  (best)" if improved else "")
             if improved:
-                best_value, best_eval, evals_without_gain = value, metrics, 0
+                best_value, best_eval, evals_without_gain, best_at = value, metrics, 0, {"step": step, "epoch": epoch}
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _is_trainable_key(model, k)}
-                meta = base_metadata() | {"metrics": {"validation": scalars(metrics)}, "trained": {"step": step, "epoch": epoch}}
+                meta = base_metadata() | {"metrics": {"validation": scalars(metrics)}, "trained": best_at}
                 artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta))
             else:
                 evals_without_gain += 1
@@ -225,16 +259,18 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
                     log.info("early stopping: no gain in %s for %d evaluations", metric_name, evals_without_gain)
                     stop = True
 
-        epoch = 0
         while step < total_steps and not stop:
             batches = train_batches(lengths, t.batch_size, seed=t.seed, epoch=epoch, group_by_length=t.group_by_length)
             for micro, idx in enumerate(batches):
+                if micro < start_micro:  # resumed: these batches were trained on before the checkpoint
+                    continue
                 batch = to_device(collate(take(train_ds, idx)), device)
                 with autocast(device, amp):
                     loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     where = f"; the best adapter so far is in {run / 'adapter'}" if best_state is not None else ""
-                    raise TrainingError(f"training loss became {float(loss)} at step {step}: lower train.learning_rate or use mixed_precision: no{where}")
+                    kept = "; the last good checkpoint is kept (--resume continues from it)" if checkpoint.complete(run) else ""
+                    raise TrainingError(f"training loss became {float(loss)} at step {step}: lower train.learning_rate or use mixed_precision: no{where}{kept}")
                 scaler.scale(loss / t.gradient_accumulation_steps).backward()
                 running_loss += float(loss.detach()) * len(idx)
                 running_n += len(idx)
@@ -264,11 +300,14 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
                     running_loss, running_n = 0.0, 0
                 if t.eval_every_steps and step % t.eval_every_steps == 0:
                     run_eval(ep)
+                if t.save_every_steps and step % t.save_every_steps == 0:
+                    save_checkpoint(epoch, micro + 1)
                 if step >= total_steps or stop:
                     break
-            epoch += 1
+            epoch, start_micro = epoch + 1, 0
             if not t.eval_every_steps:  # evaluate at the end of each epoch (or of a fractional last one)
                 run_eval(min(epoch, step / steps_per_epoch))
+            save_checkpoint(epoch, 0)
         bar.close()
         evaluated_last = any(r["split"] == "validation" and r["step"] == step for r in history)
         if not evaluated_last and not stop:
@@ -296,17 +335,17 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         }
         artifacts.write_json_atomic(run / "metrics.json", final)
         artifacts.write_text_atomic(run / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        # The adapter's metadata and card get the final numbers (validation of the best step + test).
-        meta = artifacts.read_metadata(run / "adapter")
+        # The final adapter: the best weights, with the validation metrics of that step and the test metrics.
+        meta = base_metadata() | {"trained": best_at}
         meta["metrics"] = {"validation": scalars(best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
-        artifacts.write_json_atomic(run / "adapter" / artifacts.METADATA_FILE, meta)
-        artifacts.write_text_atomic(run / "adapter" / "README.md", model_card(meta))
+        artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta))
         if cfg.output.report:
             from lorakit.report import write_report
 
             write_report(run / "report", title=f"{cfg.task}: {Path(cfg.output.dir).name}", history=history,
                          evaluations={"validation (best)": best_eval} | ({"test": test_metrics} if test_metrics else {}),
                          label_space=data.label_space, meta=meta)
+        checkpoint.remove_all(run)  # the run is complete; its adapter and metrics are in place
         return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, elapsed, trainable, total)
     finally:
         if writer:
@@ -314,6 +353,34 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         log.removeHandler(log_file)
         log_file.close()
         log.setLevel(old_level)
+
+
+def _restore_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise TrainingError(f"the checkpoint does not fit this model ({result.unexpected_keys[0]} ...); start again with --overwrite")
+
+
+def _check_resumable(run: Path, cfg: RunConfig) -> None:
+    """Resume only with the config the run was started with (output.overwrite aside)."""
+    saved_file = run / "config.yaml"
+    if not saved_file.is_file():
+        raise RunDirError(f"--resume: '{run}' has a checkpoint but no config.yaml; start again with --overwrite")
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    now = cfg.to_yaml_dict()
+    diffs = [
+        f"{section}.{key}"
+        for section in sorted(set(saved) | set(now))
+        for key in sorted(set(_as_dict(saved.get(section))) | set(_as_dict(now.get(section))))
+        if (section, key) != ("output", "overwrite") and _as_dict(saved.get(section)).get(key) != _as_dict(now.get(section)).get(key)
+    ]
+    top = [k for k in ("task",) if saved.get(k) != now.get(k)]
+    if diffs or top:
+        raise RunDirError(f"--resume: the config differs from the one '{run}' was started with ({', '.join(top + diffs)}); resume with the same config or start again with --overwrite")
+
+
+def _as_dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 def _is_trainable_key(model: torch.nn.Module, key: str) -> bool:

@@ -1,0 +1,87 @@
+"""Resume after a crash: SIGKILL at several points, resume each time, same result as no crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.errors import RunDirError
+
+# Dropout on, several epochs, a checkpoint every 3 steps: the RNG and data position must be restored.
+SETTINGS = {"lora": {"dropout": 0.1}, "train": {"epochs": 3, "save_every_steps": 3}, "output": {"report": False}}
+
+
+def _newest_step(run: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")] if (run / "checkpoints").is_dir() else []
+    return max(steps, default=-1)
+
+
+def _train_until_killed(config: Path, run: Path, *, after_step: int | None, delay: float | None) -> int:
+    """Start `lorakit train --resume`; SIGKILL it once a checkpoint past `after_step` exists (or after `delay` s)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    while proc.poll() is None:
+        if (after_step is not None and _newest_step(run) >= after_step) or (delay is not None and time.monotonic() - started > delay):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=120)
+    return proc.returncode
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_result(write_config, tmp_path: Path) -> None:
+    reference = lorakit.train(write_config(**SETTINGS), overrides=[f"output.dir={tmp_path / 'reference'}"], progress=False)
+    expected = load_file(reference.adapter_dir / "adapter_model.safetensors")
+
+    config = write_config(**SETTINGS)
+    run = tmp_path / "run"
+    rng = random.Random(1234)
+    kill_steps = sorted(rng.sample(range(2, 34), 3))  # 36 optimizer steps in all
+    codes = [_train_until_killed(config, run, after_step=s, delay=None) for s in kill_steps]
+    codes.append(_train_until_killed(config, run, after_step=None, delay=rng.uniform(8, 14)))
+    assert -signal.SIGKILL in codes, codes  # at least one run really died mid-way
+    assert not (run / "metrics.json").exists() or codes[-1] != -signal.SIGKILL
+
+    final = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.allclose(got[k], expected[k], atol=1e-6, rtol=0), k
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split, ref in (("validation", reference.validation), ("test", reference.test)):
+        for key in ("loss", "accuracy", "f1_macro"):
+            assert metrics[split][key] == pytest.approx(ref[key], abs=1e-6), (split, key)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [r["step"] for r in reference.history]
+    assert not (run / "checkpoints").exists()  # cleaned up once the run completed
+    assert "resumed from checkpoint" in (run / "train.log").read_text()
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run(write_config, tmp_path: Path) -> None:
+    config = write_config(**SETTINGS)
+    run = tmp_path / "run"
+    _train_until_killed(config, run, after_step=4, delay=None)
+    assert _newest_step(run) >= 4
+    with pytest.raises(RunDirError, match=r"config differs .*\(train.learning_rate\)"):
+        lorakit.train(config, overrides=["train.learning_rate=0.5"], resume=True, progress=False)
+    lorakit.train(config, resume=True, progress=False)
+    with pytest.raises(RunDirError, match="already finished; nothing to resume"):
+        lorakit.train(config, resume=True, progress=False)
+
+
+def test_resume_without_checkpoint_starts_fresh(write_config, tmp_path: Path) -> None:
+    result = lorakit.train(write_config(train={"epochs": 1}), resume=True, progress=False)
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
