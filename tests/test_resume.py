@@ -85,3 +85,29 @@ def test_resume_refuses_a_changed_config_and_a_finished_run(write_config, tmp_pa
 def test_resume_without_checkpoint_starts_fresh(write_config, tmp_path: Path) -> None:
     result = lorakit.train(write_config(train={"epochs": 1}), resume=True, progress=False)
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.tasks.text_classification import TextClassification
+    from lorakit.training import TrainingError
+
+    original = TextClassification.load_model
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        model, new = original(self, *args, **kwargs)
+
+        def nan_after_some_steps(module, inputs, output):
+            calls["n"] += 1 if module.training else 0
+            return output * float("nan") if calls["n"] > 7 else output
+
+        model.classifier.register_forward_hook(nan_after_some_steps)
+        return model, new
+
+    monkeypatch.setattr(TextClassification, "load_model", poisoned)
+    config = write_config(train={"epochs": 2, "save_every_steps": 3})
+    with pytest.raises(TrainingError, match=r"training loss became nan at step 7: lower train.learning_rate.*last good checkpoint is kept"):
+        lorakit.train(config, progress=False)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-00000006" / "state.pt").is_file()
+    assert not (run / "metrics.json").exists()  # nothing that looks like a finished run

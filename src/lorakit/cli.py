@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="lorakit")
     except LorakitError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo("error: " + " ".join(str(exc).split()), err=True)  # always one line
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing half-written was left in place", err=True)

@@ -65,11 +65,22 @@ def read_source(location: str, fmt: str = "auto", *, key: str = "data.train", hu
     except Exception as exc:  # datasets raises many types for malformed files
         if "corresponds to no data" in str(exc):
             raise DataError(f"{key}: '{location}' holds no rows; add examples below the header") from None
+        if _caused_by(exc, UnicodeDecodeError):
+            raise DataError(f"{key}: '{location}' is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8)") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{key}: could not read '{location}' as {builder}: {reason[:300]}") from None
     if len(ds) == 0:
         raise DataError(f"{key}: '{location}' holds no rows; add examples below the header")
     return ds
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _read_hub(name: str, *, key: str, split: str) -> Dataset:

@@ -18,7 +18,8 @@ class ConfigError(LorakitError):
     """The run configuration is invalid; the message lists every problem found."""
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = list(problems)
+        # One line per problem whatever the source (YAML parser messages span lines).
+        self.problems = [" ".join(str(p).split()) for p in problems]
         self.source = source
         where = f" in {source}" if source else ""
         n = len(self.problems)

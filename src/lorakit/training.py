@@ -270,7 +270,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
                 if not torch.isfinite(loss):
                     where = f"; the best adapter so far is in {run / 'adapter'}" if best_state is not None else ""
                     kept = "; the last good checkpoint is kept (--resume continues from it)" if checkpoint.complete(run) else ""
-                    raise TrainingError(f"training loss became {float(loss)} at step {step}: lower train.learning_rate or use mixed_precision: no{where}{kept}")
+                    raise TrainingError(f"training loss became {float(loss.detach())} at step {step}: lower train.learning_rate or use mixed_precision: no{where}{kept}")
                 scaler.scale(loss / t.gradient_accumulation_steps).backward()
                 running_loss += float(loss.detach()) * len(idx)
                 running_n += len(idx)
