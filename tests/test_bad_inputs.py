@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 import lorakit
-from lorakit.cli import main
 from conftest import make_config, make_texts, write_csv
+from lorakit.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ CASES = [
     Case("label only in validation", lambda ws, w, run: ["check", _cfg(ws, w, data={"validation": _csv(ws, "v.csv", [("great film", "pos"), ("odd film", "neutral")])})], "labels ['neutral'] are not among the training labels"),
     Case("single class", lambda ws, w, run: ["check", _cfg(ws, w, data={"train": _csv(ws, "one.csv", [(t, "pos") for t, _ in make_texts(40)])})], "found a single class ('pos')"),
     Case("empty text", lambda ws, w, run: ["check", _cfg(ws, w, data={"train": _csv(ws, "blank.csv", [*make_texts(40), ("", "pos")])})], "have empty or non-text 'text'"),
-    Case("non-UTF-8 text", lambda ws, w, run: (ws.joinpath("latin.csv").write_bytes("text,label\n".encode() + "caf\xe9 great,pos\n".encode("latin-1") * 20 + b"dull film,neg\n" * 20), ["check", _cfg(ws, w, data={"train": str(ws / "latin.csv")})])[1], "latin.csv' is not UTF-8 text; convert it"),
+    Case("non-UTF-8 text", lambda ws, w, run: (ws.joinpath("latin.csv").write_bytes(b"text,label\n" + "caf\xe9 great,pos\n".encode("latin-1") * 20 + b"dull film,neg\n" * 20), ["check", _cfg(ws, w, data={"train": str(ws / "latin.csv")})])[1], "latin.csv' is not UTF-8 text; convert it"),
     Case("where matches nothing", lambda ws, w, run: ["check", _cfg(ws, w, data={"where": {"label": "meh"}})], "no rows match data.where"),
     Case("split larger than data", lambda ws, w, run: ["check", _cfg(ws, w, data={"validation_size": 1000})], "asks for 1000 held-out rows"),
     Case("too few label names", lambda ws, w, run: ["check", _cfg(ws, w, data={"train": _csv(ws, "ints.csv", [(t, i % 3) for i, (t, _) in enumerate(make_texts(60))]), "label_names": ["a", "b"]})], "has 2 names but labels go up to 2"),
