@@ -49,10 +49,12 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(write_config, tmp_pat
     run = tmp_path / "run"
     rng = random.Random(1234)
     kill_steps = sorted(rng.sample(range(2, 34), 3))  # 36 optimizer steps in all
-    codes = [_train_until_killed(config, run, after_step=s, delay=None) for s in kill_steps]
-    codes.append(_train_until_killed(config, run, after_step=None, delay=rng.uniform(8, 14)))
+    # First a kill at a random moment (it may land before the first checkpoint: then resume starts
+    # afresh), then kills right after randomly chosen checkpoints.
+    codes = [_train_until_killed(config, run, after_step=None, delay=rng.uniform(4, 9))]
+    codes += [_train_until_killed(config, run, after_step=s, delay=None) for s in kill_steps]
     assert -signal.SIGKILL in codes, codes  # at least one run really died mid-way
-    assert not (run / "metrics.json").exists() or codes[-1] != -signal.SIGKILL
+    assert not (run / "adapter").exists()  # an interrupted run leaves no finished-looking adapter
 
     final = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"], capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
@@ -106,8 +108,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(wri
 
     monkeypatch.setattr(TextClassification, "load_model", poisoned)
     config = write_config(train={"epochs": 2, "save_every_steps": 3})
-    with pytest.raises(TrainingError, match=r"training loss became nan at step 7: lower train.learning_rate.*last good checkpoint is kept"):
+    with pytest.raises(TrainingError, match=r"training loss became nan at step 7: lower train.learning_rate.*last good checkpoint is kept in checkpoints/"):
         lorakit.train(config, progress=False)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "step-00000006" / "state.pt").is_file()
-    assert not (run / "metrics.json").exists()  # nothing that looks like a finished run
+    assert not (run / "metrics.json").exists() and not (run / "adapter").exists()  # nothing that looks finished

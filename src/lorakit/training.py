@@ -250,9 +250,9 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             log.info("eval step %d (epoch %.2f): %s%s", step, epoch, ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items()), "  (best)" if improved else "")
             if improved:
                 best_value, best_eval, evals_without_gain, best_at = value, metrics, 0, {"step": step, "epoch": epoch}
+                # Kept in memory and in checkpoints; adapter/ is written once, when the run is complete,
+                # so an interrupted run never leaves something that looks like a finished adapter.
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _is_trainable_key(model, k)}
-                meta = base_metadata() | {"metrics": {"validation": scalars(metrics)}, "trained": best_at}
-                artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta))
             else:
                 evals_without_gain += 1
                 if t.early_stopping_patience and evals_without_gain >= t.early_stopping_patience:
@@ -268,9 +268,8 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
                 with autocast(device, amp):
                     loss = model(**batch).loss
                 if not torch.isfinite(loss):
-                    where = f"; the best adapter so far is in {run / 'adapter'}" if best_state is not None else ""
-                    kept = "; the last good checkpoint is kept (--resume continues from it)" if checkpoint.complete(run) else ""
-                    raise TrainingError(f"training loss became {float(loss.detach())} at step {step}: lower train.learning_rate or use mixed_precision: no{where}{kept}")
+                    kept = "; the last good checkpoint is kept in checkpoints/" if checkpoint.complete(run) else ""
+                    raise TrainingError(f"training loss became {float(loss.detach())} at step {step}: lower train.learning_rate or use mixed_precision: no{kept}")
                 scaler.scale(loss / t.gradient_accumulation_steps).backward()
                 running_loss += float(loss.detach()) * len(idx)
                 running_n += len(idx)
