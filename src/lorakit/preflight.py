@@ -67,7 +67,7 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
     Raises:
         LorakitError: The first problem that would stop the run (config problems are all listed).
     """
-    import math
+    from lorakit.training import optimizer_steps
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     task = get_task(cfg.task)
@@ -80,8 +80,7 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
     model = modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules)
     trainable, total = modeling.count_parameters(model)
     lc = model.peft_config["default"]
-    t = cfg.train
-    steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(math.ceil(len(data.splits["train"]) / t.batch_size) / t.gradient_accumulation_steps)))
+    _, steps = optimizer_steps(len(data.splits["train"]), cfg.train)
     return Plan(
         config=cfg,
         model_path=model_path,

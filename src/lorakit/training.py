@@ -23,7 +23,7 @@ import yaml
 from lorakit import artifacts, checkpoint, modeling
 from lorakit.batching import train_batches
 from lorakit.card import model_card
-from lorakit.config import RunConfig, load_config
+from lorakit.config import RunConfig, TrainConfig, load_config
 from lorakit.engine import autocast, evaluate_model, take, to_device
 from lorakit.errors import LorakitError, RunDirError
 from lorakit.tasks import get_task
@@ -156,9 +156,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         collate = task.collate(processor)
         train_ds = data.splits["train"]
         lengths = train_ds["length"]
-        micro_per_epoch = math.ceil(len(train_ds) / t.batch_size)
-        steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
-        total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        steps_per_epoch, total_steps = optimizer_steps(len(train_ds), t)
         head_modules = sorted(set(lora_cfg.modules_to_save or []))
         optimizer = torch.optim.AdamW(_param_groups(model, cfg, head_modules), lr=t.learning_rate, betas=t.adam_betas)
         from transformers import get_scheduler
@@ -352,6 +350,12 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         log.removeHandler(log_file)
         log_file.close()
         log.setLevel(old_level)
+
+
+def optimizer_steps(n_train: int, t: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in the whole run) for ``n_train`` examples."""
+    per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
+    return per_epoch, t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
 
 
 def _restore_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
