@@ -218,7 +218,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         def save_checkpoint(at_epoch: int, next_micro: int) -> None:
             checkpoint.save(run, step, {
                 "step": step, "epoch": at_epoch, "micro": next_micro, "stop": stop,
-                "trainable": {k: v.detach().cpu() for k, v in model.state_dict().items() if _is_trainable_key(model, k)},
+                "trainable": _adapter_state(model),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": checkpoint.rng_state(), "history": history, "best_value": best_value, "best_state": best_state,
                 "best_eval": best_eval, "best_at": best_at, "evals_without_gain": evals_without_gain,
@@ -250,7 +250,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
                 best_value, best_eval, evals_without_gain, best_at = value, metrics, 0, {"step": step, "epoch": epoch}
                 # Kept in memory and in checkpoints; adapter/ is written once, when the run is complete,
                 # so an interrupted run never leaves something that looks like a finished adapter.
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _is_trainable_key(model, k)}
+                best_state = _adapter_state(model)
             else:
                 evals_without_gain += 1
                 if t.early_stopping_patience and evals_without_gain >= t.early_stopping_patience:
@@ -386,6 +386,6 @@ def _as_dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
-def _is_trainable_key(model: torch.nn.Module, key: str) -> bool:
-    # LoRA matrices and modules_to_save copies: what the adapter file holds.
-    return "lora_" in key or "modules_to_save" in key
+def _adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of what the adapter file holds: LoRA matrices and modules_to_save copies."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
