@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system demo test test-fast lint format clean
+.PHONY: setup system demo demo-images test test-fast lint format clean
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -28,6 +28,10 @@ demo: setup
 	$(BIN)/lorakit predict runs/imdb-minilm \
 		"One of the best films I have seen in years: moving, funny and beautifully acted." \
 		"A tedious, badly written mess. I want my two hours back."
+
+# Image classification: LoRA on ImageNet EfficientNet-Lite0, Fashion-MNIST, official 10,000-image test split.
+demo-images: setup
+	$(BIN)/lorakit train configs/fashion-mnist-efficientnet.yaml --overwrite
 
 # Everything, slow end-to-end tests on the real packaged model and data included (what CI runs).
 test: setup

@@ -88,3 +88,62 @@ def write_config(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path):
         return make_config(tmp_path, tiny_bert_dir, sentiment_csv, **sections)
 
     return _write
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+
+
+def make_images(folder: Path, per_class: int = 24, seed: int = 0, size: int = 40) -> Path:
+    """An image folder (one sub-folder per class) of noisy red vs blue PNGs: learnable in a few steps.
+
+    Each class also gets one greyscale-coded image (mode L) and one RGBA image, to exercise conversion.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        d = folder / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype("uint8")
+            img = Image.fromarray(arr)
+            if i == 0:
+                img = img.convert("L")
+            elif i == 1:
+                img = img.convert("RGBA")
+            img.save(d / f"{name}_{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer ViT for 32x32 inputs, hidden size 32, random weights, with its image processor."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    torch.manual_seed(0)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    return folder
+
+
+def make_image_config(folder: Path, model_dir: Path | str, data_path: Path, **sections: dict[str, Any]) -> Path:
+    """Write an image-classification run config into ``folder``; keyword arguments override sections."""
+    cfg: dict[str, Any] = {
+        "task": "image-classification",
+        "data": {"train": str(data_path), "validation_size": 8, "test_size": 8, "augment": {"crop_scale": [0.5, 1.0]}},
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 2, "seed": 7},
+        "output": {"dir": str(folder / "run"), "tensorboard": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

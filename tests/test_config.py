@@ -93,3 +93,17 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_every_shipped_config_validates(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+
+
+def test_the_original_vit_brief_is_expressible() -> None:
+    cfg = load_config(ROOT / "configs" / "vit-food101-brief.yaml")
+    t = cfg.train
+    assert cfg.task == "image-classification" and cfg.model.name_or_path == "google/vit-base-patch16-224-in21k"
+    assert (t.learning_rate, t.batch_size, t.gradient_accumulation_steps, t.epochs, t.mixed_precision) == (5e-3, 128, 4, 5, "fp16")
+    assert cfg.lora.target_modules is None and cfg.data.augment.hflip
+
+
+def test_augment_ranges_are_checked(tmp_path: Path) -> None:
+    raw = MINIMAL | {"task": "image-classification", "data": {"train": "x", "augment": {"crop_scale": [0.9, 0.2]}}}
+    with pytest.raises(ConfigError, match=r"data.augment.crop_scale: \[0.9, 0.2\] must satisfy 0 < min <= max <= 1"):
+        validate_config(raw)

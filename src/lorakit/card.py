@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lorakit.tasks import get_task
+
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -63,17 +65,12 @@ def model_card(meta: dict[str, Any]) -> str:
         "",
         "With lorakit:",
         "```bash",
-        'lorakit predict ADAPTER_DIR "your input"',
+        f"lorakit predict ADAPTER_DIR {get_task(meta['task']).example_input}",
         "```",
         "",
-        "With plain peft + transformers:",
+        "With plain peft:",
         "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-        "",
-        f"base = AutoModelForSequenceClassification.from_pretrained({base.get('resolved') or base['name_or_path']!r}, num_labels={max(1, len(labels))})",
-        'model = PeftModel.from_pretrained(base, "ADAPTER_DIR").eval()',
-        f"tokenizer = AutoTokenizer.from_pretrained({base.get('resolved') or base['name_or_path']!r})",
+        *get_task(meta["task"]).usage(meta),
         "```",
         "",
     ]

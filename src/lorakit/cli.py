@@ -125,12 +125,12 @@ def eval_(
 @app.command()
 def predict(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
-    inputs: Annotated[list[str] | None, typer.Argument(help="Texts to classify.")] = None,
+    inputs: Annotated[list[str] | None, typer.Argument(help="Texts to classify, or image files / http(s) URLs for an image adapter.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="A file with one input per line.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Show the k most likely labels.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
 ) -> None:
-    """Predict labels (with probabilities) for texts given as arguments or in a file."""
+    """Predict labels (with probabilities) for inputs (texts, or image files / URLs) given as arguments or in a file."""
     from lorakit.errors import DataError
     from lorakit.prediction import predict as run_predict
 

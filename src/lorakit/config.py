@@ -17,13 +17,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lorakit.errors import ConfigError
 
-TaskName = Literal["text-classification"]
-TASKS: tuple[str, ...] = ("text-classification",)
+TaskName = Literal["text-classification", "image-classification"]
+TASKS: tuple[str, ...] = ("text-classification", "image-classification")
 
 
 class _Section(BaseModel):
     # Unknown keys are errors (typos must not be silently ignored); validate on assignment too.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    """Training-time image augmentation (image tasks; evaluation never augments)."""
+
+    enabled: bool = Field(True, description="Augment training images; off = training uses the evaluation transform.")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random resized crop: the share of the image area a crop covers, (min, max).")
+    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="Random resized crop: aspect-ratio range of the crop.")
+    hflip: bool = Field(True, description="Flip training images horizontally with probability 0.5.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.augment.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1, e.g. [0.5, 1.0]")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"data.augment.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max, e.g. [0.75, 1.333]")
+        return self
 
 
 class DataConfig(_Section):
@@ -32,11 +51,16 @@ class DataConfig(_Section):
     train: str = Field(description="Training data: a csv/json/jsonl/parquet file (or glob), a pkg:// path, or a Hub dataset name.")
     validation: str | None = Field(None, description="Validation data; when unset a seeded split of `train` of size `validation_size` is used.")
     test: str | None = Field(None, description="Held-out test data, scored once at the end; when unset and `test_size` > 0, split from `train`.")
-    format: Literal["auto", "csv", "json", "jsonl", "parquet", "hub"] = Field("auto", description="File format; `auto` decides by extension, anything else without a file is a Hub name.")
+    format: Literal["auto", "csv", "json", "jsonl", "parquet", "imagefolder", "idx", "hub"] = Field("auto", description="Data format; `auto` decides by extension (a folder is an image folder with one sub-folder per class, `*-images-idx3-ubyte[.gz]` is MNIST-style idx), anything else without a file is a Hub name.")
     hub_split: str = Field("train", description="Which split of a Hub dataset `train` names.")
     text_column: str = Field("text", description="Column with the input text.")
     text_pair_column: str | None = Field(None, description="Optional second text column (sentence-pair tasks).")
     label_column: str = Field("label", description="Column with the label (strings or integers).")
+    image_column: str = Field("image", description="Column with the image (a path relative to the data file, an http(s) URL, or image bytes from a Hub dataset), for image tasks.")
+    image_size: int | None = Field(None, ge=16, le=1024, description="Side of the square model input in pixels; unset = the size the model's image processor names.")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="Evaluation: the share of the resized image the center crop keeps; unset = the model processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation of images.")
+    max_bad_images: float = Field(0.01, ge=0, le=1, description="Share of unreadable images that are skipped (and counted in the log) before the run stops with an error.")
     label_names: list[str] | None = Field(None, description="Names for integer labels 0..K-1, in order (e.g. [negative, positive]).")
     where: dict[str, Any] = Field(default_factory=dict, description="Keep only rows whose columns equal these values, e.g. {source: imdb}.")
     validation_size: float = Field(0.1, gt=0, description="Share (0-1) or count (>= 1) of `train` held out for validation when `validation` is unset.")
@@ -78,6 +102,7 @@ class LoraSettings(_Section):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained fully and saved; the task head is always added.")
+    batch_norm: Literal["train", "freeze"] = Field("train", description="BatchNorm layers (CNNs): `train` trains them and saves them with the adapter (their running statistics follow the new data); `freeze` keeps the pretrained statistics and weights (pure LoRA).")
 
 
 class TrainConfig(_Section):

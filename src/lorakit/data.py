@@ -48,13 +48,21 @@ def read_source(location: str, fmt: str = "auto", *, key: str = "data.train", hu
     if fmt == "hub" or (fmt == "auto" and not looks_like_local_path(resolved)):
         return _read_hub(resolved, key=key, split=hub_split)
 
+    from lorakit import images
+
+    if fmt == "imagefolder" or (fmt == "auto" and Path(resolved).expanduser().is_dir()):
+        if not Path(resolved).expanduser().is_dir():
+            raise DataError(f"{key}: image folder '{location}' does not exist; check the path")
+        return images.read_image_folder(Path(resolved).expanduser(), key=key)
     files = sorted(glob.glob(str(Path(resolved).expanduser()))) or []
+    if files and (fmt == "idx" or (fmt == "auto" and images.is_idx_file(files[0]))):
+        return images.read_idx(files[0], key=key)
     if not files:
         raise DataError(f"{key}: file '{location}' does not exist; check the path (relative paths start from the current folder)")
     builder = _FORMAT_BUILDERS.get(fmt) if fmt != "auto" else _BUILDERS.get(Path(files[0]).suffix.lower())
     if builder is None:
         raise DataError(
-            f"{key}: cannot tell the format of '{files[0]}'; use a .csv/.tsv/.json/.jsonl/.parquet file or set data.format"
+            f"{key}: cannot tell the format of '{files[0]}'; use a .csv/.tsv/.json/.jsonl/.parquet file, an image folder or set data.format"
         )
     for f in files:
         if Path(f).stat().st_size == 0:

@@ -38,13 +38,12 @@ def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, 
     data_cfg = DataConfig.model_validate(loaded.meta["config"]["data"] | {"train": data, "validation": None, "test": None})
     ds = read_source(data, data_cfg.format, key="--data", hub_split=data_cfg.hub_split)
     ds = filter_rows(ds, data_cfg.where, key="--data")
-    columns = [data_cfg.text_column, data_cfg.label_column] + ([data_cfg.text_pair_column] if data_cfg.text_pair_column else [])
-    require_columns(ds, columns, key="--data")
+    require_columns(ds, loaded.task.columns(data_cfg), key="--data")
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
     ds = loaded.task.encode_labels(ds, data_cfg, loaded.label_space, key="--data")
     ds = loaded.task.preprocess(ds, loaded.processor, data_cfg, loaded.label_space, key="--data")
-    logits, labels, loss = evaluate_model(loaded.model, ds, loaded.task.collate(loaded.processor), batch_size=batch_size, device=loaded.device)
+    logits, labels, loss = evaluate_model(loaded.model, ds, loaded.task.collate(loaded.processor, data_cfg), batch_size=batch_size, device=loaded.device)
     metrics = {"loss": loss, **loaded.task.compute_metrics(logits, labels, loaded.label_space), "examples": len(ds), "data": data}
 
     run_dir = loaded.adapter_dir.parent if loaded.adapter_dir.name == "adapter" else loaded.adapter_dir

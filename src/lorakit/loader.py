@@ -14,7 +14,7 @@ import torch
 
 from lorakit import modeling
 from lorakit.artifacts import find_adapter_dir, read_metadata
-from lorakit.config import ModelConfig
+from lorakit.config import DataConfig, ModelConfig
 from lorakit.errors import AdapterError, LorakitError
 from lorakit.labels import LabelSpace
 from lorakit.tasks import Task, get_task
@@ -69,7 +69,8 @@ def load_adapter(path: str | Path, *, base_model: str | None = None, device: str
     model_cfg, model_path = _base_location(meta, base_model)
     label_space = LabelSpace.from_dict(meta["label_space"]) if meta.get("label_space") else None
     processor = task.load_processor(model_cfg, model_path)
-    base, _ = task.load_model(model_cfg, model_path, label_space)
+    data_cfg = DataConfig.model_validate(meta["config"]["data"]) if meta.get("config", {}).get("data") else None
+    base, _ = task.load_model(model_cfg, model_path, label_space, data_cfg)
     if check_base:
         expected = meta["base_model"].get("fingerprint")
         found = modeling.model_fingerprint(model_path, base)
@@ -83,6 +84,7 @@ def load_adapter(path: str | Path, *, base_model: str | None = None, device: str
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterError(f"adapter '{adapter_dir}' does not fit base model '{model_path}' (shape or name mismatch): {first[:200]}") from None
+    model = task.prepare_model(model)
     dev = modeling.pick_device(device)
     model.to(dev).eval()
     return LoadedAdapter(adapter_dir, meta, task, model, processor, label_space, dev)

@@ -33,13 +33,38 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # Vision: attention query / value for ViT-family encoders (the LoRA paper's choice and the
+    # original brief's), the pointwise MLP of ConvNeXt, every convolution of a ResNet.
+    # (transformers 5 renamed several of them to q_proj / v_proj: both spellings are listed, and a
+    # default keeps only the names the loaded model has).
+    "vit": ["query", "value", "q_proj", "v_proj"],
+    "deit": ["query", "value", "q_proj", "v_proj"],
+    "beit": ["query", "value", "q_proj", "v_proj"],
+    "dinov2": ["query", "value", "q_proj", "v_proj"],
+    "swin": ["query", "value", "q_proj", "v_proj"],
+    "convnext": ["pwconv1", "pwconv2"],
+    "resnet": ["convolution"],
 }
+
+
+def default_targets(model_type: str | None) -> list[str] | str:
+    """The default LoRA targets of an architecture (zoo entries included); ``all-linear`` if unknown."""
+    from lorakit import zoo
+
+    if model_type in zoo.ENTRIES:
+        return list(zoo.ENTRIES[model_type].default_targets)
+    return DEFAULT_TARGETS.get(model_type or "", "all-linear")
 
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def resolve_model_path(model_cfg: ModelConfig) -> str:
     """The location transformers should load: a folder for local / pkg:// models, else the Hub id."""
+    from lorakit import zoo
+
+    if zoo.is_zoo(model_cfg.name_or_path):
+        zoo.get_entry(model_cfg.name_or_path)  # checks the name
+        return model_cfg.name_or_path
     try:
         path = resolve_location(model_cfg.name_or_path, what="model.name_or_path")
     except LorakitError as exc:
@@ -54,6 +79,15 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     return path
 
 
+def reject_zoo(model_path: str) -> None:
+    """For tasks that need a Hugging Face model: a zoo name is a one-line error naming its task."""
+    from lorakit import zoo
+
+    if zoo.is_zoo(model_path):
+        entry = zoo.get_entry(model_path)
+        raise ModelError(f"model.name_or_path: {model_path} is an {entry.task} model from lorakit's zoo; it does not fit this task")
+
+
 def load_base_config(model_cfg: ModelConfig, model_path: str, **kwargs: Any) -> Any:
     """The base model's transformers config with ``kwargs`` and the ``model.dropout`` override applied.
 
@@ -62,6 +96,7 @@ def load_base_config(model_cfg: ModelConfig, model_path: str, **kwargs: Any) -> 
     """
     from transformers import AutoConfig
 
+    reject_zoo(model_path)
     try:
         config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
@@ -80,6 +115,10 @@ def model_fingerprint(model_path: str, model: nn.Module | None = None) -> str:
 
     Stored with every adapter so that later stages can tell when a different base is used.
     """
+    from lorakit import zoo
+
+    if zoo.is_zoo(model_path):
+        return zoo.fingerprint(model_path)
     p = Path(model_path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"} and f.is_file())
@@ -121,7 +160,10 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]
     targets = settings.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if targets is None:
-        targets = DEFAULT_TARGETS.get(model_type or "", "all-linear")
+        targets = default_targets(model_type)
+        if isinstance(targets, list):
+            present = [t for t in targets if any(_matches(n, t) for n, m in model.named_modules() if isinstance(m, _ADAPTABLE))]
+            targets = present or "all-linear"
     if isinstance(targets, str):
         if targets != "all-linear":
             names = [n for n, _ in model.named_modules()]
@@ -146,8 +188,21 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]
     return list(targets)
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str, new_modules: list[str]) -> Any:
+def batch_norm_modules(model: nn.Module) -> list[str]:
+    """Paths of the BatchNorm layers that keep running statistics."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _freeze_in_eval_mode(module: nn.Module, _args: Any) -> None:
+    module.training = False  # normalise with the pretrained statistics and never update them
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | None, new_modules: list[str]) -> Any:
     """Wrap ``model`` with peft LoRA; new (randomly initialised) modules are trained fully and saved.
+
+    BatchNorm layers update running statistics in training mode even when frozen, which would make
+    the trained model differ from base + adapter. They are either trained and saved with the adapter
+    (``lora.batch_norm: train``) or pinned to evaluation mode (``freeze``).
 
     Returns:
         The ``peft.PeftModel``.
@@ -157,7 +212,12 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str, new_
     """
     from peft import LoraConfig, get_peft_model
 
-    modules_to_save = sorted(set(new_modules) | set(settings.modules_to_save))
+    norms = batch_norm_modules(model)
+    if settings.batch_norm == "freeze":
+        for name in norms:
+            model.get_submodule(name).register_forward_pre_hook(_freeze_in_eval_mode)
+        norms = []
+    modules_to_save = sorted(set(new_modules) | set(settings.modules_to_save) | set(norms))
     targets = resolve_targets(model, settings, exclude=modules_to_save)
     config = LoraConfig(
         task_type=task_type,

@@ -49,6 +49,12 @@ class Plan:
         tok = self.stats.get("train_tokens")
         if tok:
             out.append(f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} train examples cut at {c.data.max_length}")
+        out += [f"  warning   {w}" for w in self.stats.get("warnings", [])]
+        img = self.stats.get("image")
+        if img:
+            aug = c.data.augment
+            out.append(f"  images    {img['input_size']}x{img['input_size']} input, mean {img['mean']}, std {img['std']}; train augmentation: "
+                       + (f"random resized crop {list(aug.crop_scale)}" + (" + flip" if aug.hflip else "") if aug.enabled else "off"))
         out += [
             f"model       {c.model.name_or_path} ({self.model_type})",
             f"LoRA        r={c.lora.r} alpha={c.lora.alpha} dropout={c.lora.dropout}"
@@ -76,7 +82,7 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
     model_path = modeling.resolve_model_path(cfg.model)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
-    base, new_modules = task.load_model(cfg.model, model_path, data.label_space)
+    base, new_modules = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
     model = modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules)
     trainable, total = modeling.count_parameters(model)
     lc = model.peft_config["default"]

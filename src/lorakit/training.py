@@ -113,8 +113,8 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
     set_seed(t.seed)
-    base, new_modules = task.load_model(cfg.model, model_path, data.label_space)
-    model = modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules)
+    base, new_modules = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
+    model = task.prepare_model(modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules))
     trainable, total = modeling.count_parameters(model)
     lora_cfg = model.peft_config["default"]
     metric_name = t.metric_for_best or task.default_metric
@@ -138,6 +138,8 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     log.setLevel(logging.DEBUG)  # the file gets every training-loss line; the console handler filters
     artifacts.write_text_atomic(run / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
     sizes = {k: len(v) for k, v in data.splits.items()}
+    for note in data.stats.get("warnings", []):
+        log.warning(note)
     log.info("data: %s; labels: %s", sizes, ", ".join(data.label_space.labels) if data.label_space else "-")
     log.info("model: %s (%s) with LoRA r=%d on %s; trainable %s / %s params (%.2f%%)", cfg.model.name_or_path,
              base.config.model_type, cfg.lora.r, sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str) else lora_cfg.target_modules,
@@ -153,9 +155,10 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
 
         model.to(device)
         model.train()
-        collate = task.collate(processor)
+        collate = task.collate(processor, cfg.data)
+        train_collate = task.collate(processor, cfg.data, train=True)
         train_ds = data.splits["train"]
-        lengths = train_ds["length"]
+        lengths = train_ds["length"] if "length" in train_ds.column_names else [1] * len(train_ds)
         steps_per_epoch, total_steps = optimizer_steps(len(train_ds), t)
         head_modules = sorted(set(lora_cfg.modules_to_save or []))
         optimizer = torch.optim.AdamW(_param_groups(model, cfg, head_modules), lr=t.learning_rate, betas=t.adam_betas)
@@ -262,7 +265,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             for micro, idx in enumerate(batches):
                 if micro < start_micro:  # resumed: these batches were trained on before the checkpoint
                     continue
-                batch = to_device(collate(take(train_ds, idx)), device)
+                batch = to_device(train_collate(take(train_ds, idx)), device)
                 with autocast(device, amp):
                     loss = model(**batch).loss
                 if not torch.isfinite(loss):

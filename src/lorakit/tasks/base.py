@@ -32,10 +32,12 @@ class Task(ABC):
     """What a task must provide. Subclasses are registered in :mod:`lorakit.tasks`."""
 
     name: str
-    #: peft's TaskType for get_peft_model (e.g. "SEQ_CLS").
-    peft_task_type: str
+    #: peft's TaskType for get_peft_model (e.g. "SEQ_CLS"); None for models peft has no type for.
+    peft_task_type: str | None
     #: Metric used to pick the best adapter when the config does not say.
     default_metric: str = "loss"
+    #: An input for `lorakit predict`, shown in model cards.
+    example_input: str = '"your input"'
 
     # ---- data -----------------------------------------------------------------------------------
     @abstractmethod
@@ -51,13 +53,23 @@ class Task(ABC):
         """Turn raw rows (already label-encoded where needed) into model inputs."""
 
     @abstractmethod
-    def collate(self, processor: Any) -> Any:
-        """A collate function for DataLoader batches of preprocessed examples."""
+    def columns(self, data_cfg: DataConfig) -> list[str]:
+        """The columns every data source of this task must have."""
+
+    @abstractmethod
+    def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
+        """A function turning a list of preprocessed examples into a model batch; ``train`` selects
+        training-time behaviour (e.g. augmentation)."""
 
     # ---- model ----------------------------------------------------------------------------------
     @abstractmethod
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any) -> tuple[torch.nn.Module, list[str]]:
-        """Load the base model; return it and the names of modules that are new (not in the checkpoint)."""
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: DataConfig | None = None) -> tuple[torch.nn.Module, list[str]]:
+        """Load the base model (shaped for ``data_cfg`` where inputs matter, e.g. image size); return it
+        and the names of modules that are new (not in the checkpoint)."""
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Last touches on the LoRA-wrapped model before training or inference (e.g. memory layout)."""
+        return model
 
     # ---- evaluation / prediction ----------------------------------------------------------------
     @abstractmethod
@@ -67,6 +79,10 @@ class Task(ABC):
     @abstractmethod
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1) -> list[dict[str, Any]]:
         """Post-processed predictions for raw inputs."""
+
+    def usage(self, meta: dict[str, Any]) -> list[str]:
+        """Python lines that load base model + adapter with plain peft (for the model card)."""
+        return ["from peft import PeftModel", "# load the base model, then:", 'model = PeftModel.from_pretrained(base, "ADAPTER_DIR").eval()']
 
     def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
         """Map raw labels to ids for a new dataset (evaluation files); identity for unlabelled tasks."""

