@@ -147,3 +147,61 @@ def make_image_config(folder: Path, model_dir: Path | str, data_path: Path, **se
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# ---- causal language models ---------------------------------------------------------------------
+
+CHAT_WORDS = ["system", "user", "assistant", "you", "are", "helpful", "what", "colour", "is", "the", "sky", "grass", "snow",
+              "blood", "?", "blue", "green", "white", "red", "say", "a", "word", "please", "and", "then", "answer", "review", ":", "good", "bad", "film"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 32) with a word-level fast tokenizer and the chatml chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lorakit.tasks.causal_lm import NAMED_TEMPLATES
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + CHAT_WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    tok.chat_template = NAMED_TEMPLATES["chatml"]
+    tok.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, eos_token_id=vocab["<|im_end|>"], pad_token_id=0,
+                         bos_token_id=None, tie_word_embeddings=False,
+                         initializer_range=0.4)  # large enough that a frozen random lm_head can separate tokens
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+COLOURS_OF = {"sky": "blue", "grass": "green", "snow": "white", "blood": "red"}
+
+
+def make_chat_rows(n: int) -> list[dict[str, Any]]:
+    """Chat rows 'what colour is the X ?' -> the colour: memorisable by a tiny model."""
+    things = list(COLOURS_OF)
+    return [{"messages": [{"role": "user", "content": f"what colour is the {things[i % 4]} ?"}, {"role": "assistant", "content": COLOURS_OF[things[i % 4]]}]} for i in range(n)]
+
+
+def make_lm_config(folder: Path, model_dir: Path | str, data_path: Path, **sections: dict[str, Any]) -> Path:
+    cfg: dict[str, Any] = {
+        "task": "causal-lm",
+        "data": {"train": str(data_path), "validation_size": 8, "test_size": 8, "max_length": 64},
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"epochs": 4, "batch_size": 8, "learning_rate": 2e-2, "logging_steps": 2, "seed": 7, "generation_samples": 8, "max_new_tokens": 6},
+        "output": {"dir": str(folder / "run"), "tensorboard": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

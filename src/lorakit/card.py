@@ -17,7 +17,7 @@ def model_card(meta: dict[str, Any]) -> str:
     base = meta["base_model"]
     cfg = meta["config"]
     lora = meta["lora"]
-    labels = meta.get("label_space", {}).get("id2label", {})
+    labels = (meta.get("label_space") or {}).get("id2label", {})
     metrics = meta.get("metrics", {})
     lines = [
         "---",

@@ -44,10 +44,22 @@ def _root(
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).", metavar="KEY=VALUE")]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be swapped, e.g. by test capture)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("lorakit")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.setLevel(logging.DEBUG if verbose else logging.INFO)
         logger.addHandler(handler)
@@ -150,6 +162,34 @@ def predict(
             text = r["input"] if len(r["input"]) <= 60 else r["input"][:57] + "..."
             alts = "  ".join(f"{a['label']} {a['score']:.3f}" for a in r["top_k"])
             typer.echo(f"{alts}\t{text}")
+
+
+@app.command()
+def generate(
+    path: Annotated[Path, typer.Argument(help="Run directory or adapter directory of a causal-lm adapter.")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="User messages; the chat template is applied.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="A file with one prompt per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer in tokens.")] = 128,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(min=0.01, help="Sampling temperature (with --sample).")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.01, max=1.0, help="Nucleus sampling mass (with --sample).")] = 0.9,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    system: Annotated[str | None, typer.Option(help="System message (default: the one the adapter was trained with).")] = None,
+    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Answer with the base model alone (for comparison).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
+) -> None:
+    """Answer prompts with a causal-lm adapter; generation stops at the end-of-turn token."""
+    from lorakit.prediction import generate as run_generate
+
+    _setup_logging()
+    items = list(prompts or [])
+    if file is not None:
+        try:
+            items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except FileNotFoundError:
+            raise LorakitError(f"--file: '{file}' does not exist") from None
+    for r in run_generate(path, items, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed, system=system, use_adapter=not no_adapter):
+        typer.echo(json.dumps(r, ensure_ascii=False) if as_json else r["output"])
 
 
 def main(argv: list[str] | None = None) -> None:

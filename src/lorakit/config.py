@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lorakit.errors import ConfigError
 
-TaskName = Literal["text-classification", "image-classification"]
-TASKS: tuple[str, ...] = ("text-classification", "image-classification")
+TaskName = Literal["text-classification", "image-classification", "causal-lm"]
+TASKS: tuple[str, ...] = ("text-classification", "image-classification", "causal-lm")
 
 
 class _Section(BaseModel):
@@ -61,6 +61,17 @@ class DataConfig(_Section):
     crop_pct: float | None = Field(None, gt=0, le=1, description="Evaluation: the share of the resized image the center crop keeps; unset = the model processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation of images.")
     max_bad_images: float = Field(0.01, ge=0, le=1, description="Share of unreadable images that are skipped (and counted in the log) before the run stops with an error.")
+    prompt_format: Literal["auto", "chat", "alpaca", "text"] = Field("auto", description="causal-lm rows: `chat` (a messages list), `alpaca` (instruction / input / output columns, or `instruction_template` + `output_column`), `text` (plain text, continued pre-training); `auto` decides by the columns present.")
+    messages_column: str = Field("messages", description="causal-lm, chat: column with the list of messages.")
+    message_keys: dict[str, str] = Field(default_factory=lambda: {"role": "role", "content": "content"}, description="causal-lm, chat: the keys of a message's role and text, e.g. {role: from, content: value} for ShareGPT.")
+    role_names: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}, description="causal-lm, chat: role values mapped to system / user / assistant.")
+    instruction_column: str = Field("instruction", description="causal-lm, alpaca: column with the instruction.")
+    input_column: str = Field("input", description="causal-lm, alpaca: optional column with the input the instruction refers to.")
+    output_column: str = Field("output", description="causal-lm, alpaca: column with the answer (integer answers are named by `label_names`).")
+    instruction_template: str | None = Field(None, description="causal-lm, alpaca: build the user message from columns, e.g. 'Review: {text}\nIs it positive or negative?' (turns any labelled table into instructions).")
+    system_prompt: str | None = Field(None, description="causal-lm: a system message put before every conversation that has none.")
+    chat_template: str | None = Field(None, description="causal-lm: a named template (chatml, alpaca) or a Jinja template, for tokenizers without one (or to replace theirs).")
+    packing: bool = Field(False, description="causal-lm: pack several short examples into each max_length row; examples never attend to each other (block-diagonal attention, positions restart).")
     label_names: list[str] | None = Field(None, description="Names for integer labels 0..K-1, in order (e.g. [negative, positive]).")
     where: dict[str, Any] = Field(default_factory=dict, description="Keep only rows whose columns equal these values, e.g. {source: imdb}.")
     validation_size: float = Field(0.1, gt=0, description="Share (0-1) or count (>= 1) of `train` held out for validation when `validation` is unset.")
@@ -88,6 +99,8 @@ class ModelConfig(_Section):
     name_or_path: str = Field(description="A local folder, a pkg:// path or a Hugging Face Hub id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
+    gguf_file: str | None = Field(None, description="GGUF file inside the model folder (dequantised on load); found automatically when `name_or_path` is a .gguf file or a folder with exactly one.")
+    quantization: Literal["none", "4bit", "8bit"] = Field("none", description="Load the frozen base in 4 / 8 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
     dropout: float | None = Field(None, ge=0, lt=1, description="Override every dropout probability of the base model (hidden, attention, classifier); null keeps the model's own. 0 halves the step time on CPUs, where dropout masks are costly.")
 
 
@@ -131,6 +144,9 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = torch's default.")
+    generation_samples: int = Field(64, ge=0, description="causal-lm: validation / test examples answered by greedy generation at each evaluation, for exact match and the report's samples; 0 = loss only.")
+    max_new_tokens: int = Field(32, ge=1, description="causal-lm: longest generated answer in evaluations.")
+    score_base_model: bool = Field(False, description="Also score the test split with the adapter switched off: the before / after comparison lands in metrics.json.")
 
 
 class OutputConfig(_Section):

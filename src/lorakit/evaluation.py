@@ -10,7 +10,6 @@ from typing import Any
 from lorakit.artifacts import write_json_atomic
 from lorakit.config import DataConfig
 from lorakit.data import filter_rows, read_source, require_columns
-from lorakit.engine import evaluate_model
 from lorakit.loader import load_adapter
 from lorakit.report import write_report
 
@@ -43,8 +42,10 @@ def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, 
         ds = ds.select(range(min(max_samples, len(ds))))
     ds = loaded.task.encode_labels(ds, data_cfg, loaded.label_space, key="--data")
     ds = loaded.task.preprocess(ds, loaded.processor, data_cfg, loaded.label_space, key="--data")
-    logits, labels, loss = evaluate_model(loaded.model, ds, loaded.task.collate(loaded.processor, data_cfg), batch_size=batch_size, device=loaded.device)
-    metrics = {"loss": loss, **loaded.task.compute_metrics(logits, labels, loaded.label_space), "examples": len(ds), "data": data}
+    train_cfg = loaded.meta["config"].get("train", {})
+    metrics = loaded.task.evaluate(loaded.model, ds, loaded.processor, data_cfg, loaded.label_space, batch_size=batch_size, device=loaded.device,
+                                   generation_samples=train_cfg.get("generation_samples", 64), max_new_tokens=train_cfg.get("max_new_tokens", 32))
+    metrics |= {"examples": len(ds), "data": data}
 
     run_dir = loaded.adapter_dir.parent if loaded.adapter_dir.name == "adapter" else loaded.adapter_dir
     out = Path(out_dir) if out_dir else run_dir / f"eval-{Path(data).stem}"

@@ -70,8 +70,10 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     except LorakitError as exc:
         raise ModelError(str(exc)) from None
     p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.resolve())
     if p.exists():
-        if not (p / "config.json").is_file():
+        if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
             raise ModelError(f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face model folder")
         return str(p.resolve())
     if path.startswith((".", "/", "~")):
@@ -120,8 +122,8 @@ def model_fingerprint(model_path: str, model: nn.Module | None = None) -> str:
     if zoo.is_zoo(model_path):
         return zoo.fingerprint(model_path)
     p = Path(model_path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"} and f.is_file())
+    if p.is_dir() or p.is_file():
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"} and f.is_file())
         h = hashlib.sha256()
         for f in files:
             h.update(f.name.encode())

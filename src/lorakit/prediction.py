@@ -34,6 +34,34 @@ class Predictor:
         return a.task.predict(a.model, a.processor, inputs, a.label_space, self.data_cfg, top_k=top_k)
 
 
+def generate(path: str | Path, prompts: list[str], *, device: str = "auto", use_adapter: bool = True, **options: Any) -> list[dict[str, Any]]:
+    """Answers of a causal-lm adapter to user messages (chat template applied, stops at end of turn).
+
+    Args:
+        path: Run or adapter directory.
+        prompts: User messages.
+        device: Where to run.
+        use_adapter: False answers with the base model alone.
+        **options: max_new_tokens, do_sample, temperature, top_p, seed, system.
+
+    Raises:
+        LorakitError: Not a causal-lm adapter, or no prompts.
+    """
+    from lorakit.errors import AdapterError
+
+    loaded = load_adapter(path, device=device)
+    if loaded.meta.get("task") != "causal-lm":
+        raise AdapterError(f"'{loaded.adapter_dir}' is a {loaded.meta.get('task')} adapter; generate works with causal-lm adapters (use lorakit predict)")
+    if not prompts:
+        raise DataError("no prompts to answer; pass them as arguments or --file")
+    data_cfg = DataConfig.model_validate(loaded.meta["config"]["data"])
+    a = loaded
+    if use_adapter:
+        return a.task.predict(a.model, a.processor, prompts, a.label_space, data_cfg, **options)
+    with a.model.disable_adapter():
+        return a.task.predict(a.model, a.processor, prompts, a.label_space, data_cfg, **options)
+
+
 def predict(path: str | Path, inputs: list[Any], *, top_k: int = 1, device: str = "auto") -> list[dict[str, Any]]:
     """One-shot prediction: load the adapter at ``path`` and predict ``inputs``."""
     return Predictor.from_adapter(path, device=device)(inputs, top_k=top_k)

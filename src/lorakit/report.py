@@ -135,10 +135,14 @@ def write_report(out_dir: str | Path, *, title: str, history: list[dict[str, Any
             parts.append(f"<h2>{html.escape(split)}</h2><img src=\"{img}\" alt=\"confusion matrix {html.escape(split)}\">")
             if "per_class" in m:
                 parts.append(_per_class_table(m["per_class"]))
+        for split, m in evaluations.items():
+            if m and m.get("samples"):
+                rows = "".join(f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td>{html.escape(s['reference'])}</td><td>{html.escape(s['output'])}</td></tr>" for s in m["samples"])
+                parts.append(f"<h2>Sample generations: {html.escape(split)}</h2><table class=samples><tr><th>prompt</th><th>reference</th><th>output</th></tr>{rows}</table>")
         style = (
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-            "th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:1px 4px}"
+            "th:first-child{text-align:left}.samples td{text-align:left;vertical-align:top}pre{white-space:pre-wrap;margin:0;max-width:600px}img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:1px 4px}"
         )
         page = f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
         (tmp / "index.html").write_text(page, encoding="utf-8")

@@ -24,7 +24,7 @@ from lorakit import artifacts, checkpoint, modeling
 from lorakit.batching import train_batches
 from lorakit.card import model_card
 from lorakit.config import RunConfig, TrainConfig, load_config
-from lorakit.engine import autocast, evaluate_model, take, to_device
+from lorakit.engine import autocast, take, to_device
 from lorakit.errors import LorakitError, RunDirError
 from lorakit.tasks import get_task
 
@@ -155,7 +155,6 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
 
         model.to(device)
         model.train()
-        collate = task.collate(processor, cfg.data)
         train_collate = task.collate(processor, cfg.data, train=True)
         train_ds = data.splits["train"]
         lengths = train_ds["length"] if "length" in train_ds.column_names else [1] * len(train_ds)
@@ -235,10 +234,13 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         def eval_bar(split: str) -> Any:
             return tqdm(total=len(data.splits[split]), desc=split, unit="ex", disable=not progress, leave=False, dynamic_ncols=True)
 
+        def score(split: str) -> dict[str, Any]:
+            return task.evaluate(model, data.splits[split], processor, cfg.data, data.label_space, batch_size=t.eval_batch_size, device=device, amp=amp,
+                                 progress=eval_bar(split), generation_samples=t.generation_samples, max_new_tokens=t.max_new_tokens)
+
         def run_eval(epoch: float) -> None:
             nonlocal best_value, best_state, best_eval, best_at, evals_without_gain, stop
-            logits, labels, loss = evaluate_model(model, data.splits["validation"], collate, batch_size=t.eval_batch_size, device=device, amp=amp, progress=eval_bar("validation"))
-            metrics = {"loss": loss, **task.compute_metrics(logits, labels, data.label_space)}
+            metrics = score("validation")
             if metric_name not in metrics:
                 raise TrainingError(f"train.metric_for_best: '{metric_name}' is not computed for {cfg.task}; choose one of {', '.join(scalars(metrics))}")
             row = {"step": step, "epoch": round(epoch, 4), "split": "validation", **scalars(metrics)}
@@ -318,17 +320,21 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         # ============================================================================================
         if best_state is not None:
             model.load_state_dict(best_state, strict=False)
-        test_metrics = None
+        test_metrics, base_metrics = None, None
         if "test" in data.splits:
-            logits, labels, loss = evaluate_model(model, data.splits["test"], collate, batch_size=t.eval_batch_size, device=device, amp=amp, progress=eval_bar("test"))
-            test_metrics = {"loss": loss, **task.compute_metrics(logits, labels, data.label_space)}
-            log.info("test (%d held-out examples): %s", len(labels), ", ".join(f"{k}={v:.4f}" for k, v in scalars(test_metrics).items()))
+            test_metrics = score("test")
+            log.info("test (%d held-out examples): %s", len(data.splits["test"]), ", ".join(f"{k}={v:.4f}" for k, v in scalars(test_metrics).items()))
+            if t.score_base_model:
+                with model.disable_adapter():
+                    base_metrics = score("test")
+                log.info("test without the adapter (base model): %s", ", ".join(f"{k}={v:.4f}" for k, v in scalars(base_metrics).items()))
         elapsed = time.perf_counter() - t0
         final = {
             "best_metric": metric_name,
             "best_value": best_value,
             "validation": best_eval,
             "test": test_metrics,
+            **({"test_base_model": base_metrics} if base_metrics else {}),
             "seconds": round(elapsed, 1),
             "steps": step,
             "parameters": {"trainable": trainable, "total": total},
@@ -343,7 +349,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             from lorakit.report import write_report
 
             write_report(run / "report", title=f"{cfg.task}: {Path(cfg.output.dir).name}", history=history,
-                         evaluations={"validation (best)": best_eval} | ({"test": test_metrics} if test_metrics else {}),
+                         evaluations={"validation (best)": best_eval} | ({"test": test_metrics} if test_metrics else {}) | ({"test, base model without adapter": base_metrics} if base_metrics else {}),
                          label_space=data.label_space, meta=meta)
         checkpoint.remove_all(run)  # the run is complete; its adapter and metrics are in place
         return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, elapsed, trainable, total)

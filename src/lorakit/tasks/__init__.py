@@ -13,10 +13,11 @@ def get_task(name: str) -> Task:
         LorakitError: No such task.
     """
     # Imported lazily so that `lorakit --help` does not pay for transformers.
+    from lorakit.tasks.causal_lm import CausalLM
     from lorakit.tasks.image_classification import ImageClassification
     from lorakit.tasks.text_classification import TextClassification
 
-    registry: dict[str, type[Task]] = {t.name: t for t in (TextClassification, ImageClassification)}
+    registry: dict[str, type[Task]] = {t.name: t for t in (TextClassification, ImageClassification, CausalLM)}
     if name not in registry:
         raise LorakitError(f"task '{name}' is not known; choose one of {', '.join(registry)}")
     return registry[name]()

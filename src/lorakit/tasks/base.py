@@ -72,6 +72,13 @@ class Task(ABC):
         return model
 
     # ---- evaluation / prediction ----------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None, generation_samples: int = 0, max_new_tokens: int = 32) -> dict[str, Any]:
+        """Metrics of ``model`` on a preprocessed split: the loss plus :meth:`compute_metrics`."""
+        from lorakit.engine import evaluate_model
+
+        logits, labels, loss = evaluate_model(model, ds, self.collate(processor, data_cfg), batch_size=batch_size, device=device, amp=amp, progress=progress)
+        return {"loss": loss, **self.compute_metrics(logits, labels, label_space)}
+
     @abstractmethod
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:
         """Metrics from gathered model outputs; scalar values are logged, others go in the report."""

@@ -1,0 +1,500 @@
+"""Causal language models: instruction tuning (chat / alpaca rows) and continued pre-training (text).
+
+Every row becomes a conversation rendered with the tokenizer's chat template (or a named one). The
+loss is taken on the assistant's answers only: answer spans are found as character ranges of the
+rendered text (the text before each answer is the template applied to the earlier messages with a
+generation prompt) and mapped to tokens with the tokenizer's offsets, so the mask is exact for any
+template. The end-of-turn token closing each answer is part of it: the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+
+from lorakit.config import DataConfig, ModelConfig, RunConfig
+from lorakit.data import build_splits
+from lorakit.errors import DataError, ModelError
+from lorakit.tasks.base import PreparedData, Task
+from lorakit.tasks.text_classification import new_module_names, quiet_transformers
+
+log = logging.getLogger("lorakit")
+IGNORE = -100
+
+NAMED_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Works with any tokenizer: answers end with its EOS token.
+    "alpaca": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+}
+
+
+# ---- model location (folders, Hub ids, GGUF files) ------------------------------------------------
+
+
+def gguf_parts(model_cfg: ModelConfig, model_path: str) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file name or None) for transformers' ``from_pretrained``."""
+    p = Path(model_path)
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), p.name
+    if model_cfg.gguf_file:
+        return model_path, model_cfg.gguf_file
+    if p.is_dir() and not (p / "config.json").is_file():
+        found = sorted(f.name for f in p.glob("*.gguf"))
+        if len(found) == 1:
+            return model_path, found[0]
+        if found:
+            raise ModelError(f"model.gguf_file: folder '{model_path}' holds several GGUF files ({', '.join(found)}); name one")
+    return model_path, None
+
+
+def end_of_turn_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Token ids that end an answer: EOS, the template's end-of-turn token, the model's own EOS list."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+# ---- rows -> conversations ----------------------------------------------------------------------
+
+
+def detect_format(data_cfg: DataConfig, columns: list[str]) -> str:
+    if data_cfg.prompt_format != "auto":
+        return data_cfg.prompt_format
+    if data_cfg.messages_column in columns:
+        return "chat"
+    if data_cfg.instruction_template or data_cfg.instruction_column in columns:
+        return "alpaca"
+    if data_cfg.text_column in columns:
+        return "text"
+    raise DataError(
+        f"data: cannot tell the row format from the columns {', '.join(columns)}; expected '{data_cfg.messages_column}' (chat), "
+        f"'{data_cfg.instruction_column}' + '{data_cfg.output_column}' (alpaca) or '{data_cfg.text_column}' (text), or set data.prompt_format"
+    )
+
+
+def required_columns(data_cfg: DataConfig, fmt: str) -> list[str]:
+    if fmt == "chat":
+        return [data_cfg.messages_column]
+    if fmt == "alpaca":
+        if data_cfg.instruction_template:
+            import string
+
+            fields = [f for _, f, _, _ in string.Formatter().parse(data_cfg.instruction_template) if f]
+            return sorted(set(fields)) + [data_cfg.output_column]
+        return [data_cfg.instruction_column, data_cfg.output_column]
+    return [data_cfg.text_column]
+
+
+def to_messages(row: dict[str, Any], data_cfg: DataConfig, fmt: str, *, key: str, index: int) -> list[dict[str, str]]:
+    """One row as a list of {role, content} messages (system / user / assistant)."""
+    d = data_cfg
+    if fmt == "chat":
+        raw = row[d.messages_column]
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"{key}: row {index}: '{d.messages_column}' is not a non-empty list of messages")
+        rk, ck = d.message_keys.get("role", "role"), d.message_keys.get("content", "content")
+        messages = []
+        for m in raw:
+            if not isinstance(m, dict) or rk not in m or ck not in m:
+                raise DataError(f"{key}: row {index}: a message lacks '{rk}' / '{ck}' (keys found: {sorted(m) if isinstance(m, dict) else type(m).__name__}); set data.message_keys")
+            role = d.role_names.get(str(m[rk]), str(m[rk]))
+            if role not in ("system", "user", "assistant"):
+                raise DataError(f"{key}: row {index}: role '{m[rk]}' is not system / user / assistant; map it with data.role_names")
+            messages.append({"role": role, "content": str(m[ck] if m[ck] is not None else "")})
+    elif fmt == "alpaca":
+        if d.instruction_template:
+            try:
+                user = d.instruction_template.format(**row)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise DataError(f"data.instruction_template: cannot fill it from row {index} of {key}: {exc}") from None
+        else:
+            user = str(row[d.instruction_column] or "")
+            extra = row.get(d.input_column)
+            if extra:
+                user += "\n\n" + str(extra)
+        answer = row[d.output_column]
+        if isinstance(answer, int) and not isinstance(answer, bool) and d.label_names and 0 <= answer < len(d.label_names):
+            answer = d.label_names[answer]
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": "" if answer is None else str(answer)}]
+    else:
+        return [{"role": "text", "content": str(row[d.text_column] or "")}]
+    if d.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": d.system_prompt})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{key}: row {index} has no assistant answer to learn; remove it or fill in '{d.output_column if fmt == 'alpaca' else 'the assistant message'}'")
+    return messages
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, Any]:
+    """Token ids, labels (answers only; everything for plain text), the prompt of the last answer and
+    its reference, and how truncation treated the example (``cut``: 0 whole, 1 prompt cut, 2 answer
+    cut, 3 answer lost)."""
+    if messages[0]["role"] == "text":
+        ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        cut = 2 if len(ids) > max_length else 0
+        ids = ids[:max_length]
+        return {"input_ids": ids, "labels": list(ids), "prompt_ids": [], "reference": "", "cut": cut}
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(render(tokenizer, messages[: i + 1]))
+        if text[:start] != render(tokenizer, messages[:i], add_generation_prompt=True):
+            raise DataError("data.chat_template: the template renders earlier turns differently once later ones follow; answer spans cannot be located (use chat_template: chatml)")
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tid if any(s <= a < e for s, e in spans) and b > a else IGNORE for tid, (a, b) in zip(ids, offsets, strict=True)]
+    last_start = spans[-1][0]
+    n_prompt = next((j for j, (a, b) in enumerate(offsets) if a >= last_start and b > a), len(ids))
+    prompt_ids = ids[:n_prompt]
+    reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+    cut = 0
+    if len(ids) > max_length:
+        n_answer = sum(1 for x in labels[n_prompt:] if x != IGNORE)
+        if len(ids) - n_prompt + 1 <= max_length:
+            ids, labels, cut = ids[-max_length:], labels[-max_length:], 1  # drop the start of the prompt
+        else:
+            ids, labels = ids[:max_length], labels[:max_length]
+            cut = 3 if all(x == IGNORE for x in labels) else 2
+        del n_answer
+    return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids if len(prompt_ids) < max_length else prompt_ids[-(max_length - 1) :], "reference": reference, "cut": cut}
+
+
+def pack(rows: list[dict[str, Any]], max_length: int) -> dict[str, list[Any]]:
+    """Greedy packing of examples into rows of at most ``max_length`` tokens; ``seq_lens`` keeps the
+    boundaries so that attention stays inside each example."""
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "seq_lens": [], "length": []}
+    ids: list[int] = []
+    labels: list[int] = []
+    lens: list[int] = []
+    for r in rows:
+        if ids and len(ids) + len(r["input_ids"]) > max_length:
+            out["input_ids"].append(ids), out["labels"].append(labels), out["seq_lens"].append(lens), out["length"].append(len(ids))
+            ids, labels, lens = [], [], []
+        ids = ids + r["input_ids"]
+        labels = labels + r["labels"]
+        lens.append(len(r["input_ids"]))
+    if ids:
+        out["input_ids"].append(ids), out["labels"].append(labels), out["seq_lens"].append(lens), out["length"].append(len(ids))
+    return out
+
+
+def block_causal_mask(seq_lens: list[list[int]], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask [B, 1, T, T]: causal inside each packed example, nothing across examples or onto padding."""
+    allowed = torch.zeros(len(seq_lens), 1, width, width, dtype=torch.bool)
+    for b, lens in enumerate(seq_lens):
+        start = 0
+        for n in lens:
+            allowed[b, 0, start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            start += n
+        for pad in range(start, width):  # padding rows see themselves only (their outputs are ignored)
+            allowed[b, 0, pad, pad] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def normalise_answer(s: str) -> str:
+    return " ".join(s.strip().casefold().split()).rstrip(".!")
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    peft_task_type = "CAUSAL_LM"
+    default_metric = "loss"
+    example_input = '"Write a haiku about autumn."'
+
+    # ---- data -----------------------------------------------------------------------------------
+    def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
+        from transformers import AutoTokenizer
+
+        from lorakit.modeling import reject_zoo
+
+        reject_zoo(model_path)
+        where, gguf = gguf_parts(model_cfg, model_path)
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        except Exception as exc:
+            raise ModelError(f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+        if not getattr(tok, "is_fast", False):
+            raise ModelError(f"model.name_or_path: the tokenizer of '{model_path}' is not a fast tokenizer; lorakit needs token offsets to mask prompts")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        return tok
+
+    def _with_template(self, tokenizer: Any, data_cfg: DataConfig) -> Any:
+        name = data_cfg.chat_template
+        if name:
+            template = NAMED_TEMPLATES.get(name, name)
+            if name == "chatml" and tokenizer.convert_tokens_to_ids("<|im_end|>") in (None, tokenizer.unk_token_id):
+                raise ModelError("data.chat_template: chatml needs the tokens <|im_start|> / <|im_end|>, which this tokenizer lacks; use chat_template: alpaca")
+            tokenizer.chat_template = template
+        elif not getattr(tokenizer, "chat_template", None):
+            raise ModelError("model.name_or_path: the tokenizer has no chat template; set data.chat_template (chatml or alpaca)")
+        return tokenizer
+
+    def columns(self, data_cfg: DataConfig) -> list[str]:
+        # With `auto` the format (and so the columns) is decided from the data itself.
+        return required_columns(data_cfg, data_cfg.prompt_format) if data_cfg.prompt_format != "auto" else []
+
+    def prepare(self, cfg: RunConfig, processor: Any) -> PreparedData:
+        d = cfg.data
+        fmt_box: dict[str, str] = {}
+
+        def encode(ds: Dataset, key: str) -> Dataset:
+            fmt = fmt_box.setdefault("fmt", detect_format(d, ds.column_names))
+            from lorakit.data import require_columns
+
+            require_columns(ds, required_columns(d, fmt), key=key)
+            return ds
+
+        raw = build_splits(d, columns=self.columns(d), encode=encode)
+        if fmt_box["fmt"] != "text":
+            self._with_template(processor, d)
+        splits, cut_counts = {}, {}
+        for name, ds in raw.items():
+            splits[name] = self.preprocess(ds, processor, d, None, key=f"data.{name}")
+            cut_counts[name] = self._last_cuts
+        stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names, "format": fmt_box["fmt"]}
+        stats["truncation"] = cut_counts
+        warnings = []
+        for split, c in cut_counts.items():
+            if c["prompt_cut"] or c["answer_cut"] or c["dropped"]:
+                warnings.append(f"data.{split}: {c['prompt_cut']} example(s) lost the start of their prompt, {c['answer_cut']} the end of their answer, "
+                                f"{c['dropped']} dropped (answer beyond data.max_length={d.max_length})")
+        stats["warnings"] = warnings
+        lengths = np.asarray(splits["train"]["length"])
+        stats["train_tokens"] = {"mean": float(lengths.mean()), "max": int(lengths.max()), "truncated": int(cut_counts["train"]["prompt_cut"] + cut_counts["train"]["answer_cut"])}
+        return PreparedData(DatasetDict(splits), processor, None, stats)
+
+    def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+        fmt = detect_format(data_cfg, ds.column_names)
+        if fmt != "text":
+            self._with_template(processor, data_cfg)
+        rows = []
+        cuts = {"prompt_cut": 0, "answer_cut": 0, "dropped": 0}
+        for i, row in enumerate(ds):
+            ex = encode_example(processor, to_messages(row, data_cfg, fmt, key=key, index=i), data_cfg.max_length)
+            if ex["cut"] == 3:
+                cuts["dropped"] += 1
+                continue
+            cuts["prompt_cut"] += ex["cut"] == 1
+            cuts["answer_cut"] += ex["cut"] == 2
+            rows.append(ex)
+        self._last_cuts = cuts
+        if not rows:
+            raise DataError(f"{key}: every example lost its answer to truncation; raise data.max_length (now {data_cfg.max_length})")
+        if data_cfg.packing and key == "data.train":
+            return Dataset.from_dict(pack(rows, data_cfg.max_length))
+        return Dataset.from_dict({
+            "input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows], "length": [len(r["input_ids"]) for r in rows],
+            "prompt_ids": [r["prompt_ids"] for r in rows], "reference": [r["reference"] for r in rows],
+        })
+
+    def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
+        pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
+
+        def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            width = max(len(ex["input_ids"]) for ex in examples)
+            ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+            attn = torch.zeros((len(examples), width), dtype=torch.long)
+            for i, ex in enumerate(examples):
+                n = len(ex["input_ids"])
+                ids[i, :n] = torch.tensor(ex["input_ids"])
+                labels[i, :n] = torch.tensor(ex["labels"])
+                attn[i, :n] = 1
+            batch = {"input_ids": ids, "labels": labels}
+            if "seq_lens" in examples[0]:
+                # Packed rows: positions restart per example and attention stays inside it.
+                pos = torch.zeros((len(examples), width), dtype=torch.long)
+                for i, ex in enumerate(examples):
+                    start = 0
+                    for n in ex["seq_lens"]:
+                        pos[i, start : start + n] = torch.arange(n)
+                        start += n
+                batch["position_ids"] = pos
+                batch["attention_mask"] = block_causal_mask([ex["seq_lens"] for ex in examples], width, torch.float32)
+            else:
+                batch["attention_mask"] = attn
+            return batch
+
+        return collate_fn
+
+    # ---- model ----------------------------------------------------------------------------------
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: DataConfig | None = None) -> tuple[torch.nn.Module, list[str]]:
+        from transformers import AutoModelForCausalLM
+
+        from lorakit.modeling import reject_zoo
+
+        reject_zoo(model_path)
+        where, gguf = gguf_parts(model_cfg, model_path)
+        kwargs: dict[str, Any] = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+        if gguf:
+            kwargs["gguf_file"] = gguf
+        if model_cfg.quantization != "none":
+            if not torch.cuda.is_available():
+                raise ModelError(f"model.quantization: {model_cfg.quantization} (QLoRA) needs a CUDA GPU, and none is visible; set model.quantization: none")
+            try:
+                from transformers import BitsAndBytesConfig
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ModelError("model.quantization: needs the bitsandbytes package; pip install bitsandbytes") from None
+            four = model_cfg.quantization == "4bit"
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=four, load_in_8bit=not four, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        if model_cfg.dropout is not None:
+            from lorakit.modeling import load_base_config
+
+            kwargs["config"] = load_base_config(model_cfg, where, **({"gguf_file": gguf} if gguf else {}))
+        try:
+            with quiet_transformers():
+                model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
+        except ValueError as exc:
+            if "Unrecognized configuration class" in str(exc):
+                raise ModelError(f"model.name_or_path: '{model_path}' is not a causal language model (task causal-lm); pick a decoder such as Llama, Qwen2 or SmolLM2") from None
+            raise ModelError(f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+        if getattr(model, "hf_quantizer", None) is not None and model_cfg.quantization == "none":
+            # GGUF weights arrive dequantised; forget the loader's flag so that peft / saving treat them as plain.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            model.config.quantization_config = None if hasattr(model.config, "quantization_config") else None
+        if model_cfg.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model)
+        return model, new_module_names([k for k in info.get("missing_keys", []) if "lm_head" not in k], info.get("mismatched_keys", []))
+
+    # ---- evaluation / generation ----------------------------------------------------------------
+    def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None, generation_samples: int = 64, max_new_tokens: int = 32) -> dict[str, Any]:
+        """Token-level loss and perplexity on ``ds``; exact match and samples from greedy answers."""
+        from lorakit.batching import eval_batches
+        from lorakit.engine import autocast, take, to_device
+
+        was_training = model.training
+        model.eval()
+        collate = self.collate(processor, data_cfg)
+        nll, tokens = 0.0, 0
+        for idx in eval_batches(ds["length"], batch_size):
+            batch = to_device(collate(take(ds, idx)), device)
+            labels = batch.pop("labels")
+            with autocast(device, amp):
+                logits = model(**batch).logits
+            shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+            tokens += int((shift_labels != IGNORE).sum())
+            if progress is not None:
+                progress.update(len(idx))
+        if progress is not None:
+            progress.close()
+        loss = nll / max(1, tokens)
+        metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+        n = min(generation_samples, len(ds)) if "reference" in ds.column_names else 0
+        if n:
+            rows = ds.select(range(n))
+            refs = rows["reference"]
+            outs = self.generate_ids(model, processor, rows["prompt_ids"], max_new_tokens=max_new_tokens, batch_size=batch_size)
+            scored = [(r, o) for r, o in zip(refs, outs, strict=True) if r]
+            if scored:
+                metrics["exact_match"] = float(np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored]))
+            metrics["samples"] = [
+                {"prompt": processor.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
+                for p, r, o in list(zip(rows["prompt_ids"], refs, outs, strict=True))[:8]
+            ]
+        model.train(was_training)
+        return metrics
+
+    @torch.no_grad()
+    def generate_ids(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+        """Answers for tokenized prompts (left-padded batches), stopping at the end-of-turn token."""
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        stops = end_of_turn_ids(tokenizer, getattr(model, "get_base_model", lambda: model)())
+        if seed is not None:
+            torch.manual_seed(seed)
+        outs: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p) :] = torch.tensor(p)
+                attn[i, width - len(p) :] = 1
+            kwargs: dict[str, Any] = {"do_sample": do_sample}
+            if do_sample:
+                kwargs |= {"temperature": temperature, "top_p": top_p}
+            else:
+                kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
+            for row in gen[:, width:].tolist():
+                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+                outs.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return outs
+
+    def prompt_ids(self, tokenizer: Any, data_cfg: DataConfig, text: str, *, system: str | None = None) -> list[int]:
+        """A user message rendered with the chat template and a generation prompt, as token ids."""
+        messages = [{"role": "user", "content": text}]
+        system = system or data_cfg.system_prompt
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        if data_cfg.instruction_template and data_cfg.prompt_format != "chat":
+            # Adapters trained from a template expect the same wrapping around a raw input.
+            import string
+
+            fields = [f for _, f, _, _ in string.Formatter().parse(data_cfg.instruction_template) if f]
+            if len(set(fields)) == 1:
+                messages[-1]["content"] = data_cfg.instruction_template.format(**{fields[0]: text})
+        self._with_template(tokenizer, data_cfg)
+        return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None, system: str | None = None) -> list[dict[str, Any]]:
+        prompts = [self.prompt_ids(processor, data_cfg, str(t), system=system) for t in inputs]
+        outs = self.generate_ids(model, processor, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        return [{"input": str(t), "output": o} for t, o in zip(inputs, outs, strict=True)]
+
+    def usage(self, meta: dict[str, Any]) -> list[str]:
+        base = meta["base_model"]
+        where = base.get("resolved") or base["name_or_path"]
+        gguf = Path(where).name if where.endswith(".gguf") else None
+        folder = str(Path(where).parent) if gguf else where
+        extra = f", gguf_file={gguf!r}" if gguf else ""
+        return [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"base = AutoModelForCausalLM.from_pretrained({folder!r}{extra})",
+            'model = PeftModel.from_pretrained(base, "ADAPTER_DIR").eval()',
+            f"tokenizer = AutoTokenizer.from_pretrained({folder!r}{extra})",
+        ]
