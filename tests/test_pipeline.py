@@ -92,7 +92,7 @@ def test_save_load_roundtrip_reproduces_best_validation(trained_once) -> None:
     loaded = load_adapter(trained_once.adapter_dir, device="cpu")
     cfg = lorakit.load_config(trained_once.run_dir / "config.yaml")
     data = loaded.task.prepare(cfg, loaded.processor)
-    logits, labels, loss = evaluate_model(loaded.model, data.splits["test"], loaded.task.collate(loaded.processor), batch_size=8, device=loaded.device)
+    logits, labels, loss = evaluate_model(loaded.model, data.splits["test"], loaded.task.collate(loaded.processor, cfg.data), batch_size=8, device=loaded.device)
     assert loss == pytest.approx(trained_once.test["loss"], abs=1e-5)
     assert (logits.argmax(-1) == labels).mean() == pytest.approx(trained_once.test["accuracy"])
 

@@ -44,3 +44,22 @@ def test_demo_config_end_to_end_on_a_small_slice(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert [row["input"] for row in rows] == ["An absolute masterpiece.", "Dreadful."]
     assert all(row["label"] in {"negative", "positive"} for row in rows)
+
+
+def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: Path) -> None:
+    """The packaged SmolLM2-135M-Instruct (GGUF) on 48 Rotten Tomatoes reviews: answers become one
+    word that stops at the end-of-turn token; the base model without the adapter does not answer so."""
+    config = ROOT / "configs" / "rt-smollm2-chat.yaml"
+    small = [
+        "--set", "data.max_train_samples=48", "--set", "data.test_size=24", "--set", "data.validation_size=8",
+        "--set", "train.generation_samples=24", "--set", f"output.dir={tmp_path / 'run'}",
+    ]
+    r = _cli("train", str(config), *small, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["exact_match"] >= 0.5, metrics["test"]["samples"]
+    assert metrics["test_base_model"]["exact_match"] < metrics["test"]["exact_match"]
+    r = _cli("generate", str(tmp_path / "run"), "A dull, lifeless and overlong film.", "--max-new-tokens", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)["output"]
+    assert answer in ("negative", "positive"), answer  # stopped at <|im_end|>, not 16 tokens later

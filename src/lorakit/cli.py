@@ -48,11 +48,11 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (it may be swapped, e.g. by test capture)."""
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    def stream(self):
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001
+    def stream(self, _value) -> None:
         pass
 
 
@@ -107,8 +107,8 @@ def train(
     metric = result.best_metric
     typer.echo(f"best validation {metric}: {result.best_value:.4f}")
     if result.test:
-        n = sum(v["support"] for v in result.test.get("per_class", {}).values()) or "?"
-        shown = {k: v for k, v in result.test.items() if isinstance(v, float)}
+        n = sum(v["support"] for v in result.test.get("per_class", {}).values()) or result.test.get("examples", "?")
+        shown = {k: v for k, v in result.test.items() if isinstance(v, float) and k not in ("tokens", "examples")}
         typer.echo(f"held-out test ({n} examples never trained on): " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     typer.echo(f"trained {result.trainable_params:,} of {result.total_params:,} parameters in {result.seconds / 60:.1f} min")
     typer.echo(f"adapter: {result.adapter_dir}")

@@ -99,7 +99,7 @@ def required_columns(data_cfg: DataConfig, fmt: str) -> list[str]:
             import string
 
             fields = [f for _, f, _, _ in string.Formatter().parse(data_cfg.instruction_template) if f]
-            return sorted(set(fields)) + [data_cfg.output_column]
+            return [*sorted(set(fields)), data_cfg.output_column]
         return [data_cfg.instruction_column, data_cfg.output_column]
     return [data_cfg.text_column]
 
@@ -155,7 +155,7 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
     if messages[0]["role"] == "text":
         ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
+            ids = [*ids, tokenizer.eos_token_id]
         cut = 2 if len(ids) > max_length else 0
         ids = ids[:max_length]
         return {"input_ids": ids, "labels": list(ids), "prompt_ids": [], "reference": "", "cut": cut}
@@ -178,13 +178,11 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
     reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
     cut = 0
     if len(ids) > max_length:
-        n_answer = sum(1 for x in labels[n_prompt:] if x != IGNORE)
         if len(ids) - n_prompt + 1 <= max_length:
             ids, labels, cut = ids[-max_length:], labels[-max_length:], 1  # drop the start of the prompt
         else:
             ids, labels = ids[:max_length], labels[:max_length]
             cut = 3 if all(x == IGNORE for x in labels) else 2
-        del n_answer
     return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids if len(prompt_ids) < max_length else prompt_ids[-(max_length - 1) :], "reference": reference, "cut": cut}
 
 
@@ -364,8 +362,8 @@ class CausalLM(Task):
             if not torch.cuda.is_available():
                 raise ModelError(f"model.quantization: {model_cfg.quantization} (QLoRA) needs a CUDA GPU, and none is visible; set model.quantization: none")
             try:
-                from transformers import BitsAndBytesConfig
                 import bitsandbytes  # noqa: F401
+                from transformers import BitsAndBytesConfig
             except ImportError:
                 raise ModelError("model.quantization: needs the bitsandbytes package; pip install bitsandbytes") from None
             four = model_cfg.quantization == "4bit"
@@ -385,7 +383,8 @@ class CausalLM(Task):
             # GGUF weights arrive dequantised; forget the loader's flag so that peft / saving treat them as plain.
             model.hf_quantizer = None
             model.is_quantized = False
-            model.config.quantization_config = None if hasattr(model.config, "quantization_config") else None
+            if hasattr(model.config, "quantization_config"):
+                model.config.quantization_config = None
         if model_cfg.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
@@ -419,7 +418,7 @@ class CausalLM(Task):
         if progress is not None:
             progress.close()
         loss = nll / max(1, tokens)
-        metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+        metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "examples": len(ds)}
         n = min(generation_samples, len(ds)) if "reference" in ds.column_names else 0
         if n:
             rows = ds.select(range(n))
