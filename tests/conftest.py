@@ -73,6 +73,11 @@ def make_config(folder: Path, model_dir: Path, data_csv: Path, **sections: dict[
         "train": {"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 2, "seed": 7},
         "output": {"dir": str(folder / "run"), "tensorboard": False},
     }
+    return write_run_config(folder, cfg, sections)
+
+
+def write_run_config(folder: Path, cfg: dict[str, Any], sections: dict[str, dict[str, Any]]) -> Path:
+    """Update ``cfg``'s sections with ``sections`` and write it to ``folder/config.yaml``."""
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     path = folder / "config.yaml"
@@ -142,11 +147,7 @@ def make_image_config(folder: Path, model_dir: Path | str, data_path: Path, **se
         "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 2, "seed": 7},
         "output": {"dir": str(folder / "run"), "tensorboard": False},
     }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(folder, cfg, sections)
 
 
 # ---- causal language models ---------------------------------------------------------------------
@@ -200,8 +201,4 @@ def make_lm_config(folder: Path, model_dir: Path | str, data_path: Path, **secti
         "train": {"epochs": 4, "batch_size": 8, "learning_rate": 2e-2, "logging_steps": 2, "seed": 7, "generation_samples": 8, "max_new_tokens": 6},
         "output": {"dir": str(folder / "run"), "tensorboard": False},
     }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(folder, cfg, sections)

@@ -79,6 +79,20 @@ def _setup_logging(verbose: bool = False) -> None:
         hf_logging.disable_progress_bar()
 
 
+def _lines(file: Path | None) -> list[str]:
+    """The non-empty lines of a ``--file`` (none without one)."""
+    from lorakit.errors import DataError
+
+    if file is None:
+        return []
+    try:
+        return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"--file: '{file}' does not exist") from None
+    except UnicodeDecodeError:
+        raise DataError(f"--file: '{file}' is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+
+
 @app.command()
 def check(config: Annotated[Path, typer.Argument(help="Run config (YAML).")], set_: SetOpt = None) -> None:
     """Validate a config and dry-run it: data sizes and labels, model, LoRA targets, parameter counts."""
@@ -143,18 +157,10 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
 ) -> None:
     """Predict labels (with probabilities) for inputs (texts, or image files / URLs) given as arguments or in a file."""
-    from lorakit.errors import DataError
     from lorakit.prediction import predict as run_predict
 
     _setup_logging()
-    items = list(inputs or [])
-    if file is not None:
-        try:
-            items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except FileNotFoundError:
-            raise DataError(f"--file: '{file}' does not exist") from None
-        except UnicodeDecodeError:
-            raise DataError(f"--file: '{file}' is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+    items = list(inputs or []) + _lines(file)
     for r in run_predict(path, items, top_k=top_k):
         if as_json:
             typer.echo(json.dumps(r, ensure_ascii=False))
@@ -182,12 +188,7 @@ def generate(
     from lorakit.prediction import generate as run_generate
 
     _setup_logging()
-    items = list(prompts or [])
-    if file is not None:
-        try:
-            items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except FileNotFoundError:
-            raise LorakitError(f"--file: '{file}' does not exist") from None
+    items = list(prompts or []) + _lines(file)
     for r in run_generate(path, items, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed, system=system, use_adapter=not no_adapter):
         typer.echo(json.dumps(r, ensure_ascii=False) if as_json else r["output"])
 

@@ -21,7 +21,7 @@ class Predictor:
     def __init__(self, loaded: LoadedAdapter) -> None:
         self.loaded = loaded
         # Inputs are cut exactly as in training (max_length, truncation side).
-        self.data_cfg = DataConfig.model_validate(loaded.meta["config"]["data"])
+        self.data_cfg = loaded.data_cfg or DataConfig.model_validate(loaded.meta["config"]["data"])
 
     @classmethod
     def from_adapter(cls, path: str | Path, *, device: str = "auto") -> Predictor:
@@ -54,7 +54,7 @@ def generate(path: str | Path, prompts: list[str], *, device: str = "auto", use_
         raise AdapterError(f"'{loaded.adapter_dir}' is a {loaded.meta.get('task')} adapter; generate works with causal-lm adapters (use lorakit predict)")
     if not prompts:
         raise DataError("no prompts to answer; pass them as arguments or --file")
-    data_cfg = DataConfig.model_validate(loaded.meta["config"]["data"])
+    data_cfg = loaded.data_cfg or DataConfig.model_validate(loaded.meta["config"]["data"])
     a = loaded
     if use_adapter:
         return a.task.predict(a.model, a.processor, prompts, a.label_space, data_cfg, **options)

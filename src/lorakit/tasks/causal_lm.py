@@ -164,9 +164,9 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(render(tokenizer, messages[: i + 1]))
-        if text[:start] != render(tokenizer, messages[:i], add_generation_prompt=True):
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        start, end = len(before), len(render(tokenizer, messages[: i + 1]))
+        if text[:start] != before:
             raise DataError("data.chat_template: the template renders earlier turns differently once later ones follow; answer spans cannot be located (use chat_template: chatml)")
         spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -275,12 +275,9 @@ class CausalLM(Task):
             return ds
 
         raw = build_splits(d, columns=self.columns(d), encode=encode)
-        if fmt_box["fmt"] != "text":
-            self._with_template(processor, d)
         splits, cut_counts = {}, {}
         for name, ds in raw.items():
-            splits[name] = self.preprocess(ds, processor, d, None, key=f"data.{name}")
-            cut_counts[name] = self._last_cuts
+            splits[name], cut_counts[name] = self._encode_split(ds, processor, d, key=f"data.{name}")
         stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names, "format": fmt_box["fmt"]}
         stats["truncation"] = cut_counts
         warnings = []
@@ -294,6 +291,10 @@ class CausalLM(Task):
         return PreparedData(DatasetDict(splits), processor, None, stats)
 
     def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+        return self._encode_split(ds, processor, data_cfg, key=key)[0]
+
+    def _encode_split(self, ds: Dataset, processor: Any, data_cfg: DataConfig, *, key: str) -> tuple[Dataset, dict[str, int]]:
+        """Model-ready rows of one split and how truncation treated its examples."""
         fmt = detect_format(data_cfg, ds.column_names)
         if fmt != "text":
             self._with_template(processor, data_cfg)
@@ -307,15 +308,14 @@ class CausalLM(Task):
             cuts["prompt_cut"] += ex["cut"] == 1
             cuts["answer_cut"] += ex["cut"] == 2
             rows.append(ex)
-        self._last_cuts = cuts
         if not rows:
             raise DataError(f"{key}: every example lost its answer to truncation; raise data.max_length (now {data_cfg.max_length})")
         if data_cfg.packing and key == "data.train":
-            return Dataset.from_dict(pack(rows, data_cfg.max_length))
+            return Dataset.from_dict(pack(rows, data_cfg.max_length)), cuts
         return Dataset.from_dict({
             "input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows], "length": [len(r["input_ids"]) for r in rows],
             "prompt_ids": [r["prompt_ids"] for r in rows], "reference": [r["reference"] for r in rows],
-        })
+        }), cuts
 
     def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
@@ -463,7 +463,8 @@ class CausalLM(Task):
         return outs
 
     def prompt_ids(self, tokenizer: Any, data_cfg: DataConfig, text: str, *, system: str | None = None) -> list[int]:
-        """A user message rendered with the chat template and a generation prompt, as token ids."""
+        """A user message rendered with the tokenizer's chat template (set by :meth:`predict` /
+        :meth:`preprocess`) and a generation prompt, as token ids."""
         messages = [{"role": "user", "content": text}]
         system = system or data_cfg.system_prompt
         if system:
@@ -475,10 +476,10 @@ class CausalLM(Task):
             fields = [f for _, f, _, _ in string.Formatter().parse(data_cfg.instruction_template) if f]
             if len(set(fields)) == 1:
                 messages[-1]["content"] = data_cfg.instruction_template.format(**{fields[0]: text})
-        self._with_template(tokenizer, data_cfg)
         return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None, system: str | None = None) -> list[dict[str, Any]]:
+        self._with_template(processor, data_cfg)
         prompts = [self.prompt_ids(processor, data_cfg, str(t), system=system) for t in inputs]
         outs = self.generate_ids(model, processor, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         return [{"input": str(t), "output": o} for t, o in zip(inputs, outs, strict=True)]

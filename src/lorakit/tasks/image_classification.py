@@ -11,13 +11,12 @@ from __future__ import annotations
 import glob
 import inspect
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import Dataset, DatasetDict
 
 from lorakit import zoo
 from lorakit.config import DataConfig, ModelConfig, RunConfig
@@ -25,10 +24,10 @@ from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
 from lorakit.images import BadImage, ImageSpec, ImageTransforms, load_image
 from lorakit.labels import LabelSpace
-from lorakit.metrics import classification_metrics
 from lorakit.modeling import load_base_config
 from lorakit.paths import resolve_location
-from lorakit.tasks.base import PreparedData, Task
+from lorakit.tasks.base import PreparedData
+from lorakit.tasks.classification import ClassificationTask
 from lorakit.tasks.text_classification import new_module_names, quiet_transformers
 
 log = logging.getLogger("lorakit")
@@ -83,10 +82,9 @@ def check_images(ds: Dataset, column: str, *, base_dir: Path | None, max_bad: fl
     return ds
 
 
-class ImageClassification(Task):
+class ImageClassification(ClassificationTask):
     name = "image-classification"
     peft_task_type = None  # peft has no image task type: the plain PeftModel wraps it
-    default_metric = "accuracy"
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> ImageSpec:
@@ -104,17 +102,6 @@ class ImageClassification(Task):
 
     def columns(self, data_cfg: DataConfig) -> list[str]:
         return [data_cfg.image_column, data_cfg.label_column]
-
-    def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: LabelSpace, *, key: str) -> Dataset:
-        unknown = label_space.unknown(ds[data_cfg.label_column])
-        if unknown:
-            raise DataError(
-                f"{key}: labels {unknown[:5]} are not among the training labels {list(label_space.labels)[:10]}; "
-                "add examples of them to the training data or remove those rows"
-            )
-        col = data_cfg.label_column
-        ds = ds.map(lambda b: {"labels": [label_space.encode(v) for v in b[col]]}, batched=True, desc="labels")
-        return ds.cast_column("labels", ClassLabel(names=list(label_space.labels)))
 
     def _as_references(self, ds: Dataset, column: str) -> Dataset:
         """Hub / datasets Image features: keep the encoded bytes or path, never decoded arrays."""
@@ -141,7 +128,7 @@ class ImageClassification(Task):
         space = space_box["space"]
         splits = {name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()}
         stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names}
-        stats["label_counts"] = {k: dict(sorted(Counter(space.labels[i] for i in v["labels"]).items())) for k, v in raw.items()}
+        stats["label_counts"] = self.label_counts(raw, space)
         stats["warnings"] = notes
         stats["image"] = processor.to_dict() | {"input_size": d.image_size or processor.size}
         return PreparedData(DatasetDict(splits), processor, space, stats)
@@ -243,10 +230,7 @@ class ImageClassification(Task):
             f"processor = AutoImageProcessor.from_pretrained({where!r})",
         ]
 
-    # ---- evaluation / prediction ----------------------------------------------------------------
-    def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict[str, Any]:
-        return classification_metrics(logits.argmax(-1), labels, label_space.labels)
-
+    # ---- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, processor: ImageSpec, inputs: list[Any], label_space: LabelSpace, data_cfg: DataConfig, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
         """Top-k labels for images given as paths, http(s) URLs, bytes or PIL images.
@@ -256,7 +240,6 @@ class ImageClassification(Task):
         """
         device = next(model.parameters()).device
         transforms = ImageTransforms(processor, data_cfg.augment, data_cfg.image_size, data_cfg.crop_pct)
-        k = max(1, min(top_k, label_space.num_labels))
         results: list[dict[str, Any]] = []
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
@@ -267,13 +250,6 @@ class ImageClassification(Task):
                 except BadImage as exc:
                     raise DataError(f"cannot predict: {exc}") from None
             x = torch.from_numpy(np.stack(pixels)).contiguous(memory_format=torch.channels_last)
-            logits = model(pixel_values=x.to(device)).logits
-            top = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
-            for item, vals, idx in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
-                results.append({
-                    "input": item if isinstance(item, str) else f"<{type(item).__name__}>",
-                    "label": label_space.labels[idx[0]],
-                    "score": vals[0],
-                    "top_k": [{"label": label_space.labels[i], "score": v} for v, i in zip(vals, idx, strict=True)],
-                })
+            shown = [item if isinstance(item, str) else f"<{type(item).__name__}>" for item in chunk]
+            results += self.top_k(model(pixel_values=x.to(device)).logits, shown, label_space, top_k)
         return results

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset
+from datasets import Dataset
 
 from lorakit.config import DataConfig, ModelConfig, RunConfig
 from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
 from lorakit.labels import LabelSpace
-from lorakit.metrics import classification_metrics
 from lorakit.modeling import load_base_config, reject_zoo
-from lorakit.tasks.base import PreparedData, Task
+from lorakit.tasks.base import PreparedData
+from lorakit.tasks.classification import ClassificationTask
 
 
 @contextlib.contextmanager
@@ -59,10 +58,9 @@ def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, data
     return dict(tokenizer(texts, pairs, truncation=True, max_length=max_len))
 
 
-class TextClassification(Task):
+class TextClassification(ClassificationTask):
     name = "text-classification"
     peft_task_type = "SEQ_CLS"
-    default_metric = "accuracy"
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
@@ -79,19 +77,7 @@ class TextClassification(Task):
             tok.pad_token = tok.eos_token or tok.unk_token
         return tok
 
-    def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: LabelSpace, *, key: str) -> Dataset:
-        self._check_texts(ds, data_cfg, key=key)
-        unknown = label_space.unknown(ds[data_cfg.label_column])
-        if unknown:
-            raise DataError(
-                f"{key}: labels {unknown[:5]} are not among the training labels {list(label_space.labels)[:10]}; "
-                "add examples of them to the training data or remove those rows"
-            )
-        col = data_cfg.label_column
-        ds = ds.map(lambda b: {"labels": [label_space.encode(v) for v in b[col]]}, batched=True, desc="labels")
-        return ds.cast_column("labels", ClassLabel(names=list(label_space.labels)))
-
-    def _check_texts(self, ds: Dataset, data_cfg: DataConfig, *, key: str) -> None:
+    def check_rows(self, ds: Dataset, data_cfg: DataConfig, *, key: str) -> None:
         for col in filter(None, [data_cfg.text_column, data_cfg.text_pair_column]):
             values = ds[col]
             bad = [i for i, t in enumerate(values) if not isinstance(t, str) or not t.strip()]
@@ -112,7 +98,7 @@ class TextClassification(Task):
 
         def encode(ds: Dataset, key: str) -> Dataset:
             if "space" not in space_box:  # the first source read is train: it defines the label space
-                self._check_texts(ds, d, key=key)
+                self.check_rows(ds, d, key=key)
                 space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key)
             return self.encode_labels(ds, d, space_box["space"], key=key)
 
@@ -120,9 +106,7 @@ class TextClassification(Task):
         space = space_box["space"]
         splits = {name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()}
         stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names}
-        stats["label_counts"] = {
-            k: dict(sorted(Counter(space.labels[i] for i in v["labels"]).items())) for k, v in raw.items()
-        }
+        stats["label_counts"] = self.label_counts(raw, space)
         lengths = np.asarray(splits["train"]["length"])
         stats["train_tokens"] = {"mean": float(lengths.mean()), "max": int(lengths.max()), "truncated": int((lengths >= d.max_length).sum())}
         from datasets import DatasetDict
@@ -193,29 +177,15 @@ class TextClassification(Task):
             f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
         ]
 
-    # ---- evaluation / prediction ----------------------------------------------------------------
-    def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict[str, Any]:
-        return classification_metrics(logits.argmax(-1), labels, label_space.labels)
-
+    # ---- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, data_cfg: DataConfig, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
         device = next(model.parameters()).device
         results: list[dict[str, Any]] = []
-        k = max(1, min(top_k, label_space.num_labels))
         collate = self.collate(processor, data_cfg)
         for start in range(0, len(inputs), batch_size):
             chunk = [str(t) for t in inputs[start : start + batch_size]]
             enc = encode_texts(processor, chunk, None, data_cfg)
             batch = collate([{k: v[i] for k, v in enc.items()} for i in range(len(chunk))])
-            probs = torch.softmax(model(**{k: v.to(device) for k, v in batch.items()}).logits.float(), dim=-1)
-            top = probs.topk(k, dim=-1)
-            for row, (vals, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
-                results.append(
-                    {
-                        "input": chunk[row],
-                        "label": label_space.labels[idx[0]],
-                        "score": vals[0],
-                        "top_k": [{"label": label_space.labels[i], "score": v} for v, i in zip(vals, idx, strict=True)],
-                    }
-                )
+            results += self.top_k(model(**{k: v.to(device) for k, v in batch.items()}).logits, chunk, label_space, top_k)
         return results
