@@ -100,7 +100,36 @@ CASES = [
     Case("eval data with unknown label", lambda ws, w, run: ["eval", str(_copy_run(run, ws)), "--data", _csv(ws, "unk.csv", [("great", "pos"), ("meh", "neutral")])], "labels ['neutral'] are not among the training labels"),
     Case("adapter of a different base model", lambda ws, w, run: _other_base(ws, run), "differs from the one this adapter was trained on"),
     Case("corrupt images", lambda ws, w, run: _corrupt_images(ws), "4 of 4 images (100.0%) cannot be read"),
+    Case("exact match without generation", lambda ws, w, run: ["check", _cfg(ws, w, train={"metric_for_best": "exact_match", "generation_samples": 0})], "needs train.generation_samples > 0"),
+    Case("export without --merge", lambda ws, w, run: ["export", str(_copy_run(run, ws)), "--onnx"], "export needs --merge OUT_DIR"),
+    Case("export over an existing folder", lambda ws, w, run: (ws.joinpath("out").mkdir(), ws.joinpath("out", "x").write_text("x"), ["export", str(_copy_run(run, ws)), "--merge", str(ws / "out")])[2], "already exists; pass --overwrite"),
+    Case("export into the adapter", lambda ws, w, run: ["export", str(_copy_run(run, ws) / "adapter"), "--merge", str(ws / "run-copy" / "adapter"), "--overwrite"], "holds the adapter being exported"),
+    Case("publish without a target", lambda ws, w, run: ["publish", str(_copy_run(run, ws))], "publish needs --name NAME"),
+    Case("publish with a path-like name", lambda ws, w, run: ["publish", str(_copy_run(run, ws)), "--name", "../../etc", "--registry", str(ws / "reg")], "adapter name '../../etc' is not valid"),
+    Case("publish an incomplete adapter", lambda ws, w, run: ["publish", _no_meta(ws, run)[1], "--name", "x", "--registry", str(ws / "reg")], "has no lorakit.json"),
+    Case("pull from a missing registry", lambda ws, w, run: ["registry", "pull", "x", "--registry", str(ws / "no-reg")], "no registry at"),
+    Case("registry ref with a bad version", lambda ws, w, run: ["registry", "show", "x:v0", "--registry", str(ws / "no-reg")], "the version must be a positive number"),
+    Case("hub push in offline mode", lambda ws, w, run: _offline(ws, run), "offline mode is on"),
 ]
+
+
+def _offline(ws: Path, run: Path) -> list[str]:
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # restored by the autouse fixture below
+    return ["publish", str(_copy_run(run, ws)), "--hub", "me/adapter"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_hub_env():
+    import os
+
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    yield
+    if saved is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = saved
 
 
 def _corrupt_images(ws: Path) -> list[str]:

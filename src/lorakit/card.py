@@ -75,3 +75,69 @@ def model_card(meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+_AUTO_CLASS = {
+    "text-classification": ("AutoModelForSequenceClassification", "AutoTokenizer"),
+    "image-classification": ("AutoModelForImageClassification", "AutoImageProcessor"),
+    "causal-lm": ("AutoModelForCausalLM", "AutoTokenizer"),
+}
+
+
+def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format: bool = False) -> str:
+    """Markdown card of a merged export (``lorakit export --merge``)."""
+    base = meta["base_model"]
+    check = provenance["verification"]
+    labels = (meta.get("label_space") or {}).get("id2label", {})
+    metrics = meta.get("metrics", {})
+    model_cls, proc_cls = _AUTO_CLASS.get(meta["task"], ("AutoModel", "AutoProcessor"))
+    lines = [
+        "---",
+        f"library_name: {'lorakit' if zoo_format else 'transformers'}",
+        f"base_model: {base['name_or_path']}",
+        "tags: [lorakit, merged-lora, " + meta["task"] + "]",
+        "---",
+        "",
+        f"# {meta['task']} model: base + LoRA adapter, merged",
+        "",
+        f"The LoRA update `W += B @ A * scaling` of adapter `{provenance['adapter']['content_hash']}` folded into",
+        f"`{base['name_or_path']}` (content hash `{base.get('fingerprint')}`), exported by lorakit on {provenance['created_at']}.",
+        "",
+        "## Verification",
+        f"Check inputs: {check['checked_inputs']} in batches of different shapes; logits of the unmerged adapter vs this folder reloaded from disk.",
+        "",
+        "| export | largest absolute logit difference | tolerance |",
+        "|---|---|---|",
+        f"| merged weights | {check['merged_max_abs_diff']:.3g} | {check['tolerance']:g} |",
+    ]
+    if check.get("onnx_max_abs_diff") is not None:
+        lines.append(f"| ONNX (onnxruntime) `{check['onnx']}` | {check['onnx_max_abs_diff']:.3g} | {check['tolerance']:g} |")
+    if labels:
+        lines += ["", "## Labels", "", "| id | label |", "|---|---|"] + [f"| {i} | {n} |" for i, n in labels.items()]
+    if metrics:
+        lines += ["", "## Metrics of the adapter", "", "| split | metric | value |", "|---|---|---|"]
+        for split, values in metrics.items():
+            lines += [f"| {split} | {k} | {_fmt(v)} |" for k, v in values.items() if isinstance(v, (int, float))]
+    lines += ["", "## Usage", "", "```python"]
+    if zoo_format:
+        lines += ["from lorakit import zoo  # the backbone has no Hugging Face format", 'model = zoo.load_merged("MODEL_DIR").eval()']
+    else:
+        lines += [
+            f"from transformers import {model_cls}, {proc_cls}",
+            "",
+            f'model = {model_cls}.from_pretrained("MODEL_DIR").eval()',
+            f'processor = {proc_cls}.from_pretrained("MODEL_DIR")',
+        ]
+    lines.append("```")
+    if check.get("onnx"):
+        lines += [
+            "",
+            "With onnxruntime (inputs named as the model's own, batch and sequence axes dynamic):",
+            "```python",
+            "import onnxruntime as ort",
+            f'session = ort.InferenceSession("MODEL_DIR/{check["onnx"]}")',
+            'logits = session.run(["logits"], inputs)[0]  # inputs: dict of numpy arrays',
+            "```",
+        ]
+    lines.append("")
+    return "\n".join(lines)

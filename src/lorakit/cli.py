@@ -193,6 +193,128 @@ def generate(
         typer.echo(json.dumps(r, ensure_ascii=False) if as_json else r["output"])
 
 
+@app.command()
+def export(
+    path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
+    merge: Annotated[Path | None, typer.Option("--merge", help="Write the base model with the adapter merged in (Hugging Face format) to this folder.", metavar="OUT_DIR")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx into OUT_DIR (classification tasks), checked with onnxruntime.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT_DIR.")] = False,
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Use this copy of the base model (it must have the recorded hash).")] = None,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Largest accepted |unmerged - merged| logit difference.")] = 1e-4,
+) -> None:
+    """Merge an adapter into its base model (and ONNX), and prove it: same logits before and after."""
+    from lorakit.errors import LorakitError as _Err
+    from lorakit.export import export as run_export
+
+    _setup_logging()
+    if merge is None:
+        raise _Err("export needs --merge OUT_DIR (the folder for the merged model); --onnx adds model.onnx to it")
+    r = run_export(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
+    typer.echo(f"merged model: {r.out_dir}  (largest |unmerged - merged| logit difference {r.merged_diff:.3g} on {r.checked} inputs, tolerance {r.tolerance:g})")
+    if r.onnx_path:
+        typer.echo(f"onnx:         {r.onnx_path}  (largest |unmerged - onnxruntime| difference {r.onnx_diff:.3g})")
+
+
+RegistryOpt = Annotated[Path | None, typer.Option("--registry", envvar="LORAKIT_REGISTRY", help="Registry folder (default ~/.local/share/lorakit/registry).")]
+
+
+@app.command()
+def publish(
+    path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
+    name: Annotated[str | None, typer.Option("--name", help="Store the next version of NAME in the local registry.")] = None,
+    hub: Annotated[str | None, typer.Option("--hub", help="Also push to this Hugging Face Hub repo (owner/name); token from HF_TOKEN.", metavar="REPO_ID")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Publish an adapter: an immutable, hashed version in the local registry, and/or a push to the Hub."""
+    from lorakit.artifacts import find_adapter_dir
+    from lorakit.errors import LorakitError as _Err
+    from lorakit.registry import Registry, check_name
+
+    _setup_logging()
+    if not name and not hub:
+        raise _Err("publish needs --name NAME (local registry) and/or --hub REPO_ID (Hugging Face Hub)")
+    if name:
+        check_name(name)
+    find_adapter_dir(path)  # a complete adapter, before anything is stored or pushed
+    if name:
+        v, new = Registry(registry).publish(path, name)
+        state = "published" if new else "unchanged, already published as"
+        typer.echo(f"{state} {v.ref}  {v.content_hash[:23]}…  {v.metric}  ({v.path})")
+    if hub:
+        from lorakit.hub import push_to_hub
+
+        typer.echo(f"pushed to the Hub: {push_to_hub(path, hub, private=private)}")
+
+
+registry_app = typer.Typer(help="The local adapter registry: list, show, pull, delete versions.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[str | None, typer.Argument(help="Only the versions of this adapter.")] = None,
+    registry: RegistryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version.")] = False,
+) -> None:
+    """Table of published versions with task, base model and headline metric."""
+    from lorakit.registry import Registry
+
+    versions = Registry(registry).list(name)
+    if as_json:
+        for v in versions:
+            typer.echo(json.dumps(v.to_dict() | {"files": None}))
+        return
+    if not versions:
+        typer.echo("no adapters published yet (lorakit publish ADAPTER_DIR --name NAME)")
+        return
+    rows = [("NAME", "VERSION", "TASK", "BASE MODEL", "METRIC", "SIZE", "CREATED", "HASH")]
+    for v in versions:
+        base = v.base_model if len(v.base_model) <= 40 else "…" + v.base_model[-39:]
+        rows.append((v.name, str(v.version), v.task, base, v.metric, f"{v.size / 1e6:.1f} MB", v.created_at.replace("+00:00", "Z"), v.content_hash[7:19]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@registry_app.command("show")
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="NAME (latest) or NAME:VERSION.")],
+    registry: RegistryOpt = None,
+) -> None:
+    """Everything the index holds about a version (JSON), plus its model card location."""
+    from lorakit.registry import Registry
+
+    v = Registry(registry).get(ref)
+    typer.echo(json.dumps(v.to_dict(), indent=2))
+
+
+@registry_app.command("pull")
+def registry_pull(
+    ref: Annotated[str, typer.Argument(help="NAME (latest) or NAME:VERSION.")],
+    to: Annotated[Path | None, typer.Option("--to", help="Copy the verified adapter to this folder (default: print the stored folder).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --to folder.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Verify a version's files against their published hashes and hand out the adapter folder."""
+    from lorakit.registry import Registry
+
+    typer.echo(str(Registry(registry).pull(ref, to, overwrite=overwrite)))
+
+
+@registry_app.command("delete")
+def registry_delete(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION, or NAME with --all.")],
+    all_versions: Annotated[bool, typer.Option("--all", help="Delete every version of NAME.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Delete a version (or all versions) from the index and from disk."""
+    from lorakit.registry import Registry
+
+    for v in Registry(registry).delete(ref, all_versions=all_versions):
+        typer.echo(f"deleted {v.ref}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:

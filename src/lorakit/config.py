@@ -168,6 +168,13 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @model_validator(mode="after")
+    def _generation_metric_needs_samples(self) -> RunConfig:
+        # Caught here, not after the first epoch: exact match is only computed from generated answers.
+        if self.train.metric_for_best == "exact_match" and self.train.generation_samples == 0:
+            raise ValueError("train.metric_for_best = 'exact_match' needs train.generation_samples > 0 (answers are generated to score it); raise generation_samples or select on loss")
+        return self
+
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain YAML-able data."""
         return self.model_dump(mode="json")

@@ -32,6 +32,7 @@ class LoadedAdapter:
     label_space: LabelSpace | None
     device: torch.device
     data_cfg: DataConfig | None = None  # the data section the adapter was trained with
+    model_path: str = ""  # where the base model was loaded from
 
 
 def _base_location(meta: dict[str, Any], override: str | None) -> tuple[ModelConfig, str]:
@@ -88,4 +89,4 @@ def load_adapter(path: str | Path, *, base_model: str | None = None, device: str
     model = task.prepare_model(model)
     dev = modeling.pick_device(device)
     model.to(dev).eval()
-    return LoadedAdapter(adapter_dir, meta, task, model, processor, label_space, dev, data_cfg)
+    return LoadedAdapter(adapter_dir, meta, task, model, processor, label_space, dev, data_cfg, model_path)

@@ -179,3 +179,45 @@ def build_classifier(name_or_path: str, *, num_labels: int, id2label: dict[int, 
     entry = get_entry(name_or_path)
     model = ZooImageClassifier(entry, num_labels, id2label, label2id, image_size or entry.image.size, dropout)
     return model, [f"backbone.{entry.head}"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Merged exports: zoo backbones have no Hugging Face format, so a merged model is its state dict
+# (safetensors) plus the few facts needed to rebuild the module around it.
+# --------------------------------------------------------------------------------------------------
+
+MERGED_CONFIG = "zoo_config.json"
+
+
+def save_merged(model: ZooImageClassifier, folder: Path, name_or_path: str) -> None:
+    """Write a merged zoo classifier: ``model.safetensors`` + ``zoo_config.json``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config
+    info = {
+        "zoo": name_or_path, "num_labels": cfg.num_labels, "image_size": cfg.image_size,
+        "id2label": {str(k): v for k, v in cfg.id2label.items()}, "image": get_entry(name_or_path).image.to_dict(),
+    }
+    (folder / MERGED_CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def is_merged(folder: Path) -> bool:
+    return (Path(folder) / MERGED_CONFIG).is_file()
+
+
+def load_merged(folder: str | Path) -> ZooImageClassifier:
+    """Rebuild a classifier written by :func:`save_merged` (``from lorakit import zoo``)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = json.loads((folder / MERGED_CONFIG).read_text(encoding="utf-8"))
+    id2label = {int(k): v for k, v in info["id2label"].items()}
+    model, _ = build_classifier(info["zoo"], num_labels=info["num_labels"], id2label=id2label, label2id={v: k for k, v in id2label.items()}, image_size=info["image_size"])
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -90,6 +91,23 @@ class Task(ABC):
     def usage(self, meta: dict[str, Any]) -> list[str]:
         """Python lines that load base model + adapter with plain peft (for the model card)."""
         return ["from peft import PeftModel", "# load the base model, then:", 'model = PeftModel.from_pretrained(base, "ADAPTER_DIR").eval()']
+
+    # ---- export ---------------------------------------------------------------------------------
+    #: Dynamic ONNX axes of every model input (e.g. {0: "batch", 1: "sequence"}); None: no ONNX export.
+    onnx_axes: ClassVar[dict[int, str] | None] = None
+
+    @abstractmethod
+    def export_batches(self, processor: Any, data_cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+        """Two or more model input batches of different shapes to check an export against."""
+
+    def save_merged(self, model: torch.nn.Module, folder: Path, loaded: Any) -> None:
+        """Write a merged model (and its processor) in Hugging Face format into ``folder``."""
+        model.save_pretrained(str(folder), safe_serialization=True)
+        loaded.processor.save_pretrained(str(folder))
+
+    @abstractmethod
+    def load_merged(self, folder: Path, loaded: Any) -> torch.nn.Module:
+        """Load a model :meth:`save_merged` wrote, the way a user would (plain transformers Auto class)."""
 
     def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
         """Map raw labels to ids for a new dataset (evaluation files); identity for unlabelled tasks."""

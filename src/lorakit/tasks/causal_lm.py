@@ -484,6 +484,35 @@ class CausalLM(Task):
         outs = self.generate_ids(model, processor, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         return [{"input": str(t), "output": o} for t, o in zip(inputs, outs, strict=True)]
 
+    # ---- export ---------------------------------------------------------------------------------
+    def export_batches(self, processor: Any, data_cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+        self._with_template(processor, data_cfg)
+        prompts = [self.prompt_ids(processor, data_cfg, t) for t in ("Write a haiku about autumn.", "Hi", "Name three colours of the rainbow, please.")]
+
+        def batch(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+            width = max(map(len, rows))
+            pad = processor.pad_token_id if processor.pad_token_id is not None else 0
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):  # left padding, as in generation
+                ids[i, width - len(r) :] = torch.tensor(r)
+                attn[i, width - len(r) :] = 1
+            return {"input_ids": ids, "attention_mask": attn}
+
+        return [batch(prompts), batch(prompts[1:2]), batch(prompts[:2])]
+
+    def save_merged(self, model: torch.nn.Module, folder: Path, loaded: Any) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        if loaded.data_cfg is not None:
+            self._with_template(loaded.processor, loaded.data_cfg)  # the template the adapter was trained with
+        loaded.processor.save_pretrained(str(folder))
+
+    def load_merged(self, folder: Path, loaded: Any) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
     def usage(self, meta: dict[str, Any]) -> list[str]:
         base = meta["base_model"]
         where = base.get("resolved") or base["name_or_path"]

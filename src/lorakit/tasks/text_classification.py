@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -164,6 +165,29 @@ class TextClassification(ClassificationTask):
         if model.config.pad_token_id is None:
             model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
         return model, new_module_names(info.get("missing_keys", []), info.get("mismatched_keys", []))
+
+    # ---- export ---------------------------------------------------------------------------------
+    onnx_axes: ClassVar[dict[int, str] | None] = {0: "batch", 1: "sequence"}
+
+    def export_batches(self, processor: Any, data_cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+        texts = [
+            "One of the best films I have seen in years: moving, funny and beautifully acted.",
+            "Dull.",
+            "A tedious, badly written mess; the plot goes nowhere and the acting is wooden.",
+        ]
+        pairs = ["A second text to compare.", "No.", "Another, longer second text of the pair."] if data_cfg.text_pair_column else None
+
+        def batch(rows: slice) -> dict[str, torch.Tensor]:
+            args = (texts[rows], pairs[rows]) if pairs else (texts[rows],)
+            return dict(processor(*args, padding=True, truncation=True, max_length=data_cfg.max_length, return_tensors="pt"))
+
+        return [batch(slice(0, 3)), batch(slice(1, 2)), batch(slice(1, 3))]
+
+    def load_merged(self, folder: Path, loaded: Any) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        with quiet_transformers():
+            return AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
 
     def usage(self, meta: dict[str, Any]) -> list[str]:
         where = meta["base_model"].get("resolved") or meta["base_model"]["name_or_path"]
