@@ -45,6 +45,19 @@ def test_demo_config_end_to_end_on_a_small_slice(tmp_path: Path) -> None:
     assert [row["input"] for row in rows] == ["An absolute masterpiece.", "Dreadful."]
     assert all(row["label"] in {"negative", "positive"} for row in rows)
 
+    # Publish -> pull -> predict, and a verified merged + ONNX export of the real model.
+    reg = ["--registry", str(tmp_path / "registry")]
+    r = _cli("publish", str(run), "--name", "imdb-minilm", *reg)
+    assert r.returncode == 0 and r.stdout.startswith("published imdb-minilm:1"), r.stderr
+    r = _cli("registry", "pull", "imdb-minilm", "--to", str(tmp_path / "pulled"), *reg)
+    assert r.returncode == 0, r.stderr
+    r = _cli("predict", str(tmp_path / "pulled"), "An absolute masterpiece.", "Dreadful.", "--json")
+    assert [json.loads(line) for line in r.stdout.strip().splitlines()] == rows
+    r = _cli("export", str(run), "--merge", str(tmp_path / "merged"), "--onnx")
+    assert r.returncode == 0, r.stderr
+    check = json.loads((tmp_path / "merged" / "lorakit-export.json").read_text())["verification"]
+    assert check["merged_max_abs_diff"] <= 1e-4 and check["onnx_max_abs_diff"] <= 1e-4
+
 
 def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: Path) -> None:
     """The packaged SmolLM2-135M-Instruct (GGUF) on 48 Rotten Tomatoes reviews: answers become one
@@ -63,3 +76,16 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
     assert r.returncode == 0, r.stderr
     answer = json.loads(r.stdout)["output"]
     assert answer in ("negative", "positive"), answer  # stopped at <|im_end|>, not 16 tokens later
+
+    # GGUF base + adapter -> one merged Hugging Face folder that plain transformers loads and answers with.
+    r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    template = json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["config"]["data"]["instruction_template"]
+    prompt = tok.apply_chat_template([{"role": "user", "content": template.format(text="A dull, lifeless and overlong film.")}], add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == answer

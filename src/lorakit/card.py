@@ -105,13 +105,16 @@ def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format:
         "",
         "## Verification",
         f"Check inputs: {check['checked_inputs']} in batches of different shapes; logits of the unmerged adapter vs this folder reloaded from disk.",
+        "The check is made in float64, which isolates the merge from float32 rounding; float32 figures are shown beside it.",
         "",
-        "| export | largest absolute logit difference | tolerance |",
+        "| comparison | largest absolute logit difference | tolerance |",
         "|---|---|---|",
-        f"| merged weights | {check['merged_max_abs_diff']:.3g} | {check['tolerance']:g} |",
+        f"| merged vs unmerged, float64 | {check['merged_max_abs_diff']:.3g} | {check['tolerance']:g} |",
+        f"| merged vs unmerged, float32 | {check['merged_max_abs_diff_fp32']:.3g} | |",
+        f"| unmerged float32 vs float64 (rounding alone) | {check['fp32_noise']:.3g} | |",
     ]
     if check.get("onnx_max_abs_diff") is not None:
-        lines.append(f"| ONNX (onnxruntime) `{check['onnx']}` | {check['onnx_max_abs_diff']:.3g} | {check['tolerance']:g} |")
+        lines.append(f"| ONNX (onnxruntime, float32) `{check['onnx']}` vs unmerged float32 | {check['onnx_max_abs_diff']:.3g} | {check['tolerance']:g} |")
     if labels:
         lines += ["", "## Labels", "", "| id | label |", "|---|---|"] + [f"| {i} | {n} |" for i, n in labels.items()]
     if metrics:

@@ -210,9 +210,12 @@ def export(
     if merge is None:
         raise _Err("export needs --merge OUT_DIR (the folder for the merged model); --onnx adds model.onnx to it")
     r = run_export(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
-    typer.echo(f"merged model: {r.out_dir}  (largest |unmerged - merged| logit difference {r.merged_diff:.3g} on {r.checked} inputs, tolerance {r.tolerance:g})")
+    typer.echo(f"merged model: {r.out_dir}")
+    typer.echo(f"  largest |unmerged - merged| logit difference on {r.checked} inputs: {r.merged_diff:.3g} in float64 (tolerance {r.tolerance:g}), "
+               f"{r.merged_diff_fp32:.3g} in float32 (float32 arithmetic alone: {r.fp32_noise:.3g})")
     if r.onnx_path:
-        typer.echo(f"onnx:         {r.onnx_path}  (largest |unmerged - onnxruntime| difference {r.onnx_diff:.3g})")
+        typer.echo(f"onnx: {r.onnx_path}")
+        typer.echo(f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance {r.tolerance:g})")
 
 
 RegistryOpt = Annotated[Path | None, typer.Option("--registry", envvar="LORAKIT_REGISTRY", help="Registry folder (default ~/.local/share/lorakit/registry).")]
