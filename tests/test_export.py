@@ -39,6 +39,17 @@ def _assert_adapter_moves_outputs(run_dir: Path) -> list[dict[str, torch.Tensor]
     return batches
 
 
+def _assert_card(run_dir: Path, *, labels: bool = True) -> None:
+    """Every adapter's model card: base model and hash, data, hyperparameters, metrics, labels, intended use, usage."""
+    card = (run_dir / "adapter" / "README.md").read_text()
+    meta = json.loads((run_dir / "adapter" / "lorakit.json").read_text())
+    for part in ("library_name: peft", "## Base model", meta["base_model"]["fingerprint"], "## Data", "## Hyperparameters",
+                 "r=", "## Metrics", "| test |", "## Intended use", "With lorakit:", "lorakit ", "With plain peft:", "PeftModel.from_pretrained"):
+        assert part in card, part
+    assert ("## Labels" in card) == labels
+    assert ("lorakit predict ADAPTER_DIR" in card) == labels and ("lorakit generate ADAPTER_DIR" in card) == (not labels)
+
+
 def _onnx_logits(path: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
     import onnxruntime as ort
 
@@ -57,6 +68,7 @@ def test_text_merge_and_onnx_reproduce_the_adapter(text_run, tmp_path: Path, cap
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     _assert_adapter_moves_outputs(text_run.run_dir)
+    _assert_card(text_run.run_dir)
     out = tmp_path / "merged"
     with pytest.raises(SystemExit) as e:
         main(["export", str(text_run.run_dir), "--merge", str(out), "--onnx"])
@@ -121,6 +133,7 @@ def test_image_vit_merge_and_onnx(tmp_path: Path, tiny_vit_dir: Path) -> None:
 
     run = lorakit.train(make_image_config(tmp_path, tiny_vit_dir, make_images(tmp_path / "img")), progress=False)
     batches = _assert_adapter_moves_outputs(run.run_dir)
+    _assert_card(run.run_dir)
     r = export(run.run_dir, tmp_path / "merged", onnx=True)
     assert r.merged_diff <= 1e-4 and r.onnx_diff is not None and r.onnx_diff <= 1e-4
 
@@ -157,6 +170,7 @@ def test_causal_lm_merge_generates_the_same_answers(tmp_path: Path, tiny_llama_d
     data.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(48)))
     run = lorakit.train(make_lm_config(tmp_path, tiny_llama_dir, data, train={"epochs": 3, "generation_samples": 0}), progress=False)
     _assert_adapter_moves_outputs(run.run_dir)
+    _assert_card(run.run_dir, labels=False)
 
     # ONNX is refused for LMs with a one-line error, before anything is written.
     with pytest.raises(SystemExit) as e:

@@ -39,6 +39,8 @@ class Task(ABC):
     default_metric: str = "loss"
     #: An input for `lorakit predict`, shown in model cards.
     example_input: str = '"your input"'
+    #: The lorakit command that answers with an adapter of this task (shown in model cards).
+    cli_command: str = "predict"
 
     # ---- data -----------------------------------------------------------------------------------
     @abstractmethod

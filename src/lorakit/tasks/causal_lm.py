@@ -228,6 +228,7 @@ class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
     default_metric = "loss"
     example_input = '"Write a haiku about autumn."'
+    cli_command = "generate"
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
