@@ -318,6 +318,39 @@ def registry_delete(
         typer.echo(f"deleted {v.ref}")
 
 
+@app.command()
+def serve(
+    adapters: Annotated[list[str], typer.Argument(help="Adapters: NAME=PATH, a run / adapter folder, or a registry name[:version]. The first fixes the base model.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    registry: RegistryOpt = None,
+    on_demand: Annotated[bool, typer.Option("--on-demand/--no-on-demand", help="Load registry adapters named by requests (needs a registry).")] = True,
+    admin_token: Annotated[str | None, typer.Option("--admin-token", envvar="LORAKIT_ADMIN_TOKEN", help="Bearer token for POST/DELETE /v1/adapters (unset: admin routes off).")] = None,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory (least recently used unloaded).")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 32,
+    window_ms: Annotated[float, typer.Option(min=0.0, help="Batching window in milliseconds.")] = 5.0,
+    no_merge: Annotated[bool, typer.Option("--no-merge", help="Never merge a single adapter into the base weights.")] = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may wait for its result.")] = 60.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Serve adapters over HTTP: /v1/predict, /v1/chat/completions, /v1/adapters, /healthz, /metrics."""
+    try:
+        import uvicorn
+
+        from lorakit.serving import Engine, create_app
+    except ImportError as exc:
+        raise LorakitError(f"serve needs the server packages ({exc.name} is missing): pip install 'lorakit[serve]'") from None
+
+    _setup_logging()
+    from lorakit.registry import default_root
+
+    reg = registry or (default_root() if default_root().joinpath("index.sqlite").is_file() else None)
+    engine = Engine(adapters, registry=reg, on_demand=on_demand, max_adapters=max_adapters, max_batch=max_batch,
+                    window_ms=window_ms, merge_single=not no_merge, device=device)
+    typer.echo(f"serving {len(engine.known)} {engine.task.name} adapter(s) on {engine.base_name} at http://{host}:{port} (docs: /docs)", err=True)
+    uvicorn.run(create_app(engine, admin_token=admin_token, request_timeout=timeout), host=host, port=port, log_level="warning")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:

@@ -41,6 +41,10 @@ class Task(ABC):
     example_input: str = '"your input"'
     #: The lorakit command that answers with an adapter of this task (shown in model cards).
     cli_command: str = "predict"
+    #: How `lorakit serve` answers: "classify" (/v1/predict) or "generate" (/v1/chat/completions).
+    serve_kind: str = "classify"
+    #: Inputs are bytes (images): JSON requests carry them base64-encoded or as http(s) URLs.
+    binary_inputs: bool = False
 
     # ---- data -----------------------------------------------------------------------------------
     @abstractmethod

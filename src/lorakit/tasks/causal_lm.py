@@ -229,6 +229,7 @@ class CausalLM(Task):
     default_metric = "loss"
     example_input = '"Write a haiku about autumn."'
     cli_command = "generate"
+    serve_kind = "generate"
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
@@ -436,8 +437,11 @@ class CausalLM(Task):
         return metrics
 
     @torch.no_grad()
-    def generate_ids(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
-        """Answers for tokenized prompts (left-padded batches), stopping at the end-of-turn token."""
+    def generate_ids(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, adapter_names: list[str] | None = None) -> list[str]:
+        """Answers for tokenized prompts (left-padded batches), stopping at the end-of-turn token.
+
+        ``adapter_names`` (one per prompt) runs a peft mixed-adapter batch: each row with its adapter.
+        """
         device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         stops = end_of_turn_ids(tokenizer, getattr(model, "get_base_model", lambda: model)())
@@ -457,6 +461,8 @@ class CausalLM(Task):
                 kwargs |= {"temperature": temperature, "top_p": top_p}
             else:
                 kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+            if adapter_names is not None:
+                kwargs["adapter_names"] = adapter_names[start : start + batch_size]
             gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
             for row in gen[:, width:].tolist():
                 cut = next((j for j, t in enumerate(row) if t in stops), len(row))
@@ -477,6 +483,16 @@ class CausalLM(Task):
             fields = [f for _, f, _, _ in string.Formatter().parse(data_cfg.instruction_template) if f]
             if len(set(fields)) == 1:
                 messages[-1]["content"] = data_cfg.instruction_template.format(**{fields[0]: text})
+        return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+    def chat_prompt_ids(self, tokenizer: Any, data_cfg: DataConfig, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation (OpenAI-style messages) rendered with the adapter's chat template, ready for
+        the assistant's next turn. A single user message is wrapped like :meth:`prompt_ids` does."""
+        self._with_template(tokenizer, data_cfg)
+        if len(messages) == 1 and messages[0]["role"] == "user":
+            return self.prompt_ids(tokenizer, data_cfg, messages[0]["content"])
+        if data_cfg.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": data_cfg.system_prompt}, *messages]
         return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None, system: str | None = None) -> list[dict[str, Any]]:

@@ -44,6 +44,15 @@ class ClassificationTask(Task):
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict[str, Any]:
         return classification_metrics(logits.argmax(-1), labels, label_space.labels)
 
+    def serving_rows(self, processor: Any, data_cfg: DataConfig, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+        """Model inputs for raw request inputs, one dict of unbatched tensors per input (the server
+        pads and stacks rows of many requests and adapters into one batch).
+
+        Raises:
+            DataError: An input cannot be used (named by its position).
+        """
+        raise NotImplementedError
+
     @staticmethod
     def top_k(logits: torch.Tensor, shown: list[str], label_space: LabelSpace, top_k: int) -> list[dict[str, Any]]:
         """Prediction records (best label, its probability, the k most likely) for a batch of logits."""

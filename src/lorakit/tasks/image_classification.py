@@ -85,6 +85,7 @@ def check_images(ds: Dataset, column: str, *, base_dir: Path | None, max_bad: fl
 class ImageClassification(ClassificationTask):
     name = "image-classification"
     peft_task_type = None  # peft has no image task type: the plain PeftModel wraps it
+    binary_inputs = True
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> ImageSpec:
@@ -263,6 +264,19 @@ class ImageClassification(ClassificationTask):
         ]
 
     # ---- prediction -----------------------------------------------------------------------------
+    def serving_rows(self, processor: ImageSpec, data_cfg: DataConfig, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+        """Rows for encoded image bytes or http(s) URLs (the server never reads local paths)."""
+        transforms = ImageTransforms(processor, data_cfg.augment, data_cfg.image_size, data_cfg.crop_pct)
+        rows = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str) and not item.startswith(("http://", "https://")):
+                raise DataError(f"inputs[{i}]: expected image bytes (base64 in JSON) or an http(s) URL")
+            try:
+                rows.append({"pixel_values": torch.from_numpy(transforms(load_image(item), train=False))})
+            except BadImage as exc:
+                raise DataError(f"inputs[{i}]: {exc}") from None
+        return rows
+
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, processor: ImageSpec, inputs: list[Any], label_space: LabelSpace, data_cfg: DataConfig, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
         """Top-k labels for images given as paths, http(s) URLs, bytes or PIL images.

@@ -203,6 +203,13 @@ class TextClassification(ClassificationTask):
 
     # ---- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
+    def serving_rows(self, processor: Any, data_cfg: DataConfig, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+        for i, t in enumerate(inputs):
+            if not isinstance(t, str) or not t.strip():
+                raise DataError(f"inputs[{i}]: expected a non-empty text")
+        enc = encode_texts(processor, list(inputs), None, data_cfg)
+        return [{k: torch.tensor(v[i]) for k, v in enc.items()} for i in range(len(inputs))]
+
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, data_cfg: DataConfig, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
         device = next(model.parameters()).device
         results: list[dict[str, Any]] = []

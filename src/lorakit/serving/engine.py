@@ -1,0 +1,434 @@
+"""The serving engine: one base model, many LoRA adapters, requests for different adapters batched
+into one forward pass.
+
+    request ─► encode (request thread: tokenizer / image transforms of *its* adapter)
+            ─► queue ─► worker thread: wait up to `window_ms` for more requests (≤ max_batch rows)
+                        ─► make sure their adapters are loaded (LRU, load on demand from the registry)
+                        ─► one forward / generate with peft's `adapter_names=[...]` (mixed batch)
+                        ─► split the outputs back per request
+
+Only the worker thread touches the model, so loading, evicting, merging and forwarding never race.
+With exactly one adapter and `merge_single`, the adapter is merged into the base weights (a plain
+forward, no LoRA overhead) and unmerged when a second adapter is needed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit import modeling
+from lorakit.artifacts import find_adapter_dir, read_metadata
+from lorakit.config import DataConfig, ModelConfig
+from lorakit.errors import AdapterError, LorakitError
+from lorakit.labels import LabelSpace
+from lorakit.registry import Registry, check_name, parse_ref
+from lorakit.tasks import Task, get_task
+
+log = logging.getLogger("lorakit")
+
+#: Requests naming this adapter run on the bare base model (when the engine allows it).
+BASE = "base"
+
+
+class UnknownAdapter(LorakitError):
+    """A request names an adapter that is neither loaded nor in the registry."""
+
+
+@dataclass
+class AdapterInfo:
+    """What the engine knows of an adapter without its weights in the model."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    data_cfg: DataConfig
+    label_space: LabelSpace | None
+    source: str
+
+    def describe(self, loaded: bool) -> dict[str, Any]:
+        return {
+            "name": self.name, "task": self.meta.get("task"), "source": self.source, "loaded": loaded,
+            "labels": list(self.label_space.labels) if self.label_space else None,
+            "metrics": self.meta.get("metrics", {}).get("test") or self.meta.get("metrics", {}).get("validation"),
+        }
+
+
+@dataclass
+class _Job:
+    adapter: str
+    rows: list[Any]  # classify: dicts of tensors; generate: prompt id lists
+    options: tuple = ()  # generate: (max_new_tokens, do_sample, temperature, top_p)
+    future: cf.Future = field(default_factory=cf.Future)
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    rows: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # recent, for the metrics histogram
+    loads: int = 0
+    evictions: int = 0
+
+
+class Engine:
+    """Serve adapters of one task on one base model.
+
+    Args:
+        adapters: ``NAME=PATH``, a folder (named after it) or a registry reference ``name[:version]``;
+            the first one fixes the base model, the task and (classification) the head shape.
+        registry: Registry root: adapters given by name, admin loads, and (``on_demand``) names first
+            seen in requests are resolved there, hash-verified.
+        on_demand: Load registry adapters the first time a request names them.
+        max_adapters: Adapters kept in the model at once (least recently used ones are unloaded).
+        max_batch: Rows per forward pass.
+        window_ms: How long the worker waits for more requests to join a batch.
+        merge_single: Merge the adapter into the base weights while it is the only one.
+        allow_base: Accept requests for the bare base model (adapter ``"base"``).
+        device: ``auto``, ``cpu``, ``cuda``.
+    """
+
+    def __init__(
+        self,
+        adapters: list[str],
+        *,
+        registry: str | Path | None = None,
+        on_demand: bool = True,
+        max_adapters: int = 64,
+        max_batch: int = 32,
+        window_ms: float = 5.0,
+        merge_single: bool = True,
+        allow_base: bool = False,
+        device: str = "auto",
+    ) -> None:
+        if not adapters:
+            raise AdapterError("serve needs at least one adapter (NAME=PATH, a folder or a registry name); it fixes the base model")
+        self.registry = Registry(registry) if registry is not None else None
+        self.on_demand = on_demand
+        self.max_adapters, self.max_batch, self.window = max(1, max_adapters), max(1, max_batch), window_ms / 1000
+        self.merge_single, self.allow_base = merge_single, allow_base
+        self.known: dict[str, AdapterInfo] = {}
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
+        self.stats = EngineStats()
+        self._lock = threading.Lock()  # guards known / loaded bookkeeping and the shared processor
+        self._merged = False
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+
+        first = self._resolve(adapters[0], paths=True)
+        self.task: Task = get_task(first.meta["task"])
+        self.kind = self.task.serve_kind
+        self.base_fingerprint = first.meta["base_model"].get("fingerprint")
+        base = first.meta["base_model"]
+        self.base_name = base["name_or_path"]
+        model_cfg = ModelConfig(name_or_path=base["name_or_path"], revision=base.get("revision"))
+        try:
+            model_path = modeling.resolve_model_path(model_cfg)
+        except LorakitError:
+            model_path = base.get("resolved") or base["name_or_path"]
+        self.processor = self.task.load_processor(model_cfg, model_path)
+        self.head_labels = first.label_space.num_labels if first.label_space else None
+        model, _ = self.task.load_model(model_cfg, model_path, first.label_space, first.data_cfg)
+        from peft import PeftModel
+
+        self.device = modeling.pick_device(device)
+        self.model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name, is_trainable=False)
+        self.model = self.task.prepare_model(self.model).to(self.device).eval()
+        self.known[first.name] = first
+        self.loaded[first.name] = None
+        self.stats.loads += 1
+        for spec in adapters[1:]:
+            self._load(self.add(spec, paths=True))
+        self._sync_merge()
+        self._worker = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+        self._worker.start()
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def _resolve(self, spec: str, *, paths: bool = False) -> AdapterInfo:
+        """``NAME=PATH`` | folder (``paths`` only: operator input) | registry reference -> AdapterInfo.
+
+        Requests and admin calls resolve registry names only: a name is validated before anything
+        touches the disk, so no request can point the server at a file.
+        """
+        name, sep, rest = spec.partition("=")
+        if not paths:
+            name, _ = parse_ref(spec)  # raises on anything but name[:version]
+            sep = ""
+        if sep:
+            check_name(name)
+            path, source = find_adapter_dir(rest), rest
+        elif paths and Path(spec).exists():
+            path = find_adapter_dir(spec)
+            meta_name = path.parent.name if path.name == "adapter" else path.name
+            name, source = check_name(meta_name.lower()), spec
+        else:
+            if self.registry is None:
+                raise UnknownAdapter(f"adapter '{spec}' is not a folder and no registry is configured (--registry)")
+            name, _ = parse_ref(spec)
+            try:
+                path = self.registry.pull(spec)  # verified against the published hashes
+            except LorakitError as exc:
+                raise UnknownAdapter(str(exc)) from None
+            source = f"registry:{self.registry.get(spec).ref}"
+        if name == BASE:
+            raise AdapterError(f"'{BASE}' is reserved for the bare base model; give the adapter another name")
+        meta = read_metadata(path)
+        data_cfg = DataConfig.model_validate(meta["config"]["data"])
+        space = LabelSpace.from_dict(meta["label_space"]) if meta.get("label_space") else None
+        return AdapterInfo(name, path, meta, data_cfg, space, source)
+
+    def _check_fits(self, info: AdapterInfo) -> None:
+        if info.meta.get("task") != self.task.name:
+            raise AdapterError(f"adapter '{info.name}' is a {info.meta.get('task')} adapter; this server serves {self.task.name}")
+        fp = info.meta["base_model"].get("fingerprint")
+        if fp and self.base_fingerprint and fp != self.base_fingerprint and "unknown" not in (fp, self.base_fingerprint):
+            raise AdapterError(f"adapter '{info.name}' was trained on another base model ({info.meta['base_model']['name_or_path']}); this server's base differs")
+        if self.head_labels is not None and info.label_space and info.label_space.num_labels != self.head_labels:
+            raise AdapterError(f"adapter '{info.name}' has {info.label_space.num_labels} labels but this server's classification head has {self.head_labels}; serve it on a server of its own")
+
+    def add(self, spec: str, *, paths: bool = False) -> AdapterInfo:
+        """Register an adapter (validated; its weights load on first use). ``paths`` admits folders
+        (operator input at start-up); otherwise only registry names are resolved."""
+        info = self._resolve(spec, paths=paths)
+        self._check_fits(info)
+        with self._lock:
+            self.known[info.name] = info
+        return info
+
+    def info(self, name: str) -> AdapterInfo:
+        """The adapter a request names, registering it from the registry on first use.
+
+        Raises:
+            UnknownAdapter: Not loaded, not given at start, not in the registry.
+        """
+        with self._lock:
+            found = self.known.get(name)
+        if found is not None:
+            return found
+        if self.registry is None or not self.on_demand:
+            raise UnknownAdapter(f"adapter '{name}' is not served here; GET /v1/adapters lists the adapters")
+        return self.add(name)
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter (its weights are unloaded by the worker)."""
+        with self._lock:
+            if name not in self.known:
+                raise UnknownAdapter(f"adapter '{name}' is not served here")
+            if len(self.known) == 1:
+                raise AdapterError(f"adapter '{name}' is the last one; a server keeps at least one")
+            del self.known[name]
+        self._control(lambda: self._unload(name))
+
+    def adapters(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [info.describe(name in self.loaded) for name, info in self.known.items()]
+
+    # ---- worker-side model changes (only ever called in the worker thread or before it starts) ----
+    def _load(self, info: AdapterInfo) -> None:
+        if info.name in self.loaded:
+            self.loaded.move_to_end(info.name)
+            return
+        self._unmerge()
+        self.model.load_adapter(str(info.path), adapter_name=info.name, is_trainable=False)
+        self.model.to(self.device)
+        self.loaded[info.name] = None
+        self.stats.loads += 1
+        # Evict after loading: peft cannot delete the last adapter it holds.
+        while len(self.loaded) > self.max_adapters:
+            self._unload(next(iter(self.loaded)), evicted=True)
+
+    def _unload(self, name: str, *, evicted: bool = False) -> None:
+        if name not in self.loaded or len(self.loaded) == 1:  # peft keeps at least one adapter
+            return
+        self._unmerge()
+        if self.model.active_adapter == name:
+            self.model.set_adapter(next(n for n in self.loaded if n != name))
+        self.model.delete_adapter(name)
+        del self.loaded[name]
+        self.stats.evictions += evicted
+
+    def _unmerge(self) -> None:
+        if self._merged:
+            self.model.unmerge_adapter()
+            self._merged = False
+
+    def _sync_merge(self) -> None:
+        """Merged fast path while exactly one adapter is served and in the model."""
+        if self.merge_single and len(self.known) == 1 and len(self.loaded) == 1 and not self._merged:
+            name = next(iter(self.loaded))
+            if name in self.known:
+                self.model.set_adapter(name)
+                self.model.merge_adapter()
+                self._merged = True
+        elif self._merged and (len(self.known) != 1 or len(self.loaded) != 1):
+            self._unmerge()
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def encode(self, adapter: str, inputs: list[Any]) -> list[Any]:
+        """Model rows for a classify request, with the adapter's own preprocessing settings."""
+        info = self.base_info() if adapter == BASE else self.info(adapter)
+        with self._lock:  # the tokenizer is shared and its truncation side set per adapter
+            return self.task.serving_rows(self.processor, info.data_cfg, inputs)
+
+    def encode_chat(self, adapter: str, messages: list[dict[str, str]]) -> list[int]:
+        info = self.base_info() if adapter == BASE else self.info(adapter)
+        with self._lock:
+            return self.task.chat_prompt_ids(self.processor, info.data_cfg, messages)
+
+    def base_info(self) -> AdapterInfo:
+        if not self.allow_base:
+            raise UnknownAdapter(f"adapter '{BASE}' (the bare base model) is not served here")
+        with self._lock:
+            return next(iter(self.known.values()))
+
+    def submit(self, adapter: str, rows: list[Any], options: tuple = ()) -> cf.Future:
+        """Queue encoded rows for ``adapter``; the future gets the per-row outputs."""
+        job = _Job(adapter, rows, options)
+        self._queue.put(job)
+        return job.future
+
+    def _control(self, fn: Any) -> None:
+        job = _Job("", [], ("control", fn))
+        self._queue.put(job)
+        job.future.result(timeout=300)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=10)
+
+    # ---- the worker ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, rows = [job], len(job.rows)
+            deadline = time.monotonic() + self.window
+            while rows < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(nxt)
+                rows += len(nxt.rows)
+            self._process([j for j in jobs if j.future.set_running_or_notify_cancel()])
+
+    def _process(self, jobs: list[_Job]) -> None:
+        controls = [j for j in jobs if j.options[:1] == ("control",)]
+        for j in controls:
+            try:
+                j.options[1]()
+                self._sync_merge()
+                j.future.set_result(None)
+            except Exception as exc:
+                j.future.set_exception(exc)
+        work = [j for j in jobs if j not in controls]
+        if not work:
+            return
+        if self.kind == "generate":
+            groups: dict[tuple, list[_Job]] = {}
+            for j in work:
+                groups.setdefault(j.options, []).append(j)
+            batches = list(groups.values())
+        else:
+            batches = [work]
+        for batch in batches:
+            # A batch may name more adapters than fit in the model: split it.
+            chunk: list[_Job] = []
+            names: set[str] = set()
+            for j in batch:
+                if j.adapter not in names and len(names - {BASE}) >= self.max_adapters and j.adapter != BASE:
+                    self._forward(chunk)
+                    chunk, names = [], set()
+                chunk.append(j)
+                names.add(j.adapter)
+            self._forward(chunk)
+
+    def _forward(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        try:
+            names = []
+            for j in jobs:
+                if j.adapter != BASE:
+                    with self._lock:
+                        info = self.known.get(j.adapter)
+                    if info is None:
+                        raise UnknownAdapter(f"adapter '{j.adapter}' was removed")
+                    self._load(info)
+                names += [j.adapter] * len(j.rows)
+            self._sync_merge()
+            outputs = self._run_model(jobs, names)
+        except Exception as exc:  # surfaced to each request as its own error
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(exc)
+            return
+        start = 0
+        for j in jobs:
+            j.future.set_result(outputs[start : start + len(j.rows)])
+            start += len(j.rows)
+        self.stats.batches += 1
+        self.stats.rows += len(names)
+        self.stats.batch_sizes = [*self.stats.batch_sizes[-999:], len(names)]
+
+    def _adapter_kwargs(self, names: list[str]) -> tuple[dict[str, Any], Any]:
+        """Forward kwargs and a context for the adapters of a batch: merged, one adapter, base, or mixed."""
+        import contextlib
+
+        unique = set(names)
+        if unique == {BASE}:
+            if self._merged:
+                self._unmerge()
+            return {}, self.model.disable_adapter()
+        if len(unique) == 1:
+            name = names[0]
+            if self.model.active_adapter != name:
+                self.model.set_adapter(name)
+            return {}, contextlib.nullcontext()
+        self._unmerge()
+        return {"adapter_names": ["__base__" if n == BASE else n for n in names]}, contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def _run_model(self, jobs: list[_Job], names: list[str]) -> list[Any]:
+        kwargs, ctx = self._adapter_kwargs(names)
+        if self.kind == "generate":
+            max_new, do_sample, temperature, top_p = jobs[0].options
+            prompts = [r for j in jobs for r in j.rows]
+            with ctx:
+                return self.task.generate_ids(self.model, self.processor, prompts, max_new_tokens=max_new, batch_size=len(prompts),
+                                              do_sample=do_sample, temperature=temperature, top_p=top_p, **kwargs)
+        rows = [r for j in jobs for r in j.rows]
+        batch = pad_rows(rows, getattr(self.processor, "pad_token_id", None) or 0)
+        with ctx:
+            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}, **kwargs).logits
+        return list(logits.float().cpu())
+
+
+def pad_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack per-row tensors; 1-D rows of different lengths are right-padded (ids with ``pad_id``,
+    masks and type ids with 0)."""
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+            continue
+        width = max(v.shape[0] for v in values)
+        fill = pad_id if key == "input_ids" else 0
+        padded = torch.full((len(values), width), fill, dtype=values[0].dtype)
+        for i, v in enumerate(values):
+            padded[i, : v.shape[0]] = v
+        out[key] = padded
+    return out
