@@ -151,7 +151,7 @@ def load_image(value: Any, *, base_dir: str | Path | None = None, allow_urls: bo
         raise
     except FileNotFoundError:
         raise BadImage(f"image file '{src}' does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         name = src if isinstance(src, str) else f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray)) else type(src).__name__
         raise BadImage(f"image {name} cannot be decoded ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
 

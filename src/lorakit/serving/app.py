@@ -316,15 +316,18 @@ def create_app(
         need("generate", "/v1/chat/completions")
         max_new = req.max_completion_tokens or req.max_tokens or 256
         messages = [m.model_dump() for m in req.messages]
+        try:
+            prompt = await run_in_threadpool(engine.encode_chat, req.model, messages)
+        except Exception as exc:
+            raise user_error(exc) from None
+        limit = engine.context_length
+        if limit:
+            if len(prompt) >= limit:
+                raise ApiError(422, f"messages: the conversation is {len(prompt)} tokens and this model reads at most {limit}; shorten it")
+            max_new = min(max_new, limit - len(prompt))
         do_sample = req.temperature > 0
         options = (max_new, do_sample, req.temperature if do_sample else 1.0, req.top_p if do_sample else 1.0)
-        prompt: list[int] = []
-
-        def encode() -> list[list[int]]:
-            prompt[:] = engine.encode_chat(req.model, messages)
-            return [list(prompt)]
-
-        text = (await run(req.model, encode, options))[0]
+        text = (await run(req.model, lambda: [prompt], options))[0]
         completion = len(engine.processor(text, add_special_tokens=False)["input_ids"]) if text else 0
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()), "model": req.model,

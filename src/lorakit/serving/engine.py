@@ -142,6 +142,8 @@ class Engine:
         self.device = modeling.pick_device(device)
         self.model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name, is_trainable=False)
         self.model = self.task.prepare_model(self.model).to(self.device).eval()
+        #: Longest sequence the base model reads (prompt + answer), when it says.
+        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.known[first.name] = first
         self.loaded[first.name] = None
         self.stats.loads += 1
