@@ -279,3 +279,31 @@ def test_real_uvicorn_process_over_http(adapters) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (4, 8, 4)])
+def test_gathered_mixed_batches_equal_peft_loop(ranks: tuple[int, ...]) -> None:
+    """The gathered LoRA kernel gives peft's mixed-batch outputs (other ranks in one batch: peft's loop)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.serving import mixed
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    model = get_peft_model(net, LoraConfig(r=ranks[0], lora_alpha=8, target_modules=["0", "2"]), adapter_name="x")
+    for i, r in enumerate(ranks[1:]):
+        model.add_adapter(f"y{i}", LoraConfig(r=r, lora_alpha=8, target_modules=["0", "2"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    model.eval()
+    x = torch.randn(7, 5, 16)
+    names = ["x", "y0", "__base__", "y1", "x", "y0", "__base__"]
+    with torch.no_grad():
+        want = model(x, adapter_names=names)
+        assert mixed.install(model) == 2
+        got = model(x, adapter_names=names)
+        assert torch.allclose(got, want, atol=1e-5)
+        with model.disable_adapter():
+            base = model(x)
+        assert torch.equal(got[2], base[2]) and not torch.allclose(got[0], base[0])

@@ -32,6 +32,7 @@ from lorakit.config import DataConfig, ModelConfig
 from lorakit.errors import AdapterError, LorakitError
 from lorakit.labels import LabelSpace
 from lorakit.registry import Registry, check_name, parse_ref
+from lorakit.serving import mixed
 from lorakit.tasks import Task, get_task
 
 log = logging.getLogger("lorakit")
@@ -94,6 +95,8 @@ class Engine:
         window_ms: How long the worker waits for more requests to join a batch.
         merge_single: Merge the adapter into the base weights while it is the only one.
         allow_base: Accept requests for the bare base model (adapter ``"base"``).
+        gathered: Run mixed-adapter batches with gathered batched matmuls (:mod:`.mixed`) instead
+            of peft's per-adapter loop (same results).
         device: ``auto``, ``cpu``, ``cuda``.
     """
 
@@ -108,6 +111,7 @@ class Engine:
         window_ms: float = 5.0,
         merge_single: bool = True,
         allow_base: bool = False,
+        gathered: bool = True,
         device: str = "auto",
     ) -> None:
         if not adapters:
@@ -115,7 +119,7 @@ class Engine:
         self.registry = Registry(registry) if registry is not None else None
         self.on_demand = on_demand
         self.max_adapters, self.max_batch, self.window = max(1, max_adapters), max(1, max_batch), window_ms / 1000
-        self.merge_single, self.allow_base = merge_single, allow_base
+        self.merge_single, self.allow_base, self.gathered = merge_single, allow_base, gathered
         self.known: dict[str, AdapterInfo] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
         self.stats = EngineStats()
@@ -142,6 +146,8 @@ class Engine:
         self.device = modeling.pick_device(device)
         self.model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name, is_trainable=False)
         self.model = self.task.prepare_model(self.model).to(self.device).eval()
+        if gathered:
+            mixed.install(self.model)
         #: Longest sequence the base model reads (prompt + answer), when it says.
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.known[first.name] = first
@@ -241,6 +247,8 @@ class Engine:
         self._unmerge()
         self.model.load_adapter(str(info.path), adapter_name=info.name, is_trainable=False)
         self.model.to(self.device)
+        if self.gathered:
+            mixed.install(self.model)  # layers new to this adapter's targets
         self.loaded[info.name] = None
         self.stats.loads += 1
         # Evict after loading: peft cannot delete the last adapter it holds.
