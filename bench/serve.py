@@ -2,20 +2,25 @@
 
 One run, one machine, real HTTP over loopback (uvicorn processes, 32 keep-alive client threads):
 
+All configurations of the first part are up at once and measured in interleaved slices (a, b, a',
+c, d, a, b, ...), so that drifts of a shared machine hit them alike; throughput is pooled per
+configuration.
+
   (a) `lorakit serve` with 50 adapters, traffic spread uniformly over them (mixed-adapter batches)
   (a') the same with peft's own per-adapter loop for mixed batches (`--peft-mixed`)
   (b) the same server, every request for the bare base model (`base`, no LoRA at all)
   (c) a naive server built here: one PeftModel holding the same 50 adapters, `set_adapter` + a
       batch-size-1 forward per request (what a PEFT tutorial turned into a server does)
   (d) `lorakit serve` with a single adapter (merged into the base weights)
-  (e) `lorakit serve` with 500 adapters resident, traffic over all 500
+  (e) `lorakit serve` with 500 adapters resident (held in float16), traffic over all 500; its
+      answers compared with (a)'s float32 ones
   load test: 32 clients for 60 s against (a): zero 5xx expected, p99 printed
 
 Adapters: one real LoRA adapter of the packaged MiniLM trained on IMDB by lorakit (defaults, a few
 steps), cloned with random perturbations of every LoRA / head tensor, so each clone computes
 something different. Requests: one IMDB review (first 400 characters) each.
 
-    .venv/bin/python bench/serve.py            # ~12 min on 2 CPU cores
+    .venv/bin/python bench/serve.py            # ~20 min on 2 CPU cores
     .venv/bin/python bench/serve.py --quick    # short phases, for a smoke test
 """
 
@@ -238,7 +243,7 @@ def load(port: int, names: list[str], texts: list[str], *, seconds: float, clien
     wall = time.perf_counter() - start
     lat = sorted(latencies)
     pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: float("nan"))
-    return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "statuses": statuses, "seconds": wall}
+    return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "statuses": statuses, "seconds": wall, "latencies": lat}
 
 
 def warm(port: int, names: list[str], texts: list[str]) -> None:
@@ -253,19 +258,42 @@ def warm(port: int, names: list[str], texts: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """Pool the rounds of one configuration: total requests over total time, percentiles of all latencies."""
+    lat = sorted(x for r in runs for x in r["latencies"])
+    wall = sum(r["seconds"] for r in runs)
+    statuses: dict[int, int] = {}
+    for r in runs:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: float("nan"))
+    return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "statuses": statuses, "seconds": wall,
+            "rounds_rps": [round(r["rps"], 2) for r in runs]}
+
+
+def predictions(port: int, name: str, texts: list[str]) -> list[float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", "/v1/predict", body=json.dumps({"adapter": name, "inputs": texts, "top_k": 2}), headers={"content-type": "application/json"})
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    return [t["score"] for p in body["predictions"] for t in sorted(p["top_k"], key=lambda t: t["label"])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=30.0, help="Length of each measured phase.")
+    ap.add_argument("--seconds", type=float, default=10.0, help="Length of one measured slice.")
+    ap.add_argument("--rounds", type=int, default=3, help="Rounds; each runs one slice of every configuration, interleaved.")
     ap.add_argument("--load-seconds", type=float, default=60.0, help="Length of the 32-client load test.")
     ap.add_argument("--adapters", type=int, default=50)
     ap.add_argument("--many", type=int, default=500, help="Adapters of the second pass (0 skips it).")
+    ap.add_argument("--many-dtype", default="float16", help="--adapter-dtype of the second pass.")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lorakit-bench-serve")
-    ap.add_argument("--quick", action="store_true", help="5 s phases, 10 s load test, 60 adapters in the second pass.")
+    ap.add_argument("--quick", action="store_true", help="3 s slices, 2 rounds, 10 s load test, 60 adapters in the second pass.")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.load_seconds, args.many = 5.0, 10.0, 60
+        args.seconds, args.rounds, args.load_seconds, args.many = 3.0, 2, 10.0, 60
     args.work.mkdir(parents=True, exist_ok=True)
     logs = args.work / "logs"
     logs.mkdir(exist_ok=True)
@@ -283,57 +311,55 @@ def main() -> None:
 
     def report(key: str, r: dict) -> None:
         results[key] = r
-        print(f"  {key:<28} {r['rps']:7.1f} req/s   p50 {r['p50_ms']:7.0f} ms   p99 {r['p99_ms']:7.0f} ms   statuses {r['statuses']}", flush=True)
+        print(f"  {key:<26} {r['rps']:6.1f} req/s   p50 {r['p50_ms']:6.0f} ms   p99 {r['p99_ms']:6.0f} ms   {r['statuses']}"
+              + (f"   rounds {r['rounds_rps']}" if "rounds_rps" in r else ""), flush=True)
 
-    print(f"(a)+(b) lorakit serve, {args.adapters} adapters", flush=True)
-    a = lorakit_server(adapters[: args.adapters], logs / "a.log", "--allow-base")
+    # ---- phase 1: every configuration alive at once, measured in interleaved slices ---------------
+    print(f"starting servers: (a) {args.adapters} adapters, (a') the same with --peft-mixed, (c) naive, (d) one adapter merged", flush=True)
+    servers = {}
     try:
-        warm(a.port, names, texts)
-        report("a_lorakit_50", load(a.port, names, texts, seconds=args.seconds, clients=args.clients))
-        report("b_base_model", load(a.port, ["base"], texts, seconds=args.seconds, clients=args.clients))
-        results["rss_a_mb"] = a.rss_mb()
+        servers["a"] = lorakit_server(adapters[: args.adapters], logs / "a.log", "--allow-base")
+        servers["a'"] = lorakit_server(adapters[: args.adapters], logs / "a-peft.log", "--peft-mixed")
+        servers["c"] = naive_server(adapters[: args.adapters], logs / "c.log")
+        servers["d"] = lorakit_server(adapters[:1], logs / "d.log")
+        for key, srv in servers.items():
+            warm(srv.port, names[:1] if key == "d" else names, texts)
+        plan = {
+            "a_lorakit_50": ("a", names), "b_base_model": ("a", ["base"]), "a_peft_loop_50": ("a'", names),
+            "c_naive_50": ("c", names), "d_single_merged": ("d", names[:1]),
+        }
+        runs: dict[str, list[dict]] = {k: [] for k in plan}
+        for rnd in range(args.rounds):
+            for key, (srv, targets) in plan.items():
+                r = load(servers[srv].port, targets, texts, seconds=args.seconds, clients=args.clients, seed=rnd)
+                runs[key].append(r)
+            print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]['rps']:.1f}" for k, v in runs.items()), flush=True)
+        print("pooled over rounds:")
+        for key in plan:
+            report(key, merge_runs(runs[key]))
+        results["rss_a_mb"] = servers["a"].rss_mb()
+        results["rss_single_mb"] = servers["d"].rss_mb()
+        for key in ("a'", "c"):
+            servers.pop(key).stop()
         print(f"load test: {args.clients} clients, {args.load_seconds:.0f} s, mixed traffic over {args.adapters} adapters", flush=True)
-        report("load_test", load(a.port, names, texts, seconds=args.load_seconds, clients=args.clients, seed=7))
-    finally:
-        a.stop()
+        report("load_test", merge_runs([load(servers["a"].port, names, texts, seconds=args.load_seconds, clients=args.clients, seed=99)]))
 
-    print(f"(a') lorakit serve --peft-mixed, {args.adapters} adapters", flush=True)
-    a2 = lorakit_server(adapters[: args.adapters], logs / "a-peft.log", "--peft-mixed")
-    try:
-        warm(a2.port, names, texts)
-        report("a_peft_loop_50", load(a2.port, names, texts, seconds=args.seconds, clients=args.clients))
+        # ---- phase 2: many adapters resident ----------------------------------------------------
+        if args.many:
+            many = [f"a{i:03d}" for i in range(args.many)]
+            print(f"(e) lorakit serve, {args.many} adapters resident, --adapter-dtype {args.many_dtype}", flush=True)
+            t0 = time.time()
+            servers["e"] = lorakit_server(adapters[: args.many], logs / "e.log", "--adapter-dtype", args.many_dtype)
+            results["startup_many_s"] = time.time() - t0
+            warm(servers["e"].port, many, texts)
+            report(f"e_lorakit_{args.many}", merge_runs([load(servers["e"].port, many, texts, seconds=args.seconds * args.rounds, clients=args.clients)]))
+            results["rss_many_mb"] = servers["e"].rss_mb()
+            # The same adapters answered by (a) in float32 and (e) in reduced precision.
+            diffs = [abs(x - y) for n in names[:8] for x, y in zip(predictions(servers["a"].port, n, texts[:16]), predictions(servers["e"].port, n, texts[:16]), strict=True)]
+            results["many_max_prob_diff"] = max(diffs)
     finally:
-        a2.stop()
-
-    print(f"(c) naive server: set_adapter + batch size 1, {args.adapters} adapters", flush=True)
-    c = naive_server(adapters[: args.adapters], logs / "c.log")
-    try:
-        warm(c.port, names, texts)
-        report("c_naive_50", load(c.port, names, texts, seconds=args.seconds, clients=args.clients))
-    finally:
-        c.stop()
-
-    print("(d) lorakit serve, one adapter (merged)", flush=True)
-    d = lorakit_server(adapters[:1], logs / "d.log")
-    try:
-        warm(d.port, names[:1], texts)
-        report("d_single_merged", load(d.port, names[:1], texts, seconds=args.seconds, clients=args.clients))
-        results["rss_single_mb"] = d.rss_mb()
-    finally:
-        d.stop()
-
-    if args.many:
-        many = [f"a{i:03d}" for i in range(args.many)]
-        print(f"(e) lorakit serve, {args.many} adapters resident", flush=True)
-        t0 = time.time()
-        e = lorakit_server(adapters[: args.many], logs / "e.log")
-        results["startup_many_s"] = time.time() - t0
-        try:
-            warm(e.port, many, texts)
-            report(f"e_lorakit_{args.many}", load(e.port, many, texts, seconds=args.seconds, clients=args.clients))
-            results["rss_many_mb"] = e.rss_mb()
-        finally:
-            e.stop()
+        for srv in servers.values():
+            srv.stop()
 
     # ---- summary -----------------------------------------------------------------------------
     r = results
@@ -342,15 +368,16 @@ def main() -> None:
     ratio_db = r["d_single_merged"]["rps"] / r["b_base_model"]["rps"]
     ratio_a2b = r["a_peft_loop_50"]["rps"] / r["b_base_model"]["rps"]
     print("\nsummary")
-    print(f"  (a) / (b)  adapters vs bare base model:      {ratio_ab:.2f}x  (target >= 0.90)")
-    print(f"  (a') / (b) with peft's per-adapter loop:      {ratio_a2b:.2f}x")
-    print(f"  (a) / (c)  vs naive set_adapter server:       {ratio_ac:.2f}x  (target >= 1.25 on CPU)")
-    print(f"  (d) / (b)  single merged adapter vs base:     {ratio_db:.2f}x  (target >= 0.95)")
+    print(f"  (a) / (b)   adapters vs bare base model:      {ratio_ab:.2f}x  (target >= 0.90)")
+    print(f"  (a') / (b)  with peft's per-adapter loop:     {ratio_a2b:.2f}x")
+    print(f"  (a) / (c)   vs naive set_adapter server:      {ratio_ac:.2f}x  (target >= 1.25 on CPU)")
+    print(f"  (d) / (b)   single merged adapter vs base:    {ratio_db:.2f}x  (target >= 0.95)")
     merged_copies = args.adapters * r["base_model_mb"]
     print(f"  memory (a): {r['rss_a_mb']:.0f} MB resident with {args.adapters} adapters vs {merged_copies:.0f} MB for {args.adapters} merged model copies (weights alone)")
     if args.many:
-        print(f"  memory (e): {r['rss_many_mb']:.0f} MB resident with {args.many} adapters = {r['rss_many_mb'] / r['rss_single_mb']:.2f}x the single-adapter server ({r['rss_single_mb']:.0f} MB; target < 2x); "
-              f"adapter files {r['adapter_mb']:.2f} MB each, base weights {r['base_model_mb']:.0f} MB; start-up {r['startup_many_s']:.0f} s")
+        print(f"  memory (e): {r['rss_many_mb']:.0f} MB resident with {args.many} adapters ({args.many_dtype}) = {r['rss_many_mb'] / r['rss_single_mb']:.2f}x "
+              f"the single-adapter server's {r['rss_single_mb']:.0f} MB (target < 2x); adapter files {r['adapter_mb']:.2f} MB each (float32), "
+              f"base weights {r['base_model_mb']:.0f} MB; start-up {r['startup_many_s']:.0f} s; largest probability difference vs float32: {r['many_max_prob_diff']:.2g}")
     fivexx = sum(n for s, n in r["load_test"]["statuses"].items() if s >= 500)
     print(f"  load test: {r['load_test']['requests']} requests, {fivexx} 5xx, p99 {r['load_test']['p99_ms']:.0f} ms")
     results["ratios"] = {"a_over_b": ratio_ab, "a_peft_over_b": ratio_a2b, "a_over_c": ratio_ac, "d_over_b": ratio_db}

@@ -177,7 +177,8 @@ def test_lru_evicts_and_reloads_and_single_adapter_is_merged(adapters) -> None:
         for name in ("alpha", "beta", "gamma", "alpha"):
             got = torch.stack(e.submit(name, e.encode(name, TEXTS)).result(timeout=60))
             assert torch.allclose(got, _single(adapters[name], TEXTS), atol=1e-5), name
-        assert e.stats.evictions >= 3 and len(e.loaded) == 1
+        # The first adapter stays (it holds peft's layers); the others take turns in the one free place.
+        assert e.stats.evictions >= 2 and set(e.loaded) == {"alpha", "gamma"}
     finally:
         e.close()
     solo = Engine([f"alpha={adapters['alpha']}"], window_ms=0)
@@ -307,3 +308,20 @@ def test_gathered_mixed_batches_equal_peft_loop(ranks: tuple[int, ...]) -> None:
         with model.disable_adapter():
             base = model(x)
         assert torch.equal(got[2], base[2]) and not torch.allclose(got[0], base[0])
+
+
+def test_half_precision_adapter_storage(adapters) -> None:
+    """float16 storage halves the LoRA memory; answers stay within float16 rounding of float32."""
+    e = Engine([f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"], adapter_dtype="float16", window_ms=20)
+    try:
+        lora = [p for n, p in e.model.named_parameters() if "lora_" in n]
+        assert lora and all(p.dtype == torch.float16 for p in lora) and not e.merge_single
+        futures = {n: e.submit(n, e.encode(n, TEXTS)) for n in ("alpha", "beta")}
+        for name, f in futures.items():
+            got = torch.stack(f.result(timeout=60))
+            want = _single(adapters[name], TEXTS)
+            assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    finally:
+        e.close()
+    with pytest.raises(lorakit.AdapterError, match="not one of"):
+        Engine([f"alpha={adapters['alpha']}"], adapter_dtype="int8")

@@ -331,6 +331,7 @@ def serve(
     window_ms: Annotated[float, typer.Option(min=0.0, help="Batching window in milliseconds.")] = 5.0,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="Never merge a single adapter into the base weights.")] = False,
     peft_mixed: Annotated[bool, typer.Option("--peft-mixed", help="Run mixed-adapter batches with peft's per-adapter loop instead of gathered matmuls (comparison).")] = False,
+    adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="float32, or float16 / bfloat16 to hold adapters in half the memory.")] = "float32",
     allow_base: Annotated[bool, typer.Option("--allow-base", help="Let requests name 'base' to run the bare base model (comparisons, benchmarks).")] = False,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may wait for its result.")] = 60.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -348,7 +349,7 @@ def serve(
 
     reg = registry or (default_root() if default_root().joinpath("index.sqlite").is_file() else None)
     engine = Engine(adapters, registry=reg, on_demand=on_demand, max_adapters=max_adapters, max_batch=max_batch,
-                    window_ms=window_ms, merge_single=not no_merge, allow_base=allow_base, gathered=not peft_mixed, device=device)
+                    window_ms=window_ms, merge_single=not no_merge, allow_base=allow_base, gathered=not peft_mixed, adapter_dtype=adapter_dtype, device=device)
     typer.echo(f"serving {len(engine.known)} {engine.task.name} adapter(s) on {engine.base_name} at http://{host}:{port} (docs: /docs)", err=True)
     uvicorn.run(create_app(engine, admin_token=admin_token, request_timeout=timeout), host=host, port=port, log_level="warning")
 

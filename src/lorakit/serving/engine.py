@@ -90,13 +90,16 @@ class Engine:
         registry: Registry root: adapters given by name, admin loads, and (``on_demand``) names first
             seen in requests are resolved there, hash-verified.
         on_demand: Load registry adapters the first time a request names them.
-        max_adapters: Adapters kept in the model at once (least recently used ones are unloaded).
+        max_adapters: Adapters kept in the model at once (least recently used ones are unloaded; the
+            first one stays, as it holds peft's layers).
         max_batch: Rows per forward pass.
         window_ms: How long the worker waits for more requests to join a batch.
         merge_single: Merge the adapter into the base weights while it is the only one.
         allow_base: Accept requests for the bare base model (adapter ``"base"``).
         gathered: Run mixed-adapter batches with gathered batched matmuls (:mod:`.mixed`) instead
             of peft's per-adapter loop (same results).
+        adapter_dtype: ``float32``, or ``float16`` / ``bfloat16`` to hold LoRA matrices in half the
+            memory (computed in the base model's precision by the gathered kernel; no merging then).
         device: ``auto``, ``cpu``, ``cuda``.
     """
 
@@ -112,6 +115,7 @@ class Engine:
         merge_single: bool = True,
         allow_base: bool = False,
         gathered: bool = True,
+        adapter_dtype: str = "float32",
         device: str = "auto",
     ) -> None:
         if not adapters:
@@ -119,7 +123,13 @@ class Engine:
         self.registry = Registry(registry) if registry is not None else None
         self.on_demand = on_demand
         self.max_adapters, self.max_batch, self.window = max(1, max_adapters), max(1, max_batch), window_ms / 1000
-        self.merge_single, self.allow_base, self.gathered = merge_single, allow_base, gathered
+        if adapter_dtype not in ("float32", "float16", "bfloat16"):
+            raise AdapterError(f"adapter dtype '{adapter_dtype}' is not one of float32, float16, bfloat16")
+        self.storage = getattr(torch, adapter_dtype)
+        # Reduced-precision storage needs the gathered kernel (it upcasts) and rules out merging.
+        gathered = gathered or self.storage != torch.float32
+        self.merge_single = merge_single and self.storage == torch.float32
+        self.allow_base, self.gathered = allow_base, gathered
         self.known: dict[str, AdapterInfo] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
         self.stats = EngineStats()
@@ -146,12 +156,14 @@ class Engine:
         self.device = modeling.pick_device(device)
         self.model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name, is_trainable=False)
         self.model = self.task.prepare_model(self.model).to(self.device).eval()
-        if gathered:
-            mixed.install(self.model)
+        # With the gathered kernel, adapters after the first go to a light store when they fit its layers.
+        self.store = mixed.AdapterStore(self.model) if gathered else None
+        self._store(first.name)
         #: Longest sequence the base model reads (prompt + answer), when it says.
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.known[first.name] = first
         self.loaded[first.name] = None
+        self.anchor = first.name  # loaded through peft: its LoRA layers stay while the server runs
         self.stats.loads += 1
         for spec in adapters[1:]:
             self._load(self.add(spec, paths=True))
@@ -245,23 +257,44 @@ class Engine:
             self.loaded.move_to_end(info.name)
             return
         self._unmerge()
-        self.model.load_adapter(str(info.path), adapter_name=info.name, is_trainable=False)
-        self.model.to(self.device)
-        if self.gathered:
-            mixed.install(self.model)  # layers new to this adapter's targets
+        if self.store is not None and self.store.fits(info.path):
+            self.store.add(info.path, info.name, dtype=self.storage, device=self.device)
+        else:
+            self.model.load_adapter(str(info.path), adapter_name=info.name, is_trainable=False)
+            self.model.to(self.device)
+            if self.store is not None:
+                self.store.refresh()  # layers new to this adapter's targets
+            self._store(info.name)
         self.loaded[info.name] = None
         self.stats.loads += 1
-        # Evict after loading: peft cannot delete the last adapter it holds.
+        # Evict after loading, least recently used first; never the adapter just loaded, nor the first
+        # one (peft's layers, which the light store uses, hang on it).
         while len(self.loaded) > self.max_adapters:
-            self._unload(next(iter(self.loaded)), evicted=True)
+            victim = next((n for n in self.loaded if n not in (info.name, self.anchor)), None)
+            if victim is None:
+                break
+            self._unload(victim, evicted=True)
+
+    def _store(self, name: str) -> None:
+        """Hold an adapter's LoRA matrices in the storage dtype (heads stay in full precision)."""
+        if self.storage == torch.float32:
+            return
+        for module in self.model.modules():
+            for part in ("lora_A", "lora_B"):
+                layer = getattr(module, part, None)
+                if isinstance(layer, torch.nn.ModuleDict) and name in layer:
+                    layer[name].to(self.storage)
 
     def _unload(self, name: str, *, evicted: bool = False) -> None:
-        if name not in self.loaded or len(self.loaded) == 1:  # peft keeps at least one adapter
+        if name not in self.loaded or name == self.anchor:  # the anchor holds peft's LoRA layers
             return
         self._unmerge()
-        if self.model.active_adapter == name:
-            self.model.set_adapter(next(n for n in self.loaded if n != name))
-        self.model.delete_adapter(name)
+        if self.store is not None and name in self.store.names:
+            self.store.remove(name)
+        else:
+            if self.model.active_adapter == name:
+                self.model.set_adapter(self.anchor)
+            self.model.delete_adapter(name)
         del self.loaded[name]
         self.stats.evictions += evicted
 
@@ -402,13 +435,17 @@ class Engine:
             if self._merged:
                 self._unmerge()
             return {}, self.model.disable_adapter()
-        if len(unique) == 1:
+        light = self.store is not None and bool(unique & self.store.names)
+        if len(unique) == 1 and self.storage == torch.float32 and not light:
             name = names[0]
             if self.model.active_adapter != name:
                 self.model.set_adapter(name)
             return {}, contextlib.nullcontext()
         self._unmerge()
-        return {"adapter_names": ["__base__" if n == BASE else n for n in names]}, contextlib.nullcontext()
+        rows = ["__base__" if n == BASE else n for n in names]
+        if self.store is not None:
+            return {}, self.store.rows(rows)
+        return {"adapter_names": rows}, contextlib.nullcontext()
 
     @torch.inference_mode()
     def _run_model(self, jobs: list[_Job], names: list[str]) -> list[Any]:
