@@ -34,46 +34,73 @@ from typing import Any
 
 import torch
 
-STORE = "_lorakit_store"  # on each LoRA Linear: adapter name -> (A [r, in], B [out, r], scaling)
+STORE = "_lorakit_store"  # on each LoRA Linear: adapter name -> (A [r, in], B * scaling [out, r])
 
 
-def _weights(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    if name in layer.lora_A:
-        return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
-    return getattr(layer, STORE, {}).get(name)
+class Rows(list):
+    """Per-row adapter names, plus what every layer needs of them, computed once per batch."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.unique = [n for n in dict.fromkeys(names) if n != "__base__"]
+        slot = {n: i for i, n in enumerate(self.unique)}
+        self.index = torch.tensor([slot.get(n, -1) for n in names])
+        self.keep = self.index >= 0
+        self.every = bool(self.keep.all())
+        self.kept = self.index[self.keep]
+
+
+def _weights(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B * scaling) of an adapter in a layer: from the light store, or from peft's modules (cached)."""
+    stored = layer.__dict__.get(STORE)
+    if stored is not None and name in stored:
+        return stored[name]
+    if name not in layer.lora_A:
+        return None
+    cache = layer.__dict__.setdefault("_lorakit_scaled", {})
+    if name not in cache:
+        cache[name] = (layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name])
+    return cache[name]
+
+
+def _lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-row LoRA update: rows of ``x`` times their adapter's ``A`` then ``B`` (stacked [U, ...])."""
+    flat = x.dim() == 2
+    xs = x.unsqueeze(1) if flat else x
+    out = torch.bmm(torch.bmm(xs, a[idx].transpose(1, 2)), b[idx].transpose(1, 2))
+    return out.squeeze(1) if flat else out
 
 
 def _gathered_mixed_forward(self: Any, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
-    present = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and _weights(self, n) is not None]
-    if any(n in self.lora_variant for n in present) or x.dim() not in (2, 3):
-        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    rows = adapter_names if isinstance(adapter_names, Rows) else Rows(adapter_names)
+    weights = [_weights(self, n) for n in rows.unique]
+    if any(n in self.lora_variant for n in rows.unique) or x.dim() not in (2, 3):
+        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=list(adapter_names), **kwargs)
     result = self.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for n in present:
-        groups.setdefault(tuple(_weights(self, n)[0].shape), []).append(n)
+    if all(w is not None for w in weights) and len({w[0].shape for w in weights}) == 1:
+        # The common case: every adapter of the batch in this layer, one rank: two bmm for all rows.
+        a = torch.stack([w[0] for w in weights]).to(x.dtype)  # [U, r, in]
+        b = torch.stack([w[1] for w in weights]).to(x.dtype)  # [U, out, r]
+        if rows.every:
+            result += _lora(x, a, b, rows.index).to(result.dtype)
+        elif rows.kept.numel():
+            result[rows.keep] += _lora(x[rows.keep], a, b, rows.kept).to(result.dtype)
+        return result
+    # Otherwise one group per rank; adapters without this layer add nothing here.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for u, w in enumerate(weights):
+        if w is not None:
+            groups.setdefault(tuple(w[0].shape), []).append(u)
     for members in groups.values():
-        slot = {n: i for i, n in enumerate(members)}
-        rows = torch.tensor([slot.get(n, -1) for n in adapter_names], device=x.device)
-        keep = rows >= 0
-        every = bool(keep.all())
-        w = [_weights(self, n) for n in members]
-        # Stored in half precision or not, the LoRA product is computed in the activations' precision.
-        a = torch.stack([wa for wa, _, _ in w]).to(x.dtype)  # [U, r, in]
-        b = torch.stack([wb.to(x.dtype) * s for _, wb, s in w])  # [U, out, r]
-        xs = x if every else x[keep]
-        flat = xs.dim() == 2
-        if flat:
-            xs = xs.unsqueeze(1)
-        idx = rows[keep]
-        out = torch.bmm(torch.bmm(xs, a[idx].transpose(1, 2)), b[idx].transpose(1, 2))
-        if flat:
-            out = out.squeeze(1)
-        if every:
-            result += out.to(result.dtype)
-        else:
-            result[keep] += out.to(result.dtype)
+        local = torch.full((len(rows.unique) + 1,), -1, dtype=torch.long)
+        local[torch.tensor(members)] = torch.arange(len(members))
+        idx = local[rows.index]  # base rows (-1) map to the extra slot, i.e. -1
+        keep = idx >= 0
+        a = torch.stack([weights[u][0] for u in members]).to(x.dtype)
+        b = torch.stack([weights[u][1] for u in members]).to(x.dtype)
+        result[keep] += _lora(x[keep], a, b, idx[keep]).to(result.dtype)
     return result
 
 
@@ -103,6 +130,8 @@ class AdapterStore:
         from peft.utils.other import ModulesToSaveWrapper
 
         self.layers = {n: m for n, m in self.model.named_modules() if isinstance(m, Linear)}
+        for m in self.layers.values():
+            m.__dict__["_lorakit_layer"] = True
         self.heads = {n: m for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         install(self.model)
 
@@ -134,7 +163,7 @@ class AdapterStore:
             a = tensors.get(f"{layer_name}.lora_A.weight")
             if a is not None:
                 b = tensors[f"{layer_name}.lora_B.weight"]
-                layer.__dict__.setdefault(STORE, {})[name] = (a.to(dtype), b.to(dtype), scaling)
+                layer.__dict__.setdefault(STORE, {})[name] = (a.to(dtype), (b * scaling).to(dtype))
         for head_name, wrapper in self.heads.items():
             prefix = head_name + "."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -146,7 +175,8 @@ class AdapterStore:
 
     def remove(self, name: str) -> None:
         for layer in self.layers.values():
-            getattr(layer, STORE, {}).pop(name, None)
+            layer.__dict__.get(STORE, {}).pop(name, None)
+            layer.__dict__.get("_lorakit_scaled", {}).pop(name, None)
         for wrapper in self.heads.values():
             if name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[name]
@@ -155,8 +185,10 @@ class AdapterStore:
     @contextlib.contextmanager
     def rows(self, names: list[str]) -> Iterator[None]:
         """Run the model with one adapter per batch row: every LoRA layer and head gets the names."""
-        def hook(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return args, {**kwargs, "adapter_names": names}
+        plan = Rows(names)  # heads get the plain list; LoRA layers the precomputed plan
+
+        def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**kwargs, "adapter_names": plan if module.__dict__.get("_lorakit_layer") else names}
 
         handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in [*self.layers.values(), *self.heads.values()]]
         try:
