@@ -122,6 +122,11 @@ class Server:
                 time.sleep(0.5)
         raise RuntimeError("server did not start")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -267,8 +272,9 @@ def merge_runs(runs: list[dict]) -> dict:
         for k, v in r["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
     pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: float("nan"))
+    cpu = sum(r.get("server_cpu_s", 0.0) for r in runs)
     return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "statuses": statuses, "seconds": wall,
-            "rounds_rps": [round(r["rps"], 2) for r in runs]}
+            "server_cpu_ms_per_request": 1000 * cpu / max(1, len(lat)), "rounds_rps": [round(r["rps"], 2) for r in runs]}
 
 
 def predictions(port: int, name: str, texts: list[str]) -> list[float]:
@@ -281,8 +287,8 @@ def predictions(port: int, name: str, texts: list[str]) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=10.0, help="Length of one measured slice.")
-    ap.add_argument("--rounds", type=int, default=3, help="Rounds; each runs one slice of every configuration, interleaved.")
+    ap.add_argument("--seconds", type=float, default=8.0, help="Length of one measured slice.")
+    ap.add_argument("--rounds", type=int, default=5, help="Rounds; each runs one slice of every configuration, interleaved.")
     ap.add_argument("--load-seconds", type=float, default=60.0, help="Length of the 32-client load test.")
     ap.add_argument("--adapters", type=int, default=50)
     ap.add_argument("--many", type=int, default=500, help="Adapters of the second pass (0 skips it).")
@@ -311,7 +317,8 @@ def main() -> None:
 
     def report(key: str, r: dict) -> None:
         results[key] = r
-        print(f"  {key:<26} {r['rps']:6.1f} req/s   p50 {r['p50_ms']:6.0f} ms   p99 {r['p99_ms']:6.0f} ms   {r['statuses']}"
+        cpu = f"   server CPU {r['server_cpu_ms_per_request']:5.0f} ms/req" if r.get("server_cpu_ms_per_request") else ""
+        print(f"  {key:<26} {r['rps']:6.1f} req/s   p50 {r['p50_ms']:6.0f} ms   p99 {r['p99_ms']:6.0f} ms   {r['statuses']}{cpu}"
               + (f"   rounds {r['rounds_rps']}" if "rounds_rps" in r else ""), flush=True)
 
     # ---- phase 1: every configuration alive at once, measured in interleaved slices ---------------
@@ -331,7 +338,9 @@ def main() -> None:
         runs: dict[str, list[dict]] = {k: [] for k in plan}
         for rnd in range(args.rounds):
             for key, (srv, targets) in plan.items():
+                cpu0 = servers[srv].cpu_seconds()
                 r = load(servers[srv].port, targets, texts, seconds=args.seconds, clients=args.clients, seed=rnd)
+                r["server_cpu_s"] = servers[srv].cpu_seconds() - cpu0
                 runs[key].append(r)
             print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]['rps']:.1f}" for k, v in runs.items()), flush=True)
         print("pooled over rounds:")
@@ -352,7 +361,7 @@ def main() -> None:
             servers["e"] = lorakit_server(adapters[: args.many], logs / "e.log", "--adapter-dtype", args.many_dtype)
             results["startup_many_s"] = time.time() - t0
             warm(servers["e"].port, many, texts)
-            report(f"e_lorakit_{args.many}", merge_runs([load(servers["e"].port, many, texts, seconds=args.seconds * args.rounds, clients=args.clients)]))
+            report(f"e_lorakit_{args.many}", merge_runs([load(servers["e"].port, many, texts, seconds=30.0, clients=args.clients)]))
             results["rss_many_mb"] = servers["e"].rss_mb()
             # The same adapters answered by (a) in float32 and (e) in reduced precision.
             diffs = [abs(x - y) for n in names[:8] for x, y in zip(predictions(servers["a"].port, n, texts[:16]), predictions(servers["e"].port, n, texts[:16]), strict=True)]
@@ -368,7 +377,8 @@ def main() -> None:
     ratio_db = r["d_single_merged"]["rps"] / r["b_base_model"]["rps"]
     ratio_a2b = r["a_peft_loop_50"]["rps"] / r["b_base_model"]["rps"]
     print("\nsummary")
-    print(f"  (a) / (b)   adapters vs bare base model:      {ratio_ab:.2f}x  (target >= 0.90)")
+    print(f"  (a) / (b)   adapters vs bare base model:      {ratio_ab:.2f}x  (target >= 0.90); "
+          f"server CPU per request {r['b_base_model']['server_cpu_ms_per_request'] / r['a_lorakit_50']['server_cpu_ms_per_request']:.2f}x")
     print(f"  (a') / (b)  with peft's per-adapter loop:     {ratio_a2b:.2f}x")
     print(f"  (a) / (c)   vs naive set_adapter server:      {ratio_ac:.2f}x  (target >= 1.25 on CPU)")
     print(f"  (d) / (b)   single merged adapter vs base:    {ratio_db:.2f}x  (target >= 0.95)")
