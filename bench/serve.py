@@ -153,7 +153,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from lorakit.loader import load_adapter
 from lorakit.tasks.text_classification import encode_texts
-paths = sys.argv[2:]
+paths, port = sys.argv[1:-2], int(sys.argv[-1])  # ADAPTER... --port PORT
 first = load_adapter(paths[0], device="cpu")
 model, tok, cfg = first.model, first.processor, first.data_cfg
 model.load_adapter(paths[0], adapter_name="a000")
@@ -182,29 +182,14 @@ def predict(req: Req):
             out.append({"label": labels[int(p.argmax())], "score": float(p.max())})
     return {"adapter": req.adapter, "predictions": out}
 import uvicorn
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 '''
 
 
 def naive_server(adapters: list[Path], log: Path) -> Server:
     script = log.with_suffix(".py")
     script.write_text(NAIVE)
-    s = Server.__new__(Server)
-    s.port = free_port()
-    s.log = log.open("w")
-    s.proc = subprocess.Popen([sys.executable, str(script), str(s.port), *map(str, adapters)], stdout=s.log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if s.proc.poll() is not None:
-            raise RuntimeError(f"naive server exited: {log.read_text()[-2000:]}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=2)
-            c.request("GET", "/healthz")
-            if c.getresponse().status == 200:
-                return s
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("naive server did not start")
+    return Server([sys.executable, str(script), *map(str, adapters)], log)
 
 
 # --------------------------------------------------------------------------------------------------
