@@ -325,3 +325,23 @@ def test_half_precision_adapter_storage(adapters) -> None:
         e.close()
     with pytest.raises(lorakit.AdapterError, match="not one of"):
         Engine([f"alpha={adapters['alpha']}"], adapter_dtype="int8")
+
+
+def test_models_that_cannot_mix_heads_run_one_pass_per_adapter(adapters, monkeypatch) -> None:
+    """peft refuses mixed batches for some trained heads (e.g. BatchNorm in CNNs): one pass per adapter then."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    def refuse(self, *args, **kwargs):
+        raise TypeError("Mixed batching is only supported for the following modules: Linear.")
+
+    monkeypatch.setattr(ModulesToSaveWrapper, "_mixed_batch_forward", refuse)
+    monkeypatch.setattr("lorakit.serving.mixed.AdapterStore.fits", lambda self, folder: False)  # as for BatchNorm heads
+    e = Engine([f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"], window_ms=50, allow_base=True)
+    try:
+        futures = {n: e.submit(n, e.encode(n, TEXTS)) for n in ("alpha", "beta", "base")}
+        got = {n: torch.stack(f.result(timeout=60)) for n, f in futures.items()}
+        assert not e.mixed_ok
+        for name in ("alpha", "beta"):
+            assert torch.allclose(got[name], _single(adapters[name], TEXTS), atol=1e-5), name
+    finally:
+        e.close()

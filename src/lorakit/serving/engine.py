@@ -133,6 +133,7 @@ class Engine:
         self.known: dict[str, AdapterInfo] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
         self.stats = EngineStats()
+        self.mixed_ok = True  # False once the model refused a mixed-adapter batch
         self._lock = threading.Lock()  # guards known / loaded bookkeeping and the shared processor
         self._merged = False
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -412,7 +413,7 @@ class Engine:
                     self._load(info)
                 names += [j.adapter] * len(j.rows)
             self._sync_merge()
-            outputs = self._run_model(jobs, names)
+            outputs = self._run_mixed(jobs, names)
         except Exception as exc:  # surfaced to each request as its own error
             for j in jobs:
                 if not j.future.done():
@@ -425,6 +426,27 @@ class Engine:
         self.stats.batches += 1
         self.stats.rows += len(names)
         self.stats.batch_sizes = [*self.stats.batch_sizes[-999:], len(names)]
+
+    def _run_mixed(self, jobs: list[_Job], names: list[str]) -> list[Any]:
+        """One pass for all rows when the model can mix adapters in a batch; else one pass per adapter
+        (peft mixes trained heads only for Linear / Embedding / Conv modules, not e.g. BatchNorm)."""
+        if self.mixed_ok or len(set(names)) == 1:
+            try:
+                return self._run_model(jobs, names)
+            except TypeError as exc:
+                if "ixed batch" not in str(exc):
+                    raise
+                self.mixed_ok = False
+                log.info("this model cannot mix adapters in one batch (%s); running one pass per adapter", exc)
+        outputs: dict[int, list[Any]] = {}
+        for adapter in dict.fromkeys(j.adapter for j in jobs):
+            group = [j for j in jobs if j.adapter == adapter]
+            flat = self._run_model(group, [adapter] * sum(len(j.rows) for j in group))
+            start = 0
+            for j in group:
+                outputs[id(j)] = flat[start : start + len(j.rows)]
+                start += len(j.rows)
+        return [row for j in jobs for row in outputs[id(j)]]
 
     def _adapter_kwargs(self, names: list[str]) -> tuple[dict[str, Any], Any]:
         """Forward kwargs and a context for the adapters of a batch: merged, one adapter, base, or mixed."""

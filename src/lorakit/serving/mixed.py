@@ -137,6 +137,9 @@ class AdapterStore:
 
     def fits(self, folder: Path) -> bool:
         """Whether the adapter in ``folder`` is plain LoRA on layers (and heads) the model already has."""
+        mixable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        if any(not isinstance(w.original_module, mixable) for w in self.heads.values()):
+            return False  # peft cannot mix such heads per row; these adapters go through peft (one pass each)
         cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             return False
