@@ -53,7 +53,7 @@ def _check(response) -> None:
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(route=st.sampled_from(ROUTES), body=st.one_of(values, predict_bodies, chat_bodies), which=st.integers(0, 1), auth=st.booleans(), name=st.text(max_size=20))
 def test_any_json_body_on_any_route(clients, route, body, which, auth, name) -> None:
     method, path = route
@@ -61,7 +61,7 @@ def test_any_json_body_on_any_route(clients, route, body, which, auth, name) -> 
     _check(clients[which].request(method, path.format(quote(name, safe="")), json=body, headers=headers))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=st.binary(max_size=200), route=st.sampled_from(ROUTES[:3]), which=st.integers(0, 1))
 def test_any_bytes_on_any_route(clients, raw, route, which) -> None:
     _check(clients[which].request(route[0], route[1], content=raw, headers={"content-type": "application/json", "Authorization": "Bearer t"}))
