@@ -371,7 +371,3 @@ class Registry:
             (self.root / "adapters" / name).rmdir()  # only when empty
         return gone
 
-
-def resolve(ref: str, root: str | Path | None = None) -> Path:
-    """Folder of a verified registry version (for loading it without copying)."""
-    return Registry(root).pull(ref)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from lorakit.errors import AdapterError, LorakitError
 from lorakit.registry import RegistryError
-from lorakit.serving.engine import BASE, Engine, UnknownAdapter
+from lorakit.serving.engine import Engine, UnknownAdapter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -305,7 +305,7 @@ def create_app(
         need("classify", "/v1/predict")
         inputs = _decode_inputs(req.inputs, engine.task.binary_inputs, ApiError)
         logits = await run(req.adapter, lambda: engine.encode(req.adapter, inputs))
-        info = engine.info(req.adapter) if req.adapter != BASE else engine.base_info()
+        info = engine.info(req.adapter)
         import torch
 
         records = engine.task.top_k(torch.stack(logits), ["" for _ in logits], info.label_space, req.top_k)

@@ -225,11 +225,17 @@ class Engine:
         return info
 
     def info(self, name: str) -> AdapterInfo:
-        """The adapter a request names, registering it from the registry on first use.
+        """The adapter a request names, registering it from the registry on first use; for ``base``
+        (when allowed) the first adapter's settings, which preprocess its inputs the same way.
 
         Raises:
-            UnknownAdapter: Not loaded, not given at start, not in the registry.
+            UnknownAdapter: Not loaded, not given at start, not in the registry; or ``base`` not allowed.
         """
+        if name == BASE:
+            if not self.allow_base:
+                raise UnknownAdapter(f"adapter '{BASE}' (the bare base model) is not served here")
+            with self._lock:
+                return next(iter(self.known.values()))
         with self._lock:
             found = self.known.get(name)
         if found is not None:
@@ -318,20 +324,14 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------------
     def encode(self, adapter: str, inputs: list[Any]) -> list[Any]:
         """Model rows for a classify request, with the adapter's own preprocessing settings."""
-        info = self.base_info() if adapter == BASE else self.info(adapter)
+        info = self.info(adapter)
         with self._lock:  # the tokenizer is shared and its truncation side set per adapter
             return self.task.serving_rows(self.processor, info.data_cfg, inputs)
 
     def encode_chat(self, adapter: str, messages: list[dict[str, str]]) -> list[int]:
-        info = self.base_info() if adapter == BASE else self.info(adapter)
+        info = self.info(adapter)
         with self._lock:
             return self.task.chat_prompt_ids(self.processor, info.data_cfg, messages)
-
-    def base_info(self) -> AdapterInfo:
-        if not self.allow_base:
-            raise UnknownAdapter(f"adapter '{BASE}' (the bare base model) is not served here")
-        with self._lock:
-            return next(iter(self.known.values()))
 
     def submit(self, adapter: str, rows: list[Any], options: tuple = ()) -> cf.Future:
         """Queue encoded rows for ``adapter``; the future gets the per-row outputs."""
