@@ -26,7 +26,6 @@ from lorakit.artifacts import atomic_dir, now_iso
 from lorakit.errors import LorakitError
 from lorakit.loader import LoadedAdapter, load_adapter
 
-
 #: Largest |unmerged - merged| logit difference accepted for fp32 models.
 FP32_TOLERANCE = 1e-4
 EXPORT_METADATA = "lorakit-export.json"
