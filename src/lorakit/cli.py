@@ -118,6 +118,8 @@ def train(
     if resume and overwrite:
         raise LorakitError("--resume and --overwrite exclude each other: resume continues a run, overwrite starts it again")
     result = run_train(config, overrides=set_ or [], overwrite=overwrite or None, resume=resume, progress=not no_progress)
+    if not result.main:  # a data-parallel run: rank 0 reports
+        return
     metric = result.best_metric
     typer.echo(f"best validation {metric}: {result.best_value:.4f}")
     if result.test:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from lorakit import distributed
 from lorakit.batching import eval_batches
 
 
@@ -30,27 +31,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def evaluate_model(model: torch.nn.Module, ds: Dataset, collate: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Run ``model`` over ``ds`` and gather outputs in dataset order.
 
+    Under data-parallel training each process scores its share of the batches and every process
+    gets all outputs back: each example is scored exactly once.
+
     Returns:
         (logits [N, C], labels [N], mean loss per example).
     """
     was_training = model.training
     model.eval()
     lengths = ds["length"] if "length" in ds.column_names else [1] * len(ds)
-    logits_out: list[np.ndarray | None] = [None] * len(ds)
-    labels_out = np.zeros(len(ds), dtype=np.int64)
+    world = distributed.current()
+    mine: list[tuple[list[int], np.ndarray, np.ndarray]] = []
     loss_sum = 0.0
-    for idx in eval_batches(lengths, batch_size):
+    for idx in distributed.shard(eval_batches(lengths, batch_size), world):
         batch = to_device(collate(take(ds, idx)), device)
         with autocast(device, amp):
             out = model(**batch)
         loss_sum += float(out.loss) * len(idx)
-        logits = out.logits.float().cpu().numpy()
-        for j, i in enumerate(idx):
-            logits_out[i] = logits[j]
-        labels_out[idx] = batch["labels"].cpu().numpy()
+        mine.append((idx, out.logits.float().cpu().numpy(), batch["labels"].cpu().numpy()))
         if progress is not None:
-            progress.update(len(idx))
+            progress.update(len(idx) * world.size)  # the other ranks score as many meanwhile
     if progress is not None:
         progress.close()
     model.train(was_training)
-    return np.stack(logits_out), labels_out, loss_sum / max(1, len(ds))
+    logits_out: list[np.ndarray | None] = [None] * len(ds)
+    labels_out = np.zeros(len(ds), dtype=np.int64)
+    total_loss = 0.0
+    for part, part_loss in distributed.gather((mine, loss_sum), world):
+        total_loss += part_loss
+        for idx, logits, labels in part:
+            for j, i in enumerate(idx):
+                logits_out[i] = logits[j]
+            labels_out[idx] = labels
+    return np.stack(logits_out), labels_out, total_loss / max(1, len(ds))

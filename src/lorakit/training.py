@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from lorakit import artifacts, checkpoint, modeling
+from lorakit import artifacts, checkpoint, distributed, modeling
 from lorakit.batching import train_batches
 from lorakit.card import model_card
 from lorakit.config import RunConfig, TrainConfig, load_config
@@ -49,6 +50,7 @@ class TrainResult:
     seconds: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
+    main: bool = True  # False on the ranks > 0 of a data-parallel run, which write nothing
 
 
 def set_seed(seed: int) -> None:
@@ -90,6 +92,10 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             Without a checkpoint the run starts from the beginning.
         progress: Show progress bars.
 
+    Under ``torchrun`` / ``accelerate launch`` every process calls this: training is data-parallel
+    (``train.batch_size`` per process), evaluation is shared out and gathered, and only rank 0
+    writes (see :mod:`lorakit.distributed`).
+
     Returns:
         The run's :class:`TrainResult`; the adapter is in ``<output.dir>/adapter``.
 
@@ -105,13 +111,29 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     t0 = time.perf_counter()
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = modeling.pick_device(t.device)
+    world, device = distributed.setup(t.device)
+    level = log.level
+    if not world.main:
+        log.setLevel(logging.WARNING)  # rank 0 speaks for the run
+    try:
+        return _train(cfg, task, world, device or modeling.pick_device(t.device), t0, overwrite=overwrite, resume=resume, progress=progress and world.main)
+    finally:
+        log.setLevel(level)
+        distributed.shutdown()
+
+
+def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: bool, progress: bool) -> TrainResult:
+    t = cfg.train
     amp = modeling.pick_precision(t.mixed_precision, device)
 
     # Everything that can fail on user input is checked before the run directory is touched.
     model_path = modeling.resolve_model_path(cfg.model)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
+    if world.distributed:  # every rank read and split the data itself: they must agree
+        seen = distributed.gather((data.label_space.labels if data.label_space else None, {k: len(v) for k, v in data.splits.items()}), world)
+        if any(x != seen[0] for x in seen):
+            raise LorakitError(f"the processes prepared different data ({seen[0]} on rank 0, {next(x for x in seen if x != seen[0])} elsewhere); give every node the same data files")
     set_seed(t.seed)
     base, new_modules = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
     model = task.prepare_model(modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules))
@@ -122,21 +144,31 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
 
     run = Path(cfg.output.dir)
     state = checkpoint.load_latest(run) if resume else None
-    if state is not None:
-        _check_resumable(run, cfg)
-    elif resume and (run / "metrics.json").is_file():
-        raise RunDirError(f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)")
-    else:
+    distributed.barrier(world)  # every rank has read the checkpoint before rank 0 may clear the folder
+
+    def prepare_run() -> Path:
+        if state is not None:
+            _check_resumable(run, cfg)
+            if state.get("world_size", 1) != world.size:
+                raise RunDirError(f"--resume: the run in '{run}' was trained on {state.get('world_size', 1)} process(es), not {world.size}; resume with the same number of processes (the batches depend on it)")
+            return run
+        if resume and (run / "metrics.json").is_file():
+            raise RunDirError(f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)")
         # A fresh start; with --resume and no checkpoint yet, whatever a killed run left is replaced.
-        run = artifacts.prepare_run_dir(run, overwrite=resume or (overwrite if overwrite is not None else cfg.output.overwrite))
-        artifacts.clear_run_dir(run)
-    log_file = logging.FileHandler(run / "train.log", encoding="utf-8")
-    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log_file.setLevel(logging.DEBUG)
-    log.addHandler(log_file)
+        fresh = artifacts.prepare_run_dir(run, overwrite=resume or (overwrite if overwrite is not None else cfg.output.overwrite))
+        artifacts.clear_run_dir(fresh)
+        artifacts.write_text_atomic(fresh / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
+        return fresh
+
+    run = distributed.on_main(prepare_run, world) or run
     old_level = log.level
-    log.setLevel(logging.DEBUG)  # the file gets every training-loss line; the console handler filters
-    artifacts.write_text_atomic(run / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
+    log_file = None
+    if world.main:
+        log_file = logging.FileHandler(run / "train.log", encoding="utf-8")
+        log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log_file.setLevel(logging.DEBUG)
+        log.addHandler(log_file)
+        log.setLevel(logging.DEBUG)  # the file gets every training-loss line; the console handler filters
     sizes = {k: len(v) for k, v in data.splits.items()}
     for note in data.stats.get("warnings", []):
         log.warning(note)
@@ -144,21 +176,23 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     log.info("model: %s (%s) with LoRA r=%d on %s; trainable %s / %s params (%.2f%%)", cfg.model.name_or_path,
              base.config.model_type, cfg.lora.r, sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str) else lora_cfg.target_modules,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    log.info("device: %s, precision: %s, threads: %d", device, amp or "fp32", torch.get_num_threads())
+    log.info("device: %s, precision: %s, threads: %d%s", device, amp or "fp32", torch.get_num_threads(),
+             f", {world.size} processes (batch {t.batch_size} per process, {t.batch_size * world.size * t.gradient_accumulation_steps} per step)" if world.distributed else "")
 
     writer = None
     try:
-        if cfg.output.tensorboard:
+        if cfg.output.tensorboard and world.main:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(run / "tensorboard"))
 
         model.to(device)
         model.train()
+        forward = distributed.wrap(model, world, device)  # the training forward / backward; DDP when launched
         train_collate = task.collate(processor, cfg.data, train=True)
         train_ds = data.splits["train"]
         lengths = train_ds["length"] if "length" in train_ds.column_names else [1] * len(train_ds)
-        steps_per_epoch, total_steps = optimizer_steps(len(train_ds), t)
+        steps_per_epoch, total_steps = optimizer_steps(len(train_ds), t, world.size)
         head_modules = sorted(set(lora_cfg.modules_to_save or []))
         optimizer = torch.optim.AdamW(_param_groups(model, cfg, head_modules), lr=t.learning_rate, betas=t.adam_betas)
         from transformers import get_scheduler
@@ -214,17 +248,22 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             history, best_value, best_state, best_eval, best_at = state["history"], state["best_value"], state["best_state"], state["best_eval"], state["best_at"]
             evals_without_gain, stop, step, epoch, start_micro = state["evals_without_gain"], state["stop"], state["step"], state["epoch"], state["micro"]
             running_loss, running_n = state["running_loss"], state["running_n"]
-            checkpoint.set_rng_state(state["rng"])  # last: everything above may have drawn random numbers
+            checkpoint.set_rng_state(state.get("rng_ranks", [state["rng"]])[world.rank])  # last: everything above may have drawn random numbers
             log.info("resumed from checkpoint at step %d (epoch %d, batch %d)", step, epoch, start_micro)
 
         def save_checkpoint(at_epoch: int, next_micro: int) -> None:
+            rngs = distributed.gather(checkpoint.rng_state(), world)  # each rank draws its own dropout masks
+            if not world.main:
+                return
             checkpoint.save(run, step, {
                 "step": step, "epoch": at_epoch, "micro": next_micro, "stop": stop,
                 "trainable": _adapter_state(model),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": checkpoint.rng_state(), "history": history, "best_value": best_value, "best_state": best_state,
+                "rng": rngs[0], "rng_ranks": rngs, "world_size": world.size,
+                "history": history, "best_value": best_value, "best_state": best_state,
                 "best_eval": best_eval, "best_at": best_at, "evals_without_gain": evals_without_gain,
                 "running_loss": running_loss, "running_n": running_n,
+                "run_seconds": time.perf_counter() - t0 - eval_time[0] + clock_offset,
             })
 
         from tqdm.auto import tqdm
@@ -235,15 +274,23 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             return tqdm(total=len(data.splits[split]), desc=split, unit="ex", disable=not progress, leave=False, dynamic_ncols=True)
 
         def score(split: str) -> dict[str, Any]:
+            distributed.sync_buffers(model, world)
             return task.evaluate(model, data.splits[split], processor, cfg.data, data.label_space, batch_size=t.eval_batch_size, device=device, amp=amp,
                                  progress=eval_bar(split), generation_samples=t.generation_samples, max_new_tokens=t.max_new_tokens)
 
+        eval_time = [0.0]  # seconds spent evaluating in this process
+        clock_offset = float(state.get("run_seconds", 0.0)) if state else 0.0  # training time before a resume
+
         def run_eval(epoch: float) -> None:
             nonlocal best_value, best_state, best_eval, best_at, evals_without_gain, stop
+            started = time.perf_counter()
             metrics = score("validation")
+            # seconds: time since the run started, evaluations left out (when the run reached this point)
+            elapsed = started - t0 - eval_time[0] + clock_offset
+            eval_time[0] += time.perf_counter() - started
             if metric_name not in metrics:
                 raise TrainingError(f"train.metric_for_best: '{metric_name}' is not computed for {cfg.task}; choose one of {', '.join(scalars(metrics))}")
-            row = {"step": step, "epoch": round(epoch, 4), "split": "validation", **scalars(metrics)}
+            row = {"step": step, "epoch": round(epoch, 4), "split": "validation", "seconds": round(elapsed, 2), **scalars(metrics)}
             history.append(row)
             if writer:
                 for k, v in scalars(metrics).items():
@@ -262,22 +309,33 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
                     log.info("early stopping: no gain in %s for %d evaluations", metric_name, evals_without_gain)
                     stop = True
 
+        loop_start, loop_eval = time.perf_counter(), eval_time[0]
         while step < total_steps and not stop:
-            batches = train_batches(lengths, t.batch_size, seed=t.seed, epoch=epoch, group_by_length=t.group_by_length)
-            for micro, idx in enumerate(batches):
+            # The global micro-batches of batch_size x processes examples; each rank takes its rows.
+            batches = train_batches(lengths, t.batch_size * world.size, seed=t.seed, epoch=epoch, group_by_length=t.group_by_length)
+            for micro, global_idx in enumerate(batches):
                 if micro < start_micro:  # resumed: these batches were trained on before the checkpoint
                     continue
-                batch = to_device(train_collate(take(train_ds, idx)), device)
-                with autocast(device, amp):
-                    loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    kept = "; the last good checkpoint is kept in checkpoints/" if checkpoint.complete(run) else ""
-                    raise TrainingError(f"training loss became {float(loss.detach())} at step {step}: lower train.learning_rate or use mixed_precision: no{kept}")
-                scaler.scale(loss / t.gradient_accumulation_steps).backward()
-                running_loss += float(loss.detach()) * len(idx)
-                running_n += len(idx)
                 last_micro = micro == len(batches) - 1
-                if (micro + 1) % t.gradient_accumulation_steps and not last_micro:
+                boundary = not (micro + 1) % t.gradient_accumulation_steps or last_micro
+                idx = distributed.shard(global_idx, world) or global_idx[:1]  # a rank left without rows runs one at weight 0
+                batch = to_device(train_collate(take(train_ds, idx)), device)
+                units = _loss_units(batch["labels"]) if len(global_idx) > world.rank else 0
+                # DDP syncs gradients only at the optimizer step; accumulation steps stay local.
+                with (forward.no_sync() if world.distributed and not boundary else contextlib.nullcontext()), autocast(device, amp):
+                    loss = forward(**batch).loss
+                    # This rank's mean loss, weighted by its share of the global batch's examples (or
+                    # label tokens): DDP's gradient average is then the single-process gradient.
+                    units_all, loss_sum = distributed.all_sum([units, float(loss.detach()) * units], device)
+                    scaled = loss * (units * world.size / max(units_all, 1))
+                global_loss = loss_sum / max(units_all, 1)
+                if not math.isfinite(global_loss):
+                    kept = "; the last good checkpoint is kept in checkpoints/" if checkpoint.complete(run) else ""
+                    raise TrainingError(f"training loss became {global_loss} at step {step}: lower train.learning_rate or use mixed_precision: no{kept}")
+                scaler.scale(scaled / t.gradient_accumulation_steps).backward()
+                running_loss += global_loss * len(global_idx)
+                running_n += len(global_idx)
+                if not boundary:
                     continue
                 # ---- optimizer step ----
                 if t.max_grad_norm:
@@ -311,6 +369,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
                 run_eval(min(epoch, step / steps_per_epoch))
             save_checkpoint(epoch, 0)
         bar.close()
+        train_seconds = time.perf_counter() - loop_start - (eval_time[0] - loop_eval)  # this process's optimizer steps
         evaluated_last = any(r["split"] == "validation" and r["step"] == step for r in history)
         if not evaluated_last and not stop:
             run_eval(step / steps_per_epoch)
@@ -320,6 +379,12 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         # ============================================================================================
         if best_state is not None:
             model.load_state_dict(best_state, strict=False)
+        if not world.main:  # rank 0 writes; the others help score the test split, then are done
+            test_metrics = score("test") if "test" in data.splits else None
+            if test_metrics is not None and t.score_base_model:
+                with model.disable_adapter():
+                    score("test")
+            return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, time.perf_counter() - t0, trainable, total, main=False)
         test_metrics, base_metrics = None, None
         if "test" in data.splits:
             test_metrics = score("test")
@@ -336,7 +401,9 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             "test": test_metrics,
             **({"test_base_model": base_metrics} if base_metrics else {}),
             "seconds": round(elapsed, 1),
+            "train_seconds": round(train_seconds, 2),
             "steps": step,
+            "data_sizes": sizes,
             "parameters": {"trainable": trainable, "total": total},
         }
         artifacts.write_json_atomic(run / "metrics.json", final)
@@ -356,15 +423,22 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     finally:
         if writer:
             writer.close()
-        log.removeHandler(log_file)
-        log_file.close()
+        if log_file:
+            log.removeHandler(log_file)
+            log_file.close()
         log.setLevel(old_level)
 
 
-def optimizer_steps(n_train: int, t: TrainConfig) -> tuple[int, int]:
+def optimizer_steps(n_train: int, t: TrainConfig, processes: int = 1) -> tuple[int, int]:
     """(optimizer steps per epoch, optimizer steps in the whole run) for ``n_train`` examples."""
-    per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
+    per_epoch = math.ceil(math.ceil(n_train / (t.batch_size * processes)) / t.gradient_accumulation_steps)
     return per_epoch, t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+
+
+def _loss_units(labels: torch.Tensor) -> int:
+    """What a batch's mean loss averages over: its examples, or for token labels its label tokens."""
+    # Language models shift labels by one inside the forward: the first position is never a target.
+    return int((labels[:, 1:] != -100).sum()) if labels.ndim > 1 else int(labels.shape[0])
 
 
 def _restore_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
+from lorakit import distributed
 from lorakit.config import DataConfig, ModelConfig, RunConfig
 from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
@@ -406,8 +407,9 @@ class CausalLM(Task):
         was_training = model.training
         model.eval()
         collate = self.collate(processor, data_cfg)
+        world = distributed.current()
         nll, tokens = 0.0, 0
-        for idx in eval_batches(ds["length"], batch_size):
+        for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):  # each rank its share
             batch = to_device(collate(take(ds, idx)), device)
             labels = batch.pop("labels")
             with autocast(device, amp):
@@ -416,16 +418,23 @@ class CausalLM(Task):
             nll += float(torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"))
             tokens += int((shift_labels != IGNORE).sum())
             if progress is not None:
-                progress.update(len(idx))
+                progress.update(len(idx) * world.size)
         if progress is not None:
             progress.close()
+        nll, tokens = distributed.all_sum([nll, tokens], device)
+        tokens = int(tokens)
         loss = nll / max(1, tokens)
         metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "examples": len(ds)}
         n = min(generation_samples, len(ds)) if "reference" in ds.column_names else 0
         if n:
             rows = ds.select(range(n))
             refs = rows["reference"]
-            outs = self.generate_ids(model, processor, rows["prompt_ids"], max_new_tokens=max_new_tokens, batch_size=batch_size)
+            prompts = rows["prompt_ids"]
+            # Each rank answers every world.size-th prompt; the answers are put back in order.
+            mine = self.generate_ids(model, processor, distributed.shard(prompts, world), max_new_tokens=max_new_tokens, batch_size=batch_size)
+            outs: list[str] = [""] * len(prompts)
+            for rank, answers in enumerate(distributed.gather(mine, world)):
+                outs[rank :: world.size] = answers
             scored = [(r, o) for r, o in zip(refs, outs, strict=True) if r]
             if scored:
                 metrics["exact_match"] = float(np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored]))

