@@ -19,8 +19,8 @@ def test_head_tail_keeps_both_ends() -> None:
     assert head_tail([1, 2, 3], 16) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("mode", ["head", "tail", "head_tail"])
-def test_truncation_modes_keep_special_tokens(mode: str, tiny_bert_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["head", "tail", "head_tail", None])
+def test_truncation_modes_keep_special_tokens(mode: str | None, tiny_bert_dir: Path) -> None:
     task = get_task("text-classification")
     tok = task.load_processor(ModelConfig(name_or_path=str(tiny_bert_dir)), str(tiny_bert_dir))
     text = "great " + "the film " * 20 + "awful"
@@ -28,8 +28,12 @@ def test_truncation_modes_keep_special_tokens(mode: str, tiny_bert_dir: Path) ->
     ids = encode_texts(tok, [text], None, cfg)["input_ids"][0]
     assert len(ids) == 12 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     words = tok.convert_ids_to_tokens(ids)
-    assert ("great" in words) == (mode in {"head", "head_tail"})
-    assert ("awful" in words) == (mode in {"tail", "head_tail"})
+    kept = mode or "head_tail"  # unset: both ends of a single text
+    assert ("great" in words) == (kept in {"head", "head_tail"})
+    assert ("awful" in words) == (kept in {"tail", "head_tail"})
+    if mode is None:  # ... and the start of a text pair, the one rule that works on pairs
+        pair = encode_texts(tok, [text], ["dull"], cfg)["input_ids"][0]
+        assert len(pair) == 12 and "great" in tok.convert_ids_to_tokens(pair) and "awful" not in tok.convert_ids_to_tokens(pair)
 
 
 def test_head_tail_rejects_text_pairs() -> None:

@@ -79,7 +79,7 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (seeded sample).")
     max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many validation and test examples each.")
     max_length: int = Field(256, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
-    truncation: Literal["head", "tail", "head_tail"] = Field("head", description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict).")
+    truncation: Literal["head", "tail", "head_tail"] | None = Field(None, description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict); unset = head_tail for single texts, head for text pairs.")
     seed: int = Field(42, description="Seed of splits and sampling: the same seed gives the same examples.")
 
     @model_validator(mode="after")
@@ -101,15 +101,15 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
     gguf_file: str | None = Field(None, description="GGUF file inside the model folder (dequantised on load); found automatically when `name_or_path` is a .gguf file or a folder with exactly one.")
     quantization: Literal["none", "4bit", "8bit"] = Field("none", description="Load the frozen base in 4 / 8 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
-    dropout: float | None = Field(None, ge=0, lt=1, description="Override every dropout probability of the base model (hidden, attention, classifier); null keeps the model's own. 0 halves the step time on CPUs, where dropout masks are costly.")
+    dropout: float | None = Field(0.0, ge=0, lt=1, description="Override every dropout probability of the base model (hidden, attention, classifier); null keeps the model's own. The default 0 halves the step time on CPUs (dropout masks are costly there), saves the masks' memory, and cost no accuracy in one-epoch LoRA runs (BENCHMARKS.md, quality).")
 
 
 class LoraSettings(_Section):
     """LoRA hyperparameters (passed to peft.LoraConfig)."""
 
-    r: int = Field(16, ge=1, le=4096, description="Rank of the update matrices.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    r: int = Field(8, ge=1, le=4096, description="Rank of the update matrices.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str | None = Field(None, description="Module name suffixes to adapt, a regex string, or `all-linear`; unset = the default for the architecture.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
@@ -126,7 +126,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
     eval_batch_size: int = Field(64, ge=1, description="Examples per forward pass during evaluation.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
-    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of AdamW.")
     head_learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the task head; unset = learning_rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

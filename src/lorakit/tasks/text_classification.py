@@ -52,10 +52,11 @@ def head_tail(seq: list[int], max_len: int) -> list[int]:
 def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, data_cfg: DataConfig) -> dict[str, list[list[int]]]:
     """Tokenize with the run's truncation rule; training, evaluation and prediction all come here."""
     max_len = data_cfg.max_length
-    if data_cfg.truncation == "head_tail":
+    mode = data_cfg.truncation or ("head" if pairs else "head_tail")
+    if mode == "head_tail":
         enc = dict(tokenizer(texts, truncation=False))
         return {key: [head_tail(r, max_len) for r in rows] for key, rows in enc.items()}
-    tokenizer.truncation_side = "left" if data_cfg.truncation == "tail" else "right"
+    tokenizer.truncation_side = "left" if mode == "tail" else "right"
     return dict(tokenizer(texts, pairs, truncation=True, max_length=max_len))
 
 
