@@ -12,6 +12,7 @@ that peak RSS is that configuration's alone and one run cannot warm another's ca
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -187,3 +188,41 @@ def run_child(script: Path, name: str, extra: list[str], timeout: float = 3600) 
 
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every training benchmark takes (and the hidden ones its child processes get)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=key=value[,key=value]", help="an extra lorakit configuration: overrides on top of the defaults")
+    ap.add_argument("--quick", action="store_true", help="64 training reviews: a smoke test of the script, not a measurement")
+    ap.add_argument("--out", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    return ap
+
+
+def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``NAME=a.b=1,c.d=[x,y]`` -> ("lorakit:NAME", ["a.b=1", "c.d=[x,y]"]) (commas inside brackets kept)."""
+    out = []
+    for spec in specs:
+        name, _, items = spec.partition("=")
+        parts, depth, cur = [], 0, ""
+        for ch in items:
+            depth += (ch == "[") - (ch == "]")
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        out.append((f"lorakit:{name}", [p for p in [*parts, cur] if p]))
+    return out
+
+
+def run_configs(script: Path, configs: list[tuple[str, list[str]]], tmp: Path, quick: bool) -> list[dict[str, Any]]:
+    """Each configuration in its own child process, one after the other."""
+    results = []
+    for name, overrides in configs:
+        extra = ["--work", str(tmp / name.replace(":", "-")), *(["--quick"] if quick else [])] + [a for o in overrides for a in ("--set", o)]
+        results.append(run_child(script, name, extra))
+    return results

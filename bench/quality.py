@@ -20,7 +20,6 @@ Each configuration runs in its own process, one after the other.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -51,33 +50,20 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--only", nargs="*", default=["full", "peft", "lorakit"], help="which of full, peft, lorakit to run")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=key=value[,key=value]", help="an extra lorakit configuration: overrides on top of the defaults")
-    ap.add_argument("--out", type=Path, help="also write the results as JSON here")
-    ap.add_argument("--quick", action="store_true", help="64 training reviews: a smoke test of the script, not a measurement")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.work, args.set, args.quick)
         return
 
-    configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only]
-    for v in args.variant:
-        name, _, items = v.partition("=")
-        configs.append((f"lorakit:{name}", [s for s in _split(items) if s]))
+    configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only] + common.variants(args.variant)
     print(f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews", flush=True)
-    results = []
     with tempfile.TemporaryDirectory(prefix="lorakit-quality-") as tmp:
-        for name, overrides in configs:
-            work = Path(tmp) / name.replace(":", "-")
-            extra = ["--work", str(work), *(["--quick"] if args.quick else [])] + [a for o in overrides for a in ("--set", o)]
-            r = common.run_child(SCRIPT, name, extra)
-            results.append(r)
-            print(f"{name:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
-                  f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(overrides)}", flush=True)
+        results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
+    for r in results:
+        print(f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
+              f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}", flush=True)
     by = {r["name"]: r for r in results}
     if "full" in by:
         print("\ngaps to full fine-tuning (accuracy points; time as a ratio):")
@@ -91,20 +77,6 @@ def main() -> None:
                 print(f"  {r['name']:28s} {r['seconds'] / by['peft']['seconds']:.2f}x")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
-
-
-def _split(items: str) -> list[str]:
-    """Split ``a=1,b=[x,y]`` at the commas that are not inside brackets."""
-    out, depth, cur = [], 0, ""
-    for ch in items:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [*out, cur]
 
 
 if __name__ == "__main__":

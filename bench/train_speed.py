@@ -28,7 +28,6 @@ and tokenisation included, scoring excluded), training samples/s, peak RSS, and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -97,35 +96,21 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=key=value[,key=value]", help="an extra lorakit configuration (overrides on top of the defaults)")
-    ap.add_argument("--quick", action="store_true", help="64 training reviews: a smoke test of the script, not a measurement")
-    ap.add_argument("--out", type=Path, help="also write the results as JSON here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = common.parser(__doc__).parse_args()
     if args.child:
         child(args.child, args.work, args.set, args.quick)
         return
 
     import torch
 
-    configs = [("reference", []), ("lorakit", [])]
-    for v in args.variant:
-        name, _, items = v.partition("=")
-        configs.append((f"lorakit:{name}", [s for s in items.split(",") if s]))
+    configs = [("reference", []), ("lorakit", []), *common.variants(args.variant)]
     print(f"# bench/train_speed.py: packaged MiniLM, {N_TRAIN} IMDB training reviews, accuracy on {N_TEST} held-out reviews; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     peak_before = matmul_flops()
-    results = []
     with tempfile.TemporaryDirectory(prefix="lorakit-speed-") as tmp:
         slices = common.write_slices(Path(tmp) / "data", *((64, 16, 48) if args.quick else (N_TRAIN, 200, N_TEST)))
         epoch_flops = training_flops(slices)
-        for name, overrides in configs:
-            work = Path(tmp) / name.replace(":", "-")
-            extra = ["--work", str(work), *(["--quick"] if args.quick else [])] + [a for o in overrides for a in ("--set", o)]
-            results.append(common.run_child(SCRIPT, name, extra))
+        results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
     peak = max(peak_before, matmul_flops())
     print(f"dense fp32 matmul: {peak / 1e9:.1f} GFLOP/s (before the runs {peak_before / 1e9:.1f}); model FLOPs of one epoch {epoch_flops / 1e12:.2f} TFLOP\n")
 
