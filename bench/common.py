@@ -73,14 +73,11 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float = 1, batch_size: int = 16, max_length: int = 256,
-              eval_steps: int | None = None, work: Path) -> dict[str, Any]:
+def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float = 1, batch_size: int = 16, max_length: int = 256, work: Path) -> dict[str, Any]:
     """Train and score one reference configuration; times are seconds from the start of the call.
 
     Args:
         lora: PEFT's guide recipe (r=8, alpha 16, dropout 0.1, query/value) or, False, full fine-tuning.
-        eval_steps: Also score the held-out slice every N optimizer steps (the accuracy curve the
-            speed benchmark needs); the time spent scoring is subtracted from the reported times.
     """
     import numpy as np
     import torch
@@ -90,7 +87,6 @@ def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float =
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -114,22 +110,7 @@ def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float =
     args = TrainingArguments(output_dir=str(work / "trainer"), learning_rate=lr, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
                              num_train_epochs=epochs, weight_decay=0.01, eval_strategy="no", save_strategy="no", report_to="none", seed=SEED,
                              logging_steps=50, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-    curve: list[dict[str, float]] = []
-    eval_seconds = [0.0]
-
     trainer = Trainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["test"], data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy)
-    if eval_steps:
-        class Curve(TrainerCallback):
-            def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
-                if state.global_step % eval_steps == 0:
-                    s = time.perf_counter()
-                    acc = trainer.evaluate()["eval_accuracy"]
-                    # the clock stops while the curve is measured: times are training time only
-                    curve.append({"step": state.global_step, "seconds": s - t0 - eval_seconds[0], "accuracy": acc})
-                    eval_seconds[0] += time.perf_counter() - s
-                    trainer.model.train()
-
-        trainer.add_callback(Curve())
     t_train = time.perf_counter()
     out = trainer.train()
     train_end = time.perf_counter()
@@ -137,13 +118,12 @@ def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float =
     t_end = time.perf_counter()
     return {
         "accuracy": final["eval_accuracy"],
-        "seconds": t_end - t0 - eval_seconds[0],
-        "train_seconds": train_end - t_train - eval_seconds[0],
+        "seconds": t_end - t0,
+        "train_seconds": train_end - t_train,
         "steps": out.global_step,
         "examples": len(ds["train"]) * epochs,
         "trainable": trainable,
         "total": total,
-        "curve": curve,
         "peak_rss_mb": peak_rss_mb(),
     }
 
