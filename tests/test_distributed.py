@@ -24,15 +24,19 @@ from conftest import CHAT_WORDS, make_config, make_lm_config, make_texts, write_
 TOL = 1e-4
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def torchrun_cmd(config: Path, *extra: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lorakit", "train", str(config), "--no-progress", *extra]
+
+
 def torchrun(config: Path, *extra: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lorakit", "train", str(config), "--no-progress", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(torchrun_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def single(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--no-progress", *extra], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--no-progress", *extra], capture_output=True, text=True, timeout=300, env=ENV)
 
 
 def tree(run: Path) -> list[str]:
@@ -91,8 +95,7 @@ def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.Com
     root, _ = text_runs
     config = text_config(tmp_path, tiny_bert_dir, root / "reviews.csv", batch_size=4)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit", "train", str(config), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(torchrun_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     target = random.Random().choice([4, 8, 12])
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:

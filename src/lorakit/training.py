@@ -130,8 +130,9 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     model_path = modeling.resolve_model_path(cfg.model)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
+    sizes = {k: len(v) for k, v in data.splits.items()}
     if world.distributed:  # every rank read and split the data itself: they must agree
-        seen = distributed.gather((data.label_space.labels if data.label_space else None, {k: len(v) for k, v in data.splits.items()}), world)
+        seen = distributed.gather((data.label_space.labels if data.label_space else None, sizes), world)
         if any(x != seen[0] for x in seen):
             raise LorakitError(f"the processes prepared different data ({seen[0]} on rank 0, {next(x for x in seen if x != seen[0])} elsewhere); give every node the same data files")
     set_seed(t.seed)
@@ -149,8 +150,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     def prepare_run() -> Path:
         if state is not None:
             _check_resumable(run, cfg)
-            if state.get("world_size", 1) != world.size:
-                raise RunDirError(f"--resume: the run in '{run}' was trained on {state.get('world_size', 1)} process(es), not {world.size}; resume with the same number of processes (the batches depend on it)")
+            if len(_rank_rngs(state)) != world.size:
+                raise RunDirError(f"--resume: the run in '{run}' was trained on {len(_rank_rngs(state))} process(es), not {world.size}; resume with the same number of processes (the batches depend on it)")
             return run
         if resume and (run / "metrics.json").is_file():
             raise RunDirError(f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)")
@@ -161,7 +162,6 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         return fresh
 
     run = distributed.on_main(prepare_run, world) or run
-    old_level = log.level
     log_file = None
     if world.main:
         log_file = logging.FileHandler(run / "train.log", encoding="utf-8")
@@ -169,7 +169,6 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         log_file.setLevel(logging.DEBUG)
         log.addHandler(log_file)
         log.setLevel(logging.DEBUG)  # the file gets every training-loss line; the console handler filters
-    sizes = {k: len(v) for k, v in data.splits.items()}
     for note in data.stats.get("warnings", []):
         log.warning(note)
     log.info("data: %s; labels: %s", sizes, ", ".join(data.label_space.labels) if data.label_space else "-")
@@ -248,7 +247,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
             history, best_value, best_state, best_eval, best_at = state["history"], state["best_value"], state["best_state"], state["best_eval"], state["best_at"]
             evals_without_gain, stop, step, epoch, start_micro = state["evals_without_gain"], state["stop"], state["step"], state["epoch"], state["micro"]
             running_loss, running_n = state["running_loss"], state["running_n"]
-            checkpoint.set_rng_state(state.get("rng_ranks", [state["rng"]])[world.rank])  # last: everything above may have drawn random numbers
+            checkpoint.set_rng_state(_rank_rngs(state)[world.rank])  # last: everything above may have drawn random numbers
             log.info("resumed from checkpoint at step %d (epoch %d, batch %d)", step, epoch, start_micro)
 
         def save_checkpoint(at_epoch: int, next_micro: int) -> None:
@@ -259,7 +258,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                 "step": step, "epoch": at_epoch, "micro": next_micro, "stop": stop,
                 "trainable": _adapter_state(model),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rngs[0], "rng_ranks": rngs, "world_size": world.size,
+                "rng_ranks": rngs,
                 "history": history, "best_value": best_value, "best_state": best_state,
                 "best_eval": best_eval, "best_at": best_at, "evals_without_gain": evals_without_gain,
                 "running_loss": running_loss, "running_n": running_n,
@@ -318,9 +317,9 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                     continue
                 last_micro = micro == len(batches) - 1
                 boundary = not (micro + 1) % t.gradient_accumulation_steps or last_micro
-                idx = distributed.shard(global_idx, world) or global_idx[:1]  # a rank left without rows runs one at weight 0
-                batch = to_device(train_collate(take(train_ds, idx)), device)
-                units = _loss_units(batch["labels"]) if len(global_idx) > world.rank else 0
+                mine = distributed.shard(global_idx, world)
+                batch = to_device(train_collate(take(train_ds, mine or global_idx[:1])), device)  # a rank left without rows runs one at weight 0
+                units = _loss_units(batch["labels"]) if mine else 0
                 # DDP syncs gradients only at the optimizer step; accumulation steps stay local.
                 with (forward.no_sync() if world.distributed and not boundary else contextlib.nullcontext()), autocast(device, amp):
                     loss = forward(**batch).loss
@@ -426,13 +425,18 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         if log_file:
             log.removeHandler(log_file)
             log_file.close()
-        log.setLevel(old_level)
 
 
 def optimizer_steps(n_train: int, t: TrainConfig, processes: int = 1) -> tuple[int, int]:
     """(optimizer steps per epoch, optimizer steps in the whole run) for ``n_train`` examples."""
     per_epoch = math.ceil(math.ceil(n_train / (t.batch_size * processes)) / t.gradient_accumulation_steps)
     return per_epoch, t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+
+
+def _rank_rngs(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each rank's RNG state in a checkpoint (one per process; checkpoints older than data-parallel
+    training hold a single ``rng``)."""
+    return state["rng_ranks"] if "rng_ranks" in state else [state["rng"]]
 
 
 def _loss_units(labels: torch.Tensor) -> int:
