@@ -58,7 +58,8 @@ def main() -> None:
         return
 
     configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only] + common.variants(args.variant)
-    print(f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews", flush=True)
+    print("# bench/quality.py --quick: 64 training reviews, a smoke test, not a measurement" if args.quick else
+          f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews", flush=True)
     with tempfile.TemporaryDirectory(prefix="lorakit-quality-") as tmp:
         results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
     for r in results:
