@@ -73,11 +73,14 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float = 1, batch_size: int = 16, max_length: int = 256, work: Path) -> dict[str, Any]:
+def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float = 1, batch_size: int = 16, max_length: int = 256, work: Path,
+              head_tail: bool = False) -> dict[str, Any]:
     """Train and score one reference configuration; times are seconds from the start of the call.
 
     Args:
         lora: PEFT's guide recipe (r=8, alpha 16, dropout 0.1, query/value) or, False, full fine-tuning.
+        head_tail: cut long reviews as lorakit does by default (the first quarter of the tokens and the
+            rest from the end) instead of the tokenizer's usual head truncation.
     """
     import numpy as np
     import torch
@@ -95,7 +98,14 @@ def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float =
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_dataset("csv", data_files={"train": str(slices["train"]), "test": str(slices["test"])})
-    ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True, remove_columns=["text"])
+    if head_tail:
+        # The same rule as lorakit's data.truncation = head_tail, written out here so the recipe stays lorakit-free.
+        def cut(ids: list[int]) -> list[int]:
+            return ids if len(ids) <= max_length else ids[: max_length // 4] + ids[len(ids) - (max_length - max_length // 4) :]
+
+        ds = ds.map(lambda b: {k: [cut(r) for r in v] for k, v in tok(b["text"]).items()}, batched=True, remove_columns=["text"])
+    else:
+        ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True, remove_columns=["text"])
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
     if lora:
         from peft import LoraConfig, TaskType, get_peft_model

@@ -6,6 +6,7 @@ no configuration trains on (lorakit also gets 200 other reviews as its validatio
 uses to pick the best checkpoint; with one epoch there is one evaluation).
 
   full       full fine-tuning, transformers Trainer, lr 5e-5 (bench/common.py, no lorakit import)
+  full-head-tail   the same, with long reviews cut as lorakit cuts them by default (head + tail)
   peft       PEFT's guide: r=8, alpha 16, dropout 0.1, query/value, lr 1e-3, Trainer
   lorakit    `lorakit train` with a config naming only data, model and budget (its defaults)
 
@@ -35,8 +36,8 @@ N_TRAIN, N_VAL, N_TEST = 2000, 200, 1000
 
 def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
     slices = common.write_slices(work / "data", *((64, 16, 32) if quick else (N_TRAIN, N_VAL, N_TEST)))
-    if name == "full":
-        r = common.reference(slices, lora=False, lr=5e-5, work=work)
+    if name in ("full", "full-head-tail"):
+        r = common.reference(slices, lora=False, lr=5e-5, work=work, head_tail=name == "full-head-tail")
     elif name == "peft":
         r = common.reference(slices, lora=True, lr=1e-3, work=work)
     else:
@@ -51,7 +52,7 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
 
 def main() -> None:
     ap = common.parser(__doc__)
-    ap.add_argument("--only", nargs="*", default=["full", "peft", "lorakit"], help="which of full, peft, lorakit to run")
+    ap.add_argument("--only", nargs="*", default=["full", "full-head-tail", "peft", "lorakit"], help="which of full, full-head-tail, peft, lorakit to run")
     args = ap.parse_args()
     if args.child:
         child(args.child, args.work, args.set, args.quick)
@@ -66,11 +67,12 @@ def main() -> None:
         print(f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
               f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}", flush=True)
     by = {r["name"]: r for r in results}
-    if "full" in by:
-        print("\ngaps to full fine-tuning (accuracy points; time as a ratio):")
-        for r in results:
-            if r["name"] != "full":
-                print(f"  {r['name']:28s} {100 * (r['accuracy'] - by['full']['accuracy']):+5.1f} points, {r['seconds'] / by['full']['seconds']:.2f}x the time")
+    for base in ("full", "full-head-tail"):
+        if base in by:
+            print(f"\ngaps to {base} (accuracy points; time as a ratio):")
+            for r in results:
+                if not r["name"].startswith("full"):
+                    print(f"  {r['name']:28s} {100 * (r['accuracy'] - by[base]['accuracy']):+5.1f} points, {r['seconds'] / by[base]['seconds']:.2f}x the time")
     if "peft" in by:
         print("time against PEFT's usual recipe:")
         for r in results:
