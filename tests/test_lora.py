@@ -112,3 +112,29 @@ def test_rslora_scaling(tiny_bert_dir: Path) -> None:
     model, _ = _model(tiny_bert_dir, r=4, alpha=8, use_rslora=True)
     layer = next(m for n, m in model.named_modules() if n.endswith("attention.self.query"))
     assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_start_at_the_base_model(tiny_bert_dir: Path, init: str) -> None:
+    """They move part of each weight into A and B, so the untrained adapter still computes the base model."""
+    model, _ = _model(tiny_bert_dir, init=init)
+    plain, _ = _model(tiny_bert_dir)
+    batch = _batch(tiny_bert_dir)
+    layer = next(m for n, m in model.named_modules() if n.endswith("attention.self.query"))
+    assert layer.lora_B["default"].weight.abs().max() > 0  # not the zero start of default LoRA
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, plain(**batch).logits, atol=1e-4)
+
+
+def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tiny_bert_dir: Path) -> None:
+    from lorakit.config import RunConfig
+    from lorakit.training import _param_groups
+
+    model, new = _model(tiny_bert_dir)
+    cfg = RunConfig.model_validate({"data": {"train": "x.csv"}, "model": {"name_or_path": "m"},
+                                    "train": {"learning_rate": 1e-3, "head_learning_rate": 5e-3, "lora_plus_ratio": 16}})
+    lr_of = {id(p): g["lr"] for g in _param_groups(model, cfg, new) for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = 16e-3 if ".lora_B." in name else 5e-3 if "lora_" not in name else 1e-3
+            assert lr_of[id(p)] == pytest.approx(want), name

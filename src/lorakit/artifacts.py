@@ -136,7 +136,7 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], *, card: str) -> Path:
+def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], *, card: str, initial: Path | None = None) -> Path:
     """Save a peft model's adapter with lorakit metadata and a model card, atomically.
 
     Args:
@@ -144,16 +144,32 @@ def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], 
         target: The adapter directory to (re)place.
         metadata: Contents of ``lorakit.json``.
         card: Markdown text of the model card ``README.md``.
+        initial: The adapter as PiSSA / OLoRA initialised it (saved before training): the saved
+            adapter is then converted to plain LoRA that applies to the unmodified base model.
 
     Returns:
         The adapter directory.
     """
     with atomic_dir(target) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial) if initial else None)
+        if initial is not None:
+            _restore_saved_modules(peft_model, tmp / ADAPTER_WEIGHTS)
         # peft writes its own README.md stub; ours replaces it.
         (tmp / "README.md").write_text(card, encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
     return Path(target)
+
+
+def _restore_saved_modules(peft_model: Any, weights: Path) -> None:
+    """peft's PiSSA / OLoRA -> LoRA conversion keeps only the lora_A / lora_B tensors (peft 0.21);
+    the modules trained in full (the task head, norms: ``modules_to_save``) go back into the file."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    converted = load_file(str(weights))
+    dropped = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items() if k not in converted}
+    if dropped:
+        save_file({**dropped, **converted}, str(weights), metadata={"format": "pt"})
 
 
 def find_adapter_dir(path: str | Path) -> Path:

@@ -114,6 +114,7 @@ class LoraSettings(_Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description="Initialisation of the update matrices: `default` (A random, B zero), `gaussian`, `pissa` (A and B from the weight's top singular vectors; exact SVD, slow on large models) or `olora` (QR). PiSSA / OLoRA move part of the base weights into the adapter while training; the saved adapter is converted to a plain LoRA adapter of rank 2r that applies to the original base model.")
     modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained fully and saved; the task head is always added.")
     batch_norm: Literal["train", "freeze"] = Field("train", description="BatchNorm layers (CNNs): `train` trains them and saves them with the adapter (their running statistics follow the new data); `freeze` keeps the pretrained statistics and weights (pure LoRA).")
 
@@ -128,6 +129,7 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of AdamW.")
     head_learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the task head; unset = learning_rate.")
+    lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: the B matrices learn at learning_rate x this ratio (the paper suggests 16); unset = the same rate as A.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")

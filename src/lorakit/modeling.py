@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -230,10 +231,14 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
         bias=settings.bias,
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora,
+        init_lora_weights={"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[settings.init],
         modules_to_save=modules_to_save or None,
     )
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PiSSA / OLoRA warn that they change the base weights: lorakit saves them converted to plain LoRA.
+            warnings.filterwarnings("ignore", message=r".*changes the base weights of the model")
+            return get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
         raise ModelError(f"lora: peft could not apply this configuration: {str(exc).splitlines()[0][:300]}") from None
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,18 +65,21 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _param_groups(model: torch.nn.Module, cfg: RunConfig, head_modules: list[str]) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases / norms; optional own learning rate for the head."""
+    """AdamW groups: no weight decay on biases / norms; optional own learning rates for the head and (LoRA+) the B matrices."""
     t = cfg.train
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[bool, bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "norm" in name.lower()
         is_head = any(f".{h}." in f".{name}" for h in head_modules) and "lora_" not in name
-        groups.setdefault((no_decay, is_head), []).append(p)
+        is_b = ".lora_B." in name or ".lora_embedding_B." in name
+        groups.setdefault((no_decay, is_head, is_b), []).append(p)
     out = []
-    for (no_decay, is_head), params in groups.items():
+    for (no_decay, is_head, is_b), params in groups.items():
         lr = t.head_learning_rate if (is_head and t.head_learning_rate) else t.learning_rate
+        if is_b and t.lora_plus_ratio:
+            lr *= t.lora_plus_ratio
         out.append({"params": params, "weight_decay": 0.0 if no_decay else t.weight_decay, "lr": lr})
     return out
 
@@ -140,6 +144,11 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     model = task.prepare_model(modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules))
     trainable, total = modeling.count_parameters(model)
     lora_cfg = model.peft_config["default"]
+    # PiSSA / OLoRA move part of each base weight into the adapter: the starting adapter is kept so the
+    # saved one can be converted to a plain LoRA adapter (rank 2r) that applies to the original base model.
+    initial = tempfile.TemporaryDirectory(prefix="lorakit-initial-") if cfg.lora.init in ("pissa", "olora") and world.main else None
+    if initial is not None:
+        model.save_pretrained(str(Path(initial.name) / "initial"), safe_serialization=True)
     metric_name = t.metric_for_best or task.default_metric
     greater = t.greater_is_better if t.greater_is_better is not None else "loss" not in metric_name
 
@@ -410,7 +419,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         # The final adapter: the best weights, with the validation metrics of that step and the test metrics.
         meta = base_metadata() | {"trained": best_at}
         meta["metrics"] = {"validation": scalars(best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
-        artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta))
+        artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta), initial=Path(initial.name) / "initial" if initial else None)
         if cfg.output.report:
             from lorakit.report import write_report
 
@@ -420,6 +429,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         checkpoint.remove_all(run)  # the run is complete; its adapter and metrics are in place
         return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, elapsed, trainable, total)
     finally:
+        if initial is not None:
+            initial.cleanup()
         if writer:
             writer.close()
         if log_file:
