@@ -1,0 +1,146 @@
+"""Adaptation quality on images: lorakit's defaults against full fine-tuning, EfficientNet-Lite0 on Fashion-MNIST.
+
+One command, one run, the same data, model, seed and budget for every configuration: 10,000
+Fashion-MNIST training images (seeded sample of the official training split), one epoch, 64x64
+inputs, random resized crop (area 0.7-1) + flip on training images only, the ImageNet
+EfficientNet-Lite0 of lorakit's model zoo with a new 10-class head; accuracy on 2,000 images of the
+official test split (1,000 further training images are lorakit's validation split).
+
+  full:LR    full fine-tuning: every weight trained (AdamW at LR, linear warm-up 6% and decay, weight
+             decay 0.01 except biases / norms, gradient clipping 1.0: lorakit's optimiser settings),
+             written as a plain PyTorch loop over lorakit's data pipeline and model construction, so
+             that only the training method differs
+  lorakit    `lorakit train` with a config naming only data, model and budget (its defaults)
+
+    .venv/bin/python bench/quality_images.py                     # full at 3e-4 and 1e-3, lorakit (~15 min on 2 cores)
+    .venv/bin/python bench/quality_images.py --only lorakit --variant "r16=lora.r=16,lora.alpha=32"
+
+Each configuration runs in its own process, one after the other.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+SCRIPT = Path(__file__).resolve()
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+N_TRAIN, N_VAL, N_TEST = 10_000, 1_000, 2_000
+
+
+def run_config(work: Path, quick: bool) -> Path:
+    """Data, model and budget; everything else is lorakit's default."""
+    import yaml
+
+    n_train, n_eval = (256, 64) if quick else (N_TRAIN, N_TEST)
+    cfg = {
+        "task": "image-classification",
+        "data": {"train": str(FMNIST / "train-images-idx3-ubyte.gz"), "test": str(FMNIST / "t10k-images-idx3-ubyte.gz"),
+                 "label_names": LABELS, "validation_size": n_eval // 2 if quick else N_VAL, "max_train_samples": n_train, "max_eval_samples": n_eval,
+                 "image_size": 64, "crop_pct": 1.0, "augment": {"crop_scale": [0.7, 1.0]}, "seed": common.SEED},
+        "model": {"name_or_path": "zoo:efficientnet-lite0"},
+        "train": {"epochs": 1, "seed": common.SEED},
+        "output": {"dir": str(work / "run"), "overwrite": True, "report": False, "tensorboard": False},
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "lorakit.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def full_fine_tuning(config: Path, lr: float) -> dict:
+    """Every weight trained, with lorakit's data, model construction and optimiser settings."""
+    import torch
+    from transformers import get_scheduler
+
+    import lorakit
+    from lorakit import modeling
+    from lorakit.batching import train_batches
+    from lorakit.engine import evaluate_model, take
+    from lorakit.tasks import get_task
+    from lorakit.training import optimizer_steps, set_seed
+
+    t0 = time.perf_counter()
+    cfg = lorakit.load_config(config)
+    t = cfg.train
+    task = get_task(cfg.task)
+    model_path = modeling.resolve_model_path(cfg.model)
+    processor = task.load_processor(cfg.model, model_path)
+    data = task.prepare(cfg, processor)
+    set_seed(t.seed)
+    base, _ = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
+    model = task.prepare_model(base)
+    model.requires_grad_(True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=t.adam_betas)
+    train_ds = data.splits["train"]
+    _, total_steps = optimizer_steps(len(train_ds), t)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+    collate = task.collate(processor, cfg.data, train=True)
+    model.train()
+    t_train = time.perf_counter()
+    for idx in train_batches([1] * len(train_ds), t.batch_size, seed=t.seed, epoch=0, group_by_length=False)[:total_steps]:
+        loss = model(**collate(take(train_ds, idx))).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    train_seconds = time.perf_counter() - t_train
+    logits, labels, _ = evaluate_model(model, data.splits["test"], task.collate(processor, cfg.data), batch_size=t.eval_batch_size, device=torch.device("cpu"))
+    total = sum(p.numel() for p in model.parameters())
+    return {"accuracy": float((logits.argmax(-1) == labels).mean()), "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+            "steps": total_steps, "trainable": total, "total": total, "peak_rss_mb": common.peak_rss_mb()}
+
+
+def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
+    config = run_config(work, quick)
+    if name.startswith("full:"):
+        r = full_fine_tuning(config, float(name.split(":", 1)[1]))
+    else:
+        import lorakit
+
+        t0 = time.perf_counter()
+        res = lorakit.train(config, overrides=overrides, progress=False)
+        r = {"accuracy": res.test["accuracy"], "seconds": time.perf_counter() - t0, "trainable": res.trainable_params, "total": res.total_params,
+             "steps": res.history[-1]["step"] if res.history else None, "peak_rss_mb": common.peak_rss_mb()}
+    common.emit({"name": name, "overrides": overrides, **r})
+
+
+def main() -> None:
+    ap = common.parser(__doc__)
+    ap.add_argument("--only", nargs="*", default=["full:3e-4", "full:1e-3", "lorakit"], help="which configurations to run: full:LR (full fine-tuning at that learning rate), lorakit")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.work, args.set, args.quick)
+        return
+
+    configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only] + common.variants(args.variant)
+    print("# bench/quality_images.py --quick: 256 training images, a smoke test, not a measurement" if args.quick else
+          f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lorakit-quality-images-") as tmp:
+        results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
+    for r in results:
+        print(f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
+              f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}", flush=True)
+    full = [r for r in results if r["name"].startswith("full:")]
+    if full:
+        best = max(full, key=lambda r: r["accuracy"])
+        print(f"\ngaps to the best full fine-tuning ({best['name']}; accuracy points; time as a ratio):")
+        for r in results:
+            if r is not best:
+                print(f"  {r['name']:28s} {100 * (r['accuracy'] - best['accuracy']):+5.1f} points, {r['seconds'] / best['seconds']:.2f}x the time")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
