@@ -20,6 +20,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,27 @@ def run_configs(script: Path, configs: list[tuple[str, list[str]]], tmp: Path, q
         extra = ["--work", str(tmp / name.replace(":", "-")), *(["--quick"] if quick else [])] + [a for o in overrides for a in ("--set", o)]
         results.append(run_child(script, name, extra))
     return results
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    """One line per configuration: accuracy, wall time, trainable share, peak RSS, overrides."""
+    for r in results:
+        print(f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
+              f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}", flush=True)
+
+
+def run_main(script: Path, doc: str | None, child: Any, *, only: list[str], only_help: str, header: str, quick_header: str) -> tuple[argparse.Namespace, list[dict[str, Any]]] | None:
+    """A quality benchmark's command line: in a child process run ``child(name, work, overrides, quick)``
+    and return None; otherwise run every configuration, print the results table and return them."""
+    ap = parser(doc)
+    ap.add_argument("--only", nargs="*", default=only, help=only_help)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.work, args.set, args.quick)
+        return None
+    configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only] + variants(args.variant)
+    print(quick_header if args.quick else header, flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"lorakit-{script.stem}-") as tmp:
+        results = run_configs(script, configs, Path(tmp), args.quick)
+    print_results(results)
+    return args, results

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,21 +50,12 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
 
 
 def main() -> None:
-    ap = common.parser(__doc__)
-    ap.add_argument("--only", nargs="*", default=["full", "full-head-tail", "peft", "lorakit"], help="which of full, full-head-tail, peft, lorakit to run")
-    args = ap.parse_args()
-    if args.child:
-        child(args.child, args.work, args.set, args.quick)
+    ran = common.run_main(SCRIPT, __doc__, child, only=["full", "full-head-tail", "peft", "lorakit"], only_help="which of full, full-head-tail, peft, lorakit to run",
+                          header=f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews",
+                          quick_header="# bench/quality.py --quick: 64 training reviews, a smoke test, not a measurement")
+    if ran is None:
         return
-
-    configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only] + common.variants(args.variant)
-    print("# bench/quality.py --quick: 64 training reviews, a smoke test, not a measurement" if args.quick else
-          f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews", flush=True)
-    with tempfile.TemporaryDirectory(prefix="lorakit-quality-") as tmp:
-        results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
-    for r in results:
-        print(f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
-              f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}", flush=True)
+    args, results = ran
     by = {r["name"]: r for r in results}
     for base in ("full", "full-head-tail"):
         if base in by:

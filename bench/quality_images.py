@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -116,21 +115,12 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
 
 
 def main() -> None:
-    ap = common.parser(__doc__)
-    ap.add_argument("--only", nargs="*", default=["full:3e-4", "full:1e-3", "lorakit"], help="which configurations to run: full:LR (full fine-tuning at that learning rate), lorakit")
-    args = ap.parse_args()
-    if args.child:
-        child(args.child, args.work, args.set, args.quick)
+    ran = common.run_main(SCRIPT, __doc__, child, only=["full:3e-4", "full:1e-3", "lorakit"], only_help="which configurations to run: full:LR (full fine-tuning at that learning rate), lorakit",
+                          header=f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images",
+                          quick_header="# bench/quality_images.py --quick: 256 training images, a smoke test, not a measurement")
+    if ran is None:
         return
-
-    configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only] + common.variants(args.variant)
-    print("# bench/quality_images.py --quick: 256 training images, a smoke test, not a measurement" if args.quick else
-          f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images", flush=True)
-    with tempfile.TemporaryDirectory(prefix="lorakit-quality-images-") as tmp:
-        results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
-    for r in results:
-        print(f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
-              f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}", flush=True)
+    args, results = ran
     full = [r for r in results if r["name"].startswith("full:")]
     if full:
         best = max(full, key=lambda r: r["accuracy"])
