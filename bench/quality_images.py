@@ -64,10 +64,10 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
     from lorakit.batching import train_batches
     from lorakit.engine import evaluate_model, take
     from lorakit.tasks import get_task
-    from lorakit.training import optimizer_steps, set_seed
+    from lorakit.training import _param_groups, optimizer_steps, set_seed
 
     t0 = time.perf_counter()
-    cfg = lorakit.load_config(config)
+    cfg = lorakit.load_config(config, [f"train.learning_rate={lr}"])
     t = cfg.train
     task = get_task(cfg.task)
     model_path = modeling.resolve_model_path(cfg.model)
@@ -77,9 +77,7 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
     base, _ = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
     model = task.prepare_model(base)
     model.requires_grad_(True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=t.adam_betas)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg, head_modules=[]), lr=lr, betas=t.adam_betas)  # lorakit's weight-decay groups
     train_ds = data.splits["train"]
     _, total_steps = optimizer_steps(len(train_ds), t)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)

@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import uuid
-import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -151,10 +150,10 @@ def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], 
     Returns:
         The adapter directory.
     """
+    from lorakit.modeling import mutated_base_warnings_off
+
     with atomic_dir(target) as tmp:
-        with warnings.catch_warnings():
-            # The conversion loads the initial PiSSA / OLoRA adapter, and peft warns that it changes the base weights.
-            warnings.filterwarnings("ignore", message=r".*changes the base weights of the model")
+        with mutated_base_warnings_off():
             peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial) if initial else None)
         if initial is not None:
             _restore_saved_modules(peft_model, tmp / ADAPTER_WEIGHTS)

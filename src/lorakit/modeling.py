@@ -7,10 +7,12 @@ the task head plus any newly initialised module kept fully trainable via ``modul
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +202,15 @@ def _freeze_in_eval_mode(module: nn.Module, _args: Any) -> None:
     module.training = False  # normalise with the pretrained statistics and never update them
 
 
+@contextlib.contextmanager
+def mutated_base_warnings_off() -> Iterator[None]:
+    """Silence peft's warning that PiSSA / OLoRA change the base weights (when it wraps the model and when
+    the saved adapter's conversion loads the initial one): lorakit saves such adapters converted to plain LoRA."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*changes the base weights of the model")
+        yield
+
+
 def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | None, new_modules: list[str]) -> Any:
     """Wrap ``model`` with peft LoRA; new (randomly initialised) modules are trained fully and saved.
 
@@ -235,9 +246,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
         modules_to_save=modules_to_save or None,
     )
     try:
-        with warnings.catch_warnings():
-            # PiSSA / OLoRA warn that they change the base weights: lorakit saves them converted to plain LoRA.
-            warnings.filterwarnings("ignore", message=r".*changes the base weights of the model")
+        with mutated_base_warnings_off():
             return get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
         raise ModelError(f"lora: peft could not apply this configuration: {str(exc).splitlines()[0][:300]}") from None
