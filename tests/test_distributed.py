@@ -22,17 +22,19 @@ from safetensors.torch import load_file
 from conftest import CHAT_WORDS, make_config, make_lm_config, make_texts, write_csv
 
 TOL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+FSDP_ENV = dict(ENV, ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
 
 
 def torchrun_cmd(config: Path, *extra: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lorakit", "train", str(config), "--no-progress", *extra]
 
 
-def torchrun(config: Path, *extra: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=ENV)
+def torchrun(config: Path, *extra: str, nproc: int = 2, timeout: float = 300, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def single(config: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -91,11 +93,13 @@ def test_two_processes_match_one_with_the_same_global_batch(text_runs: tuple[Pat
     assert r2.stdout.count("adapter: ") == 1  # rank 0 prints the summary, once
 
 
-def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path) -> None:
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path, engine: str) -> None:
     root, _ = text_runs
+    env = FSDP_ENV if engine == "fsdp" else ENV  # FSDP: the checkpoint holds the optimizer state gathered from both shards
     config = text_config(tmp_path, tiny_bert_dir, root / "reviews.csv", batch_size=4)
     run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(torchrun_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     target = random.Random().choice([4, 8, 12])
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
@@ -112,15 +116,21 @@ def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.Com
     wrong = single(config, "--resume")
     assert wrong.returncode == 2 and "trained on 2 process(es), not 1" in wrong.stderr
 
-    resumed = torchrun(config, "--resume")
+    if engine == "fsdp":  # the optimizer state is stored gathered: it does not fit DDP's per-parameter layout
+        wrong = torchrun(config, "--resume")
+        assert wrong.returncode != 0 and "the checkpoint was written with FSDP and this run is without it" in wrong.stderr
+
+    resumed = torchrun(config, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint" in (run / "train.log").read_text()
     assert_same_adapter(root / "two" / "run" / "adapter", run / "adapter")
 
 
-def test_two_processes_language_model_weights_tokens(tmp_path: Path, tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_language_model_weights_tokens(tmp_path: Path, tiny_llama_dir: Path, engine: str) -> None:
     # Answers of 1 to 6 tokens: the ranks' halves of a batch hold different numbers of label tokens,
-    # so the loss must be weighted by tokens (not rows) to match one process.
+    # so the loss must be weighted by tokens (not rows) to match one process. Under FSDP generation
+    # runs in step on both ranks (5 prompts: one rank answers a padding prompt).
     rng = random.Random(0)
     rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(CHAT_WORDS[5:20], k=rng.randint(2, 8)))},
                           {"role": "assistant", "content": " ".join(rng.choices(CHAT_WORDS[14:18], k=rng.randint(1, 6)))}]} for _ in range(56)]
@@ -131,7 +141,7 @@ def test_two_processes_language_model_weights_tokens(tmp_path: Path, tiny_llama_
         (tmp_path / name).mkdir()
         cfgs[name] = make_lm_config(tmp_path / name, tiny_llama_dir, data, train={"batch_size": bs, "epochs": 2, "eval_batch_size": 3, "generation_samples": 5},
                                     output={"dir": str(tmp_path / name / "run"), "tensorboard": False, "report": False})
-    r1, r2 = single(cfgs["one"]), torchrun(cfgs["two"])
+    r1, r2 = single(cfgs["one"]), torchrun(cfgs["two"], env=FSDP_ENV if engine == "fsdp" else ENV)
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert_same_adapter(tmp_path / "one" / "run" / "adapter", tmp_path / "two" / "run" / "adapter")
@@ -153,10 +163,52 @@ def test_a_bad_run_folder_stops_every_rank_with_one_message(tmp_path: Path, tiny
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
 
 
-def test_fsdp_or_deepspeed_configs_are_refused_not_silently_replaced(write_config, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_fsdp_processes_match_one(text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """`accelerate launch` with the shipped FSDP config: weights sharded over the ranks, checkpoints
+    every 4 steps gather the optimizer state; the same result as 1 process."""
+    root, _ = text_runs
+    config = text_config(tmp_path, tiny_bert_dir, root / "reviews.csv", batch_size=4)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+    r = subprocess.run([*launch, "-m", "lorakit", "train", str(config), "--no-progress"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run1, run2 = root / "one" / "run", tmp_path / "run"
+    assert_same_adapter(run1 / "adapter", run2 / "adapter")
+    m1, m2 = json.loads((run1 / "metrics.json").read_text()), json.loads((run2 / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        assert m2[split]["accuracy"] == m1[split]["accuracy"]
+        assert abs(m2[split]["loss"] - m1[split]["loss"]) < 1e-5
+    assert tree(run2) == tree(run1)
+    assert "sharded with FSDP over 2 processes" in (run2 / "train.log").read_text()
+
+
+def test_deepspeed_configs_are_refused_not_silently_replaced(write_config, monkeypatch: pytest.MonkeyPatch) -> None:
     import lorakit
     from lorakit.errors import LorakitError
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(LorakitError, match="FSDP is not supported"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(LorakitError, match="DeepSpeed is not supported.*distributed_type FSDP"):
         lorakit.train(write_config(), progress=False)
+
+
+def test_fsdp_block_classes_and_a_wrong_one(tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit import distributed
+    from lorakit.errors import LorakitError
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    assert "BertLayer" in distributed.block_classes(model)
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")
+    with pytest.raises(LorakitError, match=r"names LlamaDecoderLayer, which this model does not have; use .*BertLayer"):
+        distributed.wrap(model, distributed.World(0, 2, 0, sharded=True), torch.device("cpu"))
+
+
+def test_fsdp_padding_gives_every_rank_as_many_forward_passes() -> None:
+    from lorakit.distributed import World, padding, shard
+
+    for n in range(0, 12):
+        for size in (2, 3, 4):
+            counts = [len(shard(list(range(n)), World(r, size, r, True))) + padding(n, World(r, size, r, True)) for r in range(size)]
+            assert len(set(counts)) == 1 and counts[0] == -(-n // size)
+            assert padding(n, World(size - 1, size, 0, False)) == 0  # DDP: evaluation runs the bare model, no padding

@@ -136,7 +136,7 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], *, card: str, initial: Path | None = None) -> Path:
+def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], *, card: str, initial: Path | None = None, state_dict: dict[str, Any] | None = None) -> Path:
     """Save a peft model's adapter with lorakit metadata and a model card, atomically.
 
     Args:
@@ -146,6 +146,8 @@ def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], 
         card: Markdown text of the model card ``README.md``.
         initial: The adapter as PiSSA / OLoRA initialised it (saved before training): the saved
             adapter is then converted to plain LoRA that applies to the unmodified base model.
+        state_dict: The weights to save instead of ``peft_model.state_dict()`` (full tensors of a
+            model sharded with FSDP).
 
     Returns:
         The adapter directory.
@@ -154,7 +156,8 @@ def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], 
 
     with atomic_dir(target) as tmp:
         with mutated_base_warnings_off():
-            peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial) if initial else None)
+            peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial) if initial else None,
+                                       **({"state_dict": state_dict} if state_dict is not None else {}))
         if initial is not None:
             _restore_saved_modules(peft_model, tmp / ADAPTER_WEIGHTS)
         # peft writes its own README.md stub; ours replaces it.

@@ -43,7 +43,8 @@ def evaluate_model(model: torch.nn.Module, ds: Dataset, collate: Any, *, batch_s
     world = distributed.current()
     mine: list[tuple[list[int], np.ndarray, np.ndarray]] = []
     loss_sum = 0.0
-    for idx in distributed.shard(eval_batches(lengths, batch_size), world):
+    batches = eval_batches(lengths, batch_size)
+    for idx in distributed.shard(batches, world):
         batch = to_device(collate(take(ds, idx)), device)
         with autocast(device, amp):
             out = model(**batch)
@@ -51,6 +52,9 @@ def evaluate_model(model: torch.nn.Module, ds: Dataset, collate: Any, *, batch_s
         mine.append((idx, out.logits.float().cpu().numpy(), batch["labels"].cpu().numpy()))
         if progress is not None:
             progress.update(len(idx) * world.size)  # the other ranks score as many meanwhile
+    for _ in range(distributed.padding(len(batches), world)):  # FSDP: as many forward passes as the other ranks, output unused
+        with autocast(device, amp):
+            model(**to_device(collate(take(ds, batches[0])), device))
     if progress is not None:
         progress.close()
     model.train(was_training)

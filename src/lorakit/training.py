@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -146,6 +145,10 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     lora_cfg = model.peft_config["default"]
     # PiSSA / OLoRA move part of each base weight into the adapter: the starting adapter is kept so the
     # saved one can be converted to a plain LoRA adapter (rank 2r) that applies to the original base model.
+    if world.sharded and cfg.lora.init in ("pissa", "olora"):
+        raise LorakitError(f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base weights); use lora.init: default, or launch without the FSDP config")
+    if world.sharded and cfg.model.quantization != "none":
+        raise LorakitError("model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)")
     initial = tempfile.TemporaryDirectory(prefix="lorakit-initial-") if cfg.lora.init in ("pissa", "olora") and world.main else None
     if initial is not None:
         model.save_pretrained(str(Path(initial.name) / "initial"), safe_serialization=True)
@@ -196,7 +199,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
 
         model.to(device)
         model.train()
-        forward = distributed.wrap(model, world, device)  # the training forward / backward; DDP when launched
+        forward = distributed.wrap(model, world, device)  # the training forward / backward; DDP or FSDP when launched
         train_collate = task.collate(processor, cfg.data, train=True)
         train_ds = data.splits["train"]
         lengths = train_ds["length"] if "length" in train_ds.column_names else [1] * len(train_ds)
@@ -206,10 +209,15 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         from transformers import get_scheduler
 
         scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        if world.sharded:  # inf checks agree across the ranks' gradient shards
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler: Any = ShardedGradScaler(device.type, enabled=amp == torch.float16)
+        else:
+            scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         if state is not None:
             _restore_weights(model, state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
+            distributed.load_optimizer_state(model, optimizer, state["optimizer"], world)
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
 
@@ -261,12 +269,13 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
 
         def save_checkpoint(at_epoch: int, next_micro: int) -> None:
             rngs = distributed.gather(checkpoint.rng_state(), world)  # each rank draws its own dropout masks
+            weights, optim = _adapter_state(model), distributed.optimizer_state(model, optimizer, world)  # collectives under FSDP
             if not world.main:
                 return
             checkpoint.save(run, step, {
                 "step": step, "epoch": at_epoch, "micro": next_micro, "stop": stop,
-                "trainable": _adapter_state(model),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "trainable": weights,
+                "optimizer": optim, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng_ranks": rngs,
                 "history": history, "best_value": best_value, "best_state": best_state,
                 "best_eval": best_eval, "best_at": best_at, "evals_without_gain": evals_without_gain,
@@ -329,8 +338,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                 mine = distributed.shard(global_idx, world)
                 batch = to_device(train_collate(take(train_ds, mine or global_idx[:1])), device)  # a rank left without rows runs one at weight 0
                 units = _loss_units(batch["labels"]) if mine else 0
-                # DDP syncs gradients only at the optimizer step; accumulation steps stay local.
-                with (forward.no_sync() if world.distributed and not boundary else contextlib.nullcontext()), autocast(device, amp):
+                # Gradients are averaged over the ranks only at the optimizer step; accumulation steps stay local.
+                with distributed.sync_gradients(forward, world, boundary), autocast(device, amp):
                     loss = forward(**batch).loss
                     # This rank's mean loss, weighted by its share of the global batch's examples (or
                     # label tokens): DDP's gradient average is then the single-process gradient.
@@ -386,7 +395,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         # cleanup: best weights back in, test split, metrics, report
         # ============================================================================================
         if best_state is not None:
-            model.load_state_dict(best_state, strict=False)
+            distributed.load_full_state(model, best_state)
+        final_weights = _adapter_state(model) if world.sharded else None  # what save_adapter writes (a collective under FSDP)
         if not world.main:  # rank 0 writes; the others help score the test split, then are done
             test_metrics = score("test") if "test" in data.splits else None
             if test_metrics is not None and t.score_base_model:
@@ -419,7 +429,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         # The final adapter: the best weights, with the validation metrics of that step and the test metrics.
         meta = base_metadata() | {"trained": best_at}
         meta["metrics"] = {"validation": scalars(best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
-        artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta), initial=Path(initial.name) / "initial" if initial else None)
+        artifacts.save_adapter(model, run / "adapter", meta, card=model_card(meta), initial=Path(initial.name) / "initial" if initial else None, state_dict=final_weights)
         if cfg.output.report:
             from lorakit.report import write_report
 
@@ -457,9 +467,9 @@ def _loss_units(labels: torch.Tensor) -> int:
 
 
 def _restore_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    result = model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:
-        raise TrainingError(f"the checkpoint does not fit this model ({result.unexpected_keys[0]} ...); start again with --overwrite")
+    unexpected = distributed.load_full_state(model, weights)
+    if unexpected:
+        raise TrainingError(f"the checkpoint does not fit this model ({unexpected[0]} ...); start again with --overwrite")
 
 
 def _check_resumable(run: Path, cfg: RunConfig) -> None:
@@ -485,5 +495,6 @@ def _as_dict(v: Any) -> dict[str, Any]:
 
 
 def _adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of what the adapter file holds: LoRA matrices and modules_to_save copies."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+    """A CPU copy of what the adapter file holds: LoRA matrices and modules_to_save copies (full
+    tensors; under FSDP gathering them is a collective every rank runs)."""
+    return distributed.full_state(model, lambda k: "lora_" in k or "modules_to_save" in k)

@@ -409,7 +409,8 @@ class CausalLM(Task):
         collate = self.collate(processor, data_cfg)
         world = distributed.current()
         nll, tokens = 0.0, 0
-        for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):  # each rank its share
+        batches = eval_batches(ds["length"], batch_size)
+        for idx in distributed.shard(batches, world):  # each rank its share
             batch = to_device(collate(take(ds, idx)), device)
             labels = batch.pop("labels")
             with autocast(device, amp):
@@ -421,6 +422,11 @@ class CausalLM(Task):
                 progress.update(len(idx) * world.size)
         if progress is not None:
             progress.close()
+        for _ in range(distributed.padding(len(batches), world)):  # FSDP: as many forward passes as the other ranks
+            batch = to_device(collate(take(ds, batches[0])), device)
+            batch.pop("labels")
+            with autocast(device, amp):
+                model(**batch)
         nll, tokens = distributed.all_sum([nll, tokens], device)
         tokens = int(tokens)
         loss = nll / max(1, tokens)
@@ -431,7 +437,10 @@ class CausalLM(Task):
             refs = rows["reference"]
             prompts = rows["prompt_ids"]
             # Each rank answers every world.size-th prompt; the answers are put back in order.
-            mine = self.generate_ids(model, processor, distributed.shard(prompts, world), max_new_tokens=max_new_tokens, batch_size=batch_size)
+            mine = distributed.shard(prompts, world)
+            extra = distributed.padding(len(prompts), world)  # FSDP: every rank generates for as many prompts, in step
+            mine = self.generate_ids(model, processor, mine + [prompts[0]] * extra, max_new_tokens=max_new_tokens, batch_size=batch_size, synced=world.sharded)
+            mine = mine[: len(mine) - extra]
             outs: list[str] = [""] * len(prompts)
             for rank, answers in enumerate(distributed.gather(mine, world)):
                 outs[rank :: world.size] = answers
@@ -446,10 +455,11 @@ class CausalLM(Task):
         return metrics
 
     @torch.no_grad()
-    def generate_ids(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, adapter_names: list[str] | None = None) -> list[str]:
+    def generate_ids(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, adapter_names: list[str] | None = None, synced: bool = False) -> list[str]:
         """Answers for tokenized prompts (left-padded batches), stopping at the end-of-turn token.
 
         ``adapter_names`` (one per prompt) runs a peft mixed-adapter batch: each row with its adapter.
+        ``synced``: the model is sharded (FSDP); every rank keeps stepping until all ranks are done.
         """
         device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -472,6 +482,8 @@ class CausalLM(Task):
                 kwargs |= {"temperature": None, "top_p": None, "top_k": None}
             if adapter_names is not None:
                 kwargs["adapter_names"] = adapter_names[start : start + batch_size]
+            if synced:
+                kwargs["synced_gpus"] = True
             gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
             for row in gen[:, width:].tolist():
                 cut = next((j for j, t in enumerate(row) if t in stops), len(row))
