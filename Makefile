@@ -39,12 +39,13 @@ demo-chat: setup
 	$(BIN)/lorakit generate runs/rt-smollm2-chat "A gorgeous, heartfelt film." "Ninety minutes of tedium." --max-new-tokens 8
 
 # Everything, slow end-to-end tests on the real packaged model and data included (what CI runs).
+# Two workers, a test file each at a time (module fixtures are built once); `pytest` alone runs serially.
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # Local loop: skip the slow end-to-end tests.
 test-fast: setup
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n 2 --dist loadfile -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -24,7 +24,14 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, MINIMAL))
     assert cfg.task == "text-classification"
     # the defaults BENCHMARKS.md's quality table justifies
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.train.learning_rate, cfg.model.dropout) == (8, 16, 0.0, 1e-3, 0.0)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.train.learning_rate, cfg.model.dropout) == (8, 16, 0.0, None, 0.0)
+    # the learning rate is the architecture's, resolved once the model is known (and saved so)
+    from lorakit import modeling
+
+    assert modeling.with_learning_rate(cfg, "bert").train.learning_rate == 1e-3
+    assert modeling.with_learning_rate(cfg, "efficientnet-lite0").train.learning_rate == modeling.default_learning_rate("efficientnet-lite0") > 1e-3
+    assert cfg.train.learning_rate is None  # the config given is not changed
+    assert modeling.with_learning_rate(load_config(_write(tmp_path, MINIMAL), ["train.learning_rate=2e-4"]), "efficientnet-lite0").train.learning_rate == 2e-4
     assert cfg.train.batch_size == 16 and cfg.data.max_length == 256 and cfg.data.truncation is None
     for section in (cfg.data, cfg.model, cfg.lora, cfg.train, cfg.output):
         for name, field in type(section).model_fields.items():

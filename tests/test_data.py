@@ -51,6 +51,12 @@ def test_missing_empty_and_unknown_format(tmp_path: Path) -> None:
 def test_hub_name_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Both libraries read the variables at import: without these the test waits for network timeouts.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"data.train: could not load Hub dataset|Hub cannot be reached"):
         read_source("someone/imaginary-dataset-xyz")
 

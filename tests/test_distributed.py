@@ -116,36 +116,42 @@ def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.Com
     wrong = single(config, "--resume")
     assert wrong.returncode == 2 and "trained on 2 process(es), not 1" in wrong.stderr
 
-    if engine == "fsdp":  # the optimizer state is stored gathered: it does not fit DDP's per-parameter layout
-        wrong = torchrun(config, "--resume")
-        assert wrong.returncode != 0 and "the checkpoint was written with FSDP and this run is without it" in wrong.stderr
-
     resumed = torchrun(config, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint" in (run / "train.log").read_text()
     assert_same_adapter(root / "two" / "run" / "adapter", run / "adapter")
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_language_model_weights_tokens(tmp_path: Path, tiny_llama_dir: Path, engine: str) -> None:
-    # Answers of 1 to 6 tokens: the ranks' halves of a batch hold different numbers of label tokens,
-    # so the loss must be weighted by tokens (not rows) to match one process. Under FSDP generation
-    # runs in step on both ranks (5 prompts: one rank answers a padding prompt).
+def lm_config(folder: Path, tiny_llama_dir: Path, data: Path, batch_size: int) -> Path:
+    folder.mkdir(parents=True)
+    return make_lm_config(folder, tiny_llama_dir, data, train={"batch_size": batch_size, "epochs": 2, "eval_batch_size": 3, "generation_samples": 5},
+                          output={"dir": str(folder / "run"), "tensorboard": False, "report": False})
+
+
+@pytest.fixture(scope="module")
+def lm_single_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> tuple[Path, Path]:
+    """(chat data, the run folder of 1 process at batch 8) for the 2-process language-model tests."""
+    root = tmp_path_factory.mktemp("lm")
     rng = random.Random(0)
     rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(CHAT_WORDS[5:20], k=rng.randint(2, 8)))},
                           {"role": "assistant", "content": " ".join(rng.choices(CHAT_WORDS[14:18], k=rng.randint(1, 6)))}]} for _ in range(56)]
-    data = tmp_path / "chat.jsonl"
+    data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfgs = {}
-    for name, bs in (("one", 8), ("two", 4)):
-        (tmp_path / name).mkdir()
-        cfgs[name] = make_lm_config(tmp_path / name, tiny_llama_dir, data, train={"batch_size": bs, "epochs": 2, "eval_batch_size": 3, "generation_samples": 5},
-                                    output={"dir": str(tmp_path / name / "run"), "tensorboard": False, "report": False})
-    r1, r2 = single(cfgs["one"]), torchrun(cfgs["two"], env=FSDP_ENV if engine == "fsdp" else ENV)
+    r1 = single(lm_config(root / "one", tiny_llama_dir, data, batch_size=8))
     assert r1.returncode == 0, r1.stderr[-3000:]
+    return data, root / "one"
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_language_model_weights_tokens(lm_single_run: tuple[Path, Path], tmp_path: Path, tiny_llama_dir: Path, engine: str) -> None:
+    # Answers of 1 to 6 tokens: the ranks' halves of a batch hold different numbers of label tokens,
+    # so the loss must be weighted by tokens (not rows) to match one process. Under FSDP generation
+    # runs in step on both ranks (5 prompts: one rank answers a padding prompt).
+    data, one = lm_single_run
+    r2 = torchrun(lm_config(tmp_path / "two", tiny_llama_dir, data, batch_size=4), env=FSDP_ENV if engine == "fsdp" else ENV)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert_same_adapter(tmp_path / "one" / "run" / "adapter", tmp_path / "two" / "run" / "adapter")
-    m1 = json.loads((tmp_path / "one" / "run" / "metrics.json").read_text())
+    assert_same_adapter(one / "run" / "adapter", tmp_path / "two" / "run" / "adapter")
+    m1 = json.loads((one / "run" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
     for split in ("validation", "test"):
         assert m2[split]["tokens"] == m1[split]["tokens"]
@@ -212,3 +218,18 @@ def test_fsdp_padding_gives_every_rank_as_many_forward_passes() -> None:
             counts = [len(shard(list(range(n)), World(r, size, r, True))) + padding(n, World(r, size, r, True)) for r in range(size)]
             assert len(set(counts)) == 1 and counts[0] == -(-n // size)
             assert padding(n, World(size - 1, size, 0, False)) == 0  # DDP: evaluation runs the bare model, no padding
+
+
+def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tiny_bert_dir: Path) -> None:
+    """FSDP checkpoints hold the optimizer state gathered by parameter name; DDP ones by position."""
+    import torch
+
+    from lorakit import distributed
+    from lorakit.errors import LorakitError
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(LorakitError, match="the checkpoint was written with FSDP and this run is without it"):
+        distributed.load_optimizer_state(model, optimizer, {"fsdp_full": {}}, distributed.World())
+    with pytest.raises(LorakitError, match="the checkpoint was written without FSDP and this run is with it"):
+        distributed.load_optimizer_state(model, optimizer, optimizer.state_dict(), distributed.World(0, 2, 0, sharded=True))

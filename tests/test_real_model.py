@@ -57,35 +57,3 @@ def test_demo_config_end_to_end_on_a_small_slice(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     check = json.loads((tmp_path / "merged" / "lorakit-export.json").read_text())["verification"]
     assert check["merged_max_abs_diff"] <= 1e-4 and check["merged_max_abs_diff_fp32"] <= 1e-4
-
-
-def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: Path) -> None:
-    """The packaged SmolLM2-135M-Instruct (GGUF) on 48 Rotten Tomatoes reviews: answers become one
-    word that stops at the end-of-turn token; the base model without the adapter does not answer so."""
-    config = ROOT / "configs" / "rt-smollm2-chat.yaml"
-    small = [
-        "--set", "data.max_train_samples=48", "--set", "data.test_size=24", "--set", "data.validation_size=8",
-        "--set", "train.generation_samples=24", "--set", f"output.dir={tmp_path / 'run'}",
-    ]
-    r = _cli("train", str(config), *small, "--no-progress")
-    assert r.returncode == 0, r.stderr
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["test"]["exact_match"] >= 0.5, metrics["test"]["samples"]
-    assert metrics["test_base_model"]["exact_match"] < metrics["test"]["exact_match"]
-    r = _cli("generate", str(tmp_path / "run"), "A dull, lifeless and overlong film.", "--max-new-tokens", "16", "--json")
-    assert r.returncode == 0, r.stderr
-    answer = json.loads(r.stdout)["output"]
-    assert answer in ("negative", "positive"), answer  # stopped at <|im_end|>, not 16 tokens later
-
-    # GGUF base + adapter -> one merged Hugging Face folder that plain transformers loads and answers with.
-    r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"))
-    assert r.returncode == 0, r.stderr
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    template = json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["config"]["data"]["instruction_template"]
-    prompt = tok.apply_chat_template([{"role": "user", "content": template.format(text="A dull, lifeless and overlong film.")}], add_generation_prompt=True, tokenize=False)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-    assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == answer

@@ -42,7 +42,10 @@ def test_head_tail_rejects_text_pairs() -> None:
 
 
 def test_unknown_hub_model_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var alone is too late
     task = get_task("text-classification")
     with pytest.raises(ModelError, match="model.name_or_path: could not load a tokenizer from 'nobody/no-such-model'"):
         task.load_processor(ModelConfig(name_or_path="nobody/no-such-model"), "nobody/no-such-model")

@@ -127,7 +127,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
     eval_batch_size: int = Field(64, ge=1, description="Examples per forward pass during evaluation.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
-    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="Peak learning rate of AdamW; unset = the architecture's default: 1e-3 (transformers), 5e-3 for the zoo's EfficientNet-Lite0 (measured: BENCHMARKS.md, quality).")
     head_learning_rate: float | None = Field(None, gt=0, lt=1, description="Learning rate of the task head; unset = learning_rate.")
     lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: the B matrices learn at learning_rate x this ratio (the paper suggests 16); unset = the same rate as A.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import LoraSettings, ModelConfig
+from lorakit.config import LoraSettings, ModelConfig, RunConfig
 from lorakit.errors import LorakitError, ModelError
 from lorakit.paths import resolve_location
 
@@ -57,6 +57,29 @@ def default_targets(model_type: str | None) -> list[str] | str:
     if model_type in zoo.ENTRIES:
         return list(zoo.ENTRIES[model_type].default_targets)
     return DEFAULT_TARGETS.get(model_type or "", "all-linear")
+
+# AdamW peak learning rate when the config sets none. 1e-3 was measured best for LoRA on the
+# transformer encoders (IMDB, MiniLM); a zoo CNN names its own (BENCHMARKS.md, quality).
+DEFAULT_LEARNING_RATE = 1e-3
+
+
+def default_learning_rate(model_type: str | None) -> float:
+    """The default learning rate of an architecture (zoo entries included)."""
+    from lorakit import zoo
+
+    if model_type in zoo.ENTRIES:
+        return zoo.ENTRIES[model_type].default_learning_rate
+    return DEFAULT_LEARNING_RATE
+
+
+def with_learning_rate(cfg: RunConfig, model_type: str | None) -> RunConfig:
+    """``cfg`` with ``train.learning_rate`` resolved (a copy when it was unset), as saved with the run."""
+    if cfg.train.learning_rate is not None:
+        return cfg
+    resolved = cfg.model_copy(deep=True)
+    resolved.train.learning_rate = default_learning_rate(model_type)
+    return resolved
+
 
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 

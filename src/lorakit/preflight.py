@@ -62,7 +62,7 @@ class Plan:
             f"  targets   {self.target_modules}",
             f"  trained   {self.modules_to_save} (fully, saved with the adapter)",
             f"  params    {self.trainable:,} trainable / {self.total:,} total ({100 * self.trainable / max(1, self.total):.2f}%)",
-            f"train       {self.steps:,} optimizer steps on {self.device}; output to {c.output.dir}",
+            f"train       {self.steps:,} optimizer steps at lr {c.train.learning_rate:g} on {self.device}; output to {c.output.dir}",
         ]
         return out
 
@@ -83,6 +83,7 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
     base, new_modules = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
+    cfg = modeling.with_learning_rate(cfg, base.config.model_type)
     model = modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules)
     trainable, total = modeling.count_parameters(model)
     lc = model.peft_config["default"]

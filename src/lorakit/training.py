@@ -140,6 +140,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
             raise LorakitError(f"the processes prepared different data ({seen[0]} on rank 0, {next(x for x in seen if x != seen[0])} elsewhere); give every node the same data files")
     set_seed(t.seed)
     base, new_modules = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
+    cfg = modeling.with_learning_rate(cfg, base.config.model_type)  # unset: the architecture's default, saved as resolved
+    t = cfg.train
     model = task.prepare_model(modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules))
     trainable, total = modeling.count_parameters(model)
     lora_cfg = model.peft_config["default"]

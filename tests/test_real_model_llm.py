@@ -1,0 +1,48 @@
+"""End-to-end on the real packaged SmolLM2-135M-Instruct (GGUF) and Rotten Tomatoes reviews (slow: run by `make test` and CI)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200)
+
+
+def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: Path) -> None:
+    """The packaged SmolLM2-135M-Instruct (GGUF) on 48 Rotten Tomatoes reviews: answers become one
+    word that stops at the end-of-turn token; the base model without the adapter does not answer so."""
+    config = ROOT / "configs" / "rt-smollm2-chat.yaml"
+    small = [
+        "--set", "data.max_train_samples=48", "--set", "data.test_size=24", "--set", "data.validation_size=8",
+        "--set", "train.generation_samples=24", "--set", f"output.dir={tmp_path / 'run'}",
+    ]
+    r = _cli("train", str(config), *small, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["exact_match"] >= 0.5, metrics["test"]["samples"]
+    assert metrics["test_base_model"]["exact_match"] < metrics["test"]["exact_match"]
+    # GGUF base + adapter -> one merged Hugging Face folder that plain transformers loads and answers with:
+    # one word, then the end-of-turn token (not 16 tokens of chatter). (`lorakit generate` itself: tiny-model tests.)
+    r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    template = json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["config"]["data"]["instruction_template"]
+    prompt = tok.apply_chat_template([{"role": "user", "content": template.format(text="A dull, lifeless and overlong film.")}], add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=end)[0, ids.shape[1] :].tolist()
+    assert end in out, tok.decode(out)  # stopped at <|im_end|>
+    assert tok.decode(out, skip_special_tokens=True).strip() in ("negative", "positive"), tok.decode(out)
