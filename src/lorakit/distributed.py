@@ -60,9 +60,6 @@ class World:
         return self.size > 1
 
 
-_SHARDED = False  # set by setup() when an accelerate FSDP config asks for sharded weights
-
-
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
@@ -81,34 +78,30 @@ def setup(device_pref: str) -> tuple[World, torch.device | None]:
     Returns:
         (this process's :class:`World`, the device it must train on, or None to pick as usual).
     """
-    global _SHARDED
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         # Refused rather than silently trained as DDP: the user asked for a sharding engine.
         raise LorakitError("accelerate config: DeepSpeed is not supported by lorakit train; use an accelerate config with distributed_type FSDP "
                            "(sharded weights, the same ZeRO-3 idea) or MULTI_GPU (DDP)")
     if not launched():
         return World(), None
-    _SHARDED = _env_flag("ACCELERATE_USE_FSDP")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    world = World(dist.get_rank(), dist.get_world_size(), local_rank, _SHARDED)
-    return world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return current(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
 def current() -> World:
     """The world of the process group this process is in (a single process when there is none)."""
     if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), _SHARDED)
+        # sharded: the launcher's environment asks for FSDP (accelerate's FSDP config)
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), _env_flag("ACCELERATE_USE_FSDP"))
     return World()
 
 
 def shutdown() -> None:
-    global _SHARDED
-    _SHARDED = False
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -200,14 +193,10 @@ def sync_buffers(model: torch.nn.Module, world: World) -> None:
 def sync_gradients(forward: torch.nn.Module, world: World, sync: bool) -> contextlib.AbstractContextManager:
     """Around a micro-batch's forward and backward: gradients are averaged over the ranks only when
     ``sync`` (the last micro-batch before an optimizer step); accumulation steps stay local."""
-    if not world.distributed or sync:
-        if world.sharded:
-            forward.set_requires_gradient_sync(True)  # type: ignore[operator]
-        return contextlib.nullcontext()
     if world.sharded:  # FSDP reads the flag in its backward hooks: it stays set until the next call
-        forward.set_requires_gradient_sync(False)  # type: ignore[operator]
+        forward.set_requires_gradient_sync(sync)  # type: ignore[operator]
         return contextlib.nullcontext()
-    return forward.no_sync()  # type: ignore[operator]
+    return forward.no_sync() if world.distributed and not sync else contextlib.nullcontext()  # type: ignore[operator]
 
 
 def full_state(model: torch.nn.Module, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
@@ -229,9 +218,11 @@ def load_full_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) ->
     Returns:
         The names in ``weights`` that ``model`` has no entry for.
     """
+    if not _is_sharded(model):
+        return model.load_state_dict(weights, strict=False).unexpected_keys
     unexpected = sorted(set(weights) - set(model.state_dict()))
-    if unexpected or not _is_sharded(model):
-        return unexpected or model.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        return unexpected
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -130,6 +130,10 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     amp = modeling.pick_precision(t.mixed_precision, device)
 
     # Everything that can fail on user input is checked before the run directory is touched.
+    if world.sharded and cfg.lora.init in ("pissa", "olora"):
+        raise LorakitError(f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base weights); use lora.init: default, or launch without the FSDP config")
+    if world.sharded and cfg.model.quantization != "none":
+        raise LorakitError("model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)")
     model_path = modeling.resolve_model_path(cfg.model)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
@@ -147,10 +151,6 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     lora_cfg = model.peft_config["default"]
     # PiSSA / OLoRA move part of each base weight into the adapter: the starting adapter is kept so the
     # saved one can be converted to a plain LoRA adapter (rank 2r) that applies to the original base model.
-    if world.sharded and cfg.lora.init in ("pissa", "olora"):
-        raise LorakitError(f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base weights); use lora.init: default, or launch without the FSDP config")
-    if world.sharded and cfg.model.quantization != "none":
-        raise LorakitError("model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)")
     initial = tempfile.TemporaryDirectory(prefix="lorakit-initial-") if cfg.lora.init in ("pissa", "olora") and world.main else None
     if initial is not None:
         model.save_pretrained(str(Path(initial.name) / "initial"), safe_serialization=True)
