@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200)
+def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LORAKIT_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200, env=env)
 
 
 def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: Path) -> None:
@@ -26,14 +28,18 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
         "--set", "data.max_train_samples=48", "--set", "data.test_size=24", "--set", "data.validation_size=8",
         "--set", "train.generation_samples=24", "--set", f"output.dir={tmp_path / 'run'}",
     ]
-    r = _cli("train", str(config), *small, "--no-progress")
+    cache = tmp_path / "cache"
+    r = _cli("train", str(config), *small, "--no-progress", cache=cache)
     assert r.returncode == 0, r.stderr
+    # The GGUF file was converted once to a transformers folder, which later commands load instead.
+    (converted,) = (cache / "gguf").iterdir()
+    assert (converted / "config.json").is_file() and (converted / "model.safetensors").is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["exact_match"] >= 0.5, metrics["test"]["samples"]
     assert metrics["test_base_model"]["exact_match"] < metrics["test"]["exact_match"]
     # GGUF base + adapter -> one merged Hugging Face folder that plain transformers loads and answers with:
     # one word, then the end-of-turn token (not 16 tokens of chatter). (`lorakit generate` itself: tiny-model tests.)
-    r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"))
+    r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"), cache=cache)
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,3 +52,9 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
     out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=end)[0, ids.shape[1] :].tolist()
     assert end in out, tok.decode(out)  # stopped at <|im_end|>
     assert tok.decode(out, skip_special_tokens=True).strip() in ("negative", "positive"), tok.decode(out)
+    # The converted tokenizer is the GGUF file's own: same ids for a chat prompt, same template.
+    gguf = Path(json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["base_model"]["resolved"])
+    direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cached = AutoTokenizer.from_pretrained(converted)
+    assert cached.chat_template == direct.chat_template and cached.eos_token == direct.eos_token
+    assert cached(prompt + "negative<|im_end|>")["input_ids"] == direct(prompt + "negative<|im_end|>")["input_ids"]

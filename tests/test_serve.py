@@ -300,11 +300,14 @@ def test_gathered_mixed_batches_equal_peft_loop(ranks: tuple[int, ...]) -> None:
     model.eval()
     x = torch.randn(7, 5, 16)
     names = ["x", "y0", "__base__", "y1", "x", "y0", "__base__"]
+    every = ["y1", "x", "x", "y0", "y1", "y0", "x"]  # no base rows: the in-place path when ranks agree
+    cases = [(x, names), (x, every), (x[:, 0], every)]  # tokens, and flat rows
     with torch.no_grad():
-        want = model(x, adapter_names=names)
+        wants = [model(inp, adapter_names=rows) for inp, rows in cases]
         assert mixed.install(model) == 2
+        for (inp, rows), w in zip(cases, wants, strict=True):
+            assert torch.allclose(model(inp, adapter_names=rows), w, atol=1e-5)
         got = model(x, adapter_names=names)
-        assert torch.allclose(got, want, atol=1e-5)
         with model.disable_adapter():
             base = model(x)
         assert torch.equal(got[2], base[2]) and not torch.allclose(got[0], base[0])

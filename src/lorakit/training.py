@@ -114,6 +114,8 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     t0 = time.perf_counter()
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    if t.release_memory:
+        release_freed_memory()
     world, device = distributed.setup(t.device)
     level = log.level
     if not world.main:
@@ -123,6 +125,28 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     finally:
         log.setLevel(level)
         distributed.shutdown()
+
+
+MMAP_THRESHOLD = 8 << 20
+
+
+def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc malloc's mmap threshold so that large freed tensors return to the system.
+
+    glibc raises the threshold each time a large block is freed (up to 32 MiB), after which tensors
+    are carved from the heap; batches of changing shapes then fragment it and the resident memory
+    grows run-long. A fixed threshold keeps large tensors in their own mappings. Returns whether it
+    was set (only on glibc).
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: bool, progress: bool) -> TrainResult:
@@ -294,7 +318,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
 
         def score(split: str) -> dict[str, Any]:
             distributed.sync_buffers(model, world)
-            return task.evaluate(model, data.splits[split], processor, cfg.data, data.label_space, batch_size=t.eval_batch_size, device=device, amp=amp,
+            return task.evaluate(model, data.splits[split], processor, cfg.data, data.label_space, batch_size=t.eval_batch_size or t.batch_size * (4 if device.type == "cuda" else 1), device=device, amp=amp,
                                  progress=eval_bar(split), generation_samples=t.generation_samples, max_new_tokens=t.max_new_tokens)
 
         eval_time = [0.0]  # seconds spent evaluating in this process

@@ -44,7 +44,8 @@ class Rows(list):
         super().__init__(names)
         self.unique = [n for n in dict.fromkeys(names) if n != "__base__"]
         slot = {n: i for i, n in enumerate(self.unique)}
-        self.index = torch.tensor([slot.get(n, -1) for n in names])
+        self.slots = [slot.get(n, -1) for n in names]
+        self.index = torch.tensor(self.slots)
         self.keep = self.index >= 0
         self.every = bool(self.keep.all())
         self.kept = self.index[self.keep]
@@ -81,6 +82,13 @@ def _gathered_mixed_forward(self: Any, x: torch.Tensor, *args: Any, adapter_name
     result = self.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
     if all(w is not None for w in weights) and len({w[0].shape for w in weights}) == 1:
         # The common case: every adapter of the batch in this layer, one rank: two bmm for all rows.
+        if rows.every and x.dtype == result.dtype and weights[0][0].dtype == x.dtype:
+            # One gather per row straight into the batched operands, and B's product added in place.
+            a = torch.stack([weights[u][0] for u in rows.slots])  # [rows, r, in]
+            b = torch.stack([weights[u][1] for u in rows.slots])  # [rows, out, r]
+            xs, out = (x.unsqueeze(1), result.unsqueeze(1)) if x.dim() == 2 else (x, result)
+            out.baddbmm_(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+            return result
         a = torch.stack([w[0] for w in weights]).to(x.dtype)  # [U, r, in]
         b = torch.stack([w[1] for w in weights]).to(x.dtype)  # [U, out, r]
         if rows.every:

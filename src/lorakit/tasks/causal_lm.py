@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,62 @@ def gguf_parts(model_cfg: ModelConfig, model_path: str) -> tuple[str, str | None
         if found:
             raise ModelError(f"model.gguf_file: folder '{model_path}' holds several GGUF files ({', '.join(found)}); name one")
     return model_path, None
+
+
+def cache_root() -> Path:
+    """lorakit's cache: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit`` or ``~/.cache/lorakit``."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
+
+
+def gguf_converted(where: str, gguf: str | None) -> tuple[str, str | None]:
+    """A local GGUF file as a transformers folder (safetensors weights, config, tokenizer), converted once.
+
+    transformers parses the GGUF file for the config, the tokenizer and the weights separately (~40 s
+    of a process's start for SmolLM2-135M on 2 CPU cores); the converted folder, kept in
+    :func:`cache_root` under ``gguf/`` and keyed by the file's path, size, modification time and the
+    transformers version, loads in seconds. The same weights and tokenizer either way. Hub GGUF files
+    and ``LORAKIT_GGUF_CACHE=0`` load directly; if the cache cannot be written, the file is read as is.
+    """
+    src = Path(where) / gguf if gguf else None
+    if src is None or not src.is_file() or os.environ.get("LORAKIT_GGUF_CACHE") == "0":
+        return where, gguf
+    import hashlib
+    import shutil
+
+    import transformers
+
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    folder = cache_root() / "gguf" / f"{src.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return str(folder), None
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to a transformers folder once (later loads read %s)", src, folder)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf)
+        model.hf_quantizer, model.is_quantized = None, False  # dequantised on load: plain weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            tmp.rename(folder)  # atomic: a folder with config.json is complete
+        except OSError:
+            if not (folder / "config.json").is_file():  # not another process's finished copy
+                raise
+    except Exception as exc:  # a read-only cache, a full disk, a file transformers cannot read: load it directly
+        log.info("could not cache the converted GGUF model (%s); reading %s directly", exc, src)
+        return where, gguf
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder), None
 
 
 def end_of_turn_ids(tokenizer: Any, model: Any = None) -> list[int]:
@@ -239,7 +296,7 @@ class CausalLM(Task):
         from lorakit.modeling import reject_zoo
 
         reject_zoo(model_path)
-        where, gguf = gguf_parts(model_cfg, model_path)
+        where, gguf = gguf_converted(*gguf_parts(model_cfg, model_path))
         try:
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -357,7 +414,7 @@ class CausalLM(Task):
         from lorakit.modeling import reject_zoo
 
         reject_zoo(model_path)
-        where, gguf = gguf_parts(model_cfg, model_path)
+        where, gguf = gguf_converted(*gguf_parts(model_cfg, model_path))
         kwargs: dict[str, Any] = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
         if gguf:
             kwargs["gguf_file"] = gguf
