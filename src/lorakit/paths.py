@@ -8,6 +8,7 @@ with :func:`importlib.util.find_spec`, which works even for packages whose impor
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from lorakit.errors import LorakitError
@@ -50,3 +51,10 @@ def looks_like_local_path(location: str) -> bool:
         return True
     p = Path(location).expanduser()
     return p.exists() or location.startswith((".", "/", "~")) or p.suffix != ""
+
+
+def cache_root() -> Path:
+    """lorakit's cache: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit`` or ``~/.cache/lorakit``."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"

@@ -82,18 +82,15 @@ def _gathered_mixed_forward(self: Any, x: torch.Tensor, *args: Any, adapter_name
     result = self.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
     if all(w is not None for w in weights) and len({w[0].shape for w in weights}) == 1:
         # The common case: every adapter of the batch in this layer, one rank: two bmm for all rows.
-        if rows.every and x.dtype == result.dtype and weights[0][0].dtype == x.dtype:
-            # One gather per row straight into the batched operands, and B's product added in place.
-            a = torch.stack([weights[u][0] for u in rows.slots])  # [rows, r, in]
-            b = torch.stack([weights[u][1] for u in rows.slots])  # [rows, out, r]
-            xs, out = (x.unsqueeze(1), result.unsqueeze(1)) if x.dim() == 2 else (x, result)
-            out.baddbmm_(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-            return result
-        a = torch.stack([w[0] for w in weights]).to(x.dtype)  # [U, r, in]
-        b = torch.stack([w[1] for w in weights]).to(x.dtype)  # [U, out, r]
         if rows.every:
-            result += _lora(x, a, b, rows.index).to(result.dtype)
+            # One gather per row straight into the batched operands, and B's product added in place.
+            a = torch.stack([weights[u][0] for u in rows.slots]).to(x.dtype)  # [rows, r, in]
+            b = torch.stack([weights[u][1] for u in rows.slots]).to(result.dtype)  # [rows, out, r]
+            xs, out = (x.unsqueeze(1), result.unsqueeze(1)) if x.dim() == 2 else (x, result)
+            out.baddbmm_(torch.bmm(xs, a.transpose(1, 2)).to(result.dtype), b.transpose(1, 2))
         elif rows.kept.numel():
+            a = torch.stack([w[0] for w in weights]).to(x.dtype)  # [U, r, in]
+            b = torch.stack([w[1] for w in weights]).to(x.dtype)  # [U, out, r]
             result[rows.keep] += _lora(x[rows.keep], a, b, rows.kept).to(result.dtype)
         return result
     # Otherwise one group per rank; adapters without this layer add nothing here.

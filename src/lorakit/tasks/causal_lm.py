@@ -23,6 +23,7 @@ from lorakit import distributed
 from lorakit.config import DataConfig, ModelConfig, RunConfig
 from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
+from lorakit.paths import cache_root
 from lorakit.tasks.base import PreparedData, Task
 from lorakit.tasks.text_classification import new_module_names, quiet_transformers
 
@@ -63,11 +64,13 @@ def gguf_parts(model_cfg: ModelConfig, model_path: str) -> tuple[str, str | None
     return model_path, None
 
 
-def cache_root() -> Path:
-    """lorakit's cache: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit`` or ``~/.cache/lorakit``."""
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
+def plain_weights(model: Any) -> None:
+    """GGUF weights arrive dequantised: forget the loader's quantizer flag so that peft and saving
+    treat them as plain weights."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        model.config.quantization_config = None
 
 
 def gguf_converted(where: str, gguf: str | None) -> tuple[str, str | None]:
@@ -100,9 +103,7 @@ def gguf_converted(where: str, gguf: str | None) -> tuple[str, str | None]:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf)
-        model.hf_quantizer, model.is_quantized = None, False  # dequantised on load: plain weights
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        plain_weights(model)
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -440,11 +441,7 @@ class CausalLM(Task):
                 raise ModelError(f"model.name_or_path: '{model_path}' is not a causal language model (task causal-lm); pick a decoder such as Llama, Qwen2 or SmolLM2") from None
             raise ModelError(f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}") from None
         if getattr(model, "hf_quantizer", None) is not None and model_cfg.quantization == "none":
-            # GGUF weights arrive dequantised; forget the loader's flag so that peft / saving treat them as plain.
-            model.hf_quantizer = None
-            model.is_quantized = False
-            if hasattr(model.config, "quantization_config"):
-                model.config.quantization_config = None
+            plain_weights(model)
         if model_cfg.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
