@@ -138,3 +138,39 @@ def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tiny_bert_dir: Path) 
         if p.requires_grad:
             want = 16e-3 if ".lora_B." in name else 5e-3 if "lora_" not in name else 1e-3
             assert lr_of[id(p)] == pytest.approx(want), name
+
+
+def _adapted_blocks(model) -> set[int]:
+    return {int(n.split("encoder.layer.")[1].split(".")[0]) for n, _ in model.named_modules() if n.endswith("lora_A") and "encoder.layer." in n}
+
+
+def test_layers_limits_lora_to_the_named_blocks(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    full, _ = _model(tiny_bert_dir)
+    n = len(_adapted_blocks(full))
+    assert n >= 2
+    top, _ = _model(tiny_bert_dir, layers=[-1])
+    assert _adapted_blocks(top) == {n - 1}
+    targets = {name.rsplit(".lora_A", 1)[0].split(f"layer.{n - 1}.")[1] for name, _ in top.named_modules() if name.endswith("lora_A")}
+    assert {"attention.self.query", "intermediate.dense", "output.dense"} <= targets  # every default target of that block
+    assert any("classifier.modules_to_save" in k for k, p in top.named_parameters() if p.requires_grad)
+    linear, _ = _model(tiny_bert_dir, layers=[0], target_modules="all-linear")
+    assert _adapted_blocks(linear) == {0}
+    # the saved adapter names its blocks: loading it gives the same model
+    _train_step(top, _batch(tiny_bert_dir))
+    top.save_pretrained(tmp_path / "a", safe_serialization=True)
+    task = get_task("text-classification")
+    base, _ = task.load_model(ModelConfig(name_or_path=str(tiny_bert_dir)), str(tiny_bert_dir), SPACE)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    batch = {k: v for k, v in _batch(tiny_bert_dir).items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, top(**batch).logits, atol=1e-6)
+    assert _adapted_blocks(loaded) == {n - 1}
+
+
+def test_layers_out_of_range_or_with_regex_targets_is_refused(tiny_bert_dir: Path) -> None:
+    with pytest.raises(ModelError, match=r"lora.layers: 7, -9 out of range: this model has \d blocks \(bert.encoder.layer.0 to"):
+        _model(tiny_bert_dir, layers=[0, 7, -9])
+    with pytest.raises(ModelError, match="lora.layers cannot be combined with a regex"):
+        _model(tiny_bert_dir, layers=[0], target_modules=".*query")

@@ -111,6 +111,7 @@ class LoraSettings(_Section):
     alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str | None = Field(None, description="Module name suffixes to adapt, a regex string, or `all-linear`; unset = the default for the architecture.")
+    layers: list[int] | None = Field(None, min_length=1, description="Adapt only these blocks of the model (0 = the lowest, -1 = the top one; e.g. [-3, -2, -1] for the top three); unset = every block. Fewer adapted blocks make the backward pass shorter (it stops at the lowest adapted block) at some cost in accuracy.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")

@@ -216,6 +216,32 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]
     return list(targets)
 
 
+BLOCK_LISTS = ("layer", "layers", "h", "block", "blocks")  # the names peft knows for a model's list of blocks
+
+
+def model_blocks(model: nn.Module) -> tuple[str, int] | None:
+    """(path, count) of the model's longest list of blocks (``encoder.layer``, ``model.layers``, ...), or None."""
+    lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in BLOCK_LISTS and len(m)]
+    return max(lists, key=lambda x: x[1]) if lists else None
+
+
+def resolve_layers(model: nn.Module, layers: list[int]) -> tuple[list[int], str, str]:
+    """``lora.layers`` as sorted non-negative block indices, the block list's name (peft's ``layers_pattern``) and its path.
+
+    Raises:
+        ModelError: The model has no list of blocks, or an index is out of range.
+    """
+    blocks = model_blocks(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if blocks is None:
+        raise ModelError(f"lora.layers: this {model_type or type(model).__name__} model has no list of blocks named {', '.join(BLOCK_LISTS)}; remove lora.layers to adapt the whole model")
+    path, n = blocks
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ModelError(f"lora.layers: {', '.join(map(str, bad))} out of range: this model has {n} blocks ({path}.0 to {path}.{n - 1}); use 0 to {n - 1}, or -{n} to -1 from the top")
+    return sorted({i % n for i in layers}), path.rsplit(".", 1)[-1], path
+
+
 def batch_norm_modules(model: nn.Module) -> list[str]:
     """Paths of the BatchNorm layers that keep running statistics."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -256,6 +282,13 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
         norms = []
     modules_to_save = sorted(set(new_modules) | set(settings.modules_to_save) | set(norms))
     targets = resolve_targets(model, settings, exclude=modules_to_save)
+    layers, pattern = None, None
+    if settings.layers:
+        layers, pattern, path = resolve_layers(model, settings.layers)
+        if targets == "all-linear":  # peft takes block indices with a list of names only
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith(path + ".") and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or type(m).__name__ == "Conv1D")})
+        elif isinstance(targets, str):
+            raise ModelError("lora.layers cannot be combined with a regex lora.target_modules; give the targets as a list of names, or put the block indices in the regex and remove lora.layers")
     config = LoraConfig(
         task_type=task_type,
         r=settings.r,
@@ -267,6 +300,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
         use_dora=settings.use_dora,
         init_lora_weights={"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[settings.init],
         modules_to_save=modules_to_save or None,
+        layers_to_transform=layers,
+        layers_pattern=pattern,
     )
     try:
         with mutated_base_warnings_off():
