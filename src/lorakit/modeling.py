@@ -225,8 +225,8 @@ def model_blocks(model: nn.Module) -> tuple[str, int] | None:
     return max(lists, key=lambda x: x[1]) if lists else None
 
 
-def resolve_layers(model: nn.Module, layers: list[int]) -> tuple[list[int], str, str]:
-    """``lora.layers`` as sorted non-negative block indices, the block list's name (peft's ``layers_pattern``) and its path.
+def resolve_layers(model: nn.Module, layers: list[int]) -> tuple[list[int], str]:
+    """``lora.layers`` as sorted non-negative block indices, and the path of the block list they index.
 
     Raises:
         ModelError: The model has no list of blocks, or an index is out of range.
@@ -239,7 +239,7 @@ def resolve_layers(model: nn.Module, layers: list[int]) -> tuple[list[int], str,
     bad = [i for i in layers if not -n <= i < n]
     if bad:
         raise ModelError(f"lora.layers: {', '.join(map(str, bad))} out of range: this model has {n} blocks ({path}.0 to {path}.{n - 1}); use 0 to {n - 1}, or -{n} to -1 from the top")
-    return sorted({i % n for i in layers}), path.rsplit(".", 1)[-1], path
+    return sorted({i % n for i in layers}), path
 
 
 def batch_norm_modules(model: nn.Module) -> list[str]:
@@ -284,9 +284,12 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
     targets = resolve_targets(model, settings, exclude=modules_to_save)
     layers, pattern = None, None
     if settings.layers:
-        layers, pattern, path = resolve_layers(model, settings.layers)
-        if targets == "all-linear":  # peft takes block indices with a list of names only
-            targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith(path + ".") and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or type(m).__name__ == "Conv1D")})
+        layers, path = resolve_layers(model, settings.layers)
+        pattern = path.rsplit(".", 1)[-1]  # peft's layers_pattern: the block list's own name
+        if targets == "all-linear":  # peft takes block indices with a list of names only: its all-linear rule, inside the blocks
+            from transformers.pytorch_utils import Conv1D
+
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith(path + ".") and isinstance(m, (nn.Linear, Conv1D))})
         elif isinstance(targets, str):
             raise ModelError("lora.layers cannot be combined with a regex lora.target_modules; give the targets as a list of names, or put the block indices in the regex and remove lora.layers")
     config = LoraConfig(

@@ -263,7 +263,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                 "lora": {
                     "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                     "target_modules": sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str) else lora_cfg.target_modules,
-                    "modules_to_save": head_modules, "layers": sorted(lora_cfg.layers_to_transform) if lora_cfg.layers_to_transform is not None else None, "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora,
+                    "modules_to_save": head_modules, "layers": lora_cfg.layers_to_transform, "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora,
                 },
                 "parameters": {"trainable": trainable, "total": total},
                 "config": cfg.to_yaml_dict(),
