@@ -74,6 +74,15 @@ def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
     assert cfg.data.where == {"source": "imdb"}
 
 
+def test_no_stays_a_word_in_files_and_overrides(tmp_path: Path) -> None:
+    # YAML 1.1 reads a bare `no` as False; lorakit reads configs with the 1.2 booleans (true / false only)
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {train: x.csv}\nmodel: {name_or_path: some/model}\ntrain:\n  mixed_precision: no\n")
+    assert load_config(p).train.mixed_precision == "no"
+    cfg = load_config(_write(tmp_path, MINIMAL), ["train.mixed_precision=no", "data.augment.hflip=false", "train.score_base_model=yes"])
+    assert (cfg.train.mixed_precision, cfg.data.augment.hflip, cfg.train.score_base_model) == ("no", False, True)  # yes / no still set a switch
+
+
 def test_override_creates_missing_section_and_unknown_key_is_reported(tmp_path: Path) -> None:
     raw = apply_overrides(MINIMAL, ["output.dir=/tmp/x"])
     assert raw["output"] == {"dir": "/tmp/x"} and "output" not in MINIMAL

@@ -24,7 +24,7 @@ import yaml
 from lorakit import artifacts, checkpoint, distributed, modeling
 from lorakit.batching import train_batches
 from lorakit.card import model_card
-from lorakit.config import RunConfig, TrainConfig, load_config
+from lorakit.config import RunConfig, TrainConfig, load_config, load_yaml
 from lorakit.engine import autocast, take, to_device
 from lorakit.errors import LorakitError, RunDirError
 from lorakit.tasks import get_task
@@ -503,7 +503,7 @@ def _check_resumable(run: Path, cfg: RunConfig) -> None:
     saved_file = run / "config.yaml"
     if not saved_file.is_file():
         raise RunDirError(f"--resume: '{run}' has a checkpoint but no config.yaml; start again with --overwrite")
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    saved = load_yaml(saved_file.read_text(encoding="utf-8")) or {}
     now = cfg.to_yaml_dict()
     diffs = [
         f"{section}.{key}"
