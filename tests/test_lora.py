@@ -174,3 +174,20 @@ def test_layers_out_of_range_or_with_regex_targets_is_refused(tiny_bert_dir: Pat
         _model(tiny_bert_dir, layers=[0, 7, -9])
     with pytest.raises(ModelError, match="lora.layers cannot be combined with a regex"):
         _model(tiny_bert_dir, layers=[0], target_modules=".*query")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_cpus_that_multiply_it_natively(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert modeling.pick_precision("auto", cpu) == (torch.bfloat16 if native else None)
+    assert modeling.pick_precision("no", cpu) is None and modeling.pick_precision("bf16", cpu) == torch.bfloat16
+    assert modeling.pick_precision("auto", torch.device("mps")) is None
+
+
+def test_native_bf16_probe_agrees_with_the_cpu_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "flags" not in flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    words = set(flags.split())
+    assert modeling.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & words)

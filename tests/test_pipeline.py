@@ -20,10 +20,14 @@ from lorakit.errors import AdapterError, RunDirError
 
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path):
-    """One training run shared by the read-only tests of this module (tensorboard on, as by default)."""
+    """One training run shared by the read-only tests of this module (tensorboard on, as by default).
+
+    bf16 autocast, as `mixed_precision: auto` trains on GPUs and on CPUs with native bf16 (emulated,
+    slower but the same numbers, on the others), so that path is tested on every machine.
+    """
     folder = tmp_path_factory.mktemp("trained")
     csv_path = write_csv(folder / "reviews.csv", make_texts(160))
-    return lorakit.train(make_config(folder, tiny_bert_dir, csv_path, output={"tensorboard": True}), progress=False)
+    return lorakit.train(make_config(folder, tiny_bert_dir, csv_path, train={"mixed_precision": "bf16"}, output={"tensorboard": True}), progress=False)
 
 
 @pytest.fixture()
@@ -47,6 +51,7 @@ def test_train_writes_a_complete_run(trained_once) -> None:
     assert meta["base_model"]["fingerprint"].startswith("sha256:")
     assert set(meta["metrics"]) == {"validation", "test"}
     assert meta["versions"]["peft"] and meta["config"]["lora"]["r"] == 4
+    assert json.loads((run / "metrics.json").read_text())["precision"] == "bf16 autocast"
     card = (adapter / "README.md").read_text()
     assert "base_model:" in card and "| 0 | neg |" in card and "PeftModel.from_pretrained" in card
     evals = [r for r in trained_once.history if r["split"] == "validation"]
@@ -87,13 +92,15 @@ def test_plain_peft_loads_adapter_with_identical_logits(trained_once) -> None:
 
 def _rescore_test_split(result) -> tuple[float, float]:
     """(loss, accuracy) of the saved adapter, loaded afresh, on the run's test split."""
+    from lorakit import modeling
     from lorakit.engine import evaluate_model
     from lorakit.loader import load_adapter
 
     loaded = load_adapter(result.adapter_dir, device="cpu")
     cfg = lorakit.load_config(result.run_dir / "config.yaml")
     data = loaded.task.prepare(cfg, loaded.processor)
-    logits, labels, loss = evaluate_model(loaded.model, data.splits["test"], loaded.task.collate(loaded.processor, cfg.data), batch_size=8, device=loaded.device)
+    amp = modeling.pick_precision(cfg.train.mixed_precision, loaded.device)  # as training scored it
+    logits, labels, loss = evaluate_model(loaded.model, data.splits["test"], loaded.task.collate(loaded.processor, cfg.data), batch_size=8, device=loaded.device, amp=amp)
     return loss, float((logits.argmax(-1) == labels).mean())
 
 

@@ -154,7 +154,7 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warm-up.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = none.")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="`auto` = bf16 (or fp16) on a CUDA GPU, fp32 on CPU.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="`auto` = bf16 (or fp16) on a CUDA GPU, bf16 on a CPU with native bf16 (AVX512-BF16 / AMX), fp32 otherwise; `no` = fp32.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; unset = at the end of each epoch.")
     metric_for_best: str | None = Field(None, description="Validation metric that selects the best adapter (e.g. accuracy, f1_macro, loss); unset = the task's default (accuracy for classification).")

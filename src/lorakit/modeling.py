@@ -339,18 +339,27 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), not by emulation."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPUID probes
+    return any(bool(getattr(cpu, probe, lambda: False)()) for probe in probes)
+
+
 def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.mixed_precision`, or None for fp32.
 
-    `auto` uses bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 elsewhere: CPUs without
-    native bf16 run bf16 autocast slower than fp32.
+    `auto` uses bf16 on CUDA GPUs that support it, fp16 on older ones; bf16 on CPUs with native bf16
+    (training steps 2.3-2.6x faster on MiniLM, 1.4-2.7x on EfficientNet-Lite0, 2x on SmolLM2, with the
+    same accuracy: BENCHMARKS.md, training speed); fp32 elsewhere: CPUs without it emulate bf16, which
+    is slower than fp32.
     """
     if requested == "no":
         return None
     if requested == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     if requested == "fp16" and device.type == "cpu":
         raise LorakitError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU")
     return torch.float16 if requested == "fp16" else torch.bfloat16
