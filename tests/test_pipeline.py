@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -177,6 +178,7 @@ def test_cli_check_train_eval_predict(write_config, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "splits    train 96, validation 32, test 32" in r.stdout
     assert "trainable" in r.stdout and "targets" in r.stdout
+    assert re.search(r"optimizer steps at lr 0\.01 on cpu in (bf16 autocast|fp32);", r.stdout), r.stdout
     r = _cli("train", str(cfg), "--no-progress", "--set", "train.epochs=1")
     assert r.returncode == 0, r.stderr
     assert "held-out test (32 examples never trained on)" in r.stdout and "adapter:" in r.stdout

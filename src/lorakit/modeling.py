@@ -363,3 +363,8 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
     if requested == "fp16" and device.type == "cpu":
         raise LorakitError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on a CPU")
     return torch.float16 if requested == "fp16" else torch.bfloat16
+
+
+def precision_name(amp: torch.dtype | None) -> str:
+    """How logs, plans and metrics.json name the precision :func:`pick_precision` chose."""
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "fp32")

@@ -31,6 +31,7 @@ class Plan:
     trainable: int
     total: int
     device: str
+    precision: str
     steps: int
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -62,7 +63,7 @@ class Plan:
             f"  targets   {self.target_modules}",
             f"  trained   {self.modules_to_save} (fully, saved with the adapter)",
             f"  params    {self.trainable:,} trainable / {self.total:,} total ({100 * self.trainable / max(1, self.total):.2f}%)",
-            f"train       {self.steps:,} optimizer steps at lr {c.train.learning_rate:g} on {self.device}; output to {c.output.dir}",
+            f"train       {self.steps:,} optimizer steps at lr {c.train.learning_rate:g} on {self.device} in {self.precision}; output to {c.output.dir}",
         ]
         return out
 
@@ -78,7 +79,7 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     task = get_task(cfg.task)
     device = modeling.pick_device(cfg.train.device)
-    modeling.pick_precision(cfg.train.mixed_precision, device)
+    precision = modeling.precision_name(modeling.pick_precision(cfg.train.mixed_precision, device))
     model_path = modeling.resolve_model_path(cfg.model)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
@@ -101,6 +102,7 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
         trainable=trainable,
         total=total,
         device=str(device),
+        precision=precision,
         steps=steps,
         stats=data.stats,
     )

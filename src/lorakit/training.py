@@ -213,7 +213,7 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     log.info("model: %s (%s) with LoRA r=%d on %s; trainable %s / %s params (%.2f%%)", cfg.model.name_or_path,
              base.config.model_type, cfg.lora.r, sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str) else lora_cfg.target_modules,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "fp32")
+    precision = modeling.precision_name(amp)
     log.info("device: %s, precision: %s, threads: %d%s", device, precision, torch.get_num_threads(),
              f", {world.size} processes (batch {t.batch_size} per process, {t.batch_size * world.size * t.gradient_accumulation_steps} per step)" if world.distributed else "")
 
