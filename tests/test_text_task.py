@@ -60,3 +60,14 @@ def test_folder_without_config_is_refused(tmp_path: Path) -> None:
         resolve_model_path(ModelConfig(name_or_path="./no/such/folder"))
     with pytest.raises(ModelError, match="package 'no_such_pkg_xyz' of 'pkg://no_such_pkg_xyz/model' is not installed"):
         resolve_model_path(ModelConfig(name_or_path="pkg://no_such_pkg_xyz/model"))
+
+
+@pytest.mark.parametrize(("multiple", "width"), [(32, 32), (None, 5), (4, 8)])
+def test_batches_are_padded_to_a_multiple_of_the_setting(multiple: int | None, width: int, tiny_bert_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    collate = get_task("text-classification").collate(tok, DataConfig(train="x", pad_to_multiple_of=multiple))
+    rows = [{"input_ids": [101, 7, 8, 9, 102], "attention_mask": [1] * 5, "labels": 0, "length": 5}, {"input_ids": [101, 7, 102], "attention_mask": [1] * 3, "labels": 1, "length": 3}]
+    batch = collate(rows)
+    assert batch["input_ids"].shape == (2, width) and batch["attention_mask"].sum().item() == 8

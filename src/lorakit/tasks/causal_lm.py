@@ -380,9 +380,10 @@ class CausalLM(Task):
 
     def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
+        multiple = data_cfg.pad_to_multiple_of or 1
 
         def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            width = max(len(ex["input_ids"]) for ex in examples)
+            width = -(-max(len(ex["input_ids"]) for ex in examples) // multiple) * multiple  # the longest, rounded up
             ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
             labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
             attn = torch.zeros((len(examples), width), dtype=torch.long)

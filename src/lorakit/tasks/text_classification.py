@@ -131,10 +131,10 @@ class TextClassification(ClassificationTask):
     def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
         from transformers import DataCollatorWithPadding
 
-        pad = DataCollatorWithPadding(processor, pad_to_multiple_of=None)
+        pad = DataCollatorWithPadding(processor, pad_to_multiple_of=data_cfg.pad_to_multiple_of)
 
         def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            # Dynamic padding: each batch is padded to its own longest example only.
+            # Dynamic padding: each batch is padded to its own longest example (rounded up to data.pad_to_multiple_of).
             return pad([{k: v for k, v in ex.items() if k != "length"} for ex in examples])
 
         return collate_fn
