@@ -350,8 +350,8 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.mixed_precision`, or None for fp32.
 
     `auto` uses bf16 on CUDA GPUs that support it, fp16 on older ones; bf16 on CPUs with native bf16
-    (training steps 2.3-2.6x faster on MiniLM, 1.4-2.7x on EfficientNet-Lite0, 2x on SmolLM2, with the
-    same accuracy: BENCHMARKS.md, training speed); fp32 elsewhere: CPUs without it emulate bf16, which
+    (training steps 2.2-2.6x faster on MiniLM, 1.4-2.7x on EfficientNet-Lite0, 2x on SmolLM2; held-out
+    accuracy within a point of fp32: BENCHMARKS.md, training speed); fp32 elsewhere: CPUs without it emulate bf16, which
     is slower than fp32.
     """
     if requested == "no":
