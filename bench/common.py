@@ -65,6 +65,22 @@ def write_slices(work: Path, n_train: int, n_val: int, n_test: int, seed: int = 
     return out
 
 
+def matmul_flops(dtype: str = "fp32", n: int = 2048, repeats: int = 10) -> float:
+    """Best dense matmul FLOP/s of this machine at torch's thread count, in fp32 or bf16."""
+    import torch
+
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 

@@ -182,17 +182,6 @@ def interleaved(runs: dict, rounds: int) -> dict:
             "median_vs_" + first: {k: round(v / median[first], 3) for k, v in median.items()}, "rounds": {k: [round(x, 2) for x in v] for k, v in res.items()}}
 
 
-def matmul_gflops(dtype, n: int = 2048, reps: int = 8) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return round(2 * n**3 * reps / (time.perf_counter() - t) / 1e9, 1)
-
-
 def precision_lever(rounds: int) -> dict:
     import torch
 
@@ -207,7 +196,7 @@ def precision_lever(rounds: int) -> dict:
     steps(model, opt, data[:2]), steps(model, opt, data[:2], amp=torch.bfloat16)  # warm-up
     out = interleaved({"fp32": lambda: steps(model, opt, data), "bf16": lambda: steps(model, opt, data, amp=torch.bfloat16)}, rounds)
     return out | {"max_logit_diff_bf16_vs_fp32": round((fp32 - bf16).abs().max().item(), 4), "logit_scale": round(fp32.abs().max().item(), 3),
-                  "matmul_gflops": {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)},
+                  "matmul_gflops": {k: round(common.matmul_flops(k) / 1e9, 1) for k in ("fp32", "bf16")},
                   "native_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()), "threads": torch.get_num_threads()}
 
 

@@ -46,22 +46,6 @@ N_TRAIN, N_TEST = 2000, 1000
 EVAL_EVERY = 10
 
 
-def matmul_flops(dtype: str = "fp32", n: int = 2048, repeats: int = 10) -> float:
-    """Best dense matmul FLOP/s of this machine at torch's thread count, in fp32 or bf16."""
-    import torch
-
-    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
-    for _ in range(2):
-        a @ b
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
-
-
 def training_flops(slices: dict[str, Path], max_length: int = 256) -> float:
     """Model FLOPs of one epoch over the training slice (formula in the module docstring)."""
     import csv
@@ -111,12 +95,12 @@ def main() -> None:
     configs = [("reference", []), ("lorakit", []), ("lorakit:fp32", ["train.mixed_precision=no"]), *common.variants(args.variant)]
     print(f"# bench/train_speed.py: packaged MiniLM, {N_TRAIN} IMDB training reviews, accuracy on {N_TEST} held-out reviews; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    before = {k: matmul_flops(k) for k in ("fp32", "bf16")}
+    before = {k: common.matmul_flops(k) for k in ("fp32", "bf16")}
     with tempfile.TemporaryDirectory(prefix="lorakit-speed-") as tmp:
         slices = common.write_slices(Path(tmp) / "data", *((64, 16, 48) if args.quick else (N_TRAIN, 200, N_TEST)))
         epoch_flops = training_flops(slices)
         results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
-    peaks = {k: max(v, matmul_flops(k)) for k, v in before.items()}
+    peaks = {k: max(v, common.matmul_flops(k)) for k, v in before.items()}
     print("dense matmul: " + "; ".join(f"{k} {v / 1e9:.1f} GFLOP/s (before the runs {before[k] / 1e9:.1f})" for k, v in peaks.items())
           + f"; model FLOPs of one epoch {epoch_flops / 1e12:.2f} TFLOP\n")
 
