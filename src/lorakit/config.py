@@ -100,8 +100,8 @@ class DataConfig(_Section):
     pad_to_multiple_of: int | None = Field(
         32, ge=1, le=1024,
         description="Text tasks: pad each batch to its longest example rounded up to a multiple of this, so batches come in few shapes "
-        "and the memory of CPU kernels' caches and of the heap stops growing over a run (MiniLM, 60 bf16 steps: peak RSS 1573 instead of "
-        "2317 MB at the same speed; BENCHMARKS.md); null = exactly the longest example.",
+        "and the memory of CPU kernels' caches and of the heap stops growing over a run (MiniLM, 60 bf16 steps: peak RSS 1611 instead of "
+        "2322 MB, 0.87x the step time; bench/train_memory.py, BENCHMARKS.md); null = exactly the longest example.",
     )
     truncation: Literal["head", "tail", "head_tail"] | None = Field(None, description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict); unset = head_tail for single texts, head for text pairs.")
     seed: int = Field(42, description="Seed of splits and sampling: the same seed gives the same examples.")

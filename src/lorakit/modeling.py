@@ -351,8 +351,8 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
 
     `auto` uses bf16 on CUDA GPUs that support it, fp16 on older ones; bf16 on CPUs with native bf16
     (training steps 2.2-2.6x faster on MiniLM, 1.4-2.7x on EfficientNet-Lite0, 2x on SmolLM2; held-out
-    accuracy within a point of fp32: BENCHMARKS.md, training speed); fp32 elsewhere: CPUs without it emulate bf16, which
-    is slower than fp32.
+    accuracy within a point of fp32: BENCHMARKS.md, training speed); fp32 elsewhere: CPUs without it
+    emulate bf16, which is slower than fp32.
     """
     if requested == "no":
         return None
