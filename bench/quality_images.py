@@ -61,10 +61,9 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
 
     import lorakit
     from lorakit import modeling
-    from lorakit.batching import train_batches
-    from lorakit.engine import evaluate_model, take
+    from lorakit.batching import evaluate_model, take, train_batches
     from lorakit.tasks import get_task
-    from lorakit.training import _param_groups, optimizer_steps, set_seed
+    from lorakit.training import optimizer_steps, param_groups, set_seed
 
     t0 = time.perf_counter()
     cfg = lorakit.load_config(config, [f"train.learning_rate={lr}"])
@@ -77,7 +76,7 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
     base, _ = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
     model = task.prepare_model(base)
     model.requires_grad_(True)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg, head_modules=[]), lr=lr, betas=t.adam_betas)  # lorakit's weight-decay groups
+    optimizer = torch.optim.AdamW(param_groups(model, t, head_modules=[]), lr=lr, betas=t.adam_betas)  # lorakit's weight-decay groups
     train_ds = data.splits["train"]
     _, total_steps = optimizer_steps(len(train_ds), t)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)

@@ -151,7 +151,7 @@ NAIVE = r'''
 import sys, threading, torch
 from fastapi import FastAPI
 from pydantic import BaseModel
-from lorakit.loader import load_adapter
+from lorakit.build import load_adapter
 from lorakit.tasks.text_classification import encode_texts
 paths, port = sys.argv[1:-2], int(sys.argv[-1])  # ADAPTER... --port PORT
 first = load_adapter(paths[0], device="cpu")

@@ -100,7 +100,7 @@ CASES = [
     Case("eval data with unknown label", lambda ws, w, run: ["eval", str(_copy_run(run, ws)), "--data", _csv(ws, "unk.csv", [("great", "pos"), ("meh", "neutral")])], "labels ['neutral'] are not among the training labels"),
     Case("adapter of a different base model", lambda ws, w, run: _other_base(ws, run), "differs from the one this adapter was trained on"),
     Case("corrupt images", lambda ws, w, run: _corrupt_images(ws), "4 of 4 images (100.0%) cannot be read"),
-    Case("exact match without generation", lambda ws, w, run: ["check", _cfg(ws, w, train={"metric_for_best": "exact_match", "generation_samples": 0})], "needs train.generation_samples > 0"),
+    Case("exact match without generation", lambda ws, w, run: ["check", _cfg(ws, w, task="causal-lm", train={"metric_for_best": "exact_match", "generation_samples": 0})], "needs train.generation_samples > 0"),
     Case("export without --merge", lambda ws, w, run: ["export", str(_copy_run(run, ws)), "--onnx"], "export needs --merge OUT_DIR"),
     Case("export over an existing folder", lambda ws, w, run: (ws.joinpath("out").mkdir(), ws.joinpath("out", "x").write_text("x"), ["export", str(_copy_run(run, ws)), "--merge", str(ws / "out")])[2], "already exists; pass --overwrite"),
     Case("export into the adapter", lambda ws, w, run: ["export", str(_copy_run(run, ws) / "adapter"), "--merge", str(ws / "run-copy" / "adapter"), "--overwrite"], "holds the adapter being exported"),

@@ -12,7 +12,7 @@ import torch
 import lorakit
 from conftest import COLOURS_OF, make_chat_rows, make_lm_config
 from lorakit.cli import main
-from lorakit.config import DataConfig
+from lorakit.tasks.causal_lm import CausalLMData
 from lorakit.errors import DataError, ModelError
 from lorakit.tasks.causal_lm import IGNORE, CausalLM, block_causal_mask, encode_example, pack, to_messages
 
@@ -56,13 +56,13 @@ def test_only_assistant_tokens_are_labelled(tok) -> None:
 
 
 def test_alpaca_template_and_sharegpt_rows_become_messages() -> None:
-    d = DataConfig(train="x", instruction_template="review : {text}", output_column="label", label_names=["bad", "good"], system_prompt="you are helpful")
+    d = CausalLMData(train="x", instruction_template="review : {text}", output_column="label", label_names=["bad", "good"], system_prompt="you are helpful")
     assert to_messages({"text": "good film", "label": 1}, d, "alpaca", key="k", index=0) == [
         {"role": "system", "content": "you are helpful"}, {"role": "user", "content": "review : good film"}, {"role": "assistant", "content": "good"}]
-    d2 = DataConfig(train="x", message_keys={"role": "from", "content": "value"})
+    d2 = CausalLMData(train="x", message_keys={"role": "from", "content": "value"})
     row = {"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "blue"}]}
     assert [m["role"] for m in to_messages(row, d2, "chat", key="k", index=0)] == ["user", "assistant"]
-    plain = DataConfig(train="x")
+    plain = CausalLMData(train="x")
     assert to_messages({"instruction": "say a word", "input": "please", "output": "red"}, plain, "alpaca", key="k", index=0)[0]["content"] == "say a word\n\nplease"
     with pytest.raises(DataError, match="role 'robot' is not system / user / assistant; map it with data.role_names"):
         to_messages({"messages": [{"role": "robot", "content": "x"}]}, plain, "chat", key="k", index=3)
@@ -90,7 +90,7 @@ def test_packing_keeps_examples_apart(tiny_llama_dir: Path, tok) -> None:
     packed = pack(rows, max_length=64)
     assert len(packed["input_ids"]) == 1 and packed["seq_lens"][0] == [len(r["input_ids"]) for r in rows]
     task = CausalLM()
-    collate = task.collate(tok, DataConfig(train="x"))
+    collate = task.collate(tok, CausalLMData(train="x"))
     batch = collate([{k: v[0] for k, v in packed.items()}])
     assert batch["position_ids"][0, rows[0]["input_ids"].__len__()] == 0  # positions restart per example
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_training_learns_answers_and_generation_stops_at_end_of_turn(lm_run, tin
 def test_generation_stops_exactly_at_the_end_of_turn_token(lm_run) -> None:
     loaded = lorakit.Predictor.from_adapter(lm_run.adapter_dir).loaded
     task, tok = loaded.task, loaded.processor
-    prompt = task.prompt_ids(tok, DataConfig(train="x"), "what colour is the sky ?")
+    prompt = task.prompt_ids(tok, CausalLMData(train="x"), "what colour is the sky ?")
     gen = loaded.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=0)
     new = tok.convert_ids_to_tokens(gen[0, len(prompt) :].tolist())
     assert new == ["blue", "<|im_end|>"]

@@ -25,13 +25,21 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.task == "text-classification"
     # the defaults BENCHMARKS.md's quality table justifies
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.train.learning_rate, cfg.model.dropout) == (8, 16, 0.0, None, 0.0)
-    # the learning rate is the architecture's, resolved once the model is known (and saved so)
-    from lorakit import modeling
+    # the learning rate is the architecture's, resolved before any model is built (and saved so)
+    import torch
 
-    assert modeling.with_learning_rate(cfg, "bert").train.learning_rate == 1e-3
-    assert modeling.with_learning_rate(cfg, "efficientnet-lite0").train.learning_rate == modeling.default_learning_rate("efficientnet-lite0") > 1e-3
+    from lorakit import modeling
+    from lorakit.build import resolve_config
+    from lorakit.tasks import get_task
+
+    def resolved_lr(c, model: str) -> float:
+        c = c.model_copy(update={"model": c.model.model_copy(update={"name_or_path": model})})
+        return resolve_config(c, get_task(c.task), torch.device("cpu")).train.learning_rate
+
+    assert resolved_lr(cfg, "some/bert") == 1e-3
+    assert resolved_lr(cfg, "zoo:efficientnet-lite0") == modeling.default_learning_rate("zoo:efficientnet-lite0") > 1e-3
     assert cfg.train.learning_rate is None  # the config given is not changed
-    assert modeling.with_learning_rate(load_config(_write(tmp_path, MINIMAL), ["train.learning_rate=2e-4"]), "efficientnet-lite0").train.learning_rate == 2e-4
+    assert resolved_lr(load_config(_write(tmp_path, MINIMAL), ["train.learning_rate=2e-4"]), "zoo:efficientnet-lite0") == 2e-4
     assert cfg.train.batch_size == 16 and cfg.data.max_length == 256 and cfg.data.truncation is None
     for section in (cfg.data, cfg.model, cfg.lora, cfg.train, cfg.output):
         for name, field in type(section).model_fields.items():
@@ -79,7 +87,7 @@ def test_no_stays_a_word_in_files_and_overrides(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("data: {train: x.csv}\nmodel: {name_or_path: some/model}\ntrain:\n  mixed_precision: no\n")
     assert load_config(p).train.mixed_precision == "no"
-    cfg = load_config(_write(tmp_path, MINIMAL), ["train.mixed_precision=no", "data.augment.hflip=false", "train.score_base_model=yes"])
+    cfg = load_config(_write(tmp_path, MINIMAL), ["task=image-classification", "train.mixed_precision=no", "data.augment.hflip=false", "train.score_base_model=yes"])
     assert (cfg.train.mixed_precision, cfg.data.augment.hflip, cfg.train.score_base_model) == ("no", False, True)  # yes / no still set a switch
 
 
@@ -88,6 +96,21 @@ def test_override_creates_missing_section_and_unknown_key_is_reported(tmp_path: 
     assert raw["output"] == {"dir": "/tmp/x"} and "output" not in MINIMAL
     with pytest.raises(ConfigError, match="train.lr: unknown key"):
         load_config(_write(tmp_path, MINIMAL), ["train.lr=0.1"])
+
+
+def test_a_task_owns_its_fields_and_the_error_names_the_owner(tmp_path: Path) -> None:
+    # each task validates its own data / train fields; a field of another task is named as such
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, MINIMAL), ["data.image_size=64", "train.generation_samples=8", "data.max_lenght=3"])
+    assert err.value.problems == [
+        "data.image_size: unknown key; it belongs to task image-classification, not text-classification",
+        "data.max_lenght: unknown key; did you mean 'max_length'?",
+        "train.generation_samples: unknown key; it belongs to task causal-lm, not text-classification",
+    ]
+    lm = load_config(_write(tmp_path, MINIMAL), ["task=causal-lm", "train.generation_samples=8"])
+    assert (type(lm.data).__name__, lm.train.generation_samples) == ("CausalLMData", 8)
+    with pytest.raises(ConfigError, match=r"task = 'nope': input should be 'text-classification', .*lora.r = 0"):
+        load_config(_write(tmp_path, MINIMAL), ["task=nope", "lora.r=0"])
 
 
 @pytest.mark.parametrize("item", ["epochs", "=3", "train..x=1"])

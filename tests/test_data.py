@@ -66,11 +66,11 @@ def _cfg(train: Path, **kw) -> DataConfig:
 
 
 def test_missing_column_lists_the_real_ones(tmp_path: Path) -> None:
-    from lorakit.config import RunConfig
+    from lorakit.config import validate_config
     from lorakit.tasks import get_task
 
     path = write_csv(tmp_path / "d.csv", [("a b", "x"), ("c d", "y")], header=("review", "label"))
-    cfg = RunConfig(data=_cfg(path), model={"name_or_path": "m"})
+    cfg = validate_config({"data": {"train": str(path)}, "model": {"name_or_path": "m"}})
     with pytest.raises(DataError, match=r"column 'text' not found; the data has review, label"):
         get_task("text-classification").prepare(cfg, processor=None)
 

@@ -20,17 +20,16 @@ from conftest import (
     make_texts,
     write_csv,
 )
+from lorakit.build import load_adapter
 from lorakit.cli import main
-from lorakit.config import DataConfig
 from lorakit.export import ExportError, export
-from lorakit.loader import load_adapter
 from lorakit.prediction import generate
 
 
 def _assert_adapter_moves_outputs(run_dir: Path) -> list[dict[str, torch.Tensor]]:
     """The check batches, after making sure the adapter changes the outputs (else a merge test proves nothing)."""
     a = load_adapter(run_dir, device="cpu")
-    batches = a.task.export_batches(a.processor, a.data_cfg or DataConfig.model_validate(a.meta["config"]["data"]))
+    batches = a.task.export_batches(a.processor, a.data_cfg)
     with torch.no_grad():
         on = a.model(**batches[0]).logits
         with a.model.disable_adapter():

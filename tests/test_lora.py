@@ -128,12 +128,12 @@ def test_pissa_olora_start_at_the_base_model(tiny_bert_dir: Path, init: str) -> 
 
 def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tiny_bert_dir: Path) -> None:
     from lorakit.config import RunConfig
-    from lorakit.training import _param_groups
+    from lorakit.training import param_groups
 
     model, new = _model(tiny_bert_dir)
     cfg = RunConfig.model_validate({"data": {"train": "x.csv"}, "model": {"name_or_path": "m"},
                                     "train": {"learning_rate": 1e-3, "head_learning_rate": 5e-3, "lora_plus_ratio": 16}})
-    lr_of = {id(p): g["lr"] for g in _param_groups(model, cfg, new) for p in g["params"]}
+    lr_of = {id(p): g["lr"] for g in param_groups(model, cfg.train, new) for p in g["params"]}
     for name, p in model.named_parameters():
         if p.requires_grad:
             want = 16e-3 if ".lora_B." in name else 5e-3 if "lora_" not in name else 1e-3

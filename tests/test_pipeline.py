@@ -94,8 +94,8 @@ def test_plain_peft_loads_adapter_with_identical_logits(trained_once) -> None:
 def _rescore_test_split(result) -> tuple[float, float]:
     """(loss, accuracy) of the saved adapter, loaded afresh, on the run's test split."""
     from lorakit import modeling
-    from lorakit.engine import evaluate_model
-    from lorakit.loader import load_adapter
+    from lorakit.batching import evaluate_model
+    from lorakit.build import load_adapter
 
     loaded = load_adapter(result.adapter_dir, device="cpu")
     cfg = lorakit.load_config(result.run_dir / "config.yaml")
@@ -149,7 +149,7 @@ def test_existing_run_dir_is_refused_without_overwrite(trained, write_config) ->
 def test_adapter_on_a_different_base_is_refused(trained_once, tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    from lorakit.loader import load_adapter
+    from lorakit.build import load_adapter
 
     other = tmp_path / "other"
     meta_path = trained_once.adapter_dir / "lorakit.json"

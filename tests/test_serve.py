@@ -69,7 +69,7 @@ def client(engine):
 
 def _single(adapter_dir: Path, texts: list[str]) -> torch.Tensor:
     """Logits of one adapter on its own (plain lorakit loading, no server)."""
-    from lorakit.loader import load_adapter
+    from lorakit.build import load_adapter
     from lorakit.tasks.text_classification import encode_texts
 
     a = load_adapter(adapter_dir, device="cpu")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.config import DataConfig, ModelConfig
+from lorakit.config import ModelConfig
+from lorakit.tasks.text_classification import TextClassificationData
 from lorakit.errors import ModelError
 from lorakit.tasks import get_task
 from lorakit.tasks.text_classification import encode_texts, head_tail
@@ -24,7 +25,7 @@ def test_truncation_modes_keep_special_tokens(mode: str | None, tiny_bert_dir: P
     task = get_task("text-classification")
     tok = task.load_processor(ModelConfig(name_or_path=str(tiny_bert_dir)), str(tiny_bert_dir))
     text = "great " + "the film " * 20 + "awful"
-    cfg = DataConfig(train="x.csv", max_length=12, truncation=mode)
+    cfg = TextClassificationData(train="x.csv", max_length=12, truncation=mode)
     ids = encode_texts(tok, [text], None, cfg)["input_ids"][0]
     assert len(ids) == 12 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     words = tok.convert_ids_to_tokens(ids)
@@ -38,7 +39,7 @@ def test_truncation_modes_keep_special_tokens(mode: str | None, tiny_bert_dir: P
 
 def test_head_tail_rejects_text_pairs() -> None:
     with pytest.raises(ValueError, match="head_tail works on single texts"):
-        DataConfig(train="x.csv", truncation="head_tail", text_pair_column="b")
+        TextClassificationData(train="x.csv", truncation="head_tail", text_pair_column="b")
 
 
 def test_unknown_hub_model_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +68,7 @@ def test_batches_are_padded_to_a_multiple_of_the_setting(multiple: int | None, w
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    collate = get_task("text-classification").collate(tok, DataConfig(train="x", pad_to_multiple_of=multiple))
+    collate = get_task("text-classification").collate(tok, TextClassificationData(train="x", pad_to_multiple_of=multiple))
     rows = [{"input_ids": [101, 7, 8, 9, 102], "attention_mask": [1] * 5, "labels": 0, "length": 5}, {"input_ids": [101, 7, 102], "attention_mask": [1] * 3, "labels": 1, "length": 3}]
     batch = collate(rows)
     assert batch["input_ids"].shape == (2, width) and batch["attention_mask"].sum().item() == 8

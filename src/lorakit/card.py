@@ -14,6 +14,7 @@ def _fmt(v: Any) -> str:
 
 def model_card(meta: dict[str, Any]) -> str:
     """Markdown model card from an adapter's ``lorakit.json`` metadata."""
+    task = get_task(meta["task"])
     base = meta["base_model"]
     cfg = meta["config"]
     lora = meta["lora"]
@@ -65,24 +66,17 @@ def model_card(meta: dict[str, Any]) -> str:
         "",
         "With lorakit:",
         "```bash",
-        f"lorakit {get_task(meta['task']).cli_command} ADAPTER_DIR {get_task(meta['task']).example_input}",
+        f"lorakit {task.cli_command} ADAPTER_DIR {task.example_input}",
         "# or from the registry: lorakit publish ADAPTER_DIR --name NAME; lorakit registry pull NAME --to DIR",
         "```",
         "",
         "With plain peft:",
         "```python",
-        *get_task(meta["task"]).usage(meta),
+        *task.usage(meta),
         "```",
         "",
     ]
     return "\n".join(lines)
-
-
-_AUTO_CLASS = {
-    "text-classification": ("AutoModelForSequenceClassification", "AutoTokenizer"),
-    "image-classification": ("AutoModelForImageClassification", "AutoImageProcessor"),
-    "causal-lm": ("AutoModelForCausalLM", "AutoTokenizer"),
-}
 
 
 def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format: bool = False) -> str:
@@ -91,7 +85,7 @@ def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format:
     check = provenance["verification"]
     labels = (meta.get("label_space") or {}).get("id2label", {})
     metrics = meta.get("metrics", {})
-    model_cls, proc_cls = _AUTO_CLASS.get(meta["task"], ("AutoModel", "AutoProcessor"))
+    model_cls, proc_cls = get_task(meta["task"]).auto_classes
     lines = [
         "---",
         f"library_name: {'lorakit' if zoo_format else 'transformers'}",

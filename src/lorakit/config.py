@@ -9,12 +9,13 @@ collected into a single :class:`~lorakit.errors.ConfigError`.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from lorakit.errors import ConfigError
 
@@ -35,81 +36,33 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
-TaskName = Literal["text-classification", "image-classification", "causal-lm"]
-TASKS: tuple[str, ...] = ("text-classification", "image-classification", "causal-lm")
+DEFAULT_TASK = "text-classification"
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # Unknown keys are errors (typos must not be silently ignored); validate on assignment too.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class AugmentConfig(_Section):
-    """Training-time image augmentation (image tasks; evaluation never augments)."""
-
-    enabled: bool = Field(True, description="Augment training images; off = training uses the evaluation transform.")
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random resized crop: the share of the image area a crop covers, (min, max).")
-    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="Random resized crop: aspect-ratio range of the crop.")
-    hflip: bool = Field(True, description="Flip training images horizontally with probability 0.5.")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> AugmentConfig:
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"data.augment.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1, e.g. [0.5, 1.0]")
-        lo, hi = self.crop_ratio
-        if not 0 < lo <= hi:
-            raise ValueError(f"data.augment.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max, e.g. [0.75, 1.333]")
-        return self
-
-
-class DataConfig(_Section):
-    """Where the examples come from and how they are split."""
+class DataConfig(Section):
+    """Where the examples come from and how they are split: the fields every task has. Each task's own
+    fields (columns, lengths, image sizes, prompt formats) are on its subclass in ``lorakit/tasks/``."""
 
     train: str = Field(description="Training data: a csv/json/jsonl/parquet file (or glob), a pkg:// path, or a Hub dataset name.")
     validation: str | None = Field(None, description="Validation data; when unset a seeded split of `train` of size `validation_size` is used.")
     test: str | None = Field(None, description="Held-out test data, scored once at the end; when unset and `test_size` > 0, split from `train`.")
     format: Literal["auto", "csv", "json", "jsonl", "parquet", "imagefolder", "idx", "hub"] = Field("auto", description="Data format; `auto` decides by extension (a folder is an image folder with one sub-folder per class, `*-images-idx3-ubyte[.gz]` is MNIST-style idx), anything else without a file is a Hub name.")
     hub_split: str = Field("train", description="Which split of a Hub dataset `train` names.")
-    text_column: str = Field("text", description="Column with the input text.")
-    text_pair_column: str | None = Field(None, description="Optional second text column (sentence-pair tasks).")
-    label_column: str = Field("label", description="Column with the label (strings or integers).")
-    image_column: str = Field("image", description="Column with the image (a path relative to the data file, an http(s) URL, or image bytes from a Hub dataset), for image tasks.")
-    image_size: int | None = Field(None, ge=16, le=1024, description="Side of the square model input in pixels; unset = the size the model's image processor names.")
-    crop_pct: float | None = Field(None, gt=0, le=1, description="Evaluation: the share of the resized image the center crop keeps; unset = the model processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation of images.")
-    max_bad_images: float = Field(0.01, ge=0, le=1, description="Share of unreadable images that are skipped (and counted in the log) before the run stops with an error.")
-    prompt_format: Literal["auto", "chat", "alpaca", "text"] = Field("auto", description="causal-lm rows: `chat` (a messages list), `alpaca` (instruction / input / output columns, or `instruction_template` + `output_column`), `text` (plain text, continued pre-training); `auto` decides by the columns present.")
-    messages_column: str = Field("messages", description="causal-lm, chat: column with the list of messages.")
-    message_keys: dict[str, str] = Field(default_factory=lambda: {"role": "role", "content": "content"}, description="causal-lm, chat: the keys of a message's role and text, e.g. {role: from, content: value} for ShareGPT.")
-    role_names: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}, description="causal-lm, chat: role values mapped to system / user / assistant.")
-    instruction_column: str = Field("instruction", description="causal-lm, alpaca: column with the instruction.")
-    input_column: str = Field("input", description="causal-lm, alpaca: optional column with the input the instruction refers to.")
-    output_column: str = Field("output", description="causal-lm, alpaca: column with the answer (integer answers are named by `label_names`).")
-    instruction_template: str | None = Field(None, description="causal-lm, alpaca: build the user message from columns, e.g. 'Review: {text}\nIs it positive or negative?' (turns any labelled table into instructions).")
-    system_prompt: str | None = Field(None, description="causal-lm: a system message put before every conversation that has none.")
-    chat_template: str | None = Field(None, description="causal-lm: a named template (chatml, alpaca) or a Jinja template, for tokenizers without one (or to replace theirs).")
-    packing: bool = Field(False, description="causal-lm: pack several short examples into each max_length row; examples never attend to each other (block-diagonal attention, positions restart).")
     label_names: list[str] | None = Field(None, description="Names for integer labels 0..K-1, in order (e.g. [negative, positive]).")
     where: dict[str, Any] = Field(default_factory=dict, description="Keep only rows whose columns equal these values, e.g. {source: imdb}.")
     validation_size: float = Field(0.1, gt=0, description="Share (0-1) or count (>= 1) of `train` held out for validation when `validation` is unset.")
     test_size: float = Field(0, ge=0, description="Share (0-1) or count (>= 1) of `train` held out as a test split when `test` is unset; 0 = none.")
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (seeded sample).")
     max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many validation and test examples each.")
-    max_length: int = Field(256, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
-    pad_to_multiple_of: int | None = Field(
-        32, ge=1, le=1024,
-        description="Text tasks: pad each batch to its longest example rounded up to a multiple of this, so batches come in few shapes "
-        "and the memory of CPU kernels' caches and of the heap stops growing over a run (MiniLM, 60 bf16 steps: peak RSS 1611 instead of "
-        "2322 MB, 0.87x the step time; bench/train_memory.py, BENCHMARKS.md); null = exactly the longest example.",
-    )
-    truncation: Literal["head", "tail", "head_tail"] | None = Field(None, description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict); unset = head_tail for single texts, head for text pairs.")
     seed: int = Field(42, description="Seed of splits and sampling: the same seed gives the same examples.")
 
     @model_validator(mode="after")
     def _sizes(self) -> DataConfig:
-        if self.truncation == "head_tail" and self.text_pair_column:
-            raise ValueError("data.truncation: head_tail works on single texts; use head or tail with text_pair_column")
         for key in ("validation_size", "test_size"):
             v = getattr(self, key)
             if v >= 1 and v != int(v):
@@ -117,7 +70,19 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class TokenizedDataConfig(DataConfig):
+    """Data of the tasks that read tokenized text."""
+
+    max_length: int = Field(256, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
+    pad_to_multiple_of: int | None = Field(
+        32, ge=1, le=1024,
+        description="Pad each batch to its longest example rounded up to a multiple of this, so batches come in few shapes "
+        "and the memory of CPU kernels' caches and of the heap stops growing over a run (MiniLM, 60 bf16 steps: peak RSS 1611 instead of "
+        "2322 MB, 0.87x the step time; bench/train_memory.py, BENCHMARKS.md); null = exactly the longest example.",
+    )
+
+
+class ModelConfig(Section):
     """The pretrained base model."""
 
     name_or_path: str = Field(description="A local folder, a pkg:// path or a Hugging Face Hub id.")
@@ -128,7 +93,7 @@ class ModelConfig(_Section):
     dropout: float | None = Field(0.0, ge=0, lt=1, description="Override every dropout probability of the base model (hidden, attention, classifier); null keeps the model's own. The default 0 halves the step time on CPUs (dropout masks are costly there), saves the masks' memory, and cost no accuracy in one-epoch LoRA runs (BENCHMARKS.md, quality).")
 
 
-class LoraSettings(_Section):
+class LoraSettings(Section):
     """LoRA hyperparameters (passed to peft.LoraConfig)."""
 
     r: int = Field(8, ge=1, le=4096, description="Rank of the update matrices.")
@@ -144,7 +109,7 @@ class LoraSettings(_Section):
     batch_norm: Literal["train", "freeze"] = Field("train", description="BatchNorm layers (CNNs): `train` trains them and saves them with the adapter (their running statistics follow the new data); `freeze` keeps the pretrained statistics and weights (pure LoRA).")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Optimisation and evaluation schedule."""
 
     epochs: float = Field(3, gt=0, description="Passes over the training data (fractions allowed).")
@@ -172,12 +137,10 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = torch's default.")
     release_memory: bool = Field(True, description="Linux (glibc): tensors of 8 MiB and more are given back to the system when freed (malloc's mmap threshold fixed at 8 MiB) instead of staying in a heap that batches of changing shapes fragment, so the process's memory does not creep up during a run (measured on MiniLM, 125 steps: peak RSS 2798 instead of 3561 MB, 11% fewer samples/s; BENCHMARKS.md, training speed; false for the fastest steps). Applies to the whole process.")
-    generation_samples: int = Field(64, ge=0, description="causal-lm: validation / test examples answered by greedy generation at each evaluation, for exact match and the report's samples; 0 = loss only.")
-    max_new_tokens: int = Field(32, ge=1, description="causal-lm: longest generated answer in evaluations.")
     score_base_model: bool = Field(False, description="Also score the test split with the adapter switched off: the before / after comparison lands in metrics.json.")
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Where the run writes its artifacts."""
 
     dir: str = Field("runs/lorakit", description="Run directory: adapter/, metrics, report/, logs.")
@@ -186,26 +149,43 @@ class OutputConfig(_Section):
     report: bool = Field(True, description="Write an HTML report with plots under <dir>/report.")
 
 
-class RunConfig(_Section):
-    """A whole fine-tuning run."""
+class RunConfig(Section):
+    """A whole fine-tuning run. ``data`` and ``train`` are validated with the classes of the task named by
+    ``task`` (:func:`run_config_class`); this base class names the sections every run has."""
 
-    task: TaskName = Field("text-classification", description="What is learned: " + ", ".join(TASKS) + ".")
+    task: str = Field(DEFAULT_TASK, description="What is learned: one of the tasks in lorakit/tasks (text-classification, image-classification, causal-lm, ...).")
     data: DataConfig
     model: ModelConfig
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
-    @model_validator(mode="after")
-    def _generation_metric_needs_samples(self) -> RunConfig:
-        # Caught here, not after the first epoch: exact match is only computed from generated answers.
-        if self.train.metric_for_best == "exact_match" and self.train.generation_samples == 0:
-            raise ValueError("train.metric_for_best = 'exact_match' needs train.generation_samples > 0 (answers are generated to score it); raise generation_samples or select on loss")
-        return self
-
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain YAML-able data."""
         return self.model_dump(mode="json")
+
+
+@functools.cache
+def run_config_class(task: str) -> type[RunConfig]:
+    """The RunConfig of ``task``: its ``data`` and ``train`` sections are the task's own classes.
+
+    Raises:
+        ConfigError: No task of that name.
+    """
+    from lorakit.tasks import task_class, task_names
+
+    if task not in task_names():
+        names = [repr(n) for n in task_names()]
+        raise ConfigError([f"task = {task!r}: input should be {', '.join(names[:-1])} or {names[-1]} (the tasks in lorakit/tasks)"])
+    cls = task_class(task)
+    return create_model(  # a subclass, so isinstance(cfg, RunConfig) holds for every task
+        f"{cls.__name__}RunConfig",
+        __base__=RunConfig,
+        __doc__=f"A {task} run.",
+        task=(Literal[task], Field(task, description=RunConfig.model_fields["task"].description)),  # type: ignore[valid-type]
+        data=(cls.data_config, Field(description=cls.data_config.__doc__)),
+        train=(cls.train_config, Field(default_factory=cls.train_config, description=cls.train_config.__doc__)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,14 +241,23 @@ def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[st
     return list(getattr(current, "model_fields", {}))
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _owner_hint(task: str, loc: tuple[Any, ...]) -> str | None:
+    """For a key unknown to ``task``'s section: the other tasks whose section has it."""
+    from lorakit.tasks import task_names
+
+    owners = [name for name in task_names() if name != task and str(loc[-1]) in _field_names(run_config_class(name), loc[:-1])]
+    return f"it belongs to task {' / '.join(owners)}, not {task}" if owners else None
+
+
+def _format_error(err: dict[str, Any], cls: type[RunConfig]) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     etype = err["type"]
     if etype == "extra_forbidden":
-        allowed = _field_names(RunConfig, loc[:-1])
+        allowed = _field_names(cls, loc[:-1])
+        owner = _owner_hint(cls.model_fields["task"].default, loc) if len(loc) == 2 and cls is not RunConfig else None
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "allowed: " + ", ".join(allowed)
+        hint = owner or (f"did you mean '{close[0]}'?" if close else "allowed: " + ", ".join(allowed))
         return f"{key}: unknown key; {hint}"
     if etype == "missing":
         return f"{key}: required but missing"
@@ -281,18 +270,48 @@ def _format_error(err: dict[str, Any]) -> str:
 
 
 def validate_config(raw: Any, source: str | None = None) -> RunConfig:
-    """Validate plain data (as read from YAML) into a :class:`RunConfig`.
+    """Validate plain data (as read from YAML) into the :class:`RunConfig` of its task.
 
     Raises:
         ConfigError: With every problem found, each naming the key, the bad value and what is allowed.
     """
     if not isinstance(raw, dict):
         raise ConfigError(["the file must be a YAML mapping with sections data, model, lora, train, output"], source)
+    task = raw.get("task", DEFAULT_TASK)
     try:
-        return RunConfig.model_validate(raw)
+        cls = run_config_class(task if isinstance(task, str) else repr(task))
+    except ConfigError as exc:  # the task is unknown: its sections cannot be checked, the common ones can
+        raise ConfigError(exc.problems + _common_problems(raw), source) from None
+    try:
+        return cls.model_validate(raw)
     except ValidationError as exc:
-        problems = [_format_error(e) for e in exc.errors()]
+        problems = [_format_error(e, cls) for e in exc.errors()]
         raise ConfigError(problems, source) from None
+
+
+def _common_problems(raw: dict[str, Any]) -> list[str]:
+    """Problems in the sections every task shares (model, lora, output)."""
+    try:
+        RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        return [_format_error(e, RunConfig) for e in exc.errors() if e["loc"][:1] in (("model",), ("lora",), ("output",))]
+    return []
+
+
+def saved_config(raw: dict[str, Any]) -> RunConfig:
+    """A config saved with a run or adapter, read back leniently: keys its task no longer has (configs
+    written before each task owned its sections kept every task's keys) are dropped, not refused.
+
+    Raises:
+        ConfigError: The saved config is not valid for its task.
+    """
+    cls = run_config_class(raw.get("task", DEFAULT_TASK))
+    kept = {k: v for k, v in raw.items() if k in cls.model_fields}
+    for section, value in kept.items():
+        fields = _field_names(cls, (section,))
+        if isinstance(value, dict) and fields:
+            kept[section] = {k: v for k, v in value.items() if k in fields}
+    return validate_config(kept)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

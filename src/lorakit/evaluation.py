@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.artifacts import write_json_atomic
-from lorakit.config import DataConfig
+from lorakit.build import load_adapter
 from lorakit.data import filter_rows, read_source, require_columns
-from lorakit.loader import load_adapter
 from lorakit.report import write_report
 
 log = logging.getLogger("lorakit")
@@ -34,7 +33,8 @@ def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, 
         LorakitError: Bad adapter, unreadable data, missing columns or unknown labels.
     """
     loaded = load_adapter(path, device=device)
-    data_cfg = DataConfig.model_validate(loaded.meta["config"]["data"] | {"train": data, "validation": None, "test": None})
+    cfg = loaded.config.model_copy(update={"data": loaded.config.data.model_copy(update={"train": data, "validation": None, "test": None})})
+    data_cfg = cfg.data
     ds = read_source(data, data_cfg.format, key="--data", hub_split=data_cfg.hub_split)
     ds = filter_rows(ds, data_cfg.where, key="--data")
     require_columns(ds, loaded.task.columns(data_cfg), key="--data")
@@ -42,9 +42,7 @@ def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, 
         ds = ds.select(range(min(max_samples, len(ds))))
     ds = loaded.task.encode_labels(ds, data_cfg, loaded.label_space, key="--data")
     ds = loaded.task.preprocess(ds, loaded.processor, data_cfg, loaded.label_space, key="--data")
-    train_cfg = loaded.meta["config"].get("train", {})
-    metrics = loaded.task.evaluate(loaded.model, ds, loaded.processor, data_cfg, loaded.label_space, batch_size=batch_size, device=loaded.device,
-                                   generation_samples=train_cfg.get("generation_samples", 64), max_new_tokens=train_cfg.get("max_new_tokens", 32))
+    metrics = loaded.task.evaluate(loaded.model, ds, loaded.processor, cfg, loaded.label_space, batch_size=batch_size, device=loaded.device)
     metrics |= {"examples": len(ds), "data": data}
 
     run_dir = loaded.adapter_dir.parent if loaded.adapter_dir.name == "adapter" else loaded.adapter_dir

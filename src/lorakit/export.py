@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from lorakit.artifacts import atomic_dir, now_iso
+from lorakit.build import LoadedAdapter, load_adapter
 from lorakit.errors import LorakitError
-from lorakit.loader import LoadedAdapter, load_adapter
 
 #: Largest |unmerged - merged| logit difference accepted for fp32 models.
 FP32_TOLERANCE = 1e-4
@@ -165,9 +165,7 @@ def export(
         raise ExportError(f"this adapter was trained on a {quant}-quantised base; merging into quantised weights is not exact — export with --base-model pointing at the unquantised model")
     if onnx and task.onnx_axes is None:
         raise ExportError(f"--onnx: ONNX export is for the classification tasks; export this {task.name} adapter without --onnx (Hugging Face format)")
-    from lorakit.config import DataConfig
-
-    data_cfg = loaded.data_cfg or DataConfig.model_validate(meta["config"]["data"])
+    data_cfg = loaded.config.data
 
     # ---- reference outputs of the unmerged model ------------------------------------------------
     # The check runs in float64: the merge itself is exact algebra, while float32 arithmetic alone

@@ -18,14 +18,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from lorakit.config import AugmentConfig
+from lorakit.config import Section
 from lorakit.errors import DataError
 
 log = logging.getLogger("lorakit")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
+
+
+
+class AugmentConfig(Section):
+    """Training-time image augmentation (evaluation never augments)."""
+
+    enabled: bool = Field(True, description="Augment training images; off = training uses the evaluation transform.")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random resized crop: the share of the image area a crop covers, (min, max).")
+    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="Random resized crop: aspect-ratio range of the crop.")
+    hflip: bool = Field(True, description="Flip training images horizontally with probability 0.5.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.augment.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1, e.g. [0.5, 1.0]")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"data.augment.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max, e.g. [0.75, 1.333]")
+        return self
 
 
 class BadImage(DataError):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import LoraSettings, ModelConfig, RunConfig
+from lorakit.config import LoraSettings, ModelConfig
 from lorakit.errors import LorakitError, ModelError
 from lorakit.paths import resolve_location
 
@@ -63,22 +63,13 @@ def default_targets(model_type: str | None) -> list[str] | str:
 DEFAULT_LEARNING_RATE = 1e-3
 
 
-def default_learning_rate(model_type: str | None) -> float:
-    """The default learning rate of an architecture (zoo entries included)."""
+def default_learning_rate(name_or_path: str) -> float:
+    """The default learning rate of a base model, known before it loads (zoo entries name their own)."""
     from lorakit import zoo
 
-    if model_type in zoo.ENTRIES:
-        return zoo.ENTRIES[model_type].default_learning_rate
+    if zoo.is_zoo(name_or_path):
+        return zoo.get_entry(name_or_path).default_learning_rate
     return DEFAULT_LEARNING_RATE
-
-
-def with_learning_rate(cfg: RunConfig, model_type: str | None) -> RunConfig:
-    """``cfg`` with ``train.learning_rate`` resolved (a copy when it was unset), as saved with the run."""
-    if cfg.train.learning_rate is not None:
-        return cfg
-    resolved = cfg.model_copy(deep=True)
-    resolved.train.learning_rate = default_learning_rate(model_type)
-    return resolved
 
 
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import DataConfig
+from lorakit.build import LoadedAdapter, load_adapter
 from lorakit.errors import DataError
-from lorakit.loader import LoadedAdapter, load_adapter
 
 
 class Predictor:
@@ -21,7 +20,7 @@ class Predictor:
     def __init__(self, loaded: LoadedAdapter) -> None:
         self.loaded = loaded
         # Inputs are cut exactly as in training (max_length, truncation side).
-        self.data_cfg = loaded.data_cfg or DataConfig.model_validate(loaded.meta["config"]["data"])
+        self.data_cfg = loaded.config.data
 
     @classmethod
     def from_adapter(cls, path: str | Path, *, device: str = "auto") -> Predictor:
@@ -50,11 +49,11 @@ def generate(path: str | Path, prompts: list[str], *, device: str = "auto", use_
     from lorakit.errors import AdapterError
 
     loaded = load_adapter(path, device=device)
-    if loaded.meta.get("task") != "causal-lm":
-        raise AdapterError(f"'{loaded.adapter_dir}' is a {loaded.meta.get('task')} adapter; generate works with causal-lm adapters (use lorakit predict)")
+    if not loaded.task.generates:
+        raise AdapterError(f"'{loaded.adapter_dir}' is a {loaded.task.name} adapter, which answers with labels; use lorakit predict")
     if not prompts:
         raise DataError("no prompts to answer; pass them as arguments or --file")
-    data_cfg = loaded.data_cfg or DataConfig.model_validate(loaded.meta["config"]["data"])
+    data_cfg = loaded.config.data
     a = loaded
     if use_adapter:
         return a.task.predict(a.model, a.processor, prompts, a.label_space, data_cfg, **options)

@@ -34,6 +34,7 @@ class Plan:
     precision: str
     steps: int
     stats: dict[str, Any] = field(default_factory=dict)
+    task_lines: list[str] = field(default_factory=list)  # what the task says about its data (tokens, images)
 
     def lines(self) -> list[str]:
         c = self.config
@@ -47,15 +48,8 @@ class Plan:
             out.append(f"  labels    {len(self.labels)}: " + ", ".join(self.labels[:20]) + (" …" if len(self.labels) > 20 else ""))
             for split, counts in self.label_counts.items():
                 out.append(f"  {split:<9} " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-        tok = self.stats.get("train_tokens")
-        if tok:
-            out.append(f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} train examples cut at {c.data.max_length}")
+        out += self.task_lines
         out += [f"  warning   {w}" for w in self.stats.get("warnings", [])]
-        img = self.stats.get("image")
-        if img:
-            aug = c.data.augment
-            out.append(f"  images    {img['input_size']}x{img['input_size']} input, mean {img['mean']}, std {img['std']}; train augmentation: "
-                       + (f"random resized crop {list(aug.crop_scale)}" + (" + flip" if aug.hflip else "") if aug.enabled else "off"))
         out += [
             f"model       {c.model.name_or_path} ({self.model_type})",
             f"LoRA        r={c.lora.r} alpha={c.lora.alpha} dropout={c.lora.dropout}"
@@ -74,25 +68,24 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
     Raises:
         LorakitError: The first problem that would stop the run (config problems are all listed).
     """
+    from lorakit.build import build_model, open_base, resolve_config
     from lorakit.training import optimizer_steps
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     task = get_task(cfg.task)
     device = modeling.pick_device(cfg.train.device)
+    cfg = resolve_config(cfg, task, device)
     precision = modeling.precision_name(modeling.pick_precision(cfg.train.mixed_precision, device))
-    model_path = modeling.resolve_model_path(cfg.model)
-    processor = task.load_processor(cfg.model, model_path)
-    data = task.prepare(cfg, processor)
-    base, new_modules = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
-    cfg = modeling.with_learning_rate(cfg, base.config.model_type)
-    model = modeling.apply_lora(base, cfg.lora, task_type=task.peft_task_type, new_modules=new_modules)
+    base = open_base(task, cfg.model)
+    data = task.prepare(cfg, base.processor)
+    model = build_model(task, cfg, base, data.label_space)
     trainable, total = modeling.count_parameters(model)
     lc = model.peft_config["default"]
     _, steps = optimizer_steps(len(data.splits["train"]), cfg.train)
     return Plan(
         config=cfg,
-        model_path=model_path,
-        model_type=base.config.model_type,
+        model_path=base.path,
+        model_type=model.get_base_model().config.model_type,
         sizes={k: len(v) for k, v in data.splits.items()},
         columns=list(data.stats.get("columns", [])),
         label_counts=data.stats.get("label_counts", {}),
@@ -105,4 +98,5 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
         precision=precision,
         steps=steps,
         stats=data.stats,
+        task_lines=task.plan_lines(cfg, data.stats),
     )

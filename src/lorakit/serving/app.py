@@ -292,9 +292,10 @@ def create_app(
         except Exception as exc:
             raise user_error(exc) from None
 
-    def need(kind: str, route: str) -> None:
-        if engine.kind != kind:
-            other = "/v1/chat/completions" if engine.kind == "generate" else "/v1/predict"
+    def need(generates: bool, route: str) -> None:
+        # The task declares what it answers with: labels (/v1/predict) or generated text (chat).
+        if engine.task.generates != generates:
+            other = "/v1/chat/completions" if engine.task.generates else "/v1/predict"
             raise ApiError(404, f"{route} is not served for {engine.task.name} adapters; use {other}")
 
     # ---- routes ---------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def create_app(
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=responses)
     async def predict(req: PredictRequest) -> PredictResponse:
-        need("classify", "/v1/predict")
+        need(False, "/v1/predict")
         inputs = _decode_inputs(req.inputs, engine.task.binary_inputs, ApiError)
         logits = await run(req.adapter, lambda: engine.encode(req.adapter, inputs))
         info = engine.info(req.adapter)
@@ -313,7 +314,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=responses)
     async def chat(req: ChatRequest) -> dict[str, Any]:
-        need("generate", "/v1/chat/completions")
+        need(True, "/v1/chat/completions")
         max_new = req.max_completion_tokens or req.max_tokens or 256
         messages = [m.model_dump() for m in req.messages]
         try:

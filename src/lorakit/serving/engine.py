@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from lorakit import modeling
 from lorakit.artifacts import find_adapter_dir, read_metadata
-from lorakit.config import DataConfig, ModelConfig
+from lorakit.build import adapter_config, load_adapter
+from lorakit.config import DataConfig
 from lorakit.errors import AdapterError, LorakitError
 from lorakit.labels import LabelSpace
 from lorakit.registry import Registry, check_name, parse_ref
 from lorakit.serving import mixed
-from lorakit.tasks import Task, get_task
+from lorakit.tasks import Task
 
 log = logging.getLogger("lorakit")
 
@@ -67,8 +67,8 @@ class AdapterInfo:
 @dataclass
 class _Job:
     adapter: str
-    rows: list[Any]  # classify: dicts of tensors; generate: prompt id lists
-    options: tuple = ()  # generate: (max_new_tokens, do_sample, temperature, top_p)
+    rows: list[Any]  # what the task's serving_rows / chat_prompt_ids made (tensors, prompt ids)
+    options: tuple = ()  # the same for every row of a pass (generation: max_new_tokens, do_sample, temperature, top_p)
     future: cf.Future = field(default_factory=cf.Future)
 
 
@@ -139,24 +139,13 @@ class Engine:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
 
         first = self._resolve(adapters[0], paths=True)
-        self.task: Task = get_task(first.meta["task"])
-        self.kind = self.task.serve_kind
+        loaded = load_adapter(first.path, device=device, adapter_name=first.name)  # the base every adapter shares
+        self.task: Task = loaded.task
         self.base_fingerprint = first.meta["base_model"].get("fingerprint")
-        base = first.meta["base_model"]
-        self.base_name = base["name_or_path"]
-        model_cfg = ModelConfig(name_or_path=base["name_or_path"], revision=base.get("revision"))
-        try:
-            model_path = modeling.resolve_model_path(model_cfg)
-        except LorakitError:
-            model_path = base.get("resolved") or base["name_or_path"]
-        self.processor = self.task.load_processor(model_cfg, model_path)
+        self.base_name = first.meta["base_model"]["name_or_path"]
+        self.processor, self.device, self.model = loaded.processor, loaded.device, loaded.model
         self.head_labels = first.label_space.num_labels if first.label_space else None
-        model, _ = self.task.load_model(model_cfg, model_path, first.label_space, first.data_cfg)
-        from peft import PeftModel
-
-        self.device = modeling.pick_device(device)
-        self.model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name, is_trainable=False)
-        self.model = self.task.prepare_model(self.model).to(self.device).eval()
+        model = self.model.get_base_model()
         # With the gathered kernel, adapters after the first go to a light store when they fit its layers.
         self.store = mixed.AdapterStore(self.model) if gathered else None
         self._store(first.name)
@@ -202,7 +191,7 @@ class Engine:
         if name == BASE:
             raise AdapterError(f"'{BASE}' is reserved for the bare base model; give the adapter another name")
         meta = read_metadata(path)
-        data_cfg = DataConfig.model_validate(meta["config"]["data"])
+        data_cfg = adapter_config(meta).data
         space = LabelSpace.from_dict(meta["label_space"]) if meta.get("label_space") else None
         return AdapterInfo(name, path, meta, data_cfg, space, source)
 
@@ -380,14 +369,10 @@ class Engine:
         work = [j for j in jobs if j not in controls]
         if not work:
             return
-        if self.kind == "generate":
-            groups: dict[tuple, list[_Job]] = {}
-            for j in work:
-                groups.setdefault(j.options, []).append(j)
-            batches = list(groups.values())
-        else:
-            batches = [work]
-        for batch in batches:
+        groups: dict[tuple, list[_Job]] = {}  # one pass per set of options (e.g. generation settings)
+        for j in work:
+            groups.setdefault(j.options, []).append(j)
+        for batch in groups.values():
             # A batch may name more adapters than fit in the model: split it.
             chunk: list[_Job] = []
             names: set[str] = set()
@@ -472,32 +457,5 @@ class Engine:
     @torch.inference_mode()
     def _run_model(self, jobs: list[_Job], names: list[str]) -> list[Any]:
         kwargs, ctx = self._adapter_kwargs(names)
-        if self.kind == "generate":
-            max_new, do_sample, temperature, top_p = jobs[0].options
-            prompts = [r for j in jobs for r in j.rows]
-            with ctx:
-                return self.task.generate_ids(self.model, self.processor, prompts, max_new_tokens=max_new, batch_size=len(prompts),
-                                              do_sample=do_sample, temperature=temperature, top_p=top_p, **kwargs)
-        rows = [r for j in jobs for r in j.rows]
-        batch = pad_rows(rows, getattr(self.processor, "pad_token_id", None) or 0)
         with ctx:
-            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}, **kwargs).logits
-        return list(logits.float().cpu())
-
-
-def pad_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack per-row tensors; 1-D rows of different lengths are right-padded (ids with ``pad_id``,
-    masks and type ids with 0)."""
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        if all(v.shape == values[0].shape for v in values):
-            out[key] = torch.stack(values)
-            continue
-        width = max(v.shape[0] for v in values)
-        fill = pad_id if key == "input_ids" else 0
-        padded = torch.full((len(values), width), fill, dtype=values[0].dtype)
-        for i, v in enumerate(values):
-            padded[i, : v.shape[0]] = v
-        out[key] = padded
-    return out
+            return self.task.serve_batch(self.model, self.processor, [r for j in jobs for r in j.rows], jobs[0].options, **kwargs)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
-from lorakit.config import DataConfig, ModelConfig, RunConfig
+from lorakit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 
 @dataclass
@@ -33,6 +33,10 @@ class Task(ABC):
     """What a task must provide. Subclasses are registered in :mod:`lorakit.tasks`."""
 
     name: str
+    #: The task's `data:` section: the common fields plus the task's own (columns, lengths, formats).
+    data_config: ClassVar[type[DataConfig]] = DataConfig
+    #: The task's `train:` section (a subclass of TrainConfig when the task has settings of its own).
+    train_config: ClassVar[type[TrainConfig]] = TrainConfig
     #: peft's TaskType for get_peft_model (e.g. "SEQ_CLS"); None for models peft has no type for.
     peft_task_type: str | None
     #: Metric used to pick the best adapter when the config does not say.
@@ -41,10 +45,12 @@ class Task(ABC):
     example_input: str = '"your input"'
     #: The lorakit command that answers with an adapter of this task (shown in model cards).
     cli_command: str = "predict"
-    #: How `lorakit serve` answers: "classify" (/v1/predict) or "generate" (/v1/chat/completions).
-    serve_kind: str = "classify"
+    #: Answers are generated text (`lorakit generate`, /v1/chat/completions), not labels (`predict`, /v1/predict).
+    generates: bool = False
     #: Inputs are bytes (images): JSON requests carry them base64-encoded or as http(s) URLs.
     binary_inputs: bool = False
+    #: The transformers Auto classes of a merged model and its processor (model cards of exports).
+    auto_classes: tuple[str, str] = ("AutoModel", "AutoProcessor")
 
     # ---- data -----------------------------------------------------------------------------------
     @abstractmethod
@@ -74,16 +80,32 @@ class Task(ABC):
         """Load the base model (shaped for ``data_cfg`` where inputs matter, e.g. image size); return it
         and the names of modules that are new (not in the checkpoint)."""
 
+    def apply_adapter(self, base: torch.nn.Module, cfg: RunConfig, new_modules: list[str]) -> Any:
+        """Wrap the base model with the trainable adapter (peft LoRA as ``cfg.lora`` says)."""
+        from lorakit.modeling import apply_lora
+
+        return apply_lora(base, cfg.lora, task_type=self.peft_task_type, new_modules=new_modules)
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Last touches on the LoRA-wrapped model before training or inference (e.g. memory layout)."""
         return model
 
-    # ---- evaluation / prediction ----------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None, generation_samples: int = 0, max_new_tokens: int = 32) -> dict[str, Any]:
-        """Metrics of ``model`` on a preprocessed split: the loss plus :meth:`compute_metrics`."""
-        from lorakit.engine import evaluate_model
+    # ---- training -------------------------------------------------------------------------------
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The mean training loss of a collated batch."""
+        return model(**batch).loss
 
-        logits, labels, loss = evaluate_model(model, ds, self.collate(processor, data_cfg), batch_size=batch_size, device=device, amp=amp, progress=progress)
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        """What :meth:`loss` averages over (here: the batch's examples); data-parallel ranks weight
+        their losses by it, so that the averaged gradient is the single-process one."""
+        return int(batch["labels"].shape[0])
+
+    # ---- evaluation / prediction ----------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, cfg: RunConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None) -> dict[str, Any]:
+        """Metrics of ``model`` on a preprocessed split: the loss plus :meth:`compute_metrics`."""
+        from lorakit.batching import evaluate_model
+
+        logits, labels, loss = evaluate_model(model, ds, self.collate(processor, cfg.data), batch_size=batch_size, device=device, amp=amp, progress=progress)
         return {"loss": loss, **self.compute_metrics(logits, labels, label_space)}
 
     @abstractmethod
@@ -93,6 +115,28 @@ class Task(ABC):
     @abstractmethod
     def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1) -> list[dict[str, Any]]:
         """Post-processed predictions for raw inputs."""
+
+    def plan_lines(self, cfg: RunConfig, stats: dict[str, Any]) -> list[str]:
+        """Task-specific lines `lorakit check` shows about the prepared data (tokens, image sizes)."""
+        tok = stats.get("train_tokens")
+        if not tok:
+            return []
+        cut_at = getattr(cfg.data, "max_length", "max_length")
+        return [f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} train examples cut at {cut_at}"]
+
+    # ---- serving --------------------------------------------------------------------------------
+    def serving_rows(self, processor: Any, data_cfg: DataConfig, inputs: list[Any]) -> list[Any]:
+        """Model rows for raw request inputs, one per input (the server batches rows of many requests
+        and adapters together).
+
+        Raises:
+            DataError: An input cannot be used (named by its position).
+        """
+        raise NotImplementedError(f"{self.name} adapters are not served from raw inputs")
+
+    def serve_batch(self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any) -> list[Any]:
+        """One pass of the server's model over ``rows`` (of one or many adapters); one output per row."""
+        raise NotImplementedError(f"{self.name} adapters are not served")
 
     def usage(self, meta: dict[str, Any]) -> list[str]:
         """Python lines that load base model + adapter with plain peft (for the model card)."""

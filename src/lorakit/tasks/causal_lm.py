@@ -13,14 +13,16 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
+from pydantic import Field, model_validator
 
 from lorakit import distributed
-from lorakit.config import DataConfig, ModelConfig, RunConfig
+from lorakit.batching import eval_batches
+from lorakit.config import ModelConfig, RunConfig, TokenizedDataConfig, TrainConfig
 from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
 from lorakit.paths import cache_root
@@ -43,6 +45,37 @@ NAMED_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
     ),
 }
+
+
+class CausalLMData(TokenizedDataConfig):
+    """Conversations, instructions or plain text for a causal language model."""
+
+    prompt_format: Literal["auto", "chat", "alpaca", "text"] = Field("auto", description="Row format: `chat` (a messages list), `alpaca` (instruction / input / output columns, or `instruction_template` + `output_column`), `text` (plain text, continued pre-training); `auto` decides by the columns present.")
+    messages_column: str = Field("messages", description="chat: column with the list of messages.")
+    message_keys: dict[str, str] = Field(default_factory=lambda: {"role": "role", "content": "content"}, description="chat: the keys of a message's role and text, e.g. {role: from, content: value} for ShareGPT.")
+    role_names: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}, description="chat: role values mapped to system / user / assistant.")
+    instruction_column: str = Field("instruction", description="alpaca: column with the instruction.")
+    input_column: str = Field("input", description="alpaca: optional column with the input the instruction refers to.")
+    output_column: str = Field("output", description="alpaca: column with the answer (integer answers are named by `label_names`).")
+    instruction_template: str | None = Field(None, description="alpaca: build the user message from columns, e.g. 'Review: {text}\nIs it positive or negative?' (turns any labelled table into instructions).")
+    text_column: str = Field("text", description="text: column with the text to continue.")
+    system_prompt: str | None = Field(None, description="A system message put before every conversation that has none.")
+    chat_template: str | None = Field(None, description="A named template (chatml, alpaca) or a Jinja template, for tokenizers without one (or to replace theirs).")
+    packing: bool = Field(False, description="Pack several short examples into each max_length row; examples never attend to each other (block-diagonal attention, positions restart).")
+
+
+class CausalLMTrain(TrainConfig):
+    """Optimisation and evaluation schedule, with the generated answers scored at each evaluation."""
+
+    generation_samples: int = Field(64, ge=0, description="Validation / test examples answered by greedy generation at each evaluation, for exact match and the report's samples; 0 = loss only.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in evaluations.")
+
+    @model_validator(mode="after")
+    def _exact_match_needs_answers(self) -> CausalLMTrain:
+        # Caught at load, not after the first epoch: exact match is only computed from generated answers.
+        if self.metric_for_best == "exact_match" and self.generation_samples == 0:
+            raise ValueError("train.metric_for_best = 'exact_match' needs train.generation_samples > 0 (answers are generated to score it); raise generation_samples or select on loss")
+        return self
 
 
 # ---- model location (folders, Hub ids, GGUF files) ------------------------------------------------
@@ -135,7 +168,7 @@ def end_of_turn_ids(tokenizer: Any, model: Any = None) -> list[int]:
 # ---- rows -> conversations ----------------------------------------------------------------------
 
 
-def detect_format(data_cfg: DataConfig, columns: list[str]) -> str:
+def detect_format(data_cfg: CausalLMData, columns: list[str]) -> str:
     if data_cfg.prompt_format != "auto":
         return data_cfg.prompt_format
     if data_cfg.messages_column in columns:
@@ -150,7 +183,7 @@ def detect_format(data_cfg: DataConfig, columns: list[str]) -> str:
     )
 
 
-def required_columns(data_cfg: DataConfig, fmt: str) -> list[str]:
+def required_columns(data_cfg: CausalLMData, fmt: str) -> list[str]:
     if fmt == "chat":
         return [data_cfg.messages_column]
     if fmt == "alpaca":
@@ -163,7 +196,7 @@ def required_columns(data_cfg: DataConfig, fmt: str) -> list[str]:
     return [data_cfg.text_column]
 
 
-def to_messages(row: dict[str, Any], data_cfg: DataConfig, fmt: str, *, key: str, index: int) -> list[dict[str, str]]:
+def to_messages(row: dict[str, Any], data_cfg: CausalLMData, fmt: str, *, key: str, index: int) -> list[dict[str, str]]:
     """One row as a list of {role, content} messages (system / user / assistant)."""
     d = data_cfg
     if fmt == "chat":
@@ -284,11 +317,14 @@ def normalise_answer(s: str) -> str:
 
 class CausalLM(Task):
     name = "causal-lm"
+    data_config = CausalLMData
+    train_config = CausalLMTrain
     peft_task_type = "CAUSAL_LM"
     default_metric = "loss"
     example_input = '"Write a haiku about autumn."'
     cli_command = "generate"
-    serve_kind = "generate"
+    generates = True
+    auto_classes = ("AutoModelForCausalLM", "AutoTokenizer")
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
@@ -309,7 +345,7 @@ class CausalLM(Task):
             tok.pad_token = tok.eos_token or tok.unk_token
         return tok
 
-    def _with_template(self, tokenizer: Any, data_cfg: DataConfig) -> Any:
+    def _with_template(self, tokenizer: Any, data_cfg: CausalLMData) -> Any:
         name = data_cfg.chat_template
         if name:
             template = NAMED_TEMPLATES.get(name, name)
@@ -320,7 +356,7 @@ class CausalLM(Task):
             raise ModelError("model.name_or_path: the tokenizer has no chat template; set data.chat_template (chatml or alpaca)")
         return tokenizer
 
-    def columns(self, data_cfg: DataConfig) -> list[str]:
+    def columns(self, data_cfg: CausalLMData) -> list[str]:
         # With `auto` the format (and so the columns) is decided from the data itself.
         return required_columns(data_cfg, data_cfg.prompt_format) if data_cfg.prompt_format != "auto" else []
 
@@ -351,10 +387,10 @@ class CausalLM(Task):
         stats["train_tokens"] = {"mean": float(lengths.mean()), "max": int(lengths.max()), "truncated": int(cut_counts["train"]["prompt_cut"] + cut_counts["train"]["answer_cut"])}
         return PreparedData(DatasetDict(splits), processor, None, stats)
 
-    def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+    def preprocess(self, ds: Dataset, processor: Any, data_cfg: CausalLMData, label_space: Any, *, key: str) -> Dataset:
         return self._encode_split(ds, processor, data_cfg, key=key)[0]
 
-    def _encode_split(self, ds: Dataset, processor: Any, data_cfg: DataConfig, *, key: str) -> tuple[Dataset, dict[str, int]]:
+    def _encode_split(self, ds: Dataset, processor: Any, data_cfg: CausalLMData, *, key: str) -> tuple[Dataset, dict[str, int]]:
         """Model-ready rows of one split and how truncation treated its examples."""
         fmt = detect_format(data_cfg, ds.column_names)
         if fmt != "text":
@@ -378,7 +414,7 @@ class CausalLM(Task):
             "prompt_ids": [r["prompt_ids"] for r in rows], "reference": [r["reference"] for r in rows],
         }), cuts
 
-    def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
+    def collate(self, processor: Any, data_cfg: CausalLMData, *, train: bool = False) -> Any:
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
         multiple = data_cfg.pad_to_multiple_of or 1
 
@@ -410,7 +446,7 @@ class CausalLM(Task):
         return collate_fn
 
     # ---- model ----------------------------------------------------------------------------------
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: DataConfig | None = None) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: CausalLMData | None = None) -> tuple[torch.nn.Module, list[str]]:
         from transformers import AutoModelForCausalLM
 
         from lorakit.modeling import reject_zoo
@@ -453,14 +489,27 @@ class CausalLM(Task):
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:
         return {}
 
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None, generation_samples: int = 64, max_new_tokens: int = 32) -> dict[str, Any]:
-        """Token-level loss and perplexity on ``ds``; exact match and samples from greedy answers."""
-        from lorakit.batching import eval_batches
-        from lorakit.engine import autocast, take, to_device
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        # The labels are shifted by one inside the forward: the first position is never a target.
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
 
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, cfg: RunConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None) -> dict[str, Any]:
+        """Token-level loss and perplexity on ``ds``; exact match and samples from greedy answers."""
         was_training = model.training
         model.eval()
+        loss, tokens = self._token_loss(model, ds, processor, cfg.data, batch_size=batch_size, device=device, amp=amp, progress=progress)
+        metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "examples": len(ds)}
+        n = min(cfg.train.generation_samples, len(ds)) if "reference" in ds.column_names else 0
+        if n:
+            metrics |= self._answer_metrics(model, ds.select(range(n)), processor, max_new_tokens=cfg.train.max_new_tokens, batch_size=batch_size)
+        model.train(was_training)
+        return metrics
+
+    def _token_loss(self, model: torch.nn.Module, ds: Dataset, processor: Any, data_cfg: CausalLMData, *, batch_size: int, device: torch.device, amp: torch.dtype | None, progress: Any) -> tuple[float, int]:
+        """(mean loss per answer token, answer tokens) over ``ds``, shared out over data-parallel ranks."""
+        from lorakit.batching import autocast, take, to_device
+
         collate = self.collate(processor, data_cfg)
         world = distributed.current()
         nll, tokens = 0.0, 0
@@ -483,30 +532,28 @@ class CausalLM(Task):
             with autocast(device, amp):
                 model(**batch)
         nll, tokens = distributed.all_sum([nll, tokens], device)
-        tokens = int(tokens)
-        loss = nll / max(1, tokens)
-        metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "examples": len(ds)}
-        n = min(generation_samples, len(ds)) if "reference" in ds.column_names else 0
-        if n:
-            rows = ds.select(range(n))
-            refs = rows["reference"]
-            prompts = rows["prompt_ids"]
-            # Each rank answers every world.size-th prompt; the answers are put back in order.
-            mine = distributed.shard(prompts, world)
-            extra = distributed.padding(len(prompts), world)  # FSDP: every rank generates for as many prompts, in step
-            mine = self.generate_ids(model, processor, mine + [prompts[0]] * extra, max_new_tokens=max_new_tokens, batch_size=batch_size, synced=world.sharded)
-            mine = mine[: len(mine) - extra]
-            outs: list[str] = [""] * len(prompts)
-            for rank, answers in enumerate(distributed.gather(mine, world)):
-                outs[rank :: world.size] = answers
-            scored = [(r, o) for r, o in zip(refs, outs, strict=True) if r]
-            if scored:
-                metrics["exact_match"] = float(np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored]))
-            metrics["samples"] = [
-                {"prompt": processor.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
-                for p, r, o in list(zip(rows["prompt_ids"], refs, outs, strict=True))[:8]
-            ]
-        model.train(was_training)
+        return nll / max(1, int(tokens)), int(tokens)
+
+    def _answer_metrics(self, model: torch.nn.Module, rows: Dataset, processor: Any, *, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+        """Exact match of greedy answers against the references, and a few samples for the report."""
+        world = distributed.current()
+        refs, prompts = rows["reference"], rows["prompt_ids"]
+        # Each rank answers every world.size-th prompt; the answers are put back in order.
+        mine = distributed.shard(prompts, world)
+        extra = distributed.padding(len(prompts), world)  # FSDP: every rank generates for as many prompts, in step
+        mine = self.generate_ids(model, processor, mine + [prompts[0]] * extra, max_new_tokens=max_new_tokens, batch_size=batch_size, synced=world.sharded)
+        mine = mine[: len(mine) - extra]
+        outs: list[str] = [""] * len(prompts)
+        for rank, answers in enumerate(distributed.gather(mine, world)):
+            outs[rank :: world.size] = answers
+        metrics: dict[str, Any] = {}
+        scored = [(r, o) for r, o in zip(refs, outs, strict=True) if r]
+        if scored:
+            metrics["exact_match"] = float(np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored]))
+        metrics["samples"] = [
+            {"prompt": processor.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
+            for p, r, o in list(zip(prompts, refs, outs, strict=True))[:8]
+        ]
         return metrics
 
     @torch.no_grad()
@@ -545,7 +592,7 @@ class CausalLM(Task):
                 outs.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         return outs
 
-    def prompt_ids(self, tokenizer: Any, data_cfg: DataConfig, text: str, *, system: str | None = None) -> list[int]:
+    def prompt_ids(self, tokenizer: Any, data_cfg: CausalLMData, text: str, *, system: str | None = None) -> list[int]:
         """A user message rendered with the tokenizer's chat template (set by :meth:`predict` /
         :meth:`preprocess`) and a generation prompt, as token ids."""
         messages = [{"role": "user", "content": text}]
@@ -561,7 +608,7 @@ class CausalLM(Task):
                 messages[-1]["content"] = data_cfg.instruction_template.format(**{fields[0]: text})
         return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
-    def chat_prompt_ids(self, tokenizer: Any, data_cfg: DataConfig, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt_ids(self, tokenizer: Any, data_cfg: CausalLMData, messages: list[dict[str, str]]) -> list[int]:
         """A conversation (OpenAI-style messages) rendered with the adapter's chat template, ready for
         the assistant's next turn. A single user message is wrapped like :meth:`prompt_ids` does."""
         self._with_template(tokenizer, data_cfg)
@@ -571,14 +618,19 @@ class CausalLM(Task):
             messages = [{"role": "system", "content": data_cfg.system_prompt}, *messages]
         return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
-    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None, system: str | None = None) -> list[dict[str, Any]]:
+    def serve_batch(self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any) -> list[Any]:
+        """Answers to tokenized chat prompts; ``options`` = (max_new_tokens, do_sample, temperature, top_p), the same for every row."""
+        max_new, do_sample, temperature, top_p = options
+        return self.generate_ids(model, processor, rows, max_new_tokens=max_new, batch_size=len(rows), do_sample=do_sample, temperature=temperature, top_p=top_p, **adapter_kwargs)
+
+    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: CausalLMData, *, top_k: int = 1, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None, system: str | None = None) -> list[dict[str, Any]]:
         self._with_template(processor, data_cfg)
         prompts = [self.prompt_ids(processor, data_cfg, str(t), system=system) for t in inputs]
         outs = self.generate_ids(model, processor, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         return [{"input": str(t), "output": o} for t, o in zip(inputs, outs, strict=True)]
 
     # ---- export ---------------------------------------------------------------------------------
-    def export_batches(self, processor: Any, data_cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+    def export_batches(self, processor: Any, data_cfg: CausalLMData) -> list[dict[str, torch.Tensor]]:
         self._with_template(processor, data_cfg)
         prompts = [self.prompt_ids(processor, data_cfg, t) for t in ("Write a haiku about autumn.", "Hi", "Name three colours of the rainbow, please.")]
 

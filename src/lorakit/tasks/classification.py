@@ -16,6 +16,24 @@ from lorakit.metrics import classification_metrics
 from lorakit.tasks.base import Task
 
 
+def pad_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack per-row tensors; 1-D rows of different lengths are right-padded (ids with ``pad_id``,
+    masks and type ids with 0)."""
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+            continue
+        width = max(v.shape[0] for v in values)
+        fill = pad_id if key == "input_ids" else 0
+        padded = torch.full((len(values), width), fill, dtype=values[0].dtype)
+        for i, v in enumerate(values):
+            padded[i, : v.shape[0]] = v
+        out[key] = padded
+    return out
+
+
 class ClassificationTask(Task):
     """A task with one label per example, from a fixed label space learned from the training data."""
 
@@ -44,14 +62,12 @@ class ClassificationTask(Task):
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict[str, Any]:
         return classification_metrics(logits.argmax(-1), labels, label_space.labels)
 
-    def serving_rows(self, processor: Any, data_cfg: DataConfig, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
-        """Model inputs for raw request inputs, one dict of unbatched tensors per input (the server
-        pads and stacks rows of many requests and adapters into one batch).
-
-        Raises:
-            DataError: An input cannot be used (named by its position).
-        """
-        raise NotImplementedError
+    def serve_batch(self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any) -> list[Any]:
+        """Logits (one tensor per row) for rows :meth:`serving_rows` made, padded and stacked into one batch."""
+        device = next(model.parameters()).device
+        batch = pad_rows(rows, getattr(processor, "pad_token_id", None) or 0)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}, **adapter_kwargs).logits
+        return list(logits.float().cpu())
 
     @staticmethod
     def top_k(logits: torch.Tensor, shown: list[str], label_space: LabelSpace, top_k: int) -> list[dict[str, Any]]:

@@ -17,12 +17,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
+from pydantic import Field
 
 from lorakit import zoo
 from lorakit.config import DataConfig, ModelConfig, RunConfig
 from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
-from lorakit.images import BadImage, ImageSpec, ImageTransforms, load_image
+from lorakit.images import AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image
 from lorakit.labels import LabelSpace
 from lorakit.modeling import load_base_config
 from lorakit.paths import resolve_location
@@ -31,6 +32,17 @@ from lorakit.tasks.classification import ClassificationTask
 from lorakit.tasks.text_classification import new_module_names, quiet_transformers
 
 log = logging.getLogger("lorakit")
+
+
+class ImageClassificationData(DataConfig):
+    """Images with one label each."""
+
+    image_column: str = Field("image", description="Column with the image (a path relative to the data file, an http(s) URL, or image bytes from a Hub dataset).")
+    label_column: str = Field("label", description="Column with the label (strings or integers).")
+    image_size: int | None = Field(None, ge=16, le=1024, description="Side of the square model input in pixels; unset = the size the model's image processor names.")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="Evaluation: the share of the resized image the center crop keeps; unset = the model processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation of images.")
+    max_bad_images: float = Field(0.01, ge=0, le=1, description="Share of unreadable images that are skipped (and counted in the log) before the run stops with an error.")
 
 
 def _source_dir(location: str | None) -> Path | None:
@@ -84,8 +96,10 @@ def check_images(ds: Dataset, column: str, *, base_dir: Path | None, max_bad: fl
 
 class ImageClassification(ClassificationTask):
     name = "image-classification"
+    data_config = ImageClassificationData
     peft_task_type = None  # peft has no image task type: the plain PeftModel wraps it
     binary_inputs = True
+    auto_classes = ("AutoModelForImageClassification", "AutoImageProcessor")
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> ImageSpec:
@@ -101,7 +115,7 @@ class ImageClassification(ClassificationTask):
             raise ModelError(f"model.name_or_path: could not load an image processor from '{model_path}' (is it a vision model?): {str(exc).splitlines()[0][:200]}") from None
         return ImageSpec.from_processor(proc)
 
-    def columns(self, data_cfg: DataConfig) -> list[str]:
+    def columns(self, data_cfg: ImageClassificationData) -> list[str]:
         return [data_cfg.image_column, data_cfg.label_column]
 
     def _as_references(self, ds: Dataset, column: str) -> Dataset:
@@ -134,7 +148,7 @@ class ImageClassification(ClassificationTask):
         stats["image"] = processor.to_dict() | {"input_size": d.image_size or processor.size}
         return PreparedData(DatasetDict(splits), processor, space, stats)
 
-    def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+    def preprocess(self, ds: Dataset, processor: Any, data_cfg: ImageClassificationData, label_space: Any, *, key: str) -> Dataset:
         ds = self._as_references(ds, data_cfg.image_column)
         if data_cfg.image_column != "image":
             if "image" in ds.column_names:
@@ -142,7 +156,7 @@ class ImageClassification(ClassificationTask):
             ds = ds.rename_column(data_cfg.image_column, "image")
         return ds.remove_columns([c for c in ds.column_names if c not in {"image", "labels"}])
 
-    def collate(self, processor: ImageSpec, data_cfg: DataConfig, *, train: bool = False) -> Any:
+    def collate(self, processor: ImageSpec, data_cfg: ImageClassificationData, *, train: bool = False) -> Any:
         transforms = ImageTransforms(processor, data_cfg.augment, data_cfg.image_size, data_cfg.crop_pct)
 
         def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -170,8 +184,15 @@ class ImageClassification(ClassificationTask):
 
         return collate_fn
 
+    def plan_lines(self, cfg: RunConfig, stats: dict[str, Any]) -> list[str]:
+        img, aug = stats.get("image"), cfg.data.augment
+        if not img:
+            return []
+        crop = f"random resized crop {list(aug.crop_scale)}" + (" + flip" if aug.hflip else "") if aug.enabled else "off"
+        return [f"  images    {img['input_size']}x{img['input_size']} input, mean {img['mean']}, std {img['std']}; train augmentation: {crop}"]
+
     # ---- model ----------------------------------------------------------------------------------
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace, data_cfg: DataConfig | None = None) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace, data_cfg: ImageClassificationData | None = None) -> tuple[torch.nn.Module, list[str]]:
         size = data_cfg.image_size if data_cfg else None
         labels = {"num_labels": label_space.num_labels, "id2label": label_space.id2label, "label2id": label_space.label2id}
         if zoo.is_zoo(model_path):
@@ -208,7 +229,7 @@ class ImageClassification(ClassificationTask):
     # ---- export ---------------------------------------------------------------------------------
     onnx_axes: ClassVar[dict[int, str] | None] = {0: "batch"}
 
-    def export_batches(self, processor: ImageSpec, data_cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+    def export_batches(self, processor: ImageSpec, data_cfg: ImageClassificationData) -> list[dict[str, torch.Tensor]]:
         # Random pixels in the normalised range the model sees; the check is about the arithmetic.
         side = data_cfg.image_size or processor.size
         g = torch.Generator().manual_seed(0)
@@ -264,7 +285,7 @@ class ImageClassification(ClassificationTask):
         ]
 
     # ---- prediction -----------------------------------------------------------------------------
-    def serving_rows(self, processor: ImageSpec, data_cfg: DataConfig, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+    def serving_rows(self, processor: ImageSpec, data_cfg: ImageClassificationData, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
         """Rows for encoded image bytes or http(s) URLs (the server never reads local paths)."""
         transforms = ImageTransforms(processor, data_cfg.augment, data_cfg.image_size, data_cfg.crop_pct)
         rows = []
@@ -278,7 +299,7 @@ class ImageClassification(ClassificationTask):
         return rows
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, processor: ImageSpec, inputs: list[Any], label_space: LabelSpace, data_cfg: DataConfig, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(self, model: torch.nn.Module, processor: ImageSpec, inputs: list[Any], label_space: LabelSpace, data_cfg: ImageClassificationData, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
         """Top-k labels for images given as paths, http(s) URLs, bytes or PIL images.
 
         Raises:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from datasets import Dataset
+from pydantic import Field, model_validator
 
-from lorakit.config import DataConfig, ModelConfig, RunConfig
+from lorakit.config import ModelConfig, RunConfig, TokenizedDataConfig
 from lorakit.data import build_splits
 from lorakit.errors import DataError, ModelError
 from lorakit.labels import LabelSpace
@@ -49,7 +50,22 @@ def head_tail(seq: list[int], max_len: int) -> list[int]:
     return seq[:head] + seq[len(seq) - (max_len - head) :]
 
 
-def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, data_cfg: DataConfig) -> dict[str, list[list[int]]]:
+class TextClassificationData(TokenizedDataConfig):
+    """Texts (or text pairs) with one label each."""
+
+    text_column: str = Field("text", description="Column with the input text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence-pair tasks).")
+    label_column: str = Field("label", description="Column with the label (strings or integers).")
+    truncation: Literal["head", "tail", "head_tail"] | None = Field(None, description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict); unset = head_tail for single texts, head for text pairs.")
+
+    @model_validator(mode="after")
+    def _pairs_truncate_at_one_end(self) -> TextClassificationData:
+        if self.truncation == "head_tail" and self.text_pair_column:
+            raise ValueError("data.truncation: head_tail works on single texts; use head or tail with text_pair_column")
+        return self
+
+
+def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, data_cfg: TextClassificationData) -> dict[str, list[list[int]]]:
     """Tokenize with the run's truncation rule; training, evaluation and prediction all come here."""
     max_len = data_cfg.max_length
     mode = data_cfg.truncation or ("head" if pairs else "head_tail")
@@ -62,7 +78,9 @@ def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, data
 
 class TextClassification(ClassificationTask):
     name = "text-classification"
+    data_config = TextClassificationData
     peft_task_type = "SEQ_CLS"
+    auto_classes = ("AutoModelForSequenceClassification", "AutoTokenizer")
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
@@ -79,7 +97,7 @@ class TextClassification(ClassificationTask):
             tok.pad_token = tok.eos_token or tok.unk_token
         return tok
 
-    def check_rows(self, ds: Dataset, data_cfg: DataConfig, *, key: str) -> None:
+    def check_rows(self, ds: Dataset, data_cfg: TextClassificationData, *, key: str) -> None:
         for col in filter(None, [data_cfg.text_column, data_cfg.text_pair_column]):
             values = ds[col]
             bad = [i for i, t in enumerate(values) if not isinstance(t, str) or not t.strip()]
@@ -89,7 +107,7 @@ class TextClassification(ClassificationTask):
                     "remove them or fill them in"
                 )
 
-    def columns(self, data_cfg: DataConfig) -> list[str]:
+    def columns(self, data_cfg: TextClassificationData) -> list[str]:
         d = data_cfg
         return [d.text_column, d.label_column] + ([d.text_pair_column] if d.text_pair_column else [])
 
@@ -115,7 +133,7 @@ class TextClassification(ClassificationTask):
 
         return PreparedData(DatasetDict(splits), processor, space, stats)
 
-    def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+    def preprocess(self, ds: Dataset, processor: Any, data_cfg: TextClassificationData, label_space: Any, *, key: str) -> Dataset:
         text, pair = data_cfg.text_column, data_cfg.text_pair_column
 
         def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
@@ -128,7 +146,7 @@ class TextClassification(ClassificationTask):
         # datasets fingerprints this map: re-running the same data + tokenizer reuses the cached result.
         return ds.map(tokenize, batched=True, remove_columns=drop, desc=f"tokenize {key}")
 
-    def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
+    def collate(self, processor: Any, data_cfg: TextClassificationData, *, train: bool = False) -> Any:
         from transformers import DataCollatorWithPadding
 
         pad = DataCollatorWithPadding(processor, pad_to_multiple_of=data_cfg.pad_to_multiple_of)
@@ -140,7 +158,7 @@ class TextClassification(ClassificationTask):
         return collate_fn
 
     # ---- model ----------------------------------------------------------------------------------
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace, data_cfg: DataConfig | None = None) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace, data_cfg: TextClassificationData | None = None) -> tuple[torch.nn.Module, list[str]]:
         from transformers import AutoModelForSequenceClassification
 
         config = load_base_config(
@@ -170,7 +188,7 @@ class TextClassification(ClassificationTask):
     # ---- export ---------------------------------------------------------------------------------
     onnx_axes: ClassVar[dict[int, str] | None] = {0: "batch", 1: "sequence"}
 
-    def export_batches(self, processor: Any, data_cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+    def export_batches(self, processor: Any, data_cfg: TextClassificationData) -> list[dict[str, torch.Tensor]]:
         texts = [
             "One of the best films I have seen in years: moving, funny and beautifully acted.",
             "Dull.",
@@ -204,14 +222,14 @@ class TextClassification(ClassificationTask):
 
     # ---- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
-    def serving_rows(self, processor: Any, data_cfg: DataConfig, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+    def serving_rows(self, processor: Any, data_cfg: TextClassificationData, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
         for i, t in enumerate(inputs):
             if not isinstance(t, str) or not t.strip():
                 raise DataError(f"inputs[{i}]: expected a non-empty text")
         enc = encode_texts(processor, list(inputs), None, data_cfg)
         return [{k: torch.tensor(v[i]) for k, v in enc.items()} for i in range(len(inputs))]
 
-    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, data_cfg: DataConfig, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, data_cfg: TextClassificationData, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
         device = next(model.parameters()).device
         results: list[dict[str, Any]] = []
         collate = self.collate(processor, data_cfg)
