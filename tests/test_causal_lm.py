@@ -12,9 +12,16 @@ import torch
 import lorakit
 from conftest import COLOURS_OF, make_chat_rows, make_lm_config
 from lorakit.cli import main
-from lorakit.tasks.causal_lm import CausalLMData
 from lorakit.errors import DataError, ModelError
-from lorakit.tasks.causal_lm import IGNORE, CausalLM, block_causal_mask, encode_example, pack, to_messages
+from lorakit.tasks.causal_lm import (
+    IGNORE,
+    CausalLM,
+    CausalLMData,
+    block_causal_mask,
+    encode_example,
+    pack,
+    to_messages,
+)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

@@ -22,9 +22,8 @@ import torch
 import lorakit
 from conftest import make_image_config, make_images
 from lorakit.cli import main
-from lorakit.images import AugmentConfig
 from lorakit.errors import DataError
-from lorakit.images import BadImage, ImageSpec, ImageTransforms, load_image, read_idx
+from lorakit.images import AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image, read_idx
 
 
 @pytest.fixture(scope="module")

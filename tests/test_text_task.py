@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from lorakit.config import ModelConfig
-from lorakit.tasks.text_classification import TextClassificationData
 from lorakit.errors import ModelError
 from lorakit.tasks import get_task
-from lorakit.tasks.text_classification import encode_texts, head_tail
+from lorakit.tasks.text_classification import TextClassificationData, encode_texts, head_tail
 
 
 def test_head_tail_keeps_both_ends() -> None:
