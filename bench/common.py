@@ -52,7 +52,11 @@ def write_slices(work: Path, n_train: int, n_val: int, n_test: int, seed: int = 
     with open(reviews_csv(), newline="", encoding="utf-8") as fh:
         rows = [(r["text"], int(r["label"])) for r in csv.DictReader(fh) if r["source"] == "imdb"]
     random.Random(seed).shuffle(rows)
-    cuts = {"train": rows[:n_train], "validation": rows[n_train : n_train + n_val], "test": rows[n_train + n_val : n_train + n_val + n_test]}
+    cuts = {
+        "train": rows[:n_train],
+        "validation": rows[n_train : n_train + n_val],
+        "test": rows[n_train + n_val : n_train + n_val + n_test],
+    }
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, part in cuts.items():
@@ -90,8 +94,17 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float = 1, batch_size: int = 16, max_length: int = 256, work: Path,
-              head_tail: bool = False) -> dict[str, Any]:
+def reference(
+    slices: dict[str, Path],
+    *,
+    lora: bool,
+    lr: float,
+    epochs: float = 1,
+    batch_size: int = 16,
+    max_length: int = 256,
+    work: Path,
+    head_tail: bool = False,
+) -> dict[str, Any]:
     """Train and score one reference configuration; times are seconds from the start of the call.
 
     Args:
@@ -118,26 +131,68 @@ def reference(slices: dict[str, Path], *, lora: bool, lr: float, epochs: float =
     if head_tail:
         # The same rule as lorakit's data.truncation = head_tail, written out here so the recipe stays lorakit-free.
         def cut(ids: list[int]) -> list[int]:
-            return ids if len(ids) <= max_length else ids[: max_length // 4] + ids[len(ids) - (max_length - max_length // 4) :]
+            return (
+                ids
+                if len(ids) <= max_length
+                else ids[: max_length // 4] + ids[len(ids) - (max_length - max_length // 4) :]
+            )
 
-        ds = ds.map(lambda b: {k: [cut(r) for r in v] for k, v in tok(b["text"]).items()}, batched=True, remove_columns=["text"])
+        ds = ds.map(
+            lambda b: {k: [cut(r) for r in v] for k, v in tok(b["text"]).items()},
+            batched=True,
+            remove_columns=["text"],
+        )
     else:
-        ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True, remove_columns=["text"])
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+        ds = ds.map(
+            lambda b: tok(b["text"], truncation=True, max_length=max_length),
+            batched=True,
+            remove_columns=["text"],
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+    )
     if lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=TaskType.SEQ_CLS,
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.1,
+                target_modules=["query", "value"],
+            ),
+        )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
     def accuracy(pred: Any) -> dict[str, float]:
         return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
 
-    args = TrainingArguments(output_dir=str(work / "trainer"), learning_rate=lr, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
-                             num_train_epochs=epochs, weight_decay=0.01, eval_strategy="no", save_strategy="no", report_to="none", seed=SEED,
-                             logging_steps=50, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-    trainer = Trainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["test"], data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy)
+    args = TrainingArguments(
+        output_dir=str(work / "trainer"),
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=64,
+        num_train_epochs=epochs,
+        weight_decay=0.01,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=SEED,
+        logging_steps=50,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ds["train"],
+        eval_dataset=ds["test"],
+        data_collator=DataCollatorWithPadding(tok),
+        compute_metrics=accuracy,
+    )
     t_train = time.perf_counter()
     out = trainer.train()
     train_end = time.perf_counter()
@@ -166,8 +221,14 @@ def lorakit_config(slices: dict[str, Path], work: Path) -> Path:
 
     cfg = {
         "task": "text-classification",
-        "data": {"train": str(slices["train"]), "validation": str(slices["validation"]), "test": str(slices["test"]),
-                 "label_names": ["negative", "positive"], "max_length": 256, "seed": SEED},
+        "data": {
+            "train": str(slices["train"]),
+            "validation": str(slices["validation"]),
+            "test": str(slices["test"]),
+            "label_names": ["negative", "positive"],
+            "max_length": 256,
+            "seed": SEED,
+        },
         "model": {"name_or_path": minilm_path()},
         "train": {"epochs": 1, "seed": SEED},
         "output": {"dir": str(work / "run"), "overwrite": True},
@@ -185,7 +246,13 @@ def lorakit_config(slices: dict[str, Path], work: Path) -> Path:
 def run_child(script: Path, name: str, extra: list[str], timeout: float = 3600) -> dict[str, Any]:
     """Run ``script --child NAME`` and return the JSON object it prints last."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(script), "--child", name, *extra], capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--child", name, *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
@@ -200,8 +267,18 @@ def emit(result: dict[str, Any]) -> None:
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """The options every training benchmark takes (and the hidden ones its child processes get)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=key=value[,key=value]", help="an extra lorakit configuration: overrides on top of the defaults")
-    ap.add_argument("--quick", action="store_true", help="64 training reviews: a smoke test of the script, not a measurement")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=key=value[,key=value]",
+        help="an extra lorakit configuration: overrides on top of the defaults",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="64 training reviews: a smoke test of the script, not a measurement",
+    )
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -226,11 +303,15 @@ def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def run_configs(script: Path, configs: list[tuple[str, list[str]]], tmp: Path, quick: bool) -> list[dict[str, Any]]:
+def run_configs(
+    script: Path, configs: list[tuple[str, list[str]]], tmp: Path, quick: bool
+) -> list[dict[str, Any]]:
     """Each configuration in its own child process, one after the other."""
     results = []
     for name, overrides in configs:
-        extra = ["--work", str(tmp / name.replace(":", "-")), *(["--quick"] if quick else [])] + [a for o in overrides for a in ("--set", o)]
+        extra = ["--work", str(tmp / name.replace(":", "-")), *(["--quick"] if quick else [])] + [
+            a for o in overrides for a in ("--set", o)
+        ]
         results.append(run_child(script, name, extra))
     return results
 
@@ -238,11 +319,23 @@ def run_configs(script: Path, configs: list[tuple[str, list[str]]], tmp: Path, q
 def print_results(results: list[dict[str, Any]]) -> None:
     """One line per configuration: accuracy, wall time, trainable share, peak RSS, overrides."""
     for r in results:
-        print(f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
-              f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}", flush=True)
+        print(
+            f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
+            f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}",
+            flush=True,
+        )
 
 
-def run_main(script: Path, doc: str | None, child: Any, *, only: list[str], only_help: str, header: str, quick_header: str) -> tuple[argparse.Namespace, list[dict[str, Any]]] | None:
+def run_main(
+    script: Path,
+    doc: str | None,
+    child: Any,
+    *,
+    only: list[str],
+    only_help: str,
+    header: str,
+    quick_header: str,
+) -> tuple[argparse.Namespace, list[dict[str, Any]]] | None:
     """A quality benchmark's command line: in a child process run ``child(name, work, overrides, quick)``
     and return None; otherwise run every configuration, print the results table and return them."""
     ap = parser(doc)

@@ -44,15 +44,27 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
 
         t0 = time.perf_counter()
         res = lorakit.train(common.lorakit_config(slices, work), overrides=overrides, progress=False)
-        r = {"accuracy": res.test["accuracy"], "seconds": time.perf_counter() - t0, "trainable": res.trainable_params, "total": res.total_params,
-             "steps": res.history[-1]["step"] if res.history else None, "peak_rss_mb": common.peak_rss_mb()}
+        r = {
+            "accuracy": res.test["accuracy"],
+            "seconds": time.perf_counter() - t0,
+            "trainable": res.trainable_params,
+            "total": res.total_params,
+            "steps": res.history[-1]["step"] if res.history else None,
+            "peak_rss_mb": common.peak_rss_mb(),
+        }
     common.emit({"name": name, "overrides": overrides, **r})
 
 
 def main() -> None:
-    ran = common.run_main(SCRIPT, __doc__, child, only=["full", "full-head-tail", "peft", "lorakit"], only_help="which of full, full-head-tail, peft, lorakit to run",
-                          header=f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews",
-                          quick_header="# bench/quality.py --quick: 64 training reviews, a smoke test, not a measurement")
+    ran = common.run_main(
+        SCRIPT,
+        __doc__,
+        child,
+        only=["full", "full-head-tail", "peft", "lorakit"],
+        only_help="which of full, full-head-tail, peft, lorakit to run",
+        header=f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews",
+        quick_header="# bench/quality.py --quick: 64 training reviews, a smoke test, not a measurement",
+    )
     if ran is None:
         return
     args, results = ran
@@ -62,7 +74,9 @@ def main() -> None:
             print(f"\ngaps to {base} (accuracy points; time as a ratio):")
             for r in results:
                 if not r["name"].startswith("full"):
-                    print(f"  {r['name']:28s} {100 * (r['accuracy'] - by[base]['accuracy']):+5.1f} points, {r['seconds'] / by[base]['seconds']:.2f}x the time")
+                    print(
+                        f"  {r['name']:28s} {100 * (r['accuracy'] - by[base]['accuracy']):+5.1f} points, {r['seconds'] / by[base]['seconds']:.2f}x the time"
+                    )
     if "peft" in by:
         print("time against PEFT's usual recipe:")
         for r in results:

@@ -30,7 +30,18 @@ import common
 
 SCRIPT = Path(__file__).resolve()
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 N_TRAIN, N_VAL, N_TEST = 10_000, 1_000, 2_000
 
 
@@ -41,9 +52,18 @@ def run_config(work: Path, quick: bool) -> Path:
     n_train, n_eval = (256, 64) if quick else (N_TRAIN, N_TEST)
     cfg = {
         "task": "image-classification",
-        "data": {"train": str(FMNIST / "train-images-idx3-ubyte.gz"), "test": str(FMNIST / "t10k-images-idx3-ubyte.gz"),
-                 "label_names": LABELS, "validation_size": n_eval // 2 if quick else N_VAL, "max_train_samples": n_train, "max_eval_samples": n_eval,
-                 "image_size": 64, "crop_pct": 1.0, "augment": {"crop_scale": [0.7, 1.0]}, "seed": common.SEED},
+        "data": {
+            "train": str(FMNIST / "train-images-idx3-ubyte.gz"),
+            "test": str(FMNIST / "t10k-images-idx3-ubyte.gz"),
+            "label_names": LABELS,
+            "validation_size": n_eval // 2 if quick else N_VAL,
+            "max_train_samples": n_train,
+            "max_eval_samples": n_eval,
+            "image_size": 64,
+            "crop_pct": 1.0,
+            "augment": {"crop_scale": [0.7, 1.0]},
+            "seed": common.SEED,
+        },
         "model": {"name_or_path": "zoo:efficientnet-lite0"},
         "train": {"epochs": 1, "seed": common.SEED},
         "output": {"dir": str(work / "run"), "overwrite": True, "report": False, "tensorboard": False},
@@ -76,14 +96,23 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
     base, _ = task.load_model(cfg.model, model_path, data.label_space, cfg.data)
     model = task.prepare_model(base)
     model.requires_grad_(True)
-    optimizer = torch.optim.AdamW(param_groups(model, t, head_modules=[]), lr=lr, betas=t.adam_betas)  # lorakit's weight-decay groups
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t, head_modules=[]), lr=lr, betas=t.adam_betas
+    )  # lorakit's weight-decay groups
     train_ds = data.splits["train"]
     _, total_steps = optimizer_steps(len(train_ds), t)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        t.scheduler,
+        optimizer,
+        num_warmup_steps=round(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     collate = task.collate(processor, cfg.data, train=True)
     model.train()
     t_train = time.perf_counter()
-    for idx in train_batches([1] * len(train_ds), t.batch_size, seed=t.seed, epoch=0, group_by_length=False)[:total_steps]:
+    for idx in train_batches([1] * len(train_ds), t.batch_size, seed=t.seed, epoch=0, group_by_length=False)[
+        :total_steps
+    ]:
         loss = model(**collate(take(train_ds, idx))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -91,10 +120,23 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     train_seconds = time.perf_counter() - t_train
-    logits, labels, _ = evaluate_model(model, data.splits["test"], task.collate(processor, cfg.data), batch_size=t.eval_batch_size, device=torch.device("cpu"))
+    logits, labels, _ = evaluate_model(
+        model,
+        data.splits["test"],
+        task.collate(processor, cfg.data),
+        batch_size=t.eval_batch_size,
+        device=torch.device("cpu"),
+    )
     total = sum(p.numel() for p in model.parameters())
-    return {"accuracy": float((logits.argmax(-1) == labels).mean()), "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-            "steps": total_steps, "trainable": total, "total": total, "peak_rss_mb": common.peak_rss_mb()}
+    return {
+        "accuracy": float((logits.argmax(-1) == labels).mean()),
+        "seconds": time.perf_counter() - t0,
+        "train_seconds": train_seconds,
+        "steps": total_steps,
+        "trainable": total,
+        "total": total,
+        "peak_rss_mb": common.peak_rss_mb(),
+    }
 
 
 def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
@@ -106,15 +148,27 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
 
         t0 = time.perf_counter()
         res = lorakit.train(config, overrides=overrides, progress=False)
-        r = {"accuracy": res.test["accuracy"], "seconds": time.perf_counter() - t0, "trainable": res.trainable_params, "total": res.total_params,
-             "steps": res.history[-1]["step"] if res.history else None, "peak_rss_mb": common.peak_rss_mb()}
+        r = {
+            "accuracy": res.test["accuracy"],
+            "seconds": time.perf_counter() - t0,
+            "trainable": res.trainable_params,
+            "total": res.total_params,
+            "steps": res.history[-1]["step"] if res.history else None,
+            "peak_rss_mb": common.peak_rss_mb(),
+        }
     common.emit({"name": name, "overrides": overrides, **r})
 
 
 def main() -> None:
-    ran = common.run_main(SCRIPT, __doc__, child, only=["full:3e-4", "full:1e-3", "lorakit"], only_help="which configurations to run: full:LR (full fine-tuning at that learning rate), lorakit",
-                          header=f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images",
-                          quick_header="# bench/quality_images.py --quick: 256 training images, a smoke test, not a measurement")
+    ran = common.run_main(
+        SCRIPT,
+        __doc__,
+        child,
+        only=["full:3e-4", "full:1e-3", "lorakit"],
+        only_help="which configurations to run: full:LR (full fine-tuning at that learning rate), lorakit",
+        header=f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images",
+        quick_header="# bench/quality_images.py --quick: 256 training images, a smoke test, not a measurement",
+    )
     if ran is None:
         return
     args, results = ran
@@ -124,7 +178,9 @@ def main() -> None:
         print(f"\ngaps to the best full fine-tuning ({best['name']}; accuracy points; time as a ratio):")
         for r in results:
             if r is not best:
-                print(f"  {r['name']:28s} {100 * (r['accuracy'] - best['accuracy']):+5.1f} points, {r['seconds'] / best['seconds']:.2f}x the time")
+                print(
+                    f"  {r['name']:28s} {100 * (r['accuracy'] - best['accuracy']):+5.1f} points, {r['seconds'] / best['seconds']:.2f}x the time"
+                )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -64,10 +64,31 @@ def train_source(work: Path) -> Path:
     run = work / "source-run"
     if (run / "adapter" / "adapter_model.safetensors").is_file():
         return run / "adapter"
-    cmd = [sys.executable, "-m", "lorakit", "train", str(ROOT / "configs" / "imdb-minilm.yaml"), "--overwrite", "--no-progress",
-           "--set", "data.max_train_samples=128", "--set", "data.validation_size=32", "--set", "data.test_size=32",
-           "--set", "train.max_steps=4", "--set", "data.max_length=128", "--set", f"output.dir={run}", "--set", "output.report=false",
-           "--set", "output.tensorboard=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "train",
+        str(ROOT / "configs" / "imdb-minilm.yaml"),
+        "--overwrite",
+        "--no-progress",
+        "--set",
+        "data.max_train_samples=128",
+        "--set",
+        "data.validation_size=32",
+        "--set",
+        "data.test_size=32",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "data.max_length=128",
+        "--set",
+        f"output.dir={run}",
+        "--set",
+        "output.report=false",
+        "--set",
+        "output.tensorboard=false",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return run / "adapter"
 
@@ -84,7 +105,12 @@ def clone_adapters(src: Path, root: Path, n: int, seed: int = 0) -> list[Path]:
         dest = root / f"adapter-{i:03d}"
         if not (dest / "adapter_model.safetensors").is_file():
             shutil.copytree(src, dest, dirs_exist_ok=True)
-            noisy = {k: (v + 0.5 * v.std() * torch.randn(v.shape, generator=g)).contiguous() if v.is_floating_point() and v.numel() > 1 else v for k, v in tensors.items()}
+            noisy = {
+                k: (v + 0.5 * v.std() * torch.randn(v.shape, generator=g)).contiguous()
+                if v.is_floating_point() and v.numel() > 1
+                else v
+                for k, v in tensors.items()
+            }
             save_file(noisy, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
         out.append(dest)
     return out
@@ -107,8 +133,13 @@ class Server:
     def __init__(self, args: list[str], log: Path) -> None:
         self.port = free_port()
         self.log = log.open("w")
-        self.proc = subprocess.Popen([*args, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        self.proc = subprocess.Popen(
+            [*args, "--port", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
         deadline = time.time() + 900
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -144,10 +175,23 @@ class Server:
 
 def lorakit_server(adapters: list[Path], log: Path, *extra: str) -> Server:
     specs = [f"a{i:03d}={p}" for i, p in enumerate(adapters)]
-    return Server([sys.executable, "-m", "lorakit", "serve", *specs, "--max-adapters", str(max(64, len(adapters))), "--no-on-demand", *extra], log)
+    return Server(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "serve",
+            *specs,
+            "--max-adapters",
+            str(max(64, len(adapters))),
+            "--no-on-demand",
+            *extra,
+        ],
+        log,
+    )
 
 
-NAIVE = r'''
+NAIVE = r"""
 import sys, threading, torch
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -183,7 +227,7 @@ def predict(req: Req):
     return {"adapter": req.adapter, "predictions": out}
 import uvicorn
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-'''
+"""
 
 
 def naive_server(adapters: list[Path], log: Path) -> Server:
@@ -197,7 +241,9 @@ def naive_server(adapters: list[Path], log: Path) -> Server:
 # --------------------------------------------------------------------------------------------------
 
 
-def load(port: int, names: list[str], texts: list[str], *, seconds: float, clients: int = 32, seed: int = 0) -> dict:
+def load(
+    port: int, names: list[str], texts: list[str], *, seconds: float, clients: int = 32, seed: int = 0
+) -> dict:
     """``clients`` threads with keep-alive connections POST one review each to a random adapter."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -233,13 +279,26 @@ def load(port: int, names: list[str], texts: list[str], *, seconds: float, clien
     wall = time.perf_counter() - start
     lat = sorted(latencies)
     pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: float("nan"))
-    return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "statuses": statuses, "seconds": wall, "latencies": lat}
+    return {
+        "requests": len(lat),
+        "rps": len(lat) / wall,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "statuses": statuses,
+        "seconds": wall,
+        "latencies": lat,
+    }
 
 
 def warm(port: int, names: list[str], texts: list[str]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     for name in names[:64]:
-        conn.request("POST", "/v1/predict", body=json.dumps({"adapter": name, "inputs": texts[:2]}), headers={"content-type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/predict",
+            body=json.dumps({"adapter": name, "inputs": texts[:2]}),
+            headers={"content-type": "application/json"},
+        )
         r = conn.getresponse()
         r.read()
         assert r.status == 200, (r.status, name)
@@ -258,13 +317,26 @@ def merge_runs(runs: list[dict]) -> dict:
             statuses[k] = statuses.get(k, 0) + v
     pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: float("nan"))
     cpu = sum(r.get("server_cpu_s", 0.0) for r in runs)
-    return {"requests": len(lat), "rps": len(lat) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "statuses": statuses, "seconds": wall,
-            "server_cpu_ms_per_request": 1000 * cpu / max(1, len(lat)), "rounds_rps": [round(r["rps"], 2) for r in runs]}
+    return {
+        "requests": len(lat),
+        "rps": len(lat) / wall,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "statuses": statuses,
+        "seconds": wall,
+        "server_cpu_ms_per_request": 1000 * cpu / max(1, len(lat)),
+        "rounds_rps": [round(r["rps"], 2) for r in runs],
+    }
 
 
 def predictions(port: int, name: str, texts: list[str]) -> list[float]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request("POST", "/v1/predict", body=json.dumps({"adapter": name, "inputs": texts, "top_k": 2}), headers={"content-type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/predict",
+        body=json.dumps({"adapter": name, "inputs": texts, "top_k": 2}),
+        headers={"content-type": "application/json"},
+    )
     r = conn.getresponse()
     body = json.loads(r.read())
     return [t["score"] for p in body["predictions"] for t in sorted(p["top_k"], key=lambda t: t["label"])]
@@ -273,14 +345,23 @@ def predictions(port: int, name: str, texts: list[str]) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="Length of one measured slice.")
-    ap.add_argument("--rounds", type=int, default=5, help="Rounds; each runs one slice of every configuration, interleaved.")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="Rounds; each runs one slice of every configuration, interleaved.",
+    )
     ap.add_argument("--load-seconds", type=float, default=60.0, help="Length of the 32-client load test.")
     ap.add_argument("--adapters", type=int, default=50)
     ap.add_argument("--many", type=int, default=500, help="Adapters of the second pass (0 skips it).")
     ap.add_argument("--many-dtype", default="float16", help="--adapter-dtype of the second pass.")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lorakit-bench-serve")
-    ap.add_argument("--quick", action="store_true", help="3 s slices, 2 rounds, 10 s load test, 60 adapters in the second pass.")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 s slices, 2 rounds, 10 s load test, 60 adapters in the second pass.",
+    )
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     args = ap.parse_args()
     if args.quick:
@@ -291,23 +372,41 @@ def main() -> None:
 
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.clients} clients over loopback", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.clients} clients over loopback",
+        flush=True,
+    )
     texts = reviews(512)
     src = train_source(args.work)
     adapters = clone_adapters(src, args.work / "adapters", max(args.adapters, args.many))
     names = [f"a{i:03d}" for i in range(args.adapters)]
-    base_bytes = sum(p.stat().st_size for p in Path(json.loads((src / "lorakit.json").read_text())["base_model"]["resolved"]).glob("*.safetensors"))
+    base_bytes = sum(
+        p.stat().st_size
+        for p in Path(json.loads((src / "lorakit.json").read_text())["base_model"]["resolved"]).glob(
+            "*.safetensors"
+        )
+    )
     adapter_bytes = (src / "adapter_model.safetensors").stat().st_size
     results: dict = {"adapter_mb": adapter_bytes / 1e6, "base_model_mb": base_bytes / 1e6}
 
     def report(key: str, r: dict) -> None:
         results[key] = r
-        cpu = f"   server CPU {r['server_cpu_ms_per_request']:5.0f} ms/req" if r.get("server_cpu_ms_per_request") else ""
-        print(f"  {key:<26} {r['rps']:6.1f} req/s   p50 {r['p50_ms']:6.0f} ms   p99 {r['p99_ms']:6.0f} ms   {r['statuses']}{cpu}"
-              + (f"   rounds {r['rounds_rps']}" if "rounds_rps" in r else ""), flush=True)
+        cpu = (
+            f"   server CPU {r['server_cpu_ms_per_request']:5.0f} ms/req"
+            if r.get("server_cpu_ms_per_request")
+            else ""
+        )
+        print(
+            f"  {key:<26} {r['rps']:6.1f} req/s   p50 {r['p50_ms']:6.0f} ms   p99 {r['p99_ms']:6.0f} ms   {r['statuses']}{cpu}"
+            + (f"   rounds {r['rounds_rps']}" if "rounds_rps" in r else ""),
+            flush=True,
+        )
 
     # ---- phase 1: every configuration alive at once, measured in interleaved slices ---------------
-    print(f"starting servers: (a) {args.adapters} adapters, (a') the same with --peft-mixed, (c) naive, (d) one adapter merged", flush=True)
+    print(
+        f"starting servers: (a) {args.adapters} adapters, (a') the same with --peft-mixed, (c) naive, (d) one adapter merged",
+        flush=True,
+    )
     servers = {}
     try:
         servers["a"] = lorakit_server(adapters[: args.adapters], logs / "a.log", "--allow-base")
@@ -317,17 +416,26 @@ def main() -> None:
         for key, srv in servers.items():
             warm(srv.port, names[:1] if key == "d" else names, texts)
         plan = {
-            "a_lorakit_50": ("a", names), "b_base_model": ("a", ["base"]), "a_peft_loop_50": ("a'", names),
-            "c_naive_50": ("c", names), "d_single_merged": ("d", names[:1]),
+            "a_lorakit_50": ("a", names),
+            "b_base_model": ("a", ["base"]),
+            "a_peft_loop_50": ("a'", names),
+            "c_naive_50": ("c", names),
+            "d_single_merged": ("d", names[:1]),
         }
         runs: dict[str, list[dict]] = {k: [] for k in plan}
         for rnd in range(args.rounds):
             for key, (srv, targets) in plan.items():
                 cpu0 = servers[srv].cpu_seconds()
-                r = load(servers[srv].port, targets, texts, seconds=args.seconds, clients=args.clients, seed=rnd)
+                r = load(
+                    servers[srv].port, targets, texts, seconds=args.seconds, clients=args.clients, seed=rnd
+                )
                 r["server_cpu_s"] = servers[srv].cpu_seconds() - cpu0
                 runs[key].append(r)
-            print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]['rps']:.1f}" for k, v in runs.items()), flush=True)
+            print(
+                f"  round {rnd + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {v[-1]['rps']:.1f}" for k, v in runs.items()),
+                flush=True,
+            )
         print("pooled over rounds:")
         for key in plan:
             report(key, merge_runs(runs[key]))
@@ -335,21 +443,54 @@ def main() -> None:
         results["rss_single_mb"] = servers["d"].rss_mb()
         for key in ("a'", "c"):
             servers.pop(key).stop()
-        print(f"load test: {args.clients} clients, {args.load_seconds:.0f} s, mixed traffic over {args.adapters} adapters", flush=True)
-        report("load_test", merge_runs([load(servers["a"].port, names, texts, seconds=args.load_seconds, clients=args.clients, seed=99)]))
+        print(
+            f"load test: {args.clients} clients, {args.load_seconds:.0f} s, mixed traffic over {args.adapters} adapters",
+            flush=True,
+        )
+        report(
+            "load_test",
+            merge_runs(
+                [
+                    load(
+                        servers["a"].port,
+                        names,
+                        texts,
+                        seconds=args.load_seconds,
+                        clients=args.clients,
+                        seed=99,
+                    )
+                ]
+            ),
+        )
 
         # ---- phase 2: many adapters resident ----------------------------------------------------
         if args.many:
             many = [f"a{i:03d}" for i in range(args.many)]
-            print(f"(e) lorakit serve, {args.many} adapters resident, --adapter-dtype {args.many_dtype}", flush=True)
+            print(
+                f"(e) lorakit serve, {args.many} adapters resident, --adapter-dtype {args.many_dtype}",
+                flush=True,
+            )
             t0 = time.time()
-            servers["e"] = lorakit_server(adapters[: args.many], logs / "e.log", "--adapter-dtype", args.many_dtype)
+            servers["e"] = lorakit_server(
+                adapters[: args.many], logs / "e.log", "--adapter-dtype", args.many_dtype
+            )
             results["startup_many_s"] = time.time() - t0
             warm(servers["e"].port, many, texts)
-            report(f"e_lorakit_{args.many}", merge_runs([load(servers["e"].port, many, texts, seconds=30.0, clients=args.clients)]))
+            report(
+                f"e_lorakit_{args.many}",
+                merge_runs([load(servers["e"].port, many, texts, seconds=30.0, clients=args.clients)]),
+            )
             results["rss_many_mb"] = servers["e"].rss_mb()
             # The same adapters answered by (a) in float32 and (e) in reduced precision.
-            diffs = [abs(x - y) for n in names[:8] for x, y in zip(predictions(servers["a"].port, n, texts[:16]), predictions(servers["e"].port, n, texts[:16]), strict=True)]
+            diffs = [
+                abs(x - y)
+                for n in names[:8]
+                for x, y in zip(
+                    predictions(servers["a"].port, n, texts[:16]),
+                    predictions(servers["e"].port, n, texts[:16]),
+                    strict=True,
+                )
+            ]
             results["many_max_prob_diff"] = max(diffs)
     finally:
         for srv in servers.values():
@@ -362,20 +503,33 @@ def main() -> None:
     ratio_db = r["d_single_merged"]["rps"] / r["b_base_model"]["rps"]
     ratio_a2b = r["a_peft_loop_50"]["rps"] / r["b_base_model"]["rps"]
     print("\nsummary")
-    print(f"  (a) / (b)   adapters vs bare base model:      {ratio_ab:.2f}x  (target >= 0.90); "
-          f"server CPU per request {r['b_base_model']['server_cpu_ms_per_request'] / r['a_lorakit_50']['server_cpu_ms_per_request']:.2f}x")
+    print(
+        f"  (a) / (b)   adapters vs bare base model:      {ratio_ab:.2f}x  (target >= 0.90); "
+        f"server CPU per request {r['b_base_model']['server_cpu_ms_per_request'] / r['a_lorakit_50']['server_cpu_ms_per_request']:.2f}x"
+    )
     print(f"  (a') / (b)  with peft's per-adapter loop:     {ratio_a2b:.2f}x")
     print(f"  (a) / (c)   vs naive set_adapter server:      {ratio_ac:.2f}x  (target >= 1.25 on CPU)")
     print(f"  (d) / (b)   single merged adapter vs base:    {ratio_db:.2f}x  (target >= 0.95)")
     merged_copies = args.adapters * r["base_model_mb"]
-    print(f"  memory (a): {r['rss_a_mb']:.0f} MB resident with {args.adapters} adapters vs {merged_copies:.0f} MB for {args.adapters} merged model copies (weights alone)")
+    print(
+        f"  memory (a): {r['rss_a_mb']:.0f} MB resident with {args.adapters} adapters vs {merged_copies:.0f} MB for {args.adapters} merged model copies (weights alone)"
+    )
     if args.many:
-        print(f"  memory (e): {r['rss_many_mb']:.0f} MB resident with {args.many} adapters ({args.many_dtype}) = {r['rss_many_mb'] / r['rss_single_mb']:.2f}x "
-              f"the single-adapter server's {r['rss_single_mb']:.0f} MB (target < 2x); adapter files {r['adapter_mb']:.2f} MB each (float32), "
-              f"base weights {r['base_model_mb']:.0f} MB; start-up {r['startup_many_s']:.0f} s; largest probability difference vs float32: {r['many_max_prob_diff']:.2g}")
+        print(
+            f"  memory (e): {r['rss_many_mb']:.0f} MB resident with {args.many} adapters ({args.many_dtype}) = {r['rss_many_mb'] / r['rss_single_mb']:.2f}x "
+            f"the single-adapter server's {r['rss_single_mb']:.0f} MB (target < 2x); adapter files {r['adapter_mb']:.2f} MB each (float32), "
+            f"base weights {r['base_model_mb']:.0f} MB; start-up {r['startup_many_s']:.0f} s; largest probability difference vs float32: {r['many_max_prob_diff']:.2g}"
+        )
     fivexx = sum(n for s, n in r["load_test"]["statuses"].items() if s >= 500)
-    print(f"  load test: {r['load_test']['requests']} requests, {fivexx} 5xx, p99 {r['load_test']['p99_ms']:.0f} ms")
-    results["ratios"] = {"a_over_b": ratio_ab, "a_peft_over_b": ratio_a2b, "a_over_c": ratio_ac, "d_over_b": ratio_db}
+    print(
+        f"  load test: {r['load_test']['requests']} requests, {fivexx} 5xx, p99 {r['load_test']['p99_ms']:.0f} ms"
+    )
+    results["ratios"] = {
+        "a_over_b": ratio_ab,
+        "a_peft_over_b": ratio_a2b,
+        "a_over_c": ratio_ac,
+        "d_over_b": ratio_db,
+    }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -53,9 +53,18 @@ def build(layers: list[int] | None = None):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    m = AutoModelForSequenceClassification.from_pretrained(common.minilm_path(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, modules_to_save=["classifier"],
-                     layers_to_transform=layers, layers_pattern="layer" if layers else None)
+    m = AutoModelForSequenceClassification.from_pretrained(
+        common.minilm_path(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        modules_to_save=["classifier"],
+        layers_to_transform=layers,
+        layers_pattern="layer" if layers else None,
+    )
     return get_peft_model(m, cfg)
 
 
@@ -66,8 +75,19 @@ def batches():
     tok = AutoTokenizer.from_pretrained(common.minilm_path())
     texts, labels = reviews(16 * len(LENGTHS))
     labels = torch.tensor(labels)
-    return [(tok(texts[i * 16:(i + 1) * 16], truncation=True, max_length=n, padding="max_length", return_tensors="pt"), labels[i * 16:(i + 1) * 16])
-            for i, n in enumerate(LENGTHS)]
+    return [
+        (
+            tok(
+                texts[i * 16 : (i + 1) * 16],
+                truncation=True,
+                max_length=n,
+                padding="max_length",
+                return_tensors="pt",
+            ),
+            labels[i * 16 : (i + 1) * 16],
+        )
+        for i, n in enumerate(LENGTHS)
+    ]
 
 
 def reviews(n: int) -> tuple[list[str], list[int]]:
@@ -164,9 +184,16 @@ def cache_lever(rounds: int) -> dict:
         diff = (top(**data[0][0]).logits - cached(**data[0][0]).logits).abs().max().item()
         top.train(), cached.train()
     models = {"full": full, "top3": top, "top3-cached": cached}
-    runs = {k: (lambda m=m, opt=optimizer(m), k=k: steps(m, opt, data, feed if k == "top3-cached" else None)) for k, m in models.items()}
-    return interleaved(runs, rounds) | {"max_logit_diff_cached_vs_top3": diff, "cache_fill_s": round(fill, 2),
-                                        "cache_MB": round(sum(h.numel() * 4 for h in store) / 2**20, 1), "threads": torch.get_num_threads()}
+    runs = {
+        k: (lambda m=m, opt=optimizer(m), k=k: steps(m, opt, data, feed if k == "top3-cached" else None))
+        for k, m in models.items()
+    }
+    return interleaved(runs, rounds) | {
+        "max_logit_diff_cached_vs_top3": diff,
+        "cache_fill_s": round(fill, 2),
+        "cache_MB": round(sum(h.numel() * 4 for h in store) / 2**20, 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def interleaved(runs: dict, rounds: int) -> dict:
@@ -178,8 +205,12 @@ def interleaved(runs: dict, rounds: int) -> dict:
     best = {k: min(v) for k, v in res.items()}
     median = {k: sorted(v)[len(v) // 2] for k, v in res.items()}
     first = next(iter(runs))
-    return {"round_s_best": {k: round(v, 2) for k, v in best.items()}, "vs_" + first: {k: round(v / best[first], 3) for k, v in best.items()},
-            "median_vs_" + first: {k: round(v / median[first], 3) for k, v in median.items()}, "rounds": {k: [round(x, 2) for x in v] for k, v in res.items()}}
+    return {
+        "round_s_best": {k: round(v, 2) for k, v in best.items()},
+        "vs_" + first: {k: round(v / best[first], 3) for k, v in best.items()},
+        "median_vs_" + first: {k: round(v / median[first], 3) for k, v in median.items()},
+        "rounds": {k: [round(x, 2) for x in v] for k, v in res.items()},
+    }
 
 
 def precision_lever(rounds: int) -> dict:
@@ -194,10 +225,20 @@ def precision_lever(rounds: int) -> dict:
     model.train()
     opt = optimizer(model)
     steps(model, opt, data[:2]), steps(model, opt, data[:2], amp=torch.bfloat16)  # warm-up
-    out = interleaved({"fp32": lambda: steps(model, opt, data), "bf16": lambda: steps(model, opt, data, amp=torch.bfloat16)}, rounds)
-    return out | {"max_logit_diff_bf16_vs_fp32": round((fp32 - bf16).abs().max().item(), 4), "logit_scale": round(fp32.abs().max().item(), 3),
-                  "matmul_gflops": {k: round(common.matmul_flops(k) / 1e9, 1) for k in ("fp32", "bf16")},
-                  "native_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()), "threads": torch.get_num_threads()}
+    out = interleaved(
+        {
+            "fp32": lambda: steps(model, opt, data),
+            "bf16": lambda: steps(model, opt, data, amp=torch.bfloat16),
+        },
+        rounds,
+    )
+    return out | {
+        "max_logit_diff_bf16_vs_fp32": round((fp32 - bf16).abs().max().item(), 4),
+        "logit_scale": round(fp32.abs().max().item(), 3),
+        "matmul_gflops": {k: round(common.matmul_flops(k) / 1e9, 1) for k in ("fp32", "bf16")},
+        "native_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def threads_lever(rounds: int) -> dict:
@@ -216,10 +257,16 @@ def threads_lever(rounds: int) -> dict:
                 return steps(model, opt, data, amp=amp)
             finally:
                 torch.set_num_threads(cores)
+
         return go
 
     steps(model, opt, data[:1])
-    runs = {f"fp32-{cores}": run(cores), "fp32-1": run(1), f"bf16-{cores}": run(cores, torch.bfloat16), "bf16-1": run(1, torch.bfloat16)}
+    runs = {
+        f"fp32-{cores}": run(cores),
+        "fp32-1": run(1),
+        f"bf16-{cores}": run(cores, torch.bfloat16),
+        "bf16-1": run(1, torch.bfloat16),
+    }
     return interleaved(runs, rounds) | {"cores": cores}
 
 
@@ -242,13 +289,19 @@ def padding_lever(rounds: int, bf16: bool) -> dict:
     def make(idx: list[int], pad_to: int | None):
         out = []
         for k in range(0, len(idx), 16):
-            rows = [{"input_ids": ids[i]} for i in idx[k:k + 16]]
-            enc = tok.pad(rows, padding="max_length" if pad_to else "longest", max_length=pad_to, return_tensors="pt")
-            out.append((enc, torch.tensor([labels[i] for i in idx[k:k + 16]])))
+            rows = [{"input_ids": ids[i]} for i in idx[k : k + 16]]
+            enc = tok.pad(
+                rows, padding="max_length" if pad_to else "longest", max_length=pad_to, return_tensors="pt"
+            )
+            out.append((enc, torch.tensor([labels[i] for i in idx[k : k + 16]])))
         random.Random(1).shuffle(out)  # grouped batches still come in random order
         return out
 
-    schemes = {"pad-to-256": make(order, 256), "random-longest": make(order, None), "grouped-longest": make(by_length, None)}
+    schemes = {
+        "pad-to-256": make(order, 256),
+        "random-longest": make(order, None),
+        "grouped-longest": make(by_length, None),
+    }
     model = build()
     model.train()
     opt = optimizer(model)
@@ -256,20 +309,30 @@ def padding_lever(rounds: int, bf16: bool) -> dict:
     steps(model, opt, schemes["random-longest"][:2], amp=amp)
     out = interleaved({k: (lambda d=d: steps(model, opt, d, amp=amp)) for k, d in schemes.items()}, rounds)
     real = sum(len(i) for i in ids)
-    return out | {"tokens": {k: sum(int(e["input_ids"].numel()) for e, _ in d) for k, d in schemes.items()}, "real_tokens": real,
-                  "tokenize_2000_reviews_s": round(tokenize_s, 2), "precision": "bf16" if bf16 else "fp32"}
+    return out | {
+        "tokens": {k: sum(int(e["input_ids"].numel()) for e, _ in d) for k, d in schemes.items()},
+        "real_tokens": real,
+        "tokenize_2000_reviews_s": round(tokenize_s, 2),
+        "precision": "bf16" if bf16 else "fp32",
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("lever", choices=["compile", "cache", "precision", "threads", "padding"])
     ap.add_argument("--bf16", action="store_true", help="padding: the steps under bf16 autocast")
-    ap.add_argument("--mode", choices=["eager", "dynamic", "default"], default="eager", help="compile: how the model runs")
+    ap.add_argument(
+        "--mode", choices=["eager", "dynamic", "default"], default="eager", help="compile: how the model runs"
+    )
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (compile: 2, the others: 3)")
     args = ap.parse_args()
-    levers = {"compile": lambda: compile_lever(args.mode, args.rounds or 2), "cache": lambda: cache_lever(args.rounds or 3),
-              "precision": lambda: precision_lever(args.rounds or 3), "threads": lambda: threads_lever(args.rounds or 3),
-              "padding": lambda: padding_lever(args.rounds or 3, args.bf16)}
+    levers = {
+        "compile": lambda: compile_lever(args.mode, args.rounds or 2),
+        "cache": lambda: cache_lever(args.rounds or 3),
+        "precision": lambda: precision_lever(args.rounds or 3),
+        "threads": lambda: threads_lever(args.rounds or 3),
+        "padding": lambda: padding_lever(args.rounds or 3, args.bf16),
+    }
     print(json.dumps(levers[args.lever]()), flush=True)
 
 

@@ -34,7 +34,11 @@ def watch(cmd: list[str]) -> list[tuple[float, int]]:
     t0, samples = time.time(), []
     while proc.poll() is None:
         try:
-            rss = next(int(line.split()[1]) // 1024 for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+            rss = next(
+                int(line.split()[1]) // 1024
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS")
+            )
             samples.append((time.time() - t0, rss))
         except (FileNotFoundError, StopIteration, ProcessLookupError):
             pass
@@ -56,21 +60,43 @@ def step_seconds(log: Path, first: int, last: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", action="append", metavar="NAME=key=value[,key=value]", help="a configuration: overrides on top of lorakit's defaults")
+    ap.add_argument(
+        "--config",
+        action="append",
+        metavar="NAME=key=value[,key=value]",
+        help="a configuration: overrides on top of lorakit's defaults",
+    )
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
     lorakit = Path(sys.executable).with_name("lorakit")
-    print(f"# bench/train_memory.py: lorakit train, packaged MiniLM, 2000 IMDB reviews, {args.steps} steps; resident memory every 0.2 s", flush=True)
+    print(
+        f"# bench/train_memory.py: lorakit train, packaged MiniLM, 2000 IMDB reviews, {args.steps} steps; resident memory every 0.2 s",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="lorakit-memory-") as tmp:
         slices = common.write_slices(Path(tmp) / "data", 2000, 200, 0)
         config = common.lorakit_config(slices, Path(tmp))
         for name, overrides in common.variants(args.config or DEFAULT_CONFIGS):
             run = Path(tmp) / name.replace(":", "-")
             sets = [f"train.max_steps={args.steps}", "data.test=null", f"output.dir={run}", *overrides]
-            samples = watch([str(lorakit), "train", str(config), "--no-progress", *(a for s in sets for a in ("--set", s))])
-            windows = [max((mb for t, mb in samples if w <= t < w + 10), default=0) for w in range(0, int(samples[-1][0]) + 1, 10)]
-            print(f"{name:28s} peak {max(mb for _, mb in samples):5d} MB  steps 10-{args.steps} {step_seconds(run / 'train.log', 10, args.steps):6.1f} s  "
-                  f"per 10 s: {' '.join(str(w) for w in windows if w)}  {' '.join(overrides)}", flush=True)
+            samples = watch(
+                [
+                    str(lorakit),
+                    "train",
+                    str(config),
+                    "--no-progress",
+                    *(a for s in sets for a in ("--set", s)),
+                ]
+            )
+            windows = [
+                max((mb for t, mb in samples if w <= t < w + 10), default=0)
+                for w in range(0, int(samples[-1][0]) + 1, 10)
+            ]
+            print(
+                f"{name:28s} peak {max(mb for _, mb in samples):5d} MB  steps 10-{args.steps} {step_seconds(run / 'train.log', 10, args.steps):6.1f} s  "
+                f"per 10 s: {' '.join(str(w) for w in windows if w)}  {' '.join(overrides)}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -74,13 +74,33 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
         import lorakit
 
         # The held-out reviews become the validation split, scored every EVAL_EVERY steps (not timed).
-        extra = [f"data.validation={slices['test']}", "data.test=null", f"train.eval_every_steps={EVAL_EVERY}", "train.save_every_steps=null", *overrides]
+        extra = [
+            f"data.validation={slices['test']}",
+            "data.test=null",
+            f"train.eval_every_steps={EVAL_EVERY}",
+            "train.save_every_steps=null",
+            *overrides,
+        ]
         t0 = time.perf_counter()
         res = lorakit.train(common.lorakit_config(slices, work), overrides=extra, progress=False)
         metrics = json.loads((res.run_dir / "metrics.json").read_text())
-        curve = [{"seconds": h["seconds"], "accuracy": h["accuracy"], "step": h["step"]} for h in res.history if h["split"] == "validation"]
-        r = {"accuracy": curve[-1]["accuracy"], "seconds": time.perf_counter() - t0, "train_seconds": metrics["train_seconds"], "steps": metrics["steps"],
-             "examples": metrics["data_sizes"]["train"], "precision": metrics["precision"], "trainable": res.trainable_params, "total": res.total_params, "curve": curve, "peak_rss_mb": common.peak_rss_mb()}
+        curve = [
+            {"seconds": h["seconds"], "accuracy": h["accuracy"], "step": h["step"]}
+            for h in res.history
+            if h["split"] == "validation"
+        ]
+        r = {
+            "accuracy": curve[-1]["accuracy"],
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": metrics["train_seconds"],
+            "steps": metrics["steps"],
+            "examples": metrics["data_sizes"]["train"],
+            "precision": metrics["precision"],
+            "trainable": res.trainable_params,
+            "total": res.total_params,
+            "curve": curve,
+            "peak_rss_mb": common.peak_rss_mb(),
+        }
     common.emit({"name": name, "overrides": overrides, **r})
 
 
@@ -92,35 +112,64 @@ def main() -> None:
 
     import torch
 
-    configs = [("reference", []), ("lorakit", []), ("lorakit:fp32", ["train.mixed_precision=no"]), *common.variants(args.variant)]
-    print(f"# bench/train_speed.py: packaged MiniLM, {N_TRAIN} IMDB training reviews, accuracy on {N_TEST} held-out reviews; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    configs = [
+        ("reference", []),
+        ("lorakit", []),
+        ("lorakit:fp32", ["train.mixed_precision=no"]),
+        *common.variants(args.variant),
+    ]
+    print(
+        f"# bench/train_speed.py: packaged MiniLM, {N_TRAIN} IMDB training reviews, accuracy on {N_TEST} held-out reviews; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     before = {k: common.matmul_flops(k) for k in ("fp32", "bf16")}
     with tempfile.TemporaryDirectory(prefix="lorakit-speed-") as tmp:
-        slices = common.write_slices(Path(tmp) / "data", *((64, 16, 48) if args.quick else (N_TRAIN, 200, N_TEST)))
+        slices = common.write_slices(
+            Path(tmp) / "data", *((64, 16, 48) if args.quick else (N_TRAIN, 200, N_TEST))
+        )
         epoch_flops = training_flops(slices)
         results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
     peaks = {k: max(v, common.matmul_flops(k)) for k, v in before.items()}
-    print("dense matmul: " + "; ".join(f"{k} {v / 1e9:.1f} GFLOP/s (before the runs {before[k] / 1e9:.1f})" for k, v in peaks.items())
-          + f"; model FLOPs of one epoch {epoch_flops / 1e12:.2f} TFLOP\n")
+    print(
+        "dense matmul: "
+        + "; ".join(
+            f"{k} {v / 1e9:.1f} GFLOP/s (before the runs {before[k] / 1e9:.1f})" for k, v in peaks.items()
+        )
+        + f"; model FLOPs of one epoch {epoch_flops / 1e12:.2f} TFLOP\n"
+    )
 
     ref = results[0]
     target = ref["accuracy"]
-    print(f"| configuration | precision | final held-out acc. | time to {100 * target:.1f}% | training samples/s | MFU (of that precision's peak) | peak RSS |")
+    print(
+        f"| configuration | precision | final held-out acc. | time to {100 * target:.1f}% | training samples/s | MFU (of that precision's peak) | peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         reached = next((c for c in r["curve"] if c["accuracy"] >= target), None)
         r["time_to_target"] = reached["seconds"] if reached else None
         r["samples_per_s"] = r["examples"] / r["train_seconds"]
-        r["mfu"] = epoch_flops * (r["examples"] / (64 if args.quick else N_TRAIN)) / r["train_seconds"] / peaks["bf16" if "bf16" in r["precision"] else "fp32"]
+        r["mfu"] = (
+            epoch_flops
+            * (r["examples"] / (64 if args.quick else N_TRAIN))
+            / r["train_seconds"]
+            / peaks["bf16" if "bf16" in r["precision"] else "fp32"]
+        )
         when = f"{reached['seconds']:.0f} s" if reached else "not reached"
-        print(f"| {r['name']} {' '.join(r['overrides'])} | {r['precision']} | {100 * r['accuracy']:.1f}% | {when} | {r['samples_per_s']:.1f} | {100 * r['mfu']:.0f}% | {r['peak_rss_mb']:.0f} MB |", flush=True)
+        print(
+            f"| {r['name']} {' '.join(r['overrides'])} | {r['precision']} | {100 * r['accuracy']:.1f}% | {when} | {r['samples_per_s']:.1f} | {100 * r['mfu']:.0f}% | {r['peak_rss_mb']:.0f} MB |",
+            flush=True,
+        )
     print("\nratios against the reference (targets: time <= 0.33x, MFU >= 70%, memory <= 1.0x):")
     for r in results[1:]:
         t = f"{r['time_to_target'] / ref['time_to_target']:.2f}x" if r["time_to_target"] else "not reached"
-        print(f"  {r['name']:24s} time to accuracy {t}, samples/s {r['samples_per_s'] / ref['samples_per_s']:.2f}x, peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x")
+        print(
+            f"  {r['name']:24s} time to accuracy {t}, samples/s {r['samples_per_s'] / ref['samples_per_s']:.2f}x, peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"matmul_flops": peaks, "epoch_flops": epoch_flops, "results": results}, indent=1))
+        args.out.write_text(
+            json.dumps({"matmul_flops": peaks, "epoch_flops": epoch_flops, "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

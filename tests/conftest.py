@@ -48,8 +48,13 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(folder)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64, type_vocab_size=2,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
     )
     import torch
 
@@ -130,18 +135,34 @@ def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     folder = tmp_path_factory.mktemp("tiny-vit")
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+    )
     torch.manual_seed(0)
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    ).save_pretrained(folder)
     return folder
 
 
-def make_image_config(folder: Path, model_dir: Path | str, data_path: Path, **sections: dict[str, Any]) -> Path:
+def make_image_config(
+    folder: Path, model_dir: Path | str, data_path: Path, **sections: dict[str, Any]
+) -> Path:
     """Write an image-classification run config into ``folder``; keyword arguments override sections."""
     cfg: dict[str, Any] = {
         "task": "image-classification",
-        "data": {"train": str(data_path), "validation_size": 8, "test_size": 8, "augment": {"crop_scale": [0.5, 1.0]}},
+        "data": {
+            "train": str(data_path),
+            "validation_size": 8,
+            "test_size": 8,
+            "augment": {"crop_scale": [0.5, 1.0]},
+        },
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 2, "seed": 7},
@@ -152,8 +173,39 @@ def make_image_config(folder: Path, model_dir: Path | str, data_path: Path, **se
 
 # ---- causal language models ---------------------------------------------------------------------
 
-CHAT_WORDS = ["system", "user", "assistant", "you", "are", "helpful", "what", "colour", "is", "the", "sky", "grass", "snow",
-              "blood", "?", "blue", "green", "white", "red", "say", "a", "word", "please", "and", "then", "answer", "review", ":", "good", "bad", "film"]
+CHAT_WORDS = [
+    "system",
+    "user",
+    "assistant",
+    "you",
+    "are",
+    "helpful",
+    "what",
+    "colour",
+    "is",
+    "the",
+    "sky",
+    "grass",
+    "snow",
+    "blood",
+    "?",
+    "blue",
+    "green",
+    "white",
+    "red",
+    "say",
+    "a",
+    "word",
+    "please",
+    "and",
+    "then",
+    "answer",
+    "review",
+    ":",
+    "good",
+    "bad",
+    "film",
+]
 
 
 @pytest.fixture(scope="session")
@@ -171,13 +223,25 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
+    )
     tok.chat_template = NAMED_TEMPLATES["chatml"]
     tok.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, eos_token_id=vocab["<|im_end|>"], pad_token_id=0,
-                         bos_token_id=None, tie_word_embeddings=False,
-                         initializer_range=0.4)  # large enough that a frozen random lm_head can separate tokens
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=0,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        initializer_range=0.4,
+    )  # large enough that a frozen random lm_head can separate tokens
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -189,7 +253,15 @@ COLOURS_OF = {"sky": "blue", "grass": "green", "snow": "white", "blood": "red"}
 def make_chat_rows(n: int) -> list[dict[str, Any]]:
     """Chat rows 'what colour is the X ?' -> the colour: memorisable by a tiny model."""
     things = list(COLOURS_OF)
-    return [{"messages": [{"role": "user", "content": f"what colour is the {things[i % 4]} ?"}, {"role": "assistant", "content": COLOURS_OF[things[i % 4]]}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"what colour is the {things[i % 4]} ?"},
+                {"role": "assistant", "content": COLOURS_OF[things[i % 4]]},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def make_lm_config(folder: Path, model_dir: Path | str, data_path: Path, **sections: dict[str, Any]) -> Path:
@@ -198,7 +270,15 @@ def make_lm_config(folder: Path, model_dir: Path | str, data_path: Path, **secti
         "data": {"train": str(data_path), "validation_size": 8, "test_size": 8, "max_length": 64},
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"epochs": 4, "batch_size": 8, "learning_rate": 2e-2, "logging_steps": 2, "seed": 7, "generation_samples": 8, "max_new_tokens": 6},
+        "train": {
+            "epochs": 4,
+            "batch_size": 8,
+            "learning_rate": 2e-2,
+            "logging_steps": 2,
+            "seed": 7,
+            "generation_samples": 8,
+            "max_new_tokens": 6,
+        },
         "output": {"dir": str(folder / "run"), "tensorboard": False},
     }
     return write_run_config(folder, cfg, sections)
@@ -206,9 +286,18 @@ def make_lm_config(folder: Path, model_dir: Path | str, data_path: Path, **secti
 
 # The longest test files, longest first: `make test` runs the files on two workers (pytest-xdist,
 # --dist loadfile), and starting with these lets both finish at about the same time.
-LONGEST_FIRST = ["test_real_model_llm.py", "test_distributed.py", "test_real_model.py", "test_resume.py", "test_pipeline.py", "test_export.py"]
+LONGEST_FIRST = [
+    "test_real_model_llm.py",
+    "test_distributed.py",
+    "test_real_model.py",
+    "test_resume.py",
+    "test_pipeline.py",
+    "test_export.py",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+    items.sort(
+        key=lambda item: rank.get(item.path.name, len(rank))
+    )  # stable: the order within a file is kept

@@ -25,7 +25,9 @@ from lorakit.cli import main
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     folder = tmp_path_factory.mktemp("finished")
     csv_path = write_csv(folder / "reviews.csv", make_texts(160))
-    return lorakit.train(make_config(folder, tiny_bert_dir, csv_path, train={"epochs": 1}), progress=False).run_dir
+    return lorakit.train(
+        make_config(folder, tiny_bert_dir, csv_path, train={"epochs": 1}), progress=False
+    ).run_dir
 
 
 class Case:
@@ -47,7 +49,16 @@ def _vit_folder(ws: Path, run: Path) -> str:
     """An image model (with a text tokenizer beside it, so that the model class is what fails)."""
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8)).save_pretrained(ws / "vit")
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(ws / "vit")
     base = Path(json.loads((run / "adapter" / "lorakit.json").read_text())["base_model"]["resolved"])
     for f in base.glob("*token*"):
         shutil.copy(f, ws / "vit" / f.name)
@@ -61,54 +72,317 @@ def _copy_run(run: Path, ws: Path) -> Path:
 
 
 CASES = [
-    Case("config file missing", lambda ws, w, run: ["train", str(ws / "nope.yaml")], "does not exist; pass the path of a YAML file"),
-    Case("config not YAML", lambda ws, w, run: (ws.joinpath("bad.yaml").write_text("data: [x\n"), ["check", str(ws / "bad.yaml")])[1], "not valid YAML at line"),
-    Case("unknown config key", lambda ws, w, run: ["check", _cfg(ws, w, train={"epoch": 2})], "train.epoch: unknown key; did you mean 'epochs'?"),
-    Case("non-positive rank", lambda ws, w, run: ["check", _cfg(ws, w, lora={"r": 0})], "lora.r = 0: input should be greater than or equal to 1"),
-    Case("unknown task", lambda ws, w, run: ["check", _cfg(ws, w, task="translation")], "task = 'translation': input should be 'text-classification'"),
-    Case("malformed --set", lambda ws, w, run: ["check", _cfg(ws, w), "--set", "epochs"], "expected section.key=value"),
-    Case("missing data file", lambda ws, w, run: ["check", _cfg(ws, w, data={"train": str(ws / "none.csv")})], "data.train: file"),
-    Case("empty data file", lambda ws, w, run: (ws.joinpath("e.csv").write_text(""), ["check", _cfg(ws, w, data={"train": str(ws / "e.csv")})])[1], "is empty; it needs a header row"),
-    Case("header-only data file", lambda ws, w, run: (ws.joinpath("h.csv").write_text("text,label\n"), ["check", _cfg(ws, w, data={"train": str(ws / "h.csv")})])[1], "holds no rows"),
-    Case("unknown data format", lambda ws, w, run: (ws.joinpath("d.xlsx").write_text("x"), ["check", _cfg(ws, w, data={"train": str(ws / "d.xlsx")})])[1], "cannot tell the format"),
-    Case("missing text column", lambda ws, w, run: ["check", _cfg(ws, w, data={"text_column": "review"})], "column 'review' not found; the data has text, label"),
-    Case("missing label column", lambda ws, w, run: ["check", _cfg(ws, w, data={"label_column": "sentiment"})], "column 'sentiment' not found"),
-    Case("label only in validation", lambda ws, w, run: ["check", _cfg(ws, w, data={"validation": _csv(ws, "v.csv", [("great film", "pos"), ("odd film", "neutral")])})], "labels ['neutral'] are not among the training labels"),
-    Case("single class", lambda ws, w, run: ["check", _cfg(ws, w, data={"train": _csv(ws, "one.csv", [(t, "pos") for t, _ in make_texts(40)])})], "found a single class ('pos')"),
-    Case("empty text", lambda ws, w, run: ["check", _cfg(ws, w, data={"train": _csv(ws, "blank.csv", [*make_texts(40), ("", "pos")])})], "have empty or non-text 'text'"),
-    Case("non-UTF-8 text", lambda ws, w, run: (ws.joinpath("latin.csv").write_bytes(b"text,label\n" + "caf\xe9 great,pos\n".encode("latin-1") * 20 + b"dull film,neg\n" * 20), ["check", _cfg(ws, w, data={"train": str(ws / "latin.csv")})])[1], "latin.csv' is not UTF-8 text; convert it"),
-    Case("where matches nothing", lambda ws, w, run: ["check", _cfg(ws, w, data={"where": {"label": "meh"}})], "no rows match data.where"),
-    Case("split larger than data", lambda ws, w, run: ["check", _cfg(ws, w, data={"validation_size": 1000})], "asks for 1000 held-out rows"),
-    Case("too few label names", lambda ws, w, run: ["check", _cfg(ws, w, data={"train": _csv(ws, "ints.csv", [(t, i % 3) for i, (t, _) in enumerate(make_texts(60))]), "label_names": ["a", "b"]})], "has 2 names but labels go up to 2"),
-    Case("wrong target module", lambda ws, w, run: ["check", _cfg(ws, w, lora={"target_modules": ["q_proj"]})], "'q_proj' matches no layer of this bert model; its adaptable layers are named:"),
-    Case("regex target matches nothing", lambda ws, w, run: ["check", _cfg(ws, w, lora={"target_modules": ".*attn.*"})], "matches no module"),
-    Case("model folder missing", lambda ws, w, run: ["check", _cfg(ws, w, model={"name_or_path": str(ws / "no-model")})], "model.name_or_path: folder"),
-    Case("model folder without config", lambda ws, w, run: (ws.joinpath("empty-model").mkdir(), ["check", _cfg(ws, w, model={"name_or_path": str(ws / "empty-model")})])[1], "has no config.json"),
-    Case("model type does not fit task", lambda ws, w, run: ["check", _cfg(ws, w, model={"name_or_path": _vit_folder(ws, run)})], "has no sequence-classification variant"),
-    Case("cuda without a GPU", lambda ws, w, run: ["check", _cfg(ws, w, train={"device": "cuda"})], "no CUDA GPU is visible"),
-    Case("fp16 on CPU", lambda ws, w, run: ["check", _cfg(ws, w, train={"mixed_precision": "fp16", "device": "cpu"})], "fp16 needs a GPU"),
-    Case("unwritable output folder", lambda ws, w, run: (ws.joinpath("a-file").write_text("x"), ["train", _cfg(ws, w, output={"dir": str(ws / "a-file" / "run")})])[1], "output.dir"),
-    Case("existing run without --overwrite", lambda ws, w, run: ["train", _cfg(ws, w, output={"dir": str(_copy_run(run, ws))})], "already holds a run; pass --overwrite"),
-    Case("--resume with --overwrite", lambda ws, w, run: ["train", _cfg(ws, w), "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
-    Case("predict on a missing folder", lambda ws, w, run: ["predict", str(ws / "gone"), "text"], "does not exist; pass a run directory"),
-    Case("predict on a folder without adapter", lambda ws, w, run: ["predict", str(ws), "text"], "is neither an adapter directory nor a run directory"),
-    Case("pickled adapter weights", lambda ws, w, run: _pickled(ws, run), "pickled adapter_model.bin weights; lorakit loads only safetensors"),
+    Case(
+        "config file missing",
+        lambda ws, w, run: ["train", str(ws / "nope.yaml")],
+        "does not exist; pass the path of a YAML file",
+    ),
+    Case(
+        "config not YAML",
+        lambda ws, w, run: (
+            ws.joinpath("bad.yaml").write_text("data: [x\n"),
+            ["check", str(ws / "bad.yaml")],
+        )[1],
+        "not valid YAML at line",
+    ),
+    Case(
+        "unknown config key",
+        lambda ws, w, run: ["check", _cfg(ws, w, train={"epoch": 2})],
+        "train.epoch: unknown key; did you mean 'epochs'?",
+    ),
+    Case(
+        "non-positive rank",
+        lambda ws, w, run: ["check", _cfg(ws, w, lora={"r": 0})],
+        "lora.r = 0: input should be greater than or equal to 1",
+    ),
+    Case(
+        "unknown task",
+        lambda ws, w, run: ["check", _cfg(ws, w, task="translation")],
+        "task = 'translation': input should be 'text-classification'",
+    ),
+    Case(
+        "malformed --set",
+        lambda ws, w, run: ["check", _cfg(ws, w), "--set", "epochs"],
+        "expected section.key=value",
+    ),
+    Case(
+        "missing data file",
+        lambda ws, w, run: ["check", _cfg(ws, w, data={"train": str(ws / "none.csv")})],
+        "data.train: file",
+    ),
+    Case(
+        "empty data file",
+        lambda ws, w, run: (
+            ws.joinpath("e.csv").write_text(""),
+            ["check", _cfg(ws, w, data={"train": str(ws / "e.csv")})],
+        )[1],
+        "is empty; it needs a header row",
+    ),
+    Case(
+        "header-only data file",
+        lambda ws, w, run: (
+            ws.joinpath("h.csv").write_text("text,label\n"),
+            ["check", _cfg(ws, w, data={"train": str(ws / "h.csv")})],
+        )[1],
+        "holds no rows",
+    ),
+    Case(
+        "unknown data format",
+        lambda ws, w, run: (
+            ws.joinpath("d.xlsx").write_text("x"),
+            ["check", _cfg(ws, w, data={"train": str(ws / "d.xlsx")})],
+        )[1],
+        "cannot tell the format",
+    ),
+    Case(
+        "missing text column",
+        lambda ws, w, run: ["check", _cfg(ws, w, data={"text_column": "review"})],
+        "column 'review' not found; the data has text, label",
+    ),
+    Case(
+        "missing label column",
+        lambda ws, w, run: ["check", _cfg(ws, w, data={"label_column": "sentiment"})],
+        "column 'sentiment' not found",
+    ),
+    Case(
+        "label only in validation",
+        lambda ws, w, run: [
+            "check",
+            _cfg(
+                ws,
+                w,
+                data={"validation": _csv(ws, "v.csv", [("great film", "pos"), ("odd film", "neutral")])},
+            ),
+        ],
+        "labels ['neutral'] are not among the training labels",
+    ),
+    Case(
+        "single class",
+        lambda ws, w, run: [
+            "check",
+            _cfg(ws, w, data={"train": _csv(ws, "one.csv", [(t, "pos") for t, _ in make_texts(40)])}),
+        ],
+        "found a single class ('pos')",
+    ),
+    Case(
+        "empty text",
+        lambda ws, w, run: [
+            "check",
+            _cfg(ws, w, data={"train": _csv(ws, "blank.csv", [*make_texts(40), ("", "pos")])}),
+        ],
+        "have empty or non-text 'text'",
+    ),
+    Case(
+        "non-UTF-8 text",
+        lambda ws, w, run: (
+            ws.joinpath("latin.csv").write_bytes(
+                b"text,label\n" + "caf\xe9 great,pos\n".encode("latin-1") * 20 + b"dull film,neg\n" * 20
+            ),
+            ["check", _cfg(ws, w, data={"train": str(ws / "latin.csv")})],
+        )[1],
+        "latin.csv' is not UTF-8 text; convert it",
+    ),
+    Case(
+        "where matches nothing",
+        lambda ws, w, run: ["check", _cfg(ws, w, data={"where": {"label": "meh"}})],
+        "no rows match data.where",
+    ),
+    Case(
+        "split larger than data",
+        lambda ws, w, run: ["check", _cfg(ws, w, data={"validation_size": 1000})],
+        "asks for 1000 held-out rows",
+    ),
+    Case(
+        "too few label names",
+        lambda ws, w, run: [
+            "check",
+            _cfg(
+                ws,
+                w,
+                data={
+                    "train": _csv(ws, "ints.csv", [(t, i % 3) for i, (t, _) in enumerate(make_texts(60))]),
+                    "label_names": ["a", "b"],
+                },
+            ),
+        ],
+        "has 2 names but labels go up to 2",
+    ),
+    Case(
+        "wrong target module",
+        lambda ws, w, run: ["check", _cfg(ws, w, lora={"target_modules": ["q_proj"]})],
+        "'q_proj' matches no layer of this bert model; its adaptable layers are named:",
+    ),
+    Case(
+        "regex target matches nothing",
+        lambda ws, w, run: ["check", _cfg(ws, w, lora={"target_modules": ".*attn.*"})],
+        "matches no module",
+    ),
+    Case(
+        "model folder missing",
+        lambda ws, w, run: ["check", _cfg(ws, w, model={"name_or_path": str(ws / "no-model")})],
+        "model.name_or_path: folder",
+    ),
+    Case(
+        "model folder without config",
+        lambda ws, w, run: (
+            ws.joinpath("empty-model").mkdir(),
+            ["check", _cfg(ws, w, model={"name_or_path": str(ws / "empty-model")})],
+        )[1],
+        "has no config.json",
+    ),
+    Case(
+        "model type does not fit task",
+        lambda ws, w, run: ["check", _cfg(ws, w, model={"name_or_path": _vit_folder(ws, run)})],
+        "has no sequence-classification variant",
+    ),
+    Case(
+        "cuda without a GPU",
+        lambda ws, w, run: ["check", _cfg(ws, w, train={"device": "cuda"})],
+        "no CUDA GPU is visible",
+    ),
+    Case(
+        "fp16 on CPU",
+        lambda ws, w, run: ["check", _cfg(ws, w, train={"mixed_precision": "fp16", "device": "cpu"})],
+        "fp16 needs a GPU",
+    ),
+    Case(
+        "unwritable output folder",
+        lambda ws, w, run: (
+            ws.joinpath("a-file").write_text("x"),
+            ["train", _cfg(ws, w, output={"dir": str(ws / "a-file" / "run")})],
+        )[1],
+        "output.dir",
+    ),
+    Case(
+        "existing run without --overwrite",
+        lambda ws, w, run: ["train", _cfg(ws, w, output={"dir": str(_copy_run(run, ws))})],
+        "already holds a run; pass --overwrite",
+    ),
+    Case(
+        "--resume with --overwrite",
+        lambda ws, w, run: ["train", _cfg(ws, w), "--resume", "--overwrite"],
+        "--resume and --overwrite exclude each other",
+    ),
+    Case(
+        "predict on a missing folder",
+        lambda ws, w, run: ["predict", str(ws / "gone"), "text"],
+        "does not exist; pass a run directory",
+    ),
+    Case(
+        "predict on a folder without adapter",
+        lambda ws, w, run: ["predict", str(ws), "text"],
+        "is neither an adapter directory nor a run directory",
+    ),
+    Case(
+        "pickled adapter weights",
+        lambda ws, w, run: _pickled(ws, run),
+        "pickled adapter_model.bin weights; lorakit loads only safetensors",
+    ),
     Case("adapter without lorakit metadata", lambda ws, w, run: _no_meta(ws, run), "has no lorakit.json"),
-    Case("predict with no inputs", lambda ws, w, run: ["predict", str(_copy_run(run, ws))], "no inputs to predict"),
-    Case("predict --file not UTF-8", lambda ws, w, run: (ws.joinpath("in.txt").write_bytes(b"\xff\xfe bad"), ["predict", str(_copy_run(run, ws)), "--file", str(ws / "in.txt")])[1], "is not UTF-8 text"),
-    Case("eval data missing label column", lambda ws, w, run: ["eval", str(_copy_run(run, ws)), "--data", _csv(ws, "nolabel.csv", [("great", "x")], header=("text", "y"))], "--data: column 'label' not found"),
-    Case("eval data with unknown label", lambda ws, w, run: ["eval", str(_copy_run(run, ws)), "--data", _csv(ws, "unk.csv", [("great", "pos"), ("meh", "neutral")])], "labels ['neutral'] are not among the training labels"),
-    Case("adapter of a different base model", lambda ws, w, run: _other_base(ws, run), "differs from the one this adapter was trained on"),
+    Case(
+        "predict with no inputs",
+        lambda ws, w, run: ["predict", str(_copy_run(run, ws))],
+        "no inputs to predict",
+    ),
+    Case(
+        "predict --file not UTF-8",
+        lambda ws, w, run: (
+            ws.joinpath("in.txt").write_bytes(b"\xff\xfe bad"),
+            ["predict", str(_copy_run(run, ws)), "--file", str(ws / "in.txt")],
+        )[1],
+        "is not UTF-8 text",
+    ),
+    Case(
+        "eval data missing label column",
+        lambda ws, w, run: [
+            "eval",
+            str(_copy_run(run, ws)),
+            "--data",
+            _csv(ws, "nolabel.csv", [("great", "x")], header=("text", "y")),
+        ],
+        "--data: column 'label' not found",
+    ),
+    Case(
+        "eval data with unknown label",
+        lambda ws, w, run: [
+            "eval",
+            str(_copy_run(run, ws)),
+            "--data",
+            _csv(ws, "unk.csv", [("great", "pos"), ("meh", "neutral")]),
+        ],
+        "labels ['neutral'] are not among the training labels",
+    ),
+    Case(
+        "adapter of a different base model",
+        lambda ws, w, run: _other_base(ws, run),
+        "differs from the one this adapter was trained on",
+    ),
     Case("corrupt images", lambda ws, w, run: _corrupt_images(ws), "4 of 4 images (100.0%) cannot be read"),
-    Case("exact match without generation", lambda ws, w, run: ["check", _cfg(ws, w, task="causal-lm", train={"metric_for_best": "exact_match", "generation_samples": 0})], "needs train.generation_samples > 0"),
-    Case("export without --merge", lambda ws, w, run: ["export", str(_copy_run(run, ws)), "--onnx"], "export needs --merge OUT_DIR"),
-    Case("export over an existing folder", lambda ws, w, run: (ws.joinpath("out").mkdir(), ws.joinpath("out", "x").write_text("x"), ["export", str(_copy_run(run, ws)), "--merge", str(ws / "out")])[2], "already exists; pass --overwrite"),
-    Case("export into the adapter", lambda ws, w, run: ["export", str(_copy_run(run, ws) / "adapter"), "--merge", str(ws / "run-copy" / "adapter"), "--overwrite"], "holds the adapter being exported"),
-    Case("publish without a target", lambda ws, w, run: ["publish", str(_copy_run(run, ws))], "publish needs --name NAME"),
-    Case("publish with a path-like name", lambda ws, w, run: ["publish", str(_copy_run(run, ws)), "--name", "../../etc", "--registry", str(ws / "reg")], "adapter name '../../etc' is not valid"),
-    Case("publish an incomplete adapter", lambda ws, w, run: ["publish", _no_meta(ws, run)[1], "--name", "x", "--registry", str(ws / "reg")], "has no lorakit.json"),
-    Case("pull from a missing registry", lambda ws, w, run: ["registry", "pull", "x", "--registry", str(ws / "no-reg")], "no registry at"),
-    Case("registry ref with a bad version", lambda ws, w, run: ["registry", "show", "x:v0", "--registry", str(ws / "no-reg")], "the version must be a positive number"),
+    Case(
+        "exact match without generation",
+        lambda ws, w, run: [
+            "check",
+            _cfg(ws, w, task="causal-lm", train={"metric_for_best": "exact_match", "generation_samples": 0}),
+        ],
+        "needs train.generation_samples > 0",
+    ),
+    Case(
+        "export without --merge",
+        lambda ws, w, run: ["export", str(_copy_run(run, ws)), "--onnx"],
+        "export needs --merge OUT_DIR",
+    ),
+    Case(
+        "export over an existing folder",
+        lambda ws, w, run: (
+            ws.joinpath("out").mkdir(),
+            ws.joinpath("out", "x").write_text("x"),
+            ["export", str(_copy_run(run, ws)), "--merge", str(ws / "out")],
+        )[2],
+        "already exists; pass --overwrite",
+    ),
+    Case(
+        "export into the adapter",
+        lambda ws, w, run: [
+            "export",
+            str(_copy_run(run, ws) / "adapter"),
+            "--merge",
+            str(ws / "run-copy" / "adapter"),
+            "--overwrite",
+        ],
+        "holds the adapter being exported",
+    ),
+    Case(
+        "publish without a target",
+        lambda ws, w, run: ["publish", str(_copy_run(run, ws))],
+        "publish needs --name NAME",
+    ),
+    Case(
+        "publish with a path-like name",
+        lambda ws, w, run: [
+            "publish",
+            str(_copy_run(run, ws)),
+            "--name",
+            "../../etc",
+            "--registry",
+            str(ws / "reg"),
+        ],
+        "adapter name '../../etc' is not valid",
+    ),
+    Case(
+        "publish an incomplete adapter",
+        lambda ws, w, run: ["publish", _no_meta(ws, run)[1], "--name", "x", "--registry", str(ws / "reg")],
+        "has no lorakit.json",
+    ),
+    Case(
+        "pull from a missing registry",
+        lambda ws, w, run: ["registry", "pull", "x", "--registry", str(ws / "no-reg")],
+        "no registry at",
+    ),
+    Case(
+        "registry ref with a bad version",
+        lambda ws, w, run: ["registry", "show", "x:v0", "--registry", str(ws / "no-reg")],
+        "the version must be a positive number",
+    ),
     Case("hub push in offline mode", lambda ws, w, run: _offline(ws, run), "offline mode is on"),
 ]
 
@@ -137,10 +411,14 @@ def _corrupt_images(ws: Path) -> list[str]:
         (ws / "imgs" / cls).mkdir(parents=True)
         for i in range(2):
             (ws / "imgs" / cls / f"{i}.png").write_bytes(b"\x89PNG not an image")
-    cfg = {"task": "image-classification", "data": {"train": str(ws / "imgs")}, "model": {"name_or_path": "zoo:efficientnet-lite0"}, "output": {"dir": str(ws / "run")}}
+    cfg = {
+        "task": "image-classification",
+        "data": {"train": str(ws / "imgs")},
+        "model": {"name_or_path": "zoo:efficientnet-lite0"},
+        "output": {"dir": str(ws / "run")},
+    }
     (ws / "img.yaml").write_text(yaml.safe_dump(cfg))
     return ["check", str(ws / "img.yaml")]
-
 
 
 def _pickled(ws: Path, run: Path) -> list[str]:
@@ -172,7 +450,11 @@ def _other_base(ws: Path, run: Path) -> list[str]:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_catalogue_has_at_least_25_cases() -> None:
@@ -181,7 +463,9 @@ def test_catalogue_has_at_least_25_cases() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_bad_input(case: Case, tmp_path: Path, tiny_bert_dir: Path, finished_run: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input(
+    case: Case, tmp_path: Path, tiny_bert_dir: Path, finished_run: Path, capsys: pytest.CaptureFixture
+) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
     data = write_csv(ws / "reviews.csv", make_texts(160))

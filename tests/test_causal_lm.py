@@ -40,7 +40,9 @@ def tok(tiny_llama_dir: Path):
 def lm_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     folder = tmp_path_factory.mktemp("lm-run")
     data = _jsonl(folder / "chat.jsonl", make_chat_rows(64))
-    return lorakit.train(make_lm_config(folder, tiny_llama_dir, data, train={"score_base_model": True}), progress=False)
+    return lorakit.train(
+        make_lm_config(folder, tiny_llama_dir, data, train={"score_base_model": True}), progress=False
+    )
 
 
 def test_only_assistant_tokens_are_labelled(tok) -> None:
@@ -59,19 +61,42 @@ def test_only_assistant_tokens_are_labelled(tok) -> None:
         assert lab in (IGNORE, i)  # a label is the token itself or ignored
     # The prompt of the last answer: everything before it, ending with the generation prompt.
     assert ex["input_ids"][: len(ex["prompt_ids"])] == ex["prompt_ids"]
-    assert tok.convert_ids_to_tokens(ex["prompt_ids"])[-2:] == ["<|im_start|>", "assistant"] and ex["reference"] == "green please"
+    assert (
+        tok.convert_ids_to_tokens(ex["prompt_ids"])[-2:] == ["<|im_start|>", "assistant"]
+        and ex["reference"] == "green please"
+    )
 
 
 def test_alpaca_template_and_sharegpt_rows_become_messages() -> None:
-    d = CausalLMData(train="x", instruction_template="review : {text}", output_column="label", label_names=["bad", "good"], system_prompt="you are helpful")
+    d = CausalLMData(
+        train="x",
+        instruction_template="review : {text}",
+        output_column="label",
+        label_names=["bad", "good"],
+        system_prompt="you are helpful",
+    )
     assert to_messages({"text": "good film", "label": 1}, d, "alpaca", key="k", index=0) == [
-        {"role": "system", "content": "you are helpful"}, {"role": "user", "content": "review : good film"}, {"role": "assistant", "content": "good"}]
+        {"role": "system", "content": "you are helpful"},
+        {"role": "user", "content": "review : good film"},
+        {"role": "assistant", "content": "good"},
+    ]
     d2 = CausalLMData(train="x", message_keys={"role": "from", "content": "value"})
     row = {"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "blue"}]}
     assert [m["role"] for m in to_messages(row, d2, "chat", key="k", index=0)] == ["user", "assistant"]
     plain = CausalLMData(train="x")
-    assert to_messages({"instruction": "say a word", "input": "please", "output": "red"}, plain, "alpaca", key="k", index=0)[0]["content"] == "say a word\n\nplease"
-    with pytest.raises(DataError, match="role 'robot' is not system / user / assistant; map it with data.role_names"):
+    assert (
+        to_messages(
+            {"instruction": "say a word", "input": "please", "output": "red"},
+            plain,
+            "alpaca",
+            key="k",
+            index=0,
+        )[0]["content"]
+        == "say a word\n\nplease"
+    )
+    with pytest.raises(
+        DataError, match="role 'robot' is not system / user / assistant; map it with data.role_names"
+    ):
         to_messages({"messages": [{"role": "robot", "content": "x"}]}, plain, "chat", key="k", index=3)
     with pytest.raises(DataError, match="row 2 has no assistant answer"):
         to_messages({"messages": [{"role": "user", "content": "x"}]}, plain, "chat", key="k", index=2)
@@ -81,7 +106,11 @@ def test_truncation_keeps_the_answer_and_counts_cuts(tok) -> None:
     long_prompt = [{"role": "user", "content": "what " * 40 + "?"}, {"role": "assistant", "content": "blue"}]
     ex = encode_example(tok, long_prompt, max_length=16)
     assert ex["cut"] == 1 and len(ex["input_ids"]) == 16
-    assert [t for t, lab in zip(tok.convert_ids_to_tokens(ex["input_ids"]), ex["labels"], strict=True) if lab != IGNORE] == ["blue", "<|im_end|>"]
+    assert [
+        t
+        for t, lab in zip(tok.convert_ids_to_tokens(ex["input_ids"]), ex["labels"], strict=True)
+        if lab != IGNORE
+    ] == ["blue", "<|im_end|>"]
     long_answer = [{"role": "user", "content": "say a word"}, {"role": "assistant", "content": "red " * 40}]
     ex = encode_example(tok, long_answer, max_length=16)
     assert ex["cut"] == 2 and sum(lab != IGNORE for lab in ex["labels"]) > 0
@@ -101,20 +130,39 @@ def test_packing_keeps_examples_apart(tiny_llama_dir: Path, tok) -> None:
     batch = collate([{k: v[0] for k, v in packed.items()}])
     assert batch["position_ids"][0, rows[0]["input_ids"].__len__()] == 0  # positions restart per example
     with torch.no_grad():
-        together = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits[0]
+        together = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits[0]
         start = 0
         for r in rows:
             alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
             assert torch.allclose(together[start : start + len(r["input_ids"])], alone, atol=1e-5)
             start += len(r["input_ids"])
     mask = block_causal_mask([[2, 1]], 4, torch.float32)[0, 0]
-    assert (mask == 0).tolist() == [[True, False, False, False], [True, True, False, False], [False, False, True, False], [False, False, False, True]]
+    assert (mask == 0).tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [False, False, True, False],
+        [False, False, False, True],
+    ]
 
 
-def test_training_learns_answers_and_generation_stops_at_end_of_turn(lm_run, tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_training_learns_answers_and_generation_stops_at_end_of_turn(
+    lm_run, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
     meta = json.loads((lm_run.adapter_dir / "lorakit.json").read_text())
     assert meta["task"] == "causal-lm" and meta["label_space"] is None
-    assert meta["lora"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert meta["lora"]["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     evals = [r for r in lm_run.history if r["split"] == "validation"]
     assert evals[-1]["loss"] < evals[0]["loss"] and "perplexity" in evals[-1]
     assert lm_run.test["exact_match"] == 1.0, lm_run.test["samples"]
@@ -124,20 +172,31 @@ def test_training_learns_answers_and_generation_stops_at_end_of_turn(lm_run, tin
 
     from lorakit.prediction import generate
 
-    out = generate(lm_run.run_dir, ["what colour is the snow ?", "what colour is the blood ?"], max_new_tokens=20)
+    out = generate(
+        lm_run.run_dir, ["what colour is the snow ?", "what colour is the blood ?"], max_new_tokens=20
+    )
     assert [o["output"] for o in out] == ["white", "red"]  # stopped at <|im_end|>, not 20 tokens of rambling
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(["generate", str(lm_run.run_dir), "what colour is the grass ?", "--json"])
     assert exc.value.code in (0, None)
-    assert json.loads(capsys.readouterr().out) == {"input": "what colour is the grass ?", "output": COLOURS_OF["grass"]}
+    assert json.loads(capsys.readouterr().out) == {
+        "input": "what colour is the grass ?",
+        "output": COLOURS_OF["grass"],
+    }
 
 
 def test_generation_stops_exactly_at_the_end_of_turn_token(lm_run) -> None:
     loaded = lorakit.Predictor.from_adapter(lm_run.adapter_dir).loaded
     task, tok = loaded.task, loaded.processor
     prompt = task.prompt_ids(tok, CausalLMData(train="x"), "what colour is the sky ?")
-    gen = loaded.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=0)
+    gen = loaded.model.generate(
+        input_ids=torch.tensor([prompt]),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=0,
+    )
     new = tok.convert_ids_to_tokens(gen[0, len(prompt) :].tolist())
     assert new == ["blue", "<|im_end|>"]
 
@@ -146,7 +205,9 @@ def test_plain_peft_gives_identical_logits(lm_run, tiny_llama_dir: Path) -> None
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(lm_run.adapter_dir)).eval()
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(lm_run.adapter_dir)
+    ).eval()
     ours = lorakit.Predictor.from_adapter(lm_run.adapter_dir).loaded.model
     x = torch.tensor([[2, 5, 10, 11, 12, 3, 2]])
     with torch.no_grad():
@@ -155,13 +216,18 @@ def test_plain_peft_gives_identical_logits(lm_run, tiny_llama_dir: Path) -> None
 
 def test_packed_training_and_plain_text(tmp_path: Path, tiny_llama_dir: Path) -> None:
     data = _jsonl(tmp_path / "chat.jsonl", make_chat_rows(40))
-    r = lorakit.train(make_lm_config(tmp_path, tiny_llama_dir, data, data={"packing": True}, train={"max_steps": 2}), progress=False)
+    r = lorakit.train(
+        make_lm_config(tmp_path, tiny_llama_dir, data, data={"packing": True}, train={"max_steps": 2}),
+        progress=False,
+    )
     meta = json.loads((r.adapter_dir / "lorakit.json").read_text())
     # 24 examples of ~13 tokens packed into rows of at most 64 tokens.
     assert meta["data"]["stats"]["sizes"]["train"] == 24 and meta["data"]["sizes"]["train"] == 6
     assert r.history[-1]["split"] == "validation"
     text = _jsonl(tmp_path / "text.jsonl", [{"text": "the sky is blue and the grass is green"}] * 20)
-    plan = lorakit.check(make_lm_config(tmp_path, tiny_llama_dir, text, data={"validation_size": 4, "test_size": 0}))
+    plan = lorakit.check(
+        make_lm_config(tmp_path, tiny_llama_dir, text, data={"validation_size": 4, "test_size": 0})
+    )
     assert plan.stats["format"] == "text"
 
 

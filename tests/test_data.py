@@ -91,15 +91,26 @@ def test_seeded_splits_are_reproducible_and_stratified(tmp_path: Path) -> None:
     assert a["validation"]["text"] == b["validation"]["text"]
     assert sum(a["test"]["labels"]) == 5  # stratified: half of each class
     assert not set(a["train"]["text"]) & set(a["test"]["text"]) - set(a["validation"]["text"]) or True
-    c = build_splits(_cfg(path, validation_size=0.2, test_size=10, seed=4), columns=["text", "label"], encode=encode, stratify="labels")
+    c = build_splits(
+        _cfg(path, validation_size=0.2, test_size=10, seed=4),
+        columns=["text", "label"],
+        encode=encode,
+        stratify="labels",
+    )
     assert c["validation"]["text"] != a["validation"]["text"]
 
 
 def test_where_filter_and_no_match(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "d.csv", [(t, lab, "a" if i % 3 else "b") for i, (t, lab) in enumerate(make_texts(30))], header=("text", "label", "source"))
+    path = write_csv(
+        tmp_path / "d.csv",
+        [(t, lab, "a" if i % 3 else "b") for i, (t, lab) in enumerate(make_texts(30))],
+        header=("text", "label", "source"),
+    )
     splits = build_splits(_cfg(path, where={"source": "b"}, validation_size=2), columns=["text", "label"])
     assert len(splits["train"]) + len(splits["validation"]) == 10
-    with pytest.raises(DataError, match=r"no rows match data.where .* values present: \{'source': \['a', 'b'\]\}"):
+    with pytest.raises(
+        DataError, match=r"no rows match data.where .* values present: \{'source': \['a', 'b'\]\}"
+    ):
         build_splits(_cfg(path, where={"source": "c"}), columns=["text", "label"])
 
 
@@ -113,7 +124,11 @@ def test_label_space_from_strings_ints_and_names() -> None:
     assert LabelSpace.infer(["pos", "neg", "pos"]).labels == ("neg", "pos")
     assert LabelSpace.infer([1, 0, 2]).labels == ("0", "1", "2")
     space = LabelSpace.infer([1, 0], names=["negative", "positive"])
-    assert space.id2label == {0: "negative", 1: "positive"} and space.encode(1) == 1 and space.encode("negative") == 0
+    assert (
+        space.id2label == {0: "negative", 1: "positive"}
+        and space.encode(1) == 1
+        and space.encode("negative") == 0
+    )
     assert LabelSpace.from_dict(space.to_dict()) == space
     assert space.unknown([0, 1, "neutral", 5]) == ["5", "neutral"]
 

@@ -30,15 +30,37 @@ FSDP_ENV = dict(ENV, ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
 
 
 def torchrun_cmd(config: Path, *extra: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lorakit", "train", str(config), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lorakit",
+        "train",
+        str(config),
+        "--no-progress",
+        *extra,
+    ]
 
 
-def torchrun(config: Path, *extra: str, nproc: int = 2, timeout: float = 300, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env)
+def torchrun(
+    config: Path, *extra: str, nproc: int = 2, timeout: float = 300, env: dict[str, str] = ENV
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        torchrun_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def single(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--no-progress", *extra], capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(config), "--no-progress", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 def tree(run: Path) -> list[str]:
@@ -57,12 +79,27 @@ def text_config(folder: Path, tiny_bert_dir: Path, csv: Path, batch_size: int, *
     folder.mkdir(parents=True, exist_ok=True)
     # 96 training rows: batches of 8 -> 12 global steps an epoch; eval batches of 5 split unevenly over 2 ranks.
     # fp32: the runs are compared to 1e-4, and bf16 rounds differently when the batch is split over ranks
-    return make_config(folder, tiny_bert_dir, csv, model={"dropout": 0.0}, train={"batch_size": batch_size, "eval_batch_size": 5, "epochs": 6, "save_every_steps": 4, "mixed_precision": "no", **train},
-                       output={"dir": str(folder / "run"), "tensorboard": False})
+    return make_config(
+        folder,
+        tiny_bert_dir,
+        csv,
+        model={"dropout": 0.0},
+        train={
+            "batch_size": batch_size,
+            "eval_batch_size": 5,
+            "epochs": 6,
+            "save_every_steps": 4,
+            "mixed_precision": "no",
+            **train,
+        },
+        output={"dir": str(folder / "run"), "tensorboard": False},
+    )
 
 
 @pytest.fixture(scope="module")
-def text_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+def text_runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
+) -> tuple[Path, subprocess.CompletedProcess]:
     """The same run on 1 process (batch 8) and on 2 processes (batch 4 each): 72 steps, checkpoints every 4."""
     root = tmp_path_factory.mktemp("ddp")
     csv = write_csv(root / "reviews.csv", make_texts(160))
@@ -73,7 +110,9 @@ def text_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> 
     return root, torchrun(two)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(text_runs: tuple[Path, subprocess.CompletedProcess]) -> None:
+def test_two_processes_match_one_with_the_same_global_batch(
+    text_runs: tuple[Path, subprocess.CompletedProcess],
+) -> None:
     root, r2 = text_runs
     assert r2.returncode == 0, r2.stderr[-3000:]
     run1, run2 = root / "one" / "run", root / "two" / "run"
@@ -95,12 +134,18 @@ def test_two_processes_match_one_with_the_same_global_batch(text_runs: tuple[Pat
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path, engine: str) -> None:
+def test_two_processes_resume_after_a_kill(
+    text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path, engine: str
+) -> None:
     root, _ = text_runs
-    env = FSDP_ENV if engine == "fsdp" else ENV  # FSDP: the checkpoint holds the optimizer state gathered from both shards
+    env = (
+        FSDP_ENV if engine == "fsdp" else ENV
+    )  # FSDP: the checkpoint holds the optimizer state gathered from both shards
     config = text_config(tmp_path, tiny_bert_dir, root / "reviews.csv", batch_size=4)
     run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        torchrun_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     target = random.Random().choice([4, 8, 12])
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
@@ -125,8 +170,19 @@ def test_two_processes_resume_after_a_kill(text_runs: tuple[Path, subprocess.Com
 
 def lm_config(folder: Path, tiny_llama_dir: Path, data: Path, batch_size: int) -> Path:
     folder.mkdir(parents=True)
-    return make_lm_config(folder, tiny_llama_dir, data, train={"batch_size": batch_size, "epochs": 2, "eval_batch_size": 3, "generation_samples": 5, "mixed_precision": "no"},
-                          output={"dir": str(folder / "run"), "tensorboard": False, "report": False})
+    return make_lm_config(
+        folder,
+        tiny_llama_dir,
+        data,
+        train={
+            "batch_size": batch_size,
+            "epochs": 2,
+            "eval_batch_size": 3,
+            "generation_samples": 5,
+            "mixed_precision": "no",
+        },
+        output={"dir": str(folder / "run"), "tensorboard": False, "report": False},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +190,18 @@ def lm_single_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
     """(chat data, the run folder of 1 process at batch 8) for the 2-process language-model tests."""
     root = tmp_path_factory.mktemp("lm")
     rng = random.Random(0)
-    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(CHAT_WORDS[5:20], k=rng.randint(2, 8)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(CHAT_WORDS[14:18], k=rng.randint(1, 6)))}]} for _ in range(56)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(CHAT_WORDS[5:20], k=rng.randint(2, 8)))},
+                {
+                    "role": "assistant",
+                    "content": " ".join(rng.choices(CHAT_WORDS[14:18], k=rng.randint(1, 6))),
+                },
+            ]
+        }
+        for _ in range(56)
+    ]
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r1 = single(lm_config(root / "one", tiny_llama_dir, data, batch_size=8))
@@ -144,12 +210,17 @@ def lm_single_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_language_model_weights_tokens(lm_single_run: tuple[Path, Path], tmp_path: Path, tiny_llama_dir: Path, engine: str) -> None:
+def test_two_processes_language_model_weights_tokens(
+    lm_single_run: tuple[Path, Path], tmp_path: Path, tiny_llama_dir: Path, engine: str
+) -> None:
     # Answers of 1 to 6 tokens: the ranks' halves of a batch hold different numbers of label tokens,
     # so the loss must be weighted by tokens (not rows) to match one process. Under FSDP generation
     # runs in step on both ranks (5 prompts: one rank answers a padding prompt).
     data, one = lm_single_run
-    r2 = torchrun(lm_config(tmp_path / "two", tiny_llama_dir, data, batch_size=4), env=FSDP_ENV if engine == "fsdp" else ENV)
+    r2 = torchrun(
+        lm_config(tmp_path / "two", tiny_llama_dir, data, batch_size=4),
+        env=FSDP_ENV if engine == "fsdp" else ENV,
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert_same_adapter(one / "run" / "adapter", tmp_path / "two" / "run" / "adapter")
     m1 = json.loads((one / "run" / "metrics.json").read_text())
@@ -160,23 +231,41 @@ def test_two_processes_language_model_weights_tokens(lm_single_run: tuple[Path, 
         assert [s["output"] for s in m2[split]["samples"]] == [s["output"] for s in m1[split]["samples"]]
 
 
-def test_a_bad_run_folder_stops_every_rank_with_one_message(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path) -> None:
+def test_a_bad_run_folder_stops_every_rank_with_one_message(
+    tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path
+) -> None:
     config = text_config(tmp_path, tiny_bert_dir, sentiment_csv, batch_size=4)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("not ours")
     r = torchrun(config, timeout=120)
     assert r.returncode != 0
-    assert r.stderr.count("error: output.dir: ") == 2 and "--overwrite" in r.stderr  # rank 0 found it; both ranks stop, none hangs
+    assert (
+        r.stderr.count("error: output.dir: ") == 2 and "--overwrite" in r.stderr
+    )  # rank 0 found it; both ranks stop, none hangs
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
 
 
-def test_two_fsdp_processes_match_one(text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path) -> None:
+def test_two_fsdp_processes_match_one(
+    text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path
+) -> None:
     """`accelerate launch` with the shipped FSDP config: weights sharded over the ranks, checkpoints
     every 4 steps gather the optimizer state; the same result as 1 process."""
     root, _ = text_runs
     config = text_config(tmp_path, tiny_bert_dir, root / "reviews.csv", batch_size=4)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
-    r = subprocess.run([*launch, "-m", "lorakit", "train", str(config), "--no-progress"], capture_output=True, text=True, timeout=300, env=ENV)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+    ]
+    r = subprocess.run(
+        [*launch, "-m", "lorakit", "train", str(config), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run1, run2 = root / "one" / "run", tmp_path / "run"
     assert_same_adapter(run1 / "adapter", run2 / "adapter")
@@ -188,7 +277,9 @@ def test_two_fsdp_processes_match_one(text_runs: tuple[Path, subprocess.Complete
     assert "sharded with FSDP over 2 processes" in (run2 / "train.log").read_text()
 
 
-def test_deepspeed_configs_are_refused_not_silently_replaced(write_config, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deepspeed_configs_are_refused_not_silently_replaced(
+    write_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lorakit
     from lorakit.errors import LorakitError
 
@@ -207,7 +298,9 @@ def test_fsdp_block_classes_and_a_wrong_one(tiny_bert_dir: Path, monkeypatch: py
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     assert "BertLayer" in distributed.block_classes(model)
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")
-    with pytest.raises(LorakitError, match=r"names LlamaDecoderLayer, which this model does not have; use .*BertLayer"):
+    with pytest.raises(
+        LorakitError, match=r"names LlamaDecoderLayer, which this model does not have; use .*BertLayer"
+    ):
         distributed.wrap(model, distributed.World(0, 2, 0, sharded=True), torch.device("cpu"))
 
 
@@ -216,9 +309,14 @@ def test_fsdp_padding_gives_every_rank_as_many_forward_passes() -> None:
 
     for n in range(0, 12):
         for size in (2, 3, 4):
-            counts = [len(shard(list(range(n)), World(r, size, r, True))) + padding(n, World(r, size, r, True)) for r in range(size)]
+            counts = [
+                len(shard(list(range(n)), World(r, size, r, True))) + padding(n, World(r, size, r, True))
+                for r in range(size)
+            ]
             assert len(set(counts)) == 1 and counts[0] == -(-n // size)
-            assert padding(n, World(size - 1, size, 0, False)) == 0  # DDP: evaluation runs the bare model, no padding
+            assert (
+                padding(n, World(size - 1, size, 0, False)) == 0
+            )  # DDP: evaluation runs the bare model, no padding
 
 
 def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tiny_bert_dir: Path) -> None:
@@ -233,4 +331,6 @@ def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tiny_bert_dir:
     with pytest.raises(LorakitError, match="the checkpoint was written with FSDP and this run is without it"):
         distributed.load_optimizer_state(model, optimizer, {"fsdp_full": {}}, distributed.World())
     with pytest.raises(LorakitError, match="the checkpoint was written without FSDP and this run is with it"):
-        distributed.load_optimizer_state(model, optimizer, optimizer.state_dict(), distributed.World(0, 2, 0, sharded=True))
+        distributed.load_optimizer_state(
+            model, optimizer, optimizer.state_dict(), distributed.World(0, 2, 0, sharded=True)
+        )

@@ -42,11 +42,26 @@ def _assert_card(run_dir: Path, *, labels: bool = True) -> None:
     """Every adapter's model card: base model and hash, data, hyperparameters, metrics, labels, intended use, usage."""
     card = (run_dir / "adapter" / "README.md").read_text()
     meta = json.loads((run_dir / "adapter" / "lorakit.json").read_text())
-    for part in ("library_name: peft", "## Base model", meta["base_model"]["fingerprint"], "## Data", "## Hyperparameters",
-                 "r=", "## Metrics", "| test |", "## Intended use", "With lorakit:", "lorakit ", "With plain peft:", "PeftModel.from_pretrained"):
+    for part in (
+        "library_name: peft",
+        "## Base model",
+        meta["base_model"]["fingerprint"],
+        "## Data",
+        "## Hyperparameters",
+        "r=",
+        "## Metrics",
+        "| test |",
+        "## Intended use",
+        "With lorakit:",
+        "lorakit ",
+        "With plain peft:",
+        "PeftModel.from_pretrained",
+    ):
         assert part in card, part
     assert ("## Labels" in card) == labels
-    assert ("lorakit predict ADAPTER_DIR" in card) == labels and ("lorakit generate ADAPTER_DIR" in card) == (not labels)
+    assert ("lorakit predict ADAPTER_DIR" in card) == labels and ("lorakit generate ADAPTER_DIR" in card) == (
+        not labels
+    )
 
 
 def _onnx_logits(path: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -60,7 +75,9 @@ def _onnx_logits(path: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path):
     folder = tmp_path_factory.mktemp("export-text")
-    return lorakit.train(make_config(folder, tiny_bert_dir, write_csv(folder / "r.csv", make_texts(160))), progress=False)
+    return lorakit.train(
+        make_config(folder, tiny_bert_dir, write_csv(folder / "r.csv", make_texts(160))), progress=False
+    )
 
 
 def test_text_merge_and_onnx_reproduce_the_adapter(text_run, tmp_path: Path, capsys) -> None:
@@ -76,7 +93,11 @@ def test_text_merge_and_onnx_reproduce_the_adapter(text_run, tmp_path: Path, cap
     assert "largest |unmerged - merged| logit difference" in printed and "onnxruntime" in printed
 
     # Plain transformers, a new tokenizer call on new texts, against lorakit's own predictions.
-    texts = ["the film was wonderful and moving", "boring", "a dull clumsy plot and the acting was weak really"]
+    texts = [
+        "the film was wonderful and moving",
+        "boring",
+        "a dull clumsy plot and the acting was weak really",
+    ]
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     enc = tok(texts, padding=True, return_tensors="pt")
@@ -90,13 +111,18 @@ def test_text_merge_and_onnx_reproduce_the_adapter(text_run, tmp_path: Path, cap
     assert np.abs(_onnx_logits(out / "model.onnx", dict(enc)) - want.numpy()).max() <= 1e-4
 
     meta = json.loads((out / "lorakit-export.json").read_text())
-    assert meta["verification"]["merged_max_abs_diff"] <= 1e-4 and meta["verification"]["onnx_max_abs_diff"] <= 1e-4
+    assert (
+        meta["verification"]["merged_max_abs_diff"] <= 1e-4
+        and meta["verification"]["onnx_max_abs_diff"] <= 1e-4
+    )
     card = (out / "README.md").read_text()
     assert "## Verification" in card and "AutoModelForSequenceClassification" in card and "model.onnx" in card
     assert not (out / "adapter_config.json").exists()  # a merged model, not an adapter
 
 
-def test_failed_check_writes_nothing_and_existing_output_is_kept(text_run, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_failed_check_writes_nothing_and_existing_output_is_kept(
+    text_run, tmp_path: Path, monkeypatch, capsys
+) -> None:
     from lorakit.tasks.text_classification import TextClassification
 
     real = TextClassification.load_merged
@@ -130,7 +156,9 @@ def test_failed_check_writes_nothing_and_existing_output_is_kept(text_run, tmp_p
 def test_image_vit_merge_and_onnx(tmp_path: Path, tiny_vit_dir: Path) -> None:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    run = lorakit.train(make_image_config(tmp_path, tiny_vit_dir, make_images(tmp_path / "img")), progress=False)
+    run = lorakit.train(
+        make_image_config(tmp_path, tiny_vit_dir, make_images(tmp_path / "img")), progress=False
+    )
     batches = _assert_adapter_moves_outputs(run.run_dir)
     _assert_card(run.run_dir)
     r = export(run.run_dir, tmp_path / "merged", onnx=True)
@@ -143,7 +171,10 @@ def test_image_vit_merge_and_onnx(tmp_path: Path, tiny_vit_dir: Path) -> None:
     with torch.no_grad():
         want = a.model(pixel_values=x).logits
         assert (model(pixel_values=x).logits - want).abs().max() <= 1e-4
-    assert np.abs(_onnx_logits(tmp_path / "merged" / "model.onnx", {"pixel_values": x}) - want.numpy()).max() <= 1e-4
+    assert (
+        np.abs(_onnx_logits(tmp_path / "merged" / "model.onnx", {"pixel_values": x}) - want.numpy()).max()
+        <= 1e-4
+    )
     assert len(batches) >= 2
 
 
@@ -151,7 +182,13 @@ def test_zoo_efficientnet_merge_and_onnx(tmp_path: Path) -> None:
     from lorakit import zoo
 
     images = make_images(tmp_path / "img", per_class=12)
-    cfg = make_image_config(tmp_path, "zoo:efficientnet-lite0", images, data={"image_size": 32, "validation_size": 4, "test_size": 4}, train={"max_steps": 4, "batch_size": 8})
+    cfg = make_image_config(
+        tmp_path,
+        "zoo:efficientnet-lite0",
+        images,
+        data={"image_size": 32, "validation_size": 4, "test_size": 4},
+        train={"max_steps": 4, "batch_size": 8},
+    )
     run = lorakit.train(cfg, progress=False)
     _assert_adapter_moves_outputs(run.run_dir)
     r = export(run.run_dir, tmp_path / "merged", onnx=True)
@@ -167,7 +204,10 @@ def test_causal_lm_merge_generates_the_same_answers(tmp_path: Path, tiny_llama_d
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(48)))
-    run = lorakit.train(make_lm_config(tmp_path, tiny_llama_dir, data, train={"epochs": 3, "generation_samples": 0}), progress=False)
+    run = lorakit.train(
+        make_lm_config(tmp_path, tiny_llama_dir, data, train={"epochs": 3, "generation_samples": 0}),
+        progress=False,
+    )
     _assert_adapter_moves_outputs(run.run_dir)
     _assert_card(run.run_dir, labels=False)
 
@@ -180,10 +220,22 @@ def test_causal_lm_merge_generates_the_same_answers(tmp_path: Path, tiny_llama_d
     assert r.merged_diff <= 1e-4 and r.onnx_path is None
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "what colour is the grass ?"}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "what colour is the grass ?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    merged_answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    adapter_answer = generate(run.run_dir, ["what colour is the grass ?"], max_new_tokens=4, device="cpu")[0]["output"]
+        out = model.generate(
+            ids,
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    merged_answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    adapter_answer = generate(run.run_dir, ["what colour is the grass ?"], max_new_tokens=4, device="cpu")[0][
+        "output"
+    ]
     assert adapter_answer and merged_answer == adapter_answer

@@ -12,11 +12,43 @@ from hypothesis import strategies as st
 from lorakit.config import RunConfig, load_config, validate_config
 from lorakit.errors import ConfigError
 
-KEYS = ["task", "data", "model", "lora", "train", "output", "train", "r", "alpha", "epochs", "learning_rate",
-        "name_or_path", "target_modules", "where", "max_length", "dir", "x", "", "validation_size", "truncation"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=20), st.sampled_from(["all-linear", "head_tail", "1e-3", "text-classification"]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)), max_leaves=20)
+KEYS = [
+    "task",
+    "data",
+    "model",
+    "lora",
+    "train",
+    "output",
+    "train",
+    "r",
+    "alpha",
+    "epochs",
+    "learning_rate",
+    "name_or_path",
+    "target_modules",
+    "where",
+    "max_length",
+    "dir",
+    "x",
+    "",
+    "validation_size",
+    "truncation",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["all-linear", "head_tail", "1e-3", "text-classification"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
 configs = st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=7))
 
 

@@ -36,12 +36,15 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit_dir: Path, image_folder: Path):
     folder = tmp_path_factory.mktemp("vit-run")
-    return lorakit.train(make_image_config(folder, tiny_vit_dir, image_folder, data={"max_bad_images": 0.05}), progress=False)
+    return lorakit.train(
+        make_image_config(folder, tiny_vit_dir, image_folder, data={"max_bad_images": 0.05}), progress=False
+    )
 
 
 @pytest.fixture()
 def http_root(tmp_path: Path):
     """A local HTTP server over ``tmp_path``; yields its base URL."""
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
             pass
@@ -60,7 +63,10 @@ def test_vit_run_learns_and_writes_a_complete_adapter(vit_run) -> None:
     assert meta["label_space"] == {"id2label": {"0": "blue", "1": "red"}}
     assert meta["lora"]["target_modules"] == ["q_proj", "v_proj"]  # the ViT default: query / value
     assert meta["lora"]["modules_to_save"] == ["classifier"]
-    assert meta["data"]["sizes"]["train"] + meta["data"]["sizes"]["validation"] + meta["data"]["sizes"]["test"] == 48  # corrupt one skipped
+    assert (
+        meta["data"]["sizes"]["train"] + meta["data"]["sizes"]["validation"] + meta["data"]["sizes"]["test"]
+        == 48
+    )  # corrupt one skipped
     assert meta["data"]["stats"]["image"]["size"] == 32
     evals = [r for r in vit_run.history if r["split"] == "validation"]
     assert len(evals) == 3 and evals[-1]["loss"] < evals[0]["loss"]
@@ -77,23 +83,36 @@ def test_plain_peft_gives_identical_logits(vit_run, image_folder: Path) -> None:
     from transformers import AutoModelForImageClassification
 
     meta = json.loads((vit_run.adapter_dir / "lorakit.json").read_text())
-    base = AutoModelForImageClassification.from_pretrained(meta["base_model"]["resolved"], num_labels=2, id2label={0: "blue", 1: "red"}, label2id={"blue": 0, "red": 1})
+    base = AutoModelForImageClassification.from_pretrained(
+        meta["base_model"]["resolved"],
+        num_labels=2,
+        id2label={0: "blue", 1: "red"},
+        label2id={"blue": 0, "red": 1},
+    )
     plain = PeftModel.from_pretrained(base, str(vit_run.adapter_dir)).eval()
     ours = lorakit.Predictor.from_adapter(vit_run.adapter_dir)
     spec = ours.loaded.processor
     t = ImageTransforms(spec, AugmentConfig())
-    x = torch.from_numpy(np.stack([t(load_image(p), train=False) for p in sorted((image_folder / "red").glob("red_00*.png"))]))
+    x = torch.from_numpy(
+        np.stack([t(load_image(p), train=False) for p in sorted((image_folder / "red").glob("red_00*.png"))])
+    )
     with torch.no_grad():
         a = plain(pixel_values=x).logits
         b = ours.loaded.model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits
     assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
 
 
-def test_predict_files_greyscale_rgba_and_url(vit_run, image_folder: Path, http_root: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_predict_files_greyscale_rgba_and_url(
+    vit_run, image_folder: Path, http_root: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from PIL import Image
 
     Image.open(image_folder / "blue" / "blue_005.png").save(tmp_path / "served.jpg")
-    inputs = [str(image_folder / "red" / "red_000.png"), str(image_folder / "blue" / "blue_001.png"), f"{http_root}/served.jpg"]
+    inputs = [
+        str(image_folder / "red" / "red_000.png"),
+        str(image_folder / "blue" / "blue_001.png"),
+        f"{http_root}/served.jpg",
+    ]
     assert Image.open(inputs[0]).mode == "L" and Image.open(inputs[1]).mode == "RGBA"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -105,8 +124,14 @@ def test_predict_files_greyscale_rgba_and_url(vit_run, image_folder: Path, http_
     assert rows[2]["label"] == "blue"
 
 
-def test_predict_on_a_corrupt_or_missing_image_is_one_line(vit_run, image_folder: Path, http_root: str, capsys: pytest.CaptureFixture) -> None:
-    for bad, expect in [(str(image_folder / "red" / "corrupt.png"), "cannot be decoded"), ("/no/such.png", "does not exist"), (f"{http_root}/missing.png", "could not download")]:
+def test_predict_on_a_corrupt_or_missing_image_is_one_line(
+    vit_run, image_folder: Path, http_root: str, capsys: pytest.CaptureFixture
+) -> None:
+    for bad, expect in [
+        (str(image_folder / "red" / "corrupt.png"), "cannot be decoded"),
+        ("/no/such.png", "does not exist"),
+        (f"{http_root}/missing.png", "could not download"),
+    ]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exc:
             main(["predict", str(vit_run.run_dir), bad])
@@ -119,25 +144,44 @@ def test_too_many_bad_images_stop_before_training(tmp_path: Path, tiny_vit_dir: 
     for i in range(3):
         (folder / "blue" / f"broken{i}.png").write_bytes(b"junk")
     cfg = make_image_config(tmp_path, tiny_vit_dir, folder, data={"validation_size": 2, "test_size": 0})
-    with pytest.raises(DataError, match=r"3 of 15 images \(20.0%\) cannot be read.*raise data.max_bad_images"):
+    with pytest.raises(
+        DataError, match=r"3 of 15 images \(20.0%\) cannot be read.*raise data.max_bad_images"
+    ):
         lorakit.train(cfg, progress=False)
     assert not (tmp_path / "run").exists()
 
 
-def test_csv_with_relative_paths_and_parquet_with_an_image_feature(tmp_path: Path, tiny_vit_dir: Path) -> None:
+def test_csv_with_relative_paths_and_parquet_with_an_image_feature(
+    tmp_path: Path, tiny_vit_dir: Path
+) -> None:
     from datasets import Dataset, Image
 
     folder = make_images(tmp_path / "data" / "imgs", per_class=10)
     rows = [(str(p.relative_to(tmp_path / "data")), p.parent.name) for p in sorted(folder.rglob("*.png"))]
     csv_path = tmp_path / "data" / "images.csv"
     csv_path.write_text("file,kind\n" + "".join(f"{f},{k}\n" for f, k in rows))
-    plan = lorakit.check(make_image_config(tmp_path, tiny_vit_dir, csv_path, data={"image_column": "file", "label_column": "kind", "validation_size": 4, "test_size": 0}))
+    plan = lorakit.check(
+        make_image_config(
+            tmp_path,
+            tiny_vit_dir,
+            csv_path,
+            data={"image_column": "file", "label_column": "kind", "validation_size": 4, "test_size": 0},
+        )
+    )
     assert plan.sizes == {"train": 16, "validation": 4} and plan.labels == ["blue", "red"]
     assert plan.target_modules == ["q_proj", "v_proj"] and plan.modules_to_save == ["classifier"]
 
-    ds = Dataset.from_dict({"img": [str(tmp_path / "data" / f) for f, _ in rows], "label": [k for _, k in rows]}).cast_column("img", Image())
+    ds = Dataset.from_dict(
+        {"img": [str(tmp_path / "data" / f) for f, _ in rows], "label": [k for _, k in rows]}
+    ).cast_column("img", Image())
     ds.to_parquet(str(tmp_path / "images.parquet"))
-    cfg = make_image_config(tmp_path, tiny_vit_dir, tmp_path / "images.parquet", data={"image_column": "img", "validation_size": 4, "test_size": 0}, train={"max_steps": 2})
+    cfg = make_image_config(
+        tmp_path,
+        tiny_vit_dir,
+        tmp_path / "images.parquet",
+        data={"image_column": "img", "validation_size": 4, "test_size": 0},
+        train={"max_steps": 2},
+    )
     result = lorakit.train(cfg, progress=False)
     assert result.history[-1]["split"] == "validation"
 
@@ -146,7 +190,9 @@ def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, stem: str =
     n, h, w = images.shape
     img = folder / f"{stem}-images-idx3-ubyte.gz"
     img.write_bytes(gzip.compress(struct.pack(">IIII", 2051, n, h, w) + images.astype(np.uint8).tobytes()))
-    (folder / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes()))
+    (folder / f"{stem}-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
+    )
     return img
 
 
@@ -156,7 +202,9 @@ def test_idx_reader_round_trips_pixels_and_labels(tmp_path: Path) -> None:
     ds = read_idx(_write_idx(tmp_path, pixels, labels), key="data.train")
     assert ds["label"] == [3, 1, 4, 1, 5]
     assert np.array_equal(np.asarray(load_image(ds[2]["image"]).convert("L")), pixels[2])
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 2049, 4) + bytes(4)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(struct.pack(">II", 2049, 4) + bytes(4))
+    )
     with pytest.raises(DataError, match="not a matching idx3 images / idx1 labels pair"):
         read_idx(tmp_path / "train-images-idx3-ubyte.gz", key="data.train")
 
@@ -165,7 +213,9 @@ def test_transforms_augment_train_only_reproducibly() -> None:
     from PIL import Image
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    t = ImageTransforms(ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.875), AugmentConfig(crop_scale=(0.3, 1.0)))
+    t = ImageTransforms(
+        ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.875), AugmentConfig(crop_scale=(0.3, 1.0))
+    )
     e1, e2 = t(img, train=False), t(img, train=False)
     assert e1.shape == (3, 32, 32) and e1.dtype == np.float32 and np.array_equal(e1, e2)
     assert e1.min() >= -1.0 and e1.max() <= 1.0
@@ -196,20 +246,38 @@ def test_zoo_efficientnet_trains_and_reloads_in_plain_peft(tmp_path: Path) -> No
     from lorakit import zoo
 
     folder = make_images(tmp_path / "imgs", per_class=12)
-    cfg = make_image_config(tmp_path, "zoo:efficientnet-lite0", folder, data={"image_size": 32, "validation_size": 4, "test_size": 4}, train={"max_steps": 3, "batch_size": 8})
+    cfg = make_image_config(
+        tmp_path,
+        "zoo:efficientnet-lite0",
+        folder,
+        data={"image_size": 32, "validation_size": 4, "test_size": 4},
+        train={"max_steps": 3, "batch_size": 8},
+    )
     result = lorakit.train(cfg, progress=False)
     meta = json.loads((result.adapter_dir / "lorakit.json").read_text())
     assert meta["lora"]["target_modules"] == ["_conv_head", "_expand_conv", "_project_conv"]
-    assert "backbone._fc" in meta["lora"]["modules_to_save"] and any("_bn" in m for m in meta["lora"]["modules_to_save"])
+    assert "backbone._fc" in meta["lora"]["modules_to_save"] and any(
+        "_bn" in m for m in meta["lora"]["modules_to_save"]
+    )
     assert meta["base_model"]["fingerprint"] == zoo.fingerprint("zoo:efficientnet-lite0")
 
     # Plain peft on the zoo model: the BatchNorm statistics learned in training come with the adapter.
-    base, _ = zoo.build_classifier("zoo:efficientnet-lite0", num_labels=2, id2label={0: "blue", 1: "red"}, label2id={"blue": 0, "red": 1}, image_size=32)
+    base, _ = zoo.build_classifier(
+        "zoo:efficientnet-lite0",
+        num_labels=2,
+        id2label={0: "blue", 1: "red"},
+        label2id={"blue": 0, "red": 1},
+        image_size=32,
+    )
     plain = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
     ours = lorakit.Predictor.from_adapter(result.adapter_dir)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(plain(pixel_values=x).logits, ours.loaded.model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits, atol=1e-5)
+        assert torch.allclose(
+            plain(pixel_values=x).logits,
+            ours.loaded.model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits,
+            atol=1e-5,
+        )
     preds = ours([str(folder / "red" / "red_003.png")], top_k=2)
     assert {a["label"] for a in preds[0]["top_k"]} == {"blue", "red"}
 
@@ -220,14 +288,22 @@ def test_zoo_conv_swap_is_exact_and_freeze_keeps_batchnorm_statistics() -> None:
     from lorakit import modeling, zoo
     from lorakit.config import LoraSettings
 
-    model, new = zoo.build_classifier("zoo:efficientnet-lite0", num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}, image_size=32)
+    model, new = zoo.build_classifier(
+        "zoo:efficientnet-lite0",
+        num_labels=3,
+        id2label={0: "a", 1: "b", 2: "c"},
+        label2id={"a": 0, "b": 1, "c": 2},
+        image_size=32,
+    )
     original = EfficientNet.from_name("efficientnet-lite0", num_classes=3, image_size=32)
     original.load_state_dict(model.backbone.state_dict())
     model.eval(), original.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, original(x))
-    peft_model = modeling.apply_lora(model, LoraSettings(r=2, batch_norm="freeze"), task_type=None, new_modules=new)
+    peft_model = modeling.apply_lora(
+        model, LoraSettings(r=2, batch_norm="freeze"), task_type=None, new_modules=new
+    )
     bn = model.backbone._bn0
     before = bn.running_mean.clone()
     peft_model.train()
@@ -236,8 +312,13 @@ def test_zoo_conv_swap_is_exact_and_freeze_keeps_batchnorm_statistics() -> None:
     assert not any("_bn" in m for m in peft_model.peft_config["default"].modules_to_save)
 
 
-def test_zoo_model_for_a_text_task_and_unknown_entries_are_one_line_errors(write_config, capsys: pytest.CaptureFixture) -> None:
-    for name, expect in [("zoo:efficientnet-lite0", "is an image-classification model from lorakit's zoo"), ("zoo:resnet9000", "is not in lorakit's model zoo; known: zoo:efficientnet-lite0")]:
+def test_zoo_model_for_a_text_task_and_unknown_entries_are_one_line_errors(
+    write_config, capsys: pytest.CaptureFixture
+) -> None:
+    for name, expect in [
+        ("zoo:efficientnet-lite0", "is an image-classification model from lorakit's zoo"),
+        ("zoo:resnet9000", "is not in lorakit's model zoo; known: zoo:efficientnet-lite0"),
+    ]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exc:
             main(["check", str(write_config(model={"name_or_path": name}))])

@@ -20,7 +20,12 @@ def _model(tiny_bert_dir: Path, **lora):
     task = get_task("text-classification")
     torch.manual_seed(0)
     base, new = task.load_model(ModelConfig(name_or_path=str(tiny_bert_dir)), str(tiny_bert_dir), SPACE)
-    return modeling.apply_lora(base, LoraSettings(**({"r": 4, "alpha": 8, "dropout": 0.0} | lora)), task_type="SEQ_CLS", new_modules=new), new
+    return modeling.apply_lora(
+        base,
+        LoraSettings(**({"r": 4, "alpha": 8, "dropout": 0.0} | lora)),
+        task_type="SEQ_CLS",
+        new_modules=new,
+    ), new
 
 
 def _batch(tiny_bert_dir: Path):
@@ -131,8 +136,13 @@ def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tiny_bert_dir: Path) 
     from lorakit.training import param_groups
 
     model, new = _model(tiny_bert_dir)
-    cfg = RunConfig.model_validate({"data": {"train": "x.csv"}, "model": {"name_or_path": "m"},
-                                    "train": {"learning_rate": 1e-3, "head_learning_rate": 5e-3, "lora_plus_ratio": 16}})
+    cfg = RunConfig.model_validate(
+        {
+            "data": {"train": "x.csv"},
+            "model": {"name_or_path": "m"},
+            "train": {"learning_rate": 1e-3, "head_learning_rate": 5e-3, "lora_plus_ratio": 16},
+        }
+    )
     lr_of = {id(p): g["lr"] for g in param_groups(model, cfg.train, new) for p in g["params"]}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -141,7 +151,11 @@ def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tiny_bert_dir: Path) 
 
 
 def _adapted_blocks(model) -> set[int]:
-    return {int(n.split("encoder.layer.")[1].split(".")[0]) for n, _ in model.named_modules() if n.endswith("lora_A") and "encoder.layer." in n}
+    return {
+        int(n.split("encoder.layer.")[1].split(".")[0])
+        for n, _ in model.named_modules()
+        if n.endswith("lora_A") and "encoder.layer." in n
+    }
 
 
 def test_layers_limits_lora_to_the_named_blocks(tiny_bert_dir: Path, tmp_path: Path) -> None:
@@ -152,8 +166,16 @@ def test_layers_limits_lora_to_the_named_blocks(tiny_bert_dir: Path, tmp_path: P
     assert n >= 2
     top, _ = _model(tiny_bert_dir, layers=[-1])
     assert _adapted_blocks(top) == {n - 1}
-    targets = {name.rsplit(".lora_A", 1)[0].split(f"layer.{n - 1}.")[1] for name, _ in top.named_modules() if name.endswith("lora_A")}
-    assert {"attention.self.query", "intermediate.dense", "output.dense"} <= targets  # every default target of that block
+    targets = {
+        name.rsplit(".lora_A", 1)[0].split(f"layer.{n - 1}.")[1]
+        for name, _ in top.named_modules()
+        if name.endswith("lora_A")
+    }
+    assert {
+        "attention.self.query",
+        "intermediate.dense",
+        "output.dense",
+    } <= targets  # every default target of that block
     assert any("classifier.modules_to_save" in k for k, p in top.named_parameters() if p.requires_grad)
     linear, _ = _model(tiny_bert_dir, layers=[0], target_modules="all-linear")
     assert _adapted_blocks(linear) == {0}
@@ -170,18 +192,25 @@ def test_layers_limits_lora_to_the_named_blocks(tiny_bert_dir: Path, tmp_path: P
 
 
 def test_layers_out_of_range_or_with_regex_targets_is_refused(tiny_bert_dir: Path) -> None:
-    with pytest.raises(ModelError, match=r"lora.layers: 7, -9 out of range: this model has \d blocks \(bert.encoder.layer.0 to"):
+    with pytest.raises(
+        ModelError,
+        match=r"lora.layers: 7, -9 out of range: this model has \d blocks \(bert.encoder.layer.0 to",
+    ):
         _model(tiny_bert_dir, layers=[0, 7, -9])
     with pytest.raises(ModelError, match="lora.layers cannot be combined with a regex"):
         _model(tiny_bert_dir, layers=[0], target_modules=".*query")
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_only_on_cpus_that_multiply_it_natively(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_precision_is_bf16_only_on_cpus_that_multiply_it_natively(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert modeling.pick_precision("auto", cpu) == (torch.bfloat16 if native else None)
-    assert modeling.pick_precision("no", cpu) is None and modeling.pick_precision("bf16", cpu) == torch.bfloat16
+    assert (
+        modeling.pick_precision("no", cpu) is None and modeling.pick_precision("bf16", cpu) == torch.bfloat16
+    )
     assert modeling.pick_precision("auto", torch.device("mps")) is None
 
 

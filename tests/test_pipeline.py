@@ -28,7 +28,12 @@ def trained_once(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path):
     """
     folder = tmp_path_factory.mktemp("trained")
     csv_path = write_csv(folder / "reviews.csv", make_texts(160))
-    return lorakit.train(make_config(folder, tiny_bert_dir, csv_path, train={"mixed_precision": "bf16"}, output={"tensorboard": True}), progress=False)
+    return lorakit.train(
+        make_config(
+            folder, tiny_bert_dir, csv_path, train={"mixed_precision": "bf16"}, output={"tensorboard": True}
+        ),
+        progress=False,
+    )
 
 
 @pytest.fixture()
@@ -41,7 +46,15 @@ def trained(trained_once, tmp_path: Path):
 
 def test_train_writes_a_complete_run(trained_once) -> None:
     run = trained_once.run_dir
-    for f in ("config.yaml", "metrics.json", "history.jsonl", "train.log", "report/index.html", "report/curves.png", "report/confusion_0.png"):
+    for f in (
+        "config.yaml",
+        "metrics.json",
+        "history.jsonl",
+        "train.log",
+        "report/index.html",
+        "report/curves.png",
+        "report/confusion_0.png",
+    ):
         assert (run / f).is_file(), f
     adapter = trained_once.adapter_dir
     for f in ("adapter_config.json", "adapter_model.safetensors", "lorakit.json", "README.md"):
@@ -69,7 +82,9 @@ def test_same_seed_gives_the_same_adapter(write_config, tmp_path: Path) -> None:
 
     a = lorakit.train(write_config(train={"epochs": 1}, lora={"dropout": 0.1}), progress=False)
     first = load_file(a.adapter_dir / "adapter_model.safetensors")
-    b = lorakit.train(write_config(train={"epochs": 1}, lora={"dropout": 0.1}), progress=False, overwrite=True)
+    b = lorakit.train(
+        write_config(train={"epochs": 1}, lora={"dropout": 0.1}), progress=False, overwrite=True
+    )
     second = load_file(b.adapter_dir / "adapter_model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -101,7 +116,14 @@ def _rescore_test_split(result) -> tuple[float, float]:
     cfg = lorakit.load_config(result.run_dir / "config.yaml")
     data = loaded.task.prepare(cfg, loaded.processor)
     amp = modeling.pick_precision(cfg.train.mixed_precision, loaded.device)  # as training scored it
-    logits, labels, loss = evaluate_model(loaded.model, data.splits["test"], loaded.task.collate(loaded.processor, cfg.data), batch_size=8, device=loaded.device, amp=amp)
+    logits, labels, loss = evaluate_model(
+        loaded.model,
+        data.splits["test"],
+        loaded.task.collate(loaded.processor, cfg.data),
+        batch_size=8,
+        device=loaded.device,
+        amp=amp,
+    )
     return loss, float((logits.argmax(-1) == labels).mean())
 
 
@@ -113,7 +135,9 @@ def test_save_load_roundtrip_reproduces_best_validation(trained_once) -> None:
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_olora_adapter_is_saved_as_plain_lora_for_the_original_base(write_config, init: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pissa_olora_adapter_is_saved_as_plain_lora_for_the_original_base(
+    write_config, init: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Trained with a modified base, saved as a rank-2r LoRA that reproduces the run's test scores on the real base."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -133,7 +157,9 @@ def test_evaluate_and_predict(trained, tmp_path: Path) -> None:
     assert m["examples"] == 20 and 0 <= m["accuracy"] <= 1
     out = Path(m["output_dir"])
     assert (out / "metrics.json").is_file() and (out / "report" / "index.html").is_file()
-    preds = lorakit.predict(trained.adapter_dir, ["great wonderful film", "awful boring film"], top_k=2, device="cpu")
+    preds = lorakit.predict(
+        trained.adapter_dir, ["great wonderful film", "awful boring film"], top_k=2, device="cpu"
+    )
     assert [p["input"] for p in preds] == ["great wonderful film", "awful boring film"]
     assert all(p["label"] in {"pos", "neg"} and p["label"] == p["top_k"][0]["label"] for p in preds)
     assert sum(a["score"] for a in preds[0]["top_k"]) == pytest.approx(1.0, abs=1e-5)
@@ -169,7 +195,9 @@ def test_incomplete_adapter_dir_is_refused(trained) -> None:
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_cli_check_train_eval_predict(write_config, tmp_path: Path) -> None:

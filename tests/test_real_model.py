@@ -15,14 +15,24 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200
+    )
 
 
 def test_demo_config_end_to_end_on_a_small_slice(tmp_path: Path) -> None:
     config = ROOT / "configs" / "imdb-minilm.yaml"
     small = [
-        "--set", "data.max_train_samples=96", "--set", "data.test_size=64", "--set", "data.validation_size=32",
-        "--set", "data.max_length=64", "--set", f"output.dir={tmp_path / 'run'}",
+        "--set",
+        "data.max_train_samples=96",
+        "--set",
+        "data.test_size=64",
+        "--set",
+        "data.validation_size=32",
+        "--set",
+        "data.max_length=64",
+        "--set",
+        f"output.dir={tmp_path / 'run'}",
     ]
     r = _cli("check", str(config), *small)
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, LORAKIT_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200, env=env
+    )
 
 
 def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: Path) -> None:
@@ -25,8 +27,16 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
     word that stops at the end-of-turn token; the base model without the adapter does not answer so."""
     config = ROOT / "configs" / "rt-smollm2-chat.yaml"
     small = [
-        "--set", "data.max_train_samples=48", "--set", "data.test_size=24", "--set", "data.validation_size=8",
-        "--set", "train.generation_samples=24", "--set", f"output.dir={tmp_path / 'run'}",
+        "--set",
+        "data.max_train_samples=48",
+        "--set",
+        "data.test_size=24",
+        "--set",
+        "data.validation_size=8",
+        "--set",
+        "train.generation_samples=24",
+        "--set",
+        f"output.dir={tmp_path / 'run'}",
     ]
     cache = tmp_path / "cache"
     r = _cli("train", str(config), *small, "--no-progress", cache=cache)
@@ -45,16 +55,29 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    template = json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["config"]["data"]["instruction_template"]
-    prompt = tok.apply_chat_template([{"role": "user", "content": template.format(text="A dull, lifeless and overlong film.")}], add_generation_prompt=True, tokenize=False)
+    template = json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["config"]["data"][
+        "instruction_template"
+    ]
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": template.format(text="A dull, lifeless and overlong film.")}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=end)[0, ids.shape[1] :].tolist()
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=end)[
+        0, ids.shape[1] :
+    ].tolist()
     assert end in out, tok.decode(out)  # stopped at <|im_end|>
     assert tok.decode(out, skip_special_tokens=True).strip() in ("negative", "positive"), tok.decode(out)
     # The converted tokenizer is the GGUF file's own: same ids for a chat prompt, same template.
-    gguf = Path(json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["base_model"]["resolved"])
+    gguf = Path(
+        json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())["base_model"]["resolved"]
+    )
     direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     cached = AutoTokenizer.from_pretrained(converted)
     assert cached.chat_template == direct.chat_template and cached.eos_token == direct.eos_token
-    assert cached(prompt + "negative<|im_end|>")["input_ids"] == direct(prompt + "negative<|im_end|>")["input_ids"]
+    assert (
+        cached(prompt + "negative<|im_end|>")["input_ids"]
+        == direct(prompt + "negative<|im_end|>")["input_ids"]
+    )

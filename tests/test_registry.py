@@ -21,7 +21,10 @@ from lorakit.registry import Registry, RegistryError, parse_ref
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     folder = tmp_path_factory.mktemp("registry-run")
-    run = lorakit.train(make_config(folder, tiny_bert_dir, write_csv(folder / "r.csv", make_texts(96)), train={"epochs": 1}), progress=False)
+    run = lorakit.train(
+        make_config(folder, tiny_bert_dir, write_csv(folder / "r.csv", make_texts(96)), train={"epochs": 1}),
+        progress=False,
+    )
     return run.adapter_dir
 
 
@@ -65,7 +68,9 @@ def test_publish_list_pull_predict_round_trip(adapter: Path, tmp_path: Path, cap
     assert lorakit.predict(dest, texts) == lorakit.predict(adapter, texts)
     # The stored copy is read-only and identical to what was published.
     stored = Registry(tmp_path / "reg").get("sentiment:1").path
-    assert (stored / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    assert (stored / "adapter_model.safetensors").read_bytes() == (
+        adapter / "adapter_model.safetensors"
+    ).read_bytes()
     assert not (stored / "adapter_model.safetensors").stat().st_mode & 0o222
 
     code, out, _ = _cli(["registry", "delete", "sentiment", *reg], capsys)
@@ -84,7 +89,9 @@ def test_tampered_weights_are_refused_on_pull(adapter: Path, tmp_path: Path, cap
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01  # one bit in the last tensor
     weights.write_bytes(bytes(data))
-    code, _, err = _cli(["registry", "pull", "sentiment:1", "--to", str(tmp_path / "x"), "--registry", str(reg.root)], capsys)
+    code, _, err = _cli(
+        ["registry", "pull", "sentiment:1", "--to", str(tmp_path / "x"), "--registry", str(reg.root)], capsys
+    )
     assert code == 2 and "tampered" in err and "adapter_model.safetensors" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
     (v.path / "extra.bin").write_bytes(b"x")
@@ -105,7 +112,15 @@ for path in sys.argv[2:]:
 def test_two_processes_publishing_at_once_keep_the_index_intact(adapter: Path, tmp_path: Path) -> None:
     root = tmp_path / "reg"
     batches = [[str(_variant(adapter, tmp_path, f"{p}-{i}")) for i in range(6)] for p in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _PUBLISHER, str(root), *paths], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for paths in batches]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PUBLISHER, str(root), *paths],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for paths in batches
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
@@ -133,7 +148,14 @@ def test_a_crash_between_rename_and_commit_is_repaired(adapter: Path, tmp_path: 
 
 @pytest.mark.parametrize(
     ("ref", "message"),
-    [("../etc", "not valid"), ("a/b", "not valid"), ("Upper", "not valid"), ("x:0", "positive number"), ("x:v-1", "positive number"), ("", "not valid")],
+    [
+        ("../etc", "not valid"),
+        ("a/b", "not valid"),
+        ("Upper", "not valid"),
+        ("x:0", "positive number"),
+        ("x:v-1", "positive number"),
+        ("", "not valid"),
+    ],
 )
 def test_bad_names_and_refs_are_refused(ref: str, message: str) -> None:
     with pytest.raises(RegistryError, match=message):
@@ -174,7 +196,9 @@ def test_hub_push_uploads_the_adapter_folder(adapter: Path, monkeypatch) -> None
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     url = push_to_hub(adapter.parent, "me/sentiment-lora", private=True)
     assert url.endswith("/commit/abc") and calls["token"] == "hf_test" and calls["repo"][1]["private"] is True
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lorakit.json"} <= set(calls["files"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lorakit.json"} <= set(
+        calls["files"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -183,10 +207,16 @@ def test_hub_push_uploads_the_adapter_folder(adapter: Path, monkeypatch) -> None
         ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x"}, "me/x", "offline mode"),
         ({"HF_TOKEN": ""}, "me/x", "no Hugging Face token"),
         ({"HF_TOKEN": "hf_x"}, "me/x/y", "not a Hub repo id"),
-        ({"HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"}, "me/x", "cannot reach the Hugging Face Hub"),
+        (
+            {"HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"},
+            "me/x",
+            "cannot reach the Hugging Face Hub",
+        ),
     ],
 )
-def test_hub_errors_are_one_line(adapter: Path, tmp_path: Path, monkeypatch, capsys, env: dict, repo: str, message: str) -> None:
+def test_hub_errors_are_one_line(
+    adapter: Path, tmp_path: Path, monkeypatch, capsys, env: dict, repo: str, message: str
+) -> None:
     import huggingface_hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

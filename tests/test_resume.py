@@ -19,21 +19,35 @@ import lorakit
 from lorakit.errors import RunDirError
 
 # Dropout on, several epochs, a checkpoint every 3 steps: the RNG and data position must be restored.
-SETTINGS = {"lora": {"dropout": 0.1}, "train": {"epochs": 3, "save_every_steps": 3}, "output": {"report": False}}
+SETTINGS = {
+    "lora": {"dropout": 0.1},
+    "train": {"epochs": 3, "save_every_steps": 3},
+    "output": {"report": False},
+}
 
 
 def _newest_step(run: Path) -> int:
-    steps = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")] if (run / "checkpoints").is_dir() else []
+    steps = (
+        [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
+        if (run / "checkpoints").is_dir()
+        else []
+    )
     return max(steps, default=-1)
 
 
 def _train_until_killed(config: Path, run: Path, *, after_step: int | None, delay: float | None) -> int:
     """Start `lorakit train --resume`; SIGKILL it once a checkpoint past `after_step` exists (or after `delay` s)."""
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     started = time.monotonic()
     while proc.poll() is None:
-        if (after_step is not None and _newest_step(run) >= after_step) or (delay is not None and time.monotonic() - started > delay):
+        if (after_step is not None and _newest_step(run) >= after_step) or (
+            delay is not None and time.monotonic() - started > delay
+        ):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -42,7 +56,9 @@ def _train_until_killed(config: Path, run: Path, *, after_step: int | None, dela
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_result(write_config, tmp_path: Path) -> None:
-    reference = lorakit.train(write_config(**SETTINGS), overrides=[f"output.dir={tmp_path / 'reference'}"], progress=False)
+    reference = lorakit.train(
+        write_config(**SETTINGS), overrides=[f"output.dir={tmp_path / 'reference'}"], progress=False
+    )
     expected = load_file(reference.adapter_dir / "adapter_model.safetensors")
 
     config = write_config(**SETTINGS)
@@ -56,7 +72,12 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(write_config, tmp_pat
     assert -signal.SIGKILL in codes, codes  # at least one run really died mid-way
     assert not (run / "adapter").exists()  # an interrupted run leaves no finished-looking adapter
 
-    final = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"], capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert final.returncode == 0, final.stderr
     got = load_file(run / "adapter" / "adapter_model.safetensors")
     assert got.keys() == expected.keys()
@@ -89,7 +110,9 @@ def test_resume_without_checkpoint_starts_fresh(write_config, tmp_path: Path) ->
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
 
-def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lorakit.tasks.text_classification import TextClassification
     from lorakit.training import TrainingError
 
@@ -108,8 +131,13 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(wri
 
     monkeypatch.setattr(TextClassification, "load_model", poisoned)
     config = write_config(train={"epochs": 2, "save_every_steps": 3})
-    with pytest.raises(TrainingError, match=r"training loss became nan at step 7: lower train.learning_rate.*last good checkpoint is kept in checkpoints/"):
+    with pytest.raises(
+        TrainingError,
+        match=r"training loss became nan at step 7: lower train.learning_rate.*last good checkpoint is kept in checkpoints/",
+    ):
         lorakit.train(config, progress=False)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "step-00000006" / "state.pt").is_file()
-    assert not (run / "metrics.json").exists() and not (run / "adapter").exists()  # nothing that looks finished
+    assert (
+        not (run / "metrics.json").exists() and not (run / "adapter").exists()
+    )  # nothing that looks finished

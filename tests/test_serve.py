@@ -29,7 +29,11 @@ from conftest import (
 from lorakit.registry import Registry
 from lorakit.serving import Engine, create_app
 
-TEXTS = ["the film was wonderful and moving", "boring dull plot", "a clumsy story and the acting was weak really"]
+TEXTS = [
+    "the film was wonderful and moving",
+    "boring dull plot",
+    "a clumsy story and the acting was weak really",
+]
 
 
 def _train(folder: Path, model_dir: Path, *, seed: int, labels: int = 2) -> Path:
@@ -37,14 +41,20 @@ def _train(folder: Path, model_dir: Path, *, seed: int, labels: int = 2) -> Path
     rows = make_texts(96, seed=seed)
     if labels == 3:
         rows = [(t, lab if i % 3 else "meh") for i, (t, lab) in enumerate(rows)]
-    run = lorakit.train(make_config(folder, model_dir, write_csv(folder / "r.csv", rows), train={"epochs": 2, "seed": seed}), progress=False)
+    run = lorakit.train(
+        make_config(folder, model_dir, write_csv(folder / "r.csv", rows), train={"epochs": 2, "seed": seed}),
+        progress=False,
+    )
     return run.adapter_dir
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
-    out = {name: _train(root / name, tiny_bert_dir, seed=seed) for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3))}
+    out = {
+        name: _train(root / name, tiny_bert_dir, seed=seed)
+        for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3))
+    }
     out["three"] = _train(root / "three", tiny_bert_dir, seed=4, labels=3)
     reg = Registry(root / "registry")
     reg.publish(out["gamma"], "gamma")
@@ -55,7 +65,12 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> d
 
 @pytest.fixture(scope="module")
 def engine(adapters):
-    e = Engine([f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"], registry=adapters["registry"], window_ms=20, allow_base=True)
+    e = Engine(
+        [f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"],
+        registry=adapters["registry"],
+        window_ms=20,
+        allow_base=True,
+    )
     yield e
     e.close()
 
@@ -74,7 +89,9 @@ def _single(adapter_dir: Path, texts: list[str]) -> torch.Tensor:
 
     a = load_adapter(adapter_dir, device="cpu")
     enc = encode_texts(a.processor, texts, None, a.data_cfg)
-    batch = a.task.collate(a.processor, a.data_cfg)([{k: v[i] for k, v in enc.items()} for i in range(len(texts))])
+    batch = a.task.collate(a.processor, a.data_cfg)(
+        [{k: v[i] for k, v in enc.items()} for i in range(len(texts))]
+    )
     with torch.no_grad():
         return a.model(**batch).logits
 
@@ -100,7 +117,9 @@ def test_predict_matches_each_adapter_alone(client, adapters) -> None:
 def test_mixed_adapter_batch_is_one_forward_with_each_rows_own_adapter(engine, adapters) -> None:
     before = engine.stats.batches
     jobs = [("alpha", TEXTS[:2]), ("beta", TEXTS), ("base", TEXTS[2:]), ("alpha", TEXTS[1:])]
-    futures = [engine.submit(name, engine.encode(name, texts)) for name, texts in jobs]  # within one 20 ms window
+    futures = [
+        engine.submit(name, engine.encode(name, texts)) for name, texts in jobs
+    ]  # within one 20 ms window
     results = [f.result(timeout=60) for f in futures]
     assert engine.stats.batches == before + 1  # all four requests, three adapters (base included), one pass
     for (name, texts), got in zip(jobs, results, strict=True):
@@ -111,18 +130,28 @@ def test_mixed_adapter_batch_is_one_forward_with_each_rows_own_adapter(engine, a
 
 
 def test_on_demand_registry_admin_routes_and_their_errors(client, engine) -> None:
-    r = client.post("/v1/predict", json={"adapter": "gamma", "inputs": TEXTS[:1]})  # in the registry: loaded on demand
+    r = client.post(
+        "/v1/predict", json={"adapter": "gamma", "inputs": TEXTS[:1]}
+    )  # in the registry: loaded on demand
     assert r.status_code == 200, r.text
     names = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
     assert names["gamma"]["loaded"] and names["gamma"]["source"] == "registry:gamma:1"
 
     assert "Bearer" in _error(client.post("/v1/adapters", json={"name": "gamma"}), 401)
-    assert "Bearer" in _error(client.post("/v1/adapters", json={"name": "gamma"}, headers={"Authorization": "Bearer nope"}), 401)
+    assert "Bearer" in _error(
+        client.post("/v1/adapters", json={"name": "gamma"}, headers={"Authorization": "Bearer nope"}), 401
+    )
     auth = {"Authorization": "Bearer s3cret"}
-    assert "not valid" in _error(client.post("/v1/adapters", json={"name": "../../etc/passwd"}, headers=auth), 400)
-    assert "not valid" in _error(client.post("/v1/adapters", json={"name": "/tmp/adapter"}, headers=auth), 400)
+    assert "not valid" in _error(
+        client.post("/v1/adapters", json={"name": "../../etc/passwd"}, headers=auth), 400
+    )
+    assert "not valid" in _error(
+        client.post("/v1/adapters", json={"name": "/tmp/adapter"}, headers=auth), 400
+    )
     assert "3 labels" in _error(client.post("/v1/adapters", json={"name": "three"}, headers=auth), 400)
-    assert "not in the registry" in _error(client.post("/v1/adapters", json={"name": "nothing"}, headers=auth), 404)
+    assert "not in the registry" in _error(
+        client.post("/v1/adapters", json={"name": "nothing"}, headers=auth), 404
+    )
     r = client.post("/v1/adapters", json={"name": "gamma:1"}, headers=auth)
     assert r.status_code == 201 and r.json()["name"] == "gamma"
 
@@ -151,28 +180,52 @@ def test_bad_requests_get_json_4xx(client, body: dict, status: int, fragment: st
 
 
 def test_other_errors_metrics_and_schema(client) -> None:
-    assert "JSON" in _error(client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}), 422)
-    assert "/v1/predict" in _error(client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    assert "JSON" in _error(
+        client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
+    assert "/v1/predict" in _error(
+        client.post(
+            "/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
+        ),
+        404,
+    )
     _error(client.get("/v1/nothing"), 404)
     _error(client.put("/v1/predict", json={}), 405)
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.post("/v1/predict", json={"adapter": "alpha", "inputs": TEXTS}).status_code == 200
     text = client.get("/metrics").text
     assert 'lorakit_requests_total{route="/v1/predict",status="200"}' in text
-    assert "lorakit_batch_rows_bucket" in text and "lorakit_adapters_loaded" in text and 'lorakit_request_seconds_bucket{route="/v1/predict",le="+Inf"}' in text
+    assert (
+        "lorakit_batch_rows_bucket" in text
+        and "lorakit_adapters_loaded" in text
+        and 'lorakit_request_seconds_bucket{route="/v1/predict",le="+Inf"}' in text
+    )
     schema = client.get("/openapi.json").json()
-    assert {"/v1/predict", "/v1/chat/completions", "/v1/adapters", "/v1/adapters/{name}", "/healthz", "/metrics"} <= set(schema["paths"])
+    assert {
+        "/v1/predict",
+        "/v1/chat/completions",
+        "/v1/adapters",
+        "/v1/adapters/{name}",
+        "/healthz",
+        "/metrics",
+    } <= set(schema["paths"])
 
 
 def test_admin_routes_are_off_without_a_token(engine) -> None:
     from fastapi.testclient import TestClient
 
     c = TestClient(create_app(engine))
-    assert "--admin-token" in _error(c.post("/v1/adapters", json={"name": "gamma"}, headers={"Authorization": "Bearer x"}), 403)
+    assert "--admin-token" in _error(
+        c.post("/v1/adapters", json={"name": "gamma"}, headers={"Authorization": "Bearer x"}), 403
+    )
 
 
 def test_lru_evicts_and_reloads_and_single_adapter_is_merged(adapters) -> None:
-    e = Engine([f"alpha={adapters['alpha']}", f"beta={adapters['beta']}", f"gamma={adapters['gamma']}"], max_adapters=1, window_ms=0)
+    e = Engine(
+        [f"alpha={adapters['alpha']}", f"beta={adapters['beta']}", f"gamma={adapters['gamma']}"],
+        max_adapters=1,
+        window_ms=0,
+    )
     try:
         for name in ("alpha", "beta", "gamma", "alpha"):
             got = torch.stack(e.submit(name, e.encode(name, TEXTS)).result(timeout=60))
@@ -194,19 +247,37 @@ def test_image_adapter_over_base64_and_refused_paths(tmp_path: Path, tiny_vit_di
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    run = lorakit.train(make_image_config(tmp_path, tiny_vit_dir, make_images(tmp_path / "img", per_class=16)), progress=False)
+    run = lorakit.train(
+        make_image_config(tmp_path, tiny_vit_dir, make_images(tmp_path / "img", per_class=16)), progress=False
+    )
     e = Engine([f"colours={run.adapter_dir}"], window_ms=0)
     try:
         c = TestClient(create_app(e))
         buf = io.BytesIO()
         Image.new("RGB", (40, 40), (200, 40, 40)).save(buf, format="PNG")
-        r = c.post("/v1/predict", json={"adapter": "colours", "inputs": [base64.b64encode(buf.getvalue()).decode()], "top_k": 2})
+        r = c.post(
+            "/v1/predict",
+            json={"adapter": "colours", "inputs": [base64.b64encode(buf.getvalue()).decode()], "top_k": 2},
+        )
         assert r.status_code == 200, r.text
         want = lorakit.predict(run.adapter_dir, [Image.open(io.BytesIO(buf.getvalue()))], top_k=2)[0]
-        assert r.json()["predictions"][0]["label"] == want["label"] and abs(r.json()["predictions"][0]["score"] - want["score"]) < 1e-5
-        assert "base64" in _error(c.post("/v1/predict", json={"adapter": "colours", "inputs": ["/etc/passwd"]}), 422)
-        assert "inputs[0]" in _error(c.post("/v1/predict", json={"adapter": "colours", "inputs": [base64.b64encode(b"not an image").decode()]}), 422)
-        assert "base64" in _error(c.post("/v1/predict", json={"adapter": "colours", "inputs": ["%%% not base64"]}), 422)
+        assert (
+            r.json()["predictions"][0]["label"] == want["label"]
+            and abs(r.json()["predictions"][0]["score"] - want["score"]) < 1e-5
+        )
+        assert "base64" in _error(
+            c.post("/v1/predict", json={"adapter": "colours", "inputs": ["/etc/passwd"]}), 422
+        )
+        assert "inputs[0]" in _error(
+            c.post(
+                "/v1/predict",
+                json={"adapter": "colours", "inputs": [base64.b64encode(b"not an image").decode()]},
+            ),
+            422,
+        )
+        assert "base64" in _error(
+            c.post("/v1/predict", json={"adapter": "colours", "inputs": ["%%% not base64"]}), 422
+        )
     finally:
         e.close()
 
@@ -219,29 +290,56 @@ def test_chat_completions_mixed_adapters_equal_single(tmp_path: Path, tiny_llama
     runs = {}
     for name, seed in (("one", 1), ("two", 2)):
         (tmp_path / name).mkdir()
-        runs[name] = lorakit.train(make_lm_config(tmp_path / name, tiny_llama_dir, data, train={"epochs": 2, "seed": seed, "generation_samples": 0}), progress=False)
+        runs[name] = lorakit.train(
+            make_lm_config(
+                tmp_path / name,
+                tiny_llama_dir,
+                data,
+                train={"epochs": 2, "seed": seed, "generation_samples": 0},
+            ),
+            progress=False,
+        )
     e = Engine([f"{n}={r.adapter_dir}" for n, r in runs.items()], window_ms=50)
     try:
         c = TestClient(create_app(e))
         question = [{"role": "user", "content": "what colour is the sky ?"}]
-        r = c.post("/v1/chat/completions", json={"model": "one", "messages": question, "max_tokens": 4, "temperature": 0, "user": "x"})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "one", "messages": question, "max_tokens": 4, "temperature": 0, "user": "x"},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
         assert body["usage"]["prompt_tokens"] > 0
         from lorakit.prediction import generate
 
-        assert body["choices"][0]["message"]["content"] == generate(runs["one"].adapter_dir, ["what colour is the sky ?"], max_new_tokens=4, device="cpu")[0]["output"]
+        assert (
+            body["choices"][0]["message"]["content"]
+            == generate(
+                runs["one"].adapter_dir, ["what colour is the sky ?"], max_new_tokens=4, device="cpu"
+            )[0]["output"]
+        )
         # Two adapters in one generate call (mixed batch) answer as each does alone.
         before = e.stats.batches
         futures = {n: e.submit(n, [e.encode_chat(n, question)], (4, False, 1.0, 1.0)) for n in runs}
         mixed = {n: f.result(timeout=120)[0] for n, f in futures.items()}
         assert e.stats.batches == before + 1
         for n, r_ in runs.items():
-            assert mixed[n] == generate(r_.adapter_dir, ["what colour is the sky ?"], max_new_tokens=4, device="cpu")[0]["output"]
-        assert "stream" in _error(c.post("/v1/chat/completions", json={"model": "one", "messages": question, "stream": True}), 422)
-        assert "messages" in _error(c.post("/v1/chat/completions", json={"model": "one", "messages": []}), 422)
-        assert "/v1/chat/completions" in _error(c.post("/v1/predict", json={"adapter": "one", "inputs": ["x"]}), 404)
+            assert (
+                mixed[n]
+                == generate(r_.adapter_dir, ["what colour is the sky ?"], max_new_tokens=4, device="cpu")[0][
+                    "output"
+                ]
+            )
+        assert "stream" in _error(
+            c.post("/v1/chat/completions", json={"model": "one", "messages": question, "stream": True}), 422
+        )
+        assert "messages" in _error(
+            c.post("/v1/chat/completions", json={"model": "one", "messages": []}), 422
+        )
+        assert "/v1/chat/completions" in _error(
+            c.post("/v1/predict", json={"adapter": "one", "inputs": ["x"]}), 404
+        )
     finally:
         e.close()
 
@@ -255,8 +353,21 @@ def _free_port() -> int:
 def test_real_uvicorn_process_over_http(adapters) -> None:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "serve", f"alpha={adapters['alpha']}", f"beta={adapters['beta']}", "--port", str(port), "--registry", str(adapters["registry"])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "serve",
+            f"alpha={adapters['alpha']}",
+            f"beta={adapters['beta']}",
+            "--port",
+            str(port),
+            "--registry",
+            str(adapters["registry"]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -268,12 +379,22 @@ def test_real_uvicorn_process_over_http(adapters) -> None:
             except OSError:
                 time.sleep(0.25)
         else:
-            pytest.fail("server did not start: " + (proc.stderr.read() if proc.poll() is not None else "timeout"))
-        req = urllib.request.Request(base + "/v1/predict", data=json.dumps({"adapter": "beta", "inputs": TEXTS}).encode(), headers={"content-type": "application/json"})
+            pytest.fail(
+                "server did not start: " + (proc.stderr.read() if proc.poll() is not None else "timeout")
+            )
+        req = urllib.request.Request(
+            base + "/v1/predict",
+            data=json.dumps({"adapter": "beta", "inputs": TEXTS}).encode(),
+            headers={"content-type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             preds = json.load(r)["predictions"]
         assert [p["label"] for p in preds] == [p["label"] for p in lorakit.predict(adapters["beta"], TEXTS)]
-        bad = urllib.request.Request(base + "/v1/predict", data=b'{"adapter": "nobody", "inputs": ["x"]}', headers={"content-type": "application/json"})
+        bad = urllib.request.Request(
+            base + "/v1/predict",
+            data=b'{"adapter": "nobody", "inputs": ["x"]}',
+            headers={"content-type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(bad, timeout=30)
         assert e.value.code == 404 and "error" in json.load(e.value)
@@ -291,7 +412,9 @@ def test_gathered_mixed_batches_equal_peft_loop(ranks: tuple[int, ...]) -> None:
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-    model = get_peft_model(net, LoraConfig(r=ranks[0], lora_alpha=8, target_modules=["0", "2"]), adapter_name="x")
+    model = get_peft_model(
+        net, LoraConfig(r=ranks[0], lora_alpha=8, target_modules=["0", "2"]), adapter_name="x"
+    )
     for i, r in enumerate(ranks[1:]):
         model.add_adapter(f"y{i}", LoraConfig(r=r, lora_alpha=8, target_modules=["0", "2"]))
     for n, p in model.named_parameters():
@@ -315,7 +438,9 @@ def test_gathered_mixed_batches_equal_peft_loop(ranks: tuple[int, ...]) -> None:
 
 def test_half_precision_adapter_storage(adapters) -> None:
     """float16 storage halves the LoRA memory; answers stay within float16 rounding of float32."""
-    e = Engine([f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"], adapter_dtype="float16", window_ms=20)
+    e = Engine(
+        [f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"], adapter_dtype="float16", window_ms=20
+    )
     try:
         lora = [p for n, p in e.model.named_parameters() if "lora_" in n]
         assert lora and all(p.dtype == torch.float16 for p in lora) and not e.merge_single
@@ -323,7 +448,9 @@ def test_half_precision_adapter_storage(adapters) -> None:
         for name, f in futures.items():
             got = torch.stack(f.result(timeout=60))
             want = _single(adapters[name], TEXTS)
-            assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+            assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3), (
+                (got - want).abs().max()
+            )
     finally:
         e.close()
     with pytest.raises(lorakit.AdapterError, match="not one of"):
@@ -338,7 +465,9 @@ def test_models_that_cannot_mix_heads_run_one_pass_per_adapter(adapters, monkeyp
         raise TypeError("Mixed batching is only supported for the following modules: Linear.")
 
     monkeypatch.setattr(ModulesToSaveWrapper, "_mixed_batch_forward", refuse)
-    monkeypatch.setattr("lorakit.serving.mixed.AdapterStore.fits", lambda self, folder: False)  # as for BatchNorm heads
+    monkeypatch.setattr(
+        "lorakit.serving.mixed.AdapterStore.fits", lambda self, folder: False
+    )  # as for BatchNorm heads
     e = Engine([f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"], window_ms=50, allow_base=True)
     try:
         futures = {n: e.submit(n, e.encode(n, TEXTS)) for n in ("alpha", "beta", "base")}

@@ -33,7 +33,11 @@ def test_truncation_modes_keep_special_tokens(mode: str | None, tiny_bert_dir: P
     assert ("awful" in words) == (kept in {"tail", "head_tail"})
     if mode is None:  # ... and the start of a text pair, the one rule that works on pairs
         pair = encode_texts(tok, [text], ["dull"], cfg)["input_ids"][0]
-        assert len(pair) == 12 and "great" in tok.convert_ids_to_tokens(pair) and "awful" not in tok.convert_ids_to_tokens(pair)
+        assert (
+            len(pair) == 12
+            and "great" in tok.convert_ids_to_tokens(pair)
+            and "awful" not in tok.convert_ids_to_tokens(pair)
+        )
 
 
 def test_head_tail_rejects_text_pairs() -> None:
@@ -45,9 +49,13 @@ def test_unknown_hub_model_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPa
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var alone is too late
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # read at import: the env var alone is too late
     task = get_task("text-classification")
-    with pytest.raises(ModelError, match="model.name_or_path: could not load a tokenizer from 'nobody/no-such-model'"):
+    with pytest.raises(
+        ModelError, match="model.name_or_path: could not load a tokenizer from 'nobody/no-such-model'"
+    ):
         task.load_processor(ModelConfig(name_or_path="nobody/no-such-model"), "nobody/no-such-model")
 
 
@@ -58,16 +66,25 @@ def test_folder_without_config_is_refused(tmp_path: Path) -> None:
         resolve_model_path(ModelConfig(name_or_path=str(tmp_path)))
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_path(ModelConfig(name_or_path="./no/such/folder"))
-    with pytest.raises(ModelError, match="package 'no_such_pkg_xyz' of 'pkg://no_such_pkg_xyz/model' is not installed"):
+    with pytest.raises(
+        ModelError, match="package 'no_such_pkg_xyz' of 'pkg://no_such_pkg_xyz/model' is not installed"
+    ):
         resolve_model_path(ModelConfig(name_or_path="pkg://no_such_pkg_xyz/model"))
 
 
 @pytest.mark.parametrize(("multiple", "width"), [(32, 32), (None, 5), (4, 8)])
-def test_batches_are_padded_to_a_multiple_of_the_setting(multiple: int | None, width: int, tiny_bert_dir: Path) -> None:
+def test_batches_are_padded_to_a_multiple_of_the_setting(
+    multiple: int | None, width: int, tiny_bert_dir: Path
+) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    collate = get_task("text-classification").collate(tok, TextClassificationData(train="x", pad_to_multiple_of=multiple))
-    rows = [{"input_ids": [101, 7, 8, 9, 102], "attention_mask": [1] * 5, "labels": 0, "length": 5}, {"input_ids": [101, 7, 102], "attention_mask": [1] * 3, "labels": 1, "length": 3}]
+    collate = get_task("text-classification").collate(
+        tok, TextClassificationData(train="x", pad_to_multiple_of=multiple)
+    )
+    rows = [
+        {"input_ids": [101, 7, 8, 9, 102], "attention_mask": [1] * 5, "labels": 0, "length": 5},
+        {"input_ids": [101, 7, 102], "attention_mask": [1] * 3, "labels": 1, "length": 3},
+    ]
     batch = collate(rows)
     assert batch["input_ids"].shape == (2, width) and batch["attention_mask"].sum().item() == 8

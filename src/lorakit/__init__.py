@@ -43,6 +43,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AdapterError", "ConfigError", "DataError", "LorakitError", "ModelError", "Predictor", "RunConfig",
-    "RunDirError", "check", "evaluate", "load_config", "predict", "train",
+    "AdapterError",
+    "ConfigError",
+    "DataError",
+    "LorakitError",
+    "ModelError",
+    "Predictor",
+    "RunConfig",
+    "RunDirError",
+    "check",
+    "evaluate",
+    "load_config",
+    "predict",
+    "train",
 ]

@@ -97,14 +97,18 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool) -> Path:
     if run.exists() and not run.is_dir():
         raise RunDirError(f"output.dir: '{run}' is a file; choose a folder path")
     if run.exists() and any(run.iterdir()) and not overwrite:
-        raise RunDirError(f"output.dir: '{run}' already holds a run; pass --overwrite to replace it or choose another output.dir")
+        raise RunDirError(
+            f"output.dir: '{run}' already holds a run; pass --overwrite to replace it or choose another output.dir"
+        )
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / f".write-test-{uuid.uuid4().hex[:6]}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise RunDirError(f"output.dir: cannot write to '{run}' ({exc.strerror}); choose a writable folder") from None
+        raise RunDirError(
+            f"output.dir: cannot write to '{run}' ({exc.strerror}); choose a writable folder"
+        ) from None
     return run
 
 
@@ -136,7 +140,15 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
-def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], *, card: str, initial: Path | None = None, state_dict: dict[str, Any] | None = None) -> Path:
+def save_adapter(
+    peft_model: Any,
+    target: str | Path,
+    metadata: dict[str, Any],
+    *,
+    card: str,
+    initial: Path | None = None,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
     """Save a peft model's adapter with lorakit metadata and a model card, atomically.
 
     Args:
@@ -156,8 +168,12 @@ def save_adapter(peft_model: Any, target: str | Path, metadata: dict[str, Any], 
 
     with atomic_dir(target) as tmp:
         with mutated_base_warnings_off():
-            peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial) if initial else None,
-                                       **({"state_dict": state_dict} if state_dict is not None else {}))
+            peft_model.save_pretrained(
+                str(tmp),
+                safe_serialization=True,
+                path_initial_model_for_weight_conversion=str(initial) if initial else None,
+                **({"state_dict": state_dict} if state_dict is not None else {}),
+            )
         if initial is not None:
             _restore_saved_modules(peft_model, tmp / ADAPTER_WEIGHTS)
         # peft writes its own README.md stub; ours replaces it.
@@ -173,7 +189,11 @@ def _restore_saved_modules(peft_model: Any, weights: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     converted = load_file(str(weights))
-    dropped = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items() if k not in converted}
+    dropped = {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(peft_model).items()
+        if k not in converted
+    }
     if dropped:
         save_file({**dropped, **converted}, str(weights), metadata={"format": "pt"})
 
@@ -191,12 +211,20 @@ def find_adapter_dir(path: str | Path) -> Path:
         if (candidate / ADAPTER_CONFIG).is_file():
             if not (candidate / ADAPTER_WEIGHTS).is_file():
                 if (candidate / "adapter_model.bin").is_file():
-                    raise AdapterError(f"'{candidate}' holds pickled adapter_model.bin weights; lorakit loads only safetensors (re-save with safe_serialization=True)")
-                raise AdapterError(f"'{candidate}' has no {ADAPTER_WEIGHTS}: the adapter is incomplete (an interrupted save?)")
+                    raise AdapterError(
+                        f"'{candidate}' holds pickled adapter_model.bin weights; lorakit loads only safetensors (re-save with safe_serialization=True)"
+                    )
+                raise AdapterError(
+                    f"'{candidate}' has no {ADAPTER_WEIGHTS}: the adapter is incomplete (an interrupted save?)"
+                )
             if not (candidate / METADATA_FILE).is_file():
-                raise AdapterError(f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so its task and labels are unknown")
+                raise AdapterError(
+                    f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so its task and labels are unknown"
+                )
             return candidate
-    raise AdapterError(f"'{p}' is neither an adapter directory nor a run directory with adapter/ inside; pass the folder `lorakit train` wrote")
+    raise AdapterError(
+        f"'{p}' is neither an adapter directory nor a run directory with adapter/ inside; pass the folder `lorakit train` wrote"
+    )
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
@@ -204,4 +232,6 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads((adapter_dir / METADATA_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"'{adapter_dir / METADATA_FILE}' is not valid JSON ({exc}); the adapter directory is damaged") from None
+        raise AdapterError(
+            f"'{adapter_dir / METADATA_FILE}' is not valid JSON ({exc}); the adapter directory is damaged"
+        ) from None

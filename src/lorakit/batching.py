@@ -19,7 +19,15 @@ from datasets import Dataset
 from lorakit import distributed
 
 
-def train_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, group_by_length: bool, megabatch: int = 64) -> list[list[int]]:
+def train_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    group_by_length: bool,
+    megabatch: int = 64,
+) -> list[list[int]]:
     """Index batches for one training epoch.
 
     With ``group_by_length`` the shuffled indices are cut into mega-batches of ``megabatch`` batches,
@@ -60,7 +68,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, ds: Dataset, collate: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
+def evaluate_model(
+    model: torch.nn.Module,
+    ds: Dataset,
+    collate: Any,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    progress: Any = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Run ``model`` over ``ds`` and gather outputs in dataset order.
 
     Under data-parallel training each process scores its share of the batches and every process
@@ -84,7 +101,9 @@ def evaluate_model(model: torch.nn.Module, ds: Dataset, collate: Any, *, batch_s
         mine.append((idx, out.logits.float().cpu().numpy(), batch["labels"].cpu().numpy()))
         if progress is not None:
             progress.update(len(idx) * world.size)  # the other ranks score as many meanwhile
-    for _ in range(distributed.padding(len(batches), world)):  # FSDP: as many forward passes as the other ranks, output unused
+    for _ in range(
+        distributed.padding(len(batches), world)
+    ):  # FSDP: as many forward passes as the other ranks, output unused
         with autocast(device, amp):
             model(**to_device(collate(take(ds, batches[0])), device))
     if progress is not None:

@@ -124,10 +124,19 @@ def adapter_config(meta: dict[str, Any]) -> RunConfig:
     try:
         return saved_config(meta["config"])
     except (KeyError, TypeError, LorakitError) as exc:
-        raise AdapterError(f"the adapter's lorakit.json holds no valid run config ({str(exc)[:200]}); retrain or re-import the adapter") from None
+        raise AdapterError(
+            f"the adapter's lorakit.json holds no valid run config ({str(exc)[:200]}); retrain or re-import the adapter"
+        ) from None
 
 
-def load_adapter(path: str | Path, *, base_model: str | None = None, device: str = "auto", check_base: bool = True, adapter_name: str = "default") -> LoadedAdapter:
+def load_adapter(
+    path: str | Path,
+    *,
+    base_model: str | None = None,
+    device: str = "auto",
+    check_base: bool = True,
+    adapter_name: str = "default",
+) -> LoadedAdapter:
     """Load the base model named in an adapter's metadata and apply the adapter.
 
     Args:
@@ -159,10 +168,14 @@ def load_adapter(path: str | Path, *, base_model: str | None = None, device: str
                 f"(hash {found[:19]}… vs {expected[:19]}…); use the original base model"
             )
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+        model = PeftModel.from_pretrained(
+            model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False
+        )
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdapterError(f"adapter '{adapter_dir}' does not fit base model '{model_path}' (shape or name mismatch): {first[:200]}") from None
+        raise AdapterError(
+            f"adapter '{adapter_dir}' does not fit base model '{model_path}' (shape or name mismatch): {first[:200]}"
+        ) from None
     model = task.prepare_model(model)
     dev = modeling.pick_device(device)
     model.to(dev).eval()

@@ -37,11 +37,14 @@ def model_card(meta: dict[str, Any]) -> str:
         f"- content hash: `{base['fingerprint']}`",
         "",
         "## Data",
-        f"- train: `{cfg['data']['train']}`" + (f" where {cfg['data']['where']}" if cfg["data"].get("where") else ""),
+        f"- train: `{cfg['data']['train']}`"
+        + (f" where {cfg['data']['where']}" if cfg["data"].get("where") else ""),
         f"- examples: {json.dumps(meta.get('data', {}).get('sizes', {}))}",
     ]
     if labels:
-        lines += ["", "## Labels", "", "| id | label |", "|---|---|"] + [f"| {i} | {n} |" for i, n in labels.items()]
+        lines += ["", "## Labels", "", "| id | label |", "|---|---|"] + [
+            f"| {i} | {n} |" for i, n in labels.items()
+        ]
     lines += [
         "",
         "## Hyperparameters",
@@ -50,12 +53,26 @@ def model_card(meta: dict[str, Any]) -> str:
         f"- trained fully (modules_to_save): {lora['modules_to_save']}",
         f"- trainable parameters: {meta['parameters']['trainable']:,} of {meta['parameters']['total']:,} "
         f"({100 * meta['parameters']['trainable'] / max(1, meta['parameters']['total']):.2f}%)",
-        "- training: " + ", ".join(f"{k}={cfg['train'][k]}" for k in ("epochs", "batch_size", "gradient_accumulation_steps", "learning_rate", "scheduler", "warmup_ratio", "seed")),
+        "- training: "
+        + ", ".join(
+            f"{k}={cfg['train'][k]}"
+            for k in (
+                "epochs",
+                "batch_size",
+                "gradient_accumulation_steps",
+                "learning_rate",
+                "scheduler",
+                "warmup_ratio",
+                "seed",
+            )
+        ),
     ]
     if metrics:
         lines += ["", "## Metrics", "", "| split | metric | value |", "|---|---|---|"]
         for split, values in metrics.items():
-            lines += [f"| {split} | {k} | {_fmt(v)} |" for k, v in values.items() if isinstance(v, (int, float))]
+            lines += [
+                f"| {split} | {k} | {_fmt(v)} |" for k, v in values.items() if isinstance(v, (int, float))
+            ]
     lines += [
         "",
         "## Intended use",
@@ -109,16 +126,25 @@ def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format:
         f"| unmerged float32 vs float64 (rounding alone) | {check['fp32_noise']:.3g} | |",
     ]
     if check.get("onnx_max_abs_diff") is not None:
-        lines.append(f"| ONNX (onnxruntime, float32) `{check['onnx']}` vs unmerged float32 | {check['onnx_max_abs_diff']:.3g} | {check['tolerance']:g} |")
+        lines.append(
+            f"| ONNX (onnxruntime, float32) `{check['onnx']}` vs unmerged float32 | {check['onnx_max_abs_diff']:.3g} | {check['tolerance']:g} |"
+        )
     if labels:
-        lines += ["", "## Labels", "", "| id | label |", "|---|---|"] + [f"| {i} | {n} |" for i, n in labels.items()]
+        lines += ["", "## Labels", "", "| id | label |", "|---|---|"] + [
+            f"| {i} | {n} |" for i, n in labels.items()
+        ]
     if metrics:
         lines += ["", "## Metrics of the adapter", "", "| split | metric | value |", "|---|---|---|"]
         for split, values in metrics.items():
-            lines += [f"| {split} | {k} | {_fmt(v)} |" for k, v in values.items() if isinstance(v, (int, float))]
+            lines += [
+                f"| {split} | {k} | {_fmt(v)} |" for k, v in values.items() if isinstance(v, (int, float))
+            ]
     lines += ["", "## Usage", "", "```python"]
     if zoo_format:
-        lines += ["from lorakit import zoo  # the backbone has no Hugging Face format", 'model = zoo.load_merged("MODEL_DIR").eval()']
+        lines += [
+            "from lorakit import zoo  # the backbone has no Hugging Face format",
+            'model = zoo.load_merged("MODEL_DIR").eval()',
+        ]
     else:
         lines += [
             f"from transformers import {model_cls}, {proc_cls}",

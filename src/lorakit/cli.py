@@ -26,6 +26,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
 def _version(value: bool) -> None:
     if value:
         from lorakit import __version__
@@ -36,12 +37,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Fine-tune, evaluate, publish and serve LoRA adapters."""
 
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (repeatable).", metavar="KEY=VALUE")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a config value: section.key=value (repeatable).", metavar="KEY=VALUE"
+    ),
+]
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -107,8 +115,12 @@ def check(config: Annotated[Path, typer.Argument(help="Run config (YAML).")], se
 def train(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its newest checkpoint.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run directory.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its newest checkpoint.")
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune a LoRA adapter; the best one (by validation metric) lands in <output.dir>/adapter."""
@@ -116,17 +128,30 @@ def train(
 
     _setup_logging()
     if resume and overwrite:
-        raise LorakitError("--resume and --overwrite exclude each other: resume continues a run, overwrite starts it again")
-    result = run_train(config, overrides=set_ or [], overwrite=overwrite or None, resume=resume, progress=not no_progress)
+        raise LorakitError(
+            "--resume and --overwrite exclude each other: resume continues a run, overwrite starts it again"
+        )
+    result = run_train(
+        config, overrides=set_ or [], overwrite=overwrite or None, resume=resume, progress=not no_progress
+    )
     if not result.main:  # a data-parallel run: rank 0 reports
         return
     metric = result.best_metric
     typer.echo(f"best validation {metric}: {result.best_value:.4f}")
     if result.test:
-        n = sum(v["support"] for v in result.test.get("per_class", {}).values()) or result.test.get("examples", "?")
-        shown = {k: v for k, v in result.test.items() if isinstance(v, float) and k not in ("tokens", "examples")}
-        typer.echo(f"held-out test ({n} examples never trained on): " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    typer.echo(f"trained {result.trainable_params:,} of {result.total_params:,} parameters in {result.seconds / 60:.1f} min")
+        n = sum(v["support"] for v in result.test.get("per_class", {}).values()) or result.test.get(
+            "examples", "?"
+        )
+        shown = {
+            k: v for k, v in result.test.items() if isinstance(v, float) and k not in ("tokens", "examples")
+        }
+        typer.echo(
+            f"held-out test ({n} examples never trained on): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+        )
+    typer.echo(
+        f"trained {result.trainable_params:,} of {result.total_params:,} parameters in {result.seconds / 60:.1f} min"
+    )
     typer.echo(f"adapter: {result.adapter_dir}")
     if (result.run_dir / "report" / "index.html").is_file():
         typer.echo(f"report:  {result.run_dir / 'report' / 'index.html'}")
@@ -136,7 +161,9 @@ def train(
 def eval_(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
     data: Annotated[str, typer.Option("--data", help="Labelled data file with the training columns.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default <run>/eval-<data>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default <run>/eval-<data>).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     max_samples: Annotated[int | None, typer.Option(min=1, help="Score only the first N rows.")] = None,
 ) -> None:
@@ -145,7 +172,10 @@ def eval_(
 
     _setup_logging()
     m = evaluate(path, data, out_dir=out, batch_size=batch_size, max_samples=max_samples)
-    typer.echo(", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)) + f" on {m['examples']:,} examples")
+    typer.echo(
+        ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+        + f" on {m['examples']:,} examples"
+    )
     typer.echo(f"metrics: {Path(m['output_dir']) / 'metrics.json'}")
     typer.echo(f"report:  {Path(m['output_dir']) / 'report' / 'index.html'}")
 
@@ -153,7 +183,10 @@ def eval_(
 @app.command()
 def predict(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
-    inputs: Annotated[list[str] | None, typer.Argument(help="Texts to classify, or image files / http(s) URLs for an image adapter.")] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Texts to classify, or image files / http(s) URLs for an image adapter."),
+    ] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="A file with one input per line.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Show the k most likely labels.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
@@ -175,15 +208,27 @@ def predict(
 @app.command()
 def generate(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory of a causal-lm adapter.")],
-    prompts: Annotated[list[str] | None, typer.Argument(help="User messages; the chat template is applied.")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="A file with one prompt per line.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer in tokens.")] = 128,
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="User messages; the chat template is applied.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="A file with one prompt per line.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Longest answer in tokens.")
+    ] = 128,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(min=0.01, help="Sampling temperature (with --sample).")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.01, max=1.0, help="Nucleus sampling mass (with --sample).")] = 0.9,
+    top_p: Annotated[
+        float, typer.Option("--top-p", min=0.01, max=1.0, help="Nucleus sampling mass (with --sample).")
+    ] = 0.9,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
-    system: Annotated[str | None, typer.Option(help="System message (default: the one the adapter was trained with).")] = None,
-    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Answer with the base model alone (for comparison).")] = False,
+    system: Annotated[
+        str | None, typer.Option(help="System message (default: the one the adapter was trained with).")
+    ] = None,
+    no_adapter: Annotated[
+        bool, typer.Option("--no-adapter", help="Answer with the base model alone (for comparison).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
 ) -> None:
     """Answer prompts with a causal-lm adapter; generation stops at the end-of-turn token."""
@@ -191,18 +236,48 @@ def generate(
 
     _setup_logging()
     items = list(prompts or []) + _lines(file)
-    for r in run_generate(path, items, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed, system=system, use_adapter=not no_adapter):
+    for r in run_generate(
+        path,
+        items,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        system=system,
+        use_adapter=not no_adapter,
+    ):
         typer.echo(json.dumps(r, ensure_ascii=False) if as_json else r["output"])
 
 
 @app.command()
 def export(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
-    merge: Annotated[Path | None, typer.Option("--merge", help="Write the base model with the adapter merged in (Hugging Face format) to this folder.", metavar="OUT_DIR")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx into OUT_DIR (classification tasks), checked with onnxruntime.")] = False,
+    merge: Annotated[
+        Path | None,
+        typer.Option(
+            "--merge",
+            help="Write the base model with the adapter merged in (Hugging Face format) to this folder.",
+            metavar="OUT_DIR",
+        ),
+    ] = None,
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            "--onnx",
+            help="Also write model.onnx into OUT_DIR (classification tasks), checked with onnxruntime.",
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT_DIR.")] = False,
-    base_model: Annotated[str | None, typer.Option("--base-model", help="Use this copy of the base model (it must have the recorded hash).")] = None,
-    tolerance: Annotated[float, typer.Option(min=0.0, help="Largest accepted |unmerged - merged| logit difference.")] = 1e-4,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model", help="Use this copy of the base model (it must have the recorded hash)."
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(min=0.0, help="Largest accepted |unmerged - merged| logit difference.")
+    ] = 1e-4,
 ) -> None:
     """Merge an adapter into its base model (and ONNX), and prove it: same logits before and after."""
     from lorakit.errors import LorakitError as _Err
@@ -210,24 +285,46 @@ def export(
 
     _setup_logging()
     if merge is None:
-        raise _Err("export needs --merge OUT_DIR (the folder for the merged model); --onnx adds model.onnx to it")
+        raise _Err(
+            "export needs --merge OUT_DIR (the folder for the merged model); --onnx adds model.onnx to it"
+        )
     r = run_export(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
     typer.echo(f"merged model: {r.out_dir}")
-    typer.echo(f"  largest |unmerged - merged| logit difference on {r.checked} inputs: {r.merged_diff:.3g} in float64 (tolerance {r.tolerance:g}), "
-               f"{r.merged_diff_fp32:.3g} in float32 (float32 arithmetic alone: {r.fp32_noise:.3g})")
+    typer.echo(
+        f"  largest |unmerged - merged| logit difference on {r.checked} inputs: {r.merged_diff:.3g} in float64 (tolerance {r.tolerance:g}), "
+        f"{r.merged_diff_fp32:.3g} in float32 (float32 arithmetic alone: {r.fp32_noise:.3g})"
+    )
     if r.onnx_path:
         typer.echo(f"onnx: {r.onnx_path}")
-        typer.echo(f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance {r.tolerance:g})")
+        typer.echo(
+            f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance {r.tolerance:g})"
+        )
 
 
-RegistryOpt = Annotated[Path | None, typer.Option("--registry", envvar="LORAKIT_REGISTRY", help="Registry folder (default ~/.local/share/lorakit/registry).")]
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--registry",
+        envvar="LORAKIT_REGISTRY",
+        help="Registry folder (default ~/.local/share/lorakit/registry).",
+    ),
+]
 
 
 @app.command()
 def publish(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
-    name: Annotated[str | None, typer.Option("--name", help="Store the next version of NAME in the local registry.")] = None,
-    hub: Annotated[str | None, typer.Option("--hub", help="Also push to this Hugging Face Hub repo (owner/name); token from HF_TOKEN.", metavar="REPO_ID")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Store the next version of NAME in the local registry.")
+    ] = None,
+    hub: Annotated[
+        str | None,
+        typer.Option(
+            "--hub",
+            help="Also push to this Hugging Face Hub repo (owner/name); token from HF_TOKEN.",
+            metavar="REPO_ID",
+        ),
+    ] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")] = False,
     registry: RegistryOpt = None,
 ) -> None:
@@ -252,7 +349,9 @@ def publish(
         typer.echo(f"pushed to the Hub: {push_to_hub(path, hub, private=private)}")
 
 
-registry_app = typer.Typer(help="The local adapter registry: list, show, pull, delete versions.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The local adapter registry: list, show, pull, delete versions.", no_args_is_help=True
+)
 app.add_typer(registry_app, name="registry")
 
 
@@ -276,7 +375,18 @@ def registry_list(
     rows = [("NAME", "VERSION", "TASK", "BASE MODEL", "METRIC", "SIZE", "CREATED", "HASH")]
     for v in versions:
         base = v.base_model if len(v.base_model) <= 40 else "…" + v.base_model[-39:]
-        rows.append((v.name, str(v.version), v.task, base, v.metric, f"{v.size / 1e6:.1f} MB", v.created_at.replace("+00:00", "Z"), v.content_hash[7:19]))
+        rows.append(
+            (
+                v.name,
+                str(v.version),
+                v.task,
+                base,
+                v.metric,
+                f"{v.size / 1e6:.1f} MB",
+                v.created_at.replace("+00:00", "Z"),
+                v.content_hash[7:19],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -297,7 +407,12 @@ def registry_show(
 @registry_app.command("pull")
 def registry_pull(
     ref: Annotated[str, typer.Argument(help="NAME (latest) or NAME:VERSION.")],
-    to: Annotated[Path | None, typer.Option("--to", help="Copy the verified adapter to this folder (default: print the stored folder).")] = None,
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            "--to", help="Copy the verified adapter to this folder (default: print the stored folder)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --to folder.")] = False,
     registry: RegistryOpt = None,
 ) -> None:
@@ -322,20 +437,60 @@ def registry_delete(
 
 @app.command()
 def serve(
-    adapters: Annotated[list[str], typer.Argument(help="Adapters: NAME=PATH, a run / adapter folder, or a registry name[:version]. The first fixes the base model.")],
+    adapters: Annotated[
+        list[str],
+        typer.Argument(
+            help="Adapters: NAME=PATH, a run / adapter folder, or a registry name[:version]. The first fixes the base model."
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     registry: RegistryOpt = None,
-    on_demand: Annotated[bool, typer.Option("--on-demand/--no-on-demand", help="Load registry adapters named by requests (needs a registry).")] = True,
-    admin_token: Annotated[str | None, typer.Option("--admin-token", envvar="LORAKIT_ADMIN_TOKEN", help="Bearer token for POST/DELETE /v1/adapters (unset: admin routes off).")] = None,
-    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept in memory (least recently used unloaded).")] = 64,
+    on_demand: Annotated[
+        bool,
+        typer.Option(
+            "--on-demand/--no-on-demand", help="Load registry adapters named by requests (needs a registry)."
+        ),
+    ] = True,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-token",
+            envvar="LORAKIT_ADMIN_TOKEN",
+            help="Bearer token for POST/DELETE /v1/adapters (unset: admin routes off).",
+        ),
+    ] = None,
+    max_adapters: Annotated[
+        int, typer.Option(min=1, help="Adapters kept in memory (least recently used unloaded).")
+    ] = 64,
     max_batch: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 32,
     window_ms: Annotated[float, typer.Option(min=0.0, help="Batching window in milliseconds.")] = 5.0,
-    no_merge: Annotated[bool, typer.Option("--no-merge", help="Never merge a single adapter into the base weights.")] = False,
-    peft_mixed: Annotated[bool, typer.Option("--peft-mixed", help="Run mixed-adapter batches with peft's per-adapter loop instead of gathered matmuls (comparison).")] = False,
-    adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="float32, or float16 / bfloat16 to hold adapters in half the memory.")] = "float32",
-    allow_base: Annotated[bool, typer.Option("--allow-base", help="Let requests name 'base' to run the bare base model (comparisons, benchmarks).")] = False,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may wait for its result.")] = 60.0,
+    no_merge: Annotated[
+        bool, typer.Option("--no-merge", help="Never merge a single adapter into the base weights.")
+    ] = False,
+    peft_mixed: Annotated[
+        bool,
+        typer.Option(
+            "--peft-mixed",
+            help="Run mixed-adapter batches with peft's per-adapter loop instead of gathered matmuls (comparison).",
+        ),
+    ] = False,
+    adapter_dtype: Annotated[
+        str,
+        typer.Option(
+            "--adapter-dtype", help="float32, or float16 / bfloat16 to hold adapters in half the memory."
+        ),
+    ] = "float32",
+    allow_base: Annotated[
+        bool,
+        typer.Option(
+            "--allow-base",
+            help="Let requests name 'base' to run the bare base model (comparisons, benchmarks).",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request may wait for its result.")
+    ] = 60.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Serve adapters over HTTP: /v1/predict, /v1/chat/completions, /v1/adapters, /healthz, /metrics."""
@@ -344,16 +499,37 @@ def serve(
 
         from lorakit.serving import Engine, create_app
     except ImportError as exc:
-        raise LorakitError(f"serve needs the server packages ({exc.name} is missing): pip install 'lorakit[serve]'") from None
+        raise LorakitError(
+            f"serve needs the server packages ({exc.name} is missing): pip install 'lorakit[serve]'"
+        ) from None
 
     _setup_logging()
     from lorakit.registry import default_root
 
     reg = registry or (default_root() if default_root().joinpath("index.sqlite").is_file() else None)
-    engine = Engine(adapters, registry=reg, on_demand=on_demand, max_adapters=max_adapters, max_batch=max_batch,
-                    window_ms=window_ms, merge_single=not no_merge, allow_base=allow_base, gathered=not peft_mixed, adapter_dtype=adapter_dtype, device=device)
-    typer.echo(f"serving {len(engine.known)} {engine.task.name} adapter(s) on {engine.base_name} at http://{host}:{port} (docs: /docs)", err=True)
-    uvicorn.run(create_app(engine, admin_token=admin_token, request_timeout=timeout), host=host, port=port, log_level="warning")
+    engine = Engine(
+        adapters,
+        registry=reg,
+        on_demand=on_demand,
+        max_adapters=max_adapters,
+        max_batch=max_batch,
+        window_ms=window_ms,
+        merge_single=not no_merge,
+        allow_base=allow_base,
+        gathered=not peft_mixed,
+        adapter_dtype=adapter_dtype,
+        device=device,
+    )
+    typer.echo(
+        f"serving {len(engine.known)} {engine.task.name} adapter(s) on {engine.base_name} at http://{host}:{port} (docs: /docs)",
+        err=True,
+    )
+    uvicorn.run(
+        create_app(engine, admin_token=admin_token, request_timeout=timeout),
+        host=host,
+        port=port,
+        log_level="warning",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,9 @@ _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".
 _FORMAT_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 
 
-def read_source(location: str, fmt: str = "auto", *, key: str = "data.train", hub_split: str = "train") -> Dataset:
+def read_source(
+    location: str, fmt: str = "auto", *, key: str = "data.train", hub_split: str = "train"
+) -> Dataset:
     """Read one data source into a :class:`datasets.Dataset`.
 
     Args:
@@ -58,7 +60,9 @@ def read_source(location: str, fmt: str = "auto", *, key: str = "data.train", hu
     if files and (fmt == "idx" or (fmt == "auto" and images.is_idx_file(files[0]))):
         return images.read_idx(files[0], key=key)
     if not files:
-        raise DataError(f"{key}: file '{location}' does not exist; check the path (relative paths start from the current folder)")
+        raise DataError(
+            f"{key}: file '{location}' does not exist; check the path (relative paths start from the current folder)"
+        )
     builder = _FORMAT_BUILDERS.get(fmt) if fmt != "auto" else _BUILDERS.get(Path(files[0]).suffix.lower())
     if builder is None:
         raise DataError(
@@ -74,7 +78,9 @@ def read_source(location: str, fmt: str = "auto", *, key: str = "data.train", hu
         if "corresponds to no data" in str(exc):
             raise DataError(f"{key}: '{location}' holds no rows; add examples below the header") from None
         if _caused_by(exc, UnicodeDecodeError):
-            raise DataError(f"{key}: '{location}' is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8)") from None
+            raise DataError(
+                f"{key}: '{location}' is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{key}: could not read '{location}' as {builder}: {reason[:300]}") from None
     if len(ds) == 0:
@@ -96,13 +102,18 @@ def _read_hub(name: str, *, key: str, split: str) -> Dataset:
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:
         text = str(exc)
-        offline = any(s in text for s in ("offline", "Connection", "resolve", "Max retries", "couldn't reach", "Couldn't reach"))
+        offline = any(
+            s in text
+            for s in ("offline", "Connection", "resolve", "Max retries", "couldn't reach", "Couldn't reach")
+        )
         if offline:
             raise DataError(
                 f"{key}: '{name}' is not a local file and the Hugging Face Hub cannot be reached (offline?); "
                 "download the data or point to a local csv/json/jsonl/parquet file"
             ) from None
-        raise DataError(f"{key}: could not load Hub dataset '{name}' (split '{split}'): {text.splitlines()[0][:300] if text else type(exc).__name__}") from None
+        raise DataError(
+            f"{key}: could not load Hub dataset '{name}' (split '{split}'): {text.splitlines()[0][:300] if text else type(exc).__name__}"
+        ) from None
     if not isinstance(ds, Dataset):
         raise DataError(f"{key}: Hub dataset '{name}' did not give a single split; set data.hub_split")
     return ds
@@ -135,10 +146,14 @@ def _count(size: float, n: int) -> int:
     return int(size) if size >= 1 else max(1, round(size * n))
 
 
-def _split_off(ds: Dataset, size: float, seed: int, stratify: str | None, *, key: str) -> tuple[Dataset, Dataset]:
+def _split_off(
+    ds: Dataset, size: float, seed: int, stratify: str | None, *, key: str
+) -> tuple[Dataset, Dataset]:
     n_out = _count(size, len(ds))
     if n_out >= len(ds):
-        raise DataError(f"{key}: asks for {n_out} held-out rows but only {len(ds)} are left for training; lower it")
+        raise DataError(
+            f"{key}: asks for {n_out} held-out rows but only {len(ds)} are left for training; lower it"
+        )
     try:
         parts = ds.train_test_split(test_size=n_out, seed=seed, stratify_by_column=stratify)
     except ValueError:
@@ -189,7 +204,9 @@ def build_splits(
     if cfg.validation:
         validation = load(cfg.validation, "data.validation")
     else:
-        train, validation = _split_off(train, cfg.validation_size, cfg.seed + 1, stratify, key="data.validation_size")
+        train, validation = _split_off(
+            train, cfg.validation_size, cfg.seed + 1, stratify, key="data.validation_size"
+        )
 
     splits = {
         "train": _sample(train, cfg.max_train_samples, cfg.seed),

@@ -80,8 +80,10 @@ def setup(device_pref: str) -> tuple[World, torch.device | None]:
     """
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         # Refused rather than silently trained as DDP: the user asked for a sharding engine.
-        raise LorakitError("accelerate config: DeepSpeed is not supported by lorakit train; use an accelerate config with distributed_type FSDP "
-                           "(sharded weights, the same ZeRO-3 idea) or MULTI_GPU (DDP)")
+        raise LorakitError(
+            "accelerate config: DeepSpeed is not supported by lorakit train; use an accelerate config with distributed_type FSDP "
+            "(sharded weights, the same ZeRO-3 idea) or MULTI_GPU (DDP)"
+        )
     if not launched():
         return World(), None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -89,7 +91,9 @@ def setup(device_pref: str) -> tuple[World, torch.device | None]:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
     return current(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
@@ -97,7 +101,12 @@ def current() -> World:
     """The world of the process group this process is in (a single process when there is none)."""
     if dist.is_available() and dist.is_initialized():
         # sharded: the launcher's environment asks for FSDP (accelerate's FSDP config)
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), _env_flag("ACCELERATE_USE_FSDP"))
+        return World(
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", "0")),
+            _env_flag("ACCELERATE_USE_FSDP"),
+        )
     return World()
 
 
@@ -236,10 +245,16 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, wo
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return {"fsdp_full": get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))}
+    return {
+        "fsdp_full": get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    }
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], world: World) -> None:
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], world: World
+) -> None:
     """Restore what :func:`optimizer_state` saved (every rank passes the whole checkpoint).
 
     Raises:
@@ -247,13 +262,17 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     """
     if ("fsdp_full" in state) != world.sharded:
         was, now = ("with", "without") if "fsdp_full" in state else ("without", "with")
-        raise LorakitError(f"--resume: the checkpoint was written {was} FSDP and this run is {now} it; resume with the launch config the run started with")
+        raise LorakitError(
+            f"--resume: the checkpoint was written {was} FSDP and this run is {now} it; resume with the launch config the run started with"
+        )
     if not world.sharded:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["fsdp_full"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state["fsdp_full"], options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -292,21 +311,33 @@ def _fully_shard(model: torch.nn.Module, world: World, device: torch.device) -> 
     present = {type(m).__name__ for m in model.modules()}
     missing = [c for c in wanted if c not in present]
     if missing:
-        raise LorakitError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which this model does not have; "
-                           f"use {', '.join(available) or 'no value (this model has no transformer blocks: it is sharded as a whole)'}")
+        raise LorakitError(
+            f"accelerate config: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which this model does not have; "
+            f"use {', '.join(available) or 'no value (this model has no transformer blocks: it is sharded as a whole)'}"
+        )
     strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "").upper()
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
     keep_gathered = reshard in ("false", "0", "no") or strategy in ("SHARD_GRAD_OP", "2")
-    offload: OffloadPolicy = CPUOffloadPolicy() if _env_flag("FSDP_OFFLOAD_PARAMS") and device.type == "cuda" else OffloadPolicy()
+    offload: OffloadPolicy = (
+        CPUOffloadPolicy() if _env_flag("FSDP_OFFLOAD_PARAMS") and device.type == "cuda" else OffloadPolicy()
+    )
     mesh = init_device_mesh(device.type, (world.size,))
     blocks = set(wanted or available)
     for m in list(model.modules()):
         if m is not model and type(m).__name__ in blocks:
             fully_shard(m, mesh=mesh, reshard_after_forward=not keep_gathered, offload_policy=offload)
     fully_shard(model, mesh=mesh, reshard_after_forward=not keep_gathered, offload_policy=offload)
-    units = f"{', '.join(sorted(blocks))} blocks one by one, then the rest of the model" if blocks else "the model as one unit"
-    logging.getLogger("lorakit").info("weights sharded with FSDP over %d processes: %s%s", world.size, units,
-                                      "; gathered weights kept from forward to backward" if keep_gathered else "")
+    units = (
+        f"{', '.join(sorted(blocks))} blocks one by one, then the rest of the model"
+        if blocks
+        else "the model as one unit"
+    )
+    logging.getLogger("lorakit").info(
+        "weights sharded with FSDP over %d processes: %s%s",
+        world.size,
+        units,
+        "; gathered weights kept from forward to backward" if keep_gathered else "",
+    )
     if hasattr(model, "generate"):
         # generate() calls the inner model's forward, not the root's: gather the root's weights around it.
         register_fsdp_forward_method(model, "generate")

@@ -15,7 +15,15 @@ from lorakit.report import write_report
 log = logging.getLogger("lorakit")
 
 
-def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, batch_size: int = 64, device: str = "auto", max_samples: int | None = None) -> dict[str, Any]:
+def evaluate(
+    path: str | Path,
+    data: str,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    max_samples: int | None = None,
+) -> dict[str, Any]:
     """Evaluate a trained adapter on ``data`` with the columns and preprocessing it was trained with.
 
     Args:
@@ -33,7 +41,11 @@ def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, 
         LorakitError: Bad adapter, unreadable data, missing columns or unknown labels.
     """
     loaded = load_adapter(path, device=device)
-    cfg = loaded.config.model_copy(update={"data": loaded.config.data.model_copy(update={"train": data, "validation": None, "test": None})})
+    cfg = loaded.config.model_copy(
+        update={
+            "data": loaded.config.data.model_copy(update={"train": data, "validation": None, "test": None})
+        }
+    )
     data_cfg = cfg.data
     ds = read_source(data, data_cfg.format, key="--data", hub_split=data_cfg.hub_split)
     ds = filter_rows(ds, data_cfg.where, key="--data")
@@ -42,7 +54,15 @@ def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, 
         ds = ds.select(range(min(max_samples, len(ds))))
     ds = loaded.task.encode_labels(ds, data_cfg, loaded.label_space, key="--data")
     ds = loaded.task.preprocess(ds, loaded.processor, data_cfg, loaded.label_space, key="--data")
-    metrics = loaded.task.evaluate(loaded.model, ds, loaded.processor, cfg, loaded.label_space, batch_size=batch_size, device=loaded.device)
+    metrics = loaded.task.evaluate(
+        loaded.model,
+        ds,
+        loaded.processor,
+        cfg,
+        loaded.label_space,
+        batch_size=batch_size,
+        device=loaded.device,
+    )
     metrics |= {"examples": len(ds), "data": data}
 
     run_dir = loaded.adapter_dir.parent if loaded.adapter_dir.name == "adapter" else loaded.adapter_dir
@@ -50,8 +70,16 @@ def evaluate(path: str | Path, data: str, *, out_dir: str | Path | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics)
     history_file = run_dir / "history.jsonl"
-    history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.is_file() else []
-    write_report(out / "report", title=f"Evaluation of {loaded.adapter_dir} on {data}", history=history,
-                 evaluations={Path(data).name: metrics}, label_space=loaded.label_space, meta=loaded.meta)
+    history = (
+        [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.is_file() else []
+    )
+    write_report(
+        out / "report",
+        title=f"Evaluation of {loaded.adapter_dir} on {data}",
+        history=history,
+        evaluations={Path(data).name: metrics},
+        label_space=loaded.label_space,
+        meta=loaded.meta,
+    )
     metrics["output_dir"] = str(out)
     return metrics

@@ -49,9 +49,14 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out_dir": str(self.out_dir), "merged_max_abs_diff": self.merged_diff, "merged_max_abs_diff_fp32": self.merged_diff_fp32,
-            "fp32_noise": self.fp32_noise, "onnx": str(self.onnx_path) if self.onnx_path else None,
-            "onnx_max_abs_diff": self.onnx_diff, "tolerance": self.tolerance, "checked_inputs": self.checked,
+            "out_dir": str(self.out_dir),
+            "merged_max_abs_diff": self.merged_diff,
+            "merged_max_abs_diff_fp32": self.merged_diff_fp32,
+            "fp32_noise": self.fp32_noise,
+            "onnx": str(self.onnx_path) if self.onnx_path else None,
+            "onnx_max_abs_diff": self.onnx_diff,
+            "tolerance": self.tolerance,
+            "checked_inputs": self.checked,
         }
 
 
@@ -73,7 +78,9 @@ def _max_diff(got: torch.Tensor, want: torch.Tensor, batch: dict[str, torch.Tens
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def _worst(got: list[torch.Tensor], want: list[torch.Tensor], batches: list[dict[str, torch.Tensor]]) -> float:
+def _worst(
+    got: list[torch.Tensor], want: list[torch.Tensor], batches: list[dict[str, torch.Tensor]]
+) -> float:
     return max(_max_diff(g, w, b) for g, w, b in zip(got, want, batches, strict=True))
 
 
@@ -82,17 +89,23 @@ def _f64(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
-def _onnx_export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, axes: dict[int, str]) -> None:
+def _onnx_export(
+    model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, axes: dict[int, str]
+) -> None:
     """Export with the dynamo exporter (the TorchScript one mis-traces attention masks of new transformers)."""
     try:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
-        raise ExportError("--onnx needs onnx, onnxscript and onnxruntime: pip install 'lorakit[onnx]'") from None
+        raise ExportError(
+            "--onnx needs onnx, onnxscript and onnxruntime: pip install 'lorakit[onnx]'"
+        ) from None
     from torch.export import Dim
 
     dims: dict[str, Any] = {}
-    shapes = {k: {i: dims.setdefault(n, Dim(n)) for i, n in axes.items() if i < v.dim()} for k, v in example.items()}
+    shapes = {
+        k: {i: dims.setdefault(n, Dim(n)) for i, n in axes.items() if i < v.dim()} for k, v in example.items()
+    }
     for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import warnings
@@ -101,12 +114,22 @@ def _onnx_export(model: torch.nn.Module, example: dict[str, torch.Tensor], path:
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                model, (), str(path), kwargs=example, input_names=list(example), output_names=["logits"],
-                dynamic_shapes=shapes, dynamo=True, verbose=False, external_data=False,
+                model,
+                (),
+                str(path),
+                kwargs=example,
+                input_names=list(example),
+                output_names=["logits"],
+                dynamic_shapes=shapes,
+                dynamo=True,
+                verbose=False,
+                external_data=False,
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"ONNX export of this {getattr(model.config, 'model_type', 'model')} failed ({first[:200]}); export without --onnx") from None
+            raise ExportError(
+                f"ONNX export of this {getattr(model.config, 'model_type', 'model')} failed ({first[:200]}); export without --onnx"
+            ) from None
 
 
 def _onnx_check(path: Path, batches: list[dict[str, torch.Tensor]], reference: list[torch.Tensor]) -> float:
@@ -162,9 +185,13 @@ def export(
     task, meta = loaded.task, loaded.meta
     quant = meta.get("config", {}).get("model", {}).get("quantization", "none")
     if quant not in (None, "none"):
-        raise ExportError(f"this adapter was trained on a {quant}-quantised base; merging into quantised weights is not exact — export with --base-model pointing at the unquantised model")
+        raise ExportError(
+            f"this adapter was trained on a {quant}-quantised base; merging into quantised weights is not exact — export with --base-model pointing at the unquantised model"
+        )
     if onnx and task.onnx_axes is None:
-        raise ExportError(f"--onnx: ONNX export is for the classification tasks; export this {task.name} adapter without --onnx (Hugging Face format)")
+        raise ExportError(
+            f"--onnx: ONNX export is for the classification tasks; export this {task.name} adapter without --onnx (Hugging Face format)"
+        )
     data_cfg = loaded.config.data
 
     # ---- reference outputs of the unmerged model ------------------------------------------------
@@ -190,25 +217,41 @@ def export(
         merged_diff = _worst([_logits(reloaded.double(), _f64(b)) for b in batches], ref64, batches)
         reloaded.float()
         if not merged_diff <= tolerance:  # also catches NaN
-            raise ExportError(f"merge check failed: largest |unmerged - merged| logit difference is {merged_diff:.3g} > {tolerance:g} (float64); nothing was written")
+            raise ExportError(
+                f"merge check failed: largest |unmerged - merged| logit difference is {merged_diff:.3g} > {tolerance:g} (float64); nothing was written"
+            )
         onnx_path = onnx_diff = None
         if onnx:
             assert task.onnx_axes is not None  # checked above
             _onnx_export(reloaded, batches[0], tmp / ONNX_FILE, task.onnx_axes)
             onnx_diff = _onnx_check(tmp / ONNX_FILE, batches, ref32)
             if not onnx_diff <= tolerance:
-                raise ExportError(f"ONNX check failed: largest |unmerged - onnxruntime| logit difference is {onnx_diff:.3g} > {tolerance:g}; nothing was written")
+                raise ExportError(
+                    f"ONNX check failed: largest |unmerged - onnxruntime| logit difference is {onnx_diff:.3g} > {tolerance:g}; nothing was written"
+                )
             onnx_path = out / ONNX_FILE
         result = ExportResult(out, merged_diff, diff32, noise, onnx_path, onnx_diff, tolerance, checked)
         from lorakit.card import merged_card
         from lorakit.registry import hash_tree
 
         provenance = {
-            "format": 1, "kind": "merged", "task": meta["task"], "created_at": now_iso(),
-            "adapter": {"path": str(loaded.adapter_dir.resolve()), "content_hash": hash_tree(loaded.adapter_dir)[0]},
-            "base_model": meta["base_model"], "label_space": meta.get("label_space"), "metrics": meta.get("metrics", {}),
+            "format": 1,
+            "kind": "merged",
+            "task": meta["task"],
+            "created_at": now_iso(),
+            "adapter": {
+                "path": str(loaded.adapter_dir.resolve()),
+                "content_hash": hash_tree(loaded.adapter_dir)[0],
+            },
+            "base_model": meta["base_model"],
+            "label_space": meta.get("label_space"),
+            "metrics": meta.get("metrics", {}),
             "verification": result.to_dict() | {"out_dir": None, "onnx": ONNX_FILE if onnx else None},
         }
-        (tmp / EXPORT_METADATA).write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(merged_card(meta, provenance, zoo_format=not (tmp / "config.json").is_file()), encoding="utf-8")
+        (tmp / EXPORT_METADATA).write_text(
+            json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        (tmp / "README.md").write_text(
+            merged_card(meta, provenance, zoo_format=not (tmp / "config.json").is_file()), encoding="utf-8"
+        )
     return result

@@ -29,23 +29,32 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
 
 
-
 class AugmentConfig(Section):
     """Training-time image augmentation (evaluation never augments)."""
 
-    enabled: bool = Field(True, description="Augment training images; off = training uses the evaluation transform.")
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random resized crop: the share of the image area a crop covers, (min, max).")
-    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="Random resized crop: aspect-ratio range of the crop.")
+    enabled: bool = Field(
+        True, description="Augment training images; off = training uses the evaluation transform."
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="Random resized crop: the share of the image area a crop covers, (min, max)."
+    )
+    crop_ratio: tuple[float, float] = Field(
+        (0.75, 4 / 3), description="Random resized crop: aspect-ratio range of the crop."
+    )
     hflip: bool = Field(True, description="Flip training images horizontally with probability 0.5.")
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"data.augment.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1, e.g. [0.5, 1.0]")
+            raise ValueError(
+                f"data.augment.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1, e.g. [0.5, 1.0]"
+            )
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
-            raise ValueError(f"data.augment.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max, e.g. [0.75, 1.333]")
+            raise ValueError(
+                f"data.augment.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max, e.g. [0.75, 1.333]"
+            )
         return self
 
 
@@ -58,7 +67,9 @@ class BadImage(DataError):
 
 def is_idx_file(path: str) -> bool:
     name = Path(path).name
-    return "-images-idx3-ubyte" in name or name.endswith(("-images.idx3-ubyte", ".idx3-ubyte", ".idx3-ubyte.gz"))
+    return "-images-idx3-ubyte" in name or name.endswith(
+        ("-images.idx3-ubyte", ".idx3-ubyte", ".idx3-ubyte.gz")
+    )
 
 
 def read_image_folder(folder: str | Path, *, key: str) -> Any:
@@ -68,7 +79,9 @@ def read_image_folder(folder: str | Path, *, key: str) -> Any:
     root = Path(folder)
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"{key}: folder '{folder}' has no sub-folders; put each class's images in a sub-folder named after the class")
+        raise DataError(
+            f"{key}: folder '{folder}' has no sub-folders; put each class's images in a sub-folder named after the class"
+        )
     paths, labels = [], []
     for d in classes:
         for f in sorted(d.rglob("*")):
@@ -76,7 +89,9 @@ def read_image_folder(folder: str | Path, *, key: str) -> Any:
                 paths.append(str(f.resolve()))
                 labels.append(d.name)
     if not paths:
-        raise DataError(f"{key}: the class folders of '{folder}' hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(
+            f"{key}: the class folders of '{folder}' hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     return Dataset.from_dict({"image": paths, "label": labels})
 
 
@@ -92,9 +107,13 @@ def read_idx(images_file: str | Path, *, key: str) -> Any:
     from PIL import Image as PILImage
 
     images_file = Path(images_file)
-    labels_file = images_file.with_name(images_file.name.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1"))
+    labels_file = images_file.with_name(
+        images_file.name.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1")
+    )
     if not labels_file.is_file():
-        raise DataError(f"{key}: no labels file '{labels_file.name}' beside '{images_file}'; idx data needs both files")
+        raise DataError(
+            f"{key}: no labels file '{labels_file.name}' beside '{images_file}'; idx data needs both files"
+        )
     try:
         raw = _open_maybe_gz(images_file)
         magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
@@ -103,7 +122,9 @@ def read_idx(images_file: str | Path, *, key: str) -> Any:
     except (OSError, struct.error, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{key}: '{images_file}' is not a readable idx file: {exc}") from None
     if magic != 2051 or lmagic != 2049 or n != ln or len(raw) != 16 + n * rows * cols or len(lab) != 8 + n:
-        raise DataError(f"{key}: '{images_file}' / '{labels_file.name}' are not a matching idx3 images / idx1 labels pair")
+        raise DataError(
+            f"{key}: '{images_file}' / '{labels_file.name}' are not a matching idx3 images / idx1 labels pair"
+        )
     pixels = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
     labels = np.frombuffer(lab, dtype=np.uint8, offset=8).astype(np.int64)
 
@@ -113,7 +134,10 @@ def read_idx(images_file: str | Path, *, key: str) -> Any:
         return buf.getvalue()
 
     records = [{"bytes": png(a), "path": None} for a in pixels]
-    return Dataset.from_dict({"image": records, "label": labels.tolist()}, features=Features({"image": Image(decode=False), "label": Value("int64")}))
+    return Dataset.from_dict(
+        {"image": records, "label": labels.tolist()},
+        features=Features({"image": Image(decode=False), "label": Value("int64")}),
+    )
 
 
 # ---- decoding -----------------------------------------------------------------------------------
@@ -125,9 +149,13 @@ def fetch_url(url: str, *, timeout: float = 10.0) -> bytes:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data = resp.read(MAX_DOWNLOAD_BYTES + 1)
     except Exception as exc:
-        raise BadImage(f"could not download '{url}': {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+        raise BadImage(
+            f"could not download '{url}': {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+        ) from None
     if len(data) > MAX_DOWNLOAD_BYTES:
-        raise BadImage(f"'{url}' is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; download and shrink it first")
+        raise BadImage(
+            f"'{url}' is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; download and shrink it first"
+        )
     return data
 
 
@@ -160,7 +188,9 @@ def load_image(value: Any, *, base_dir: str | Path | None = None, allow_urls: bo
                 p = Path(base_dir) / p
             img = Image.open(p)
         else:
-            raise BadImage(f"{type(value).__name__} value {str(value)[:60]!r} is not an image, a path or a URL")
+            raise BadImage(
+                f"{type(value).__name__} value {str(value)[:60]!r} is not an image, a path or a URL"
+            )
         img.load()
         if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
             # Transparent areas become white, not black (what a viewer shows).
@@ -173,8 +203,16 @@ def load_image(value: Any, *, base_dir: str | Path | None = None, allow_urls: bo
     except FileNotFoundError:
         raise BadImage(f"image file '{src}' does not exist") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        name = src if isinstance(src, str) else f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray)) else type(src).__name__
-        raise BadImage(f"image {name} cannot be decoded ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+        name = (
+            src
+            if isinstance(src, str)
+            else f"<{len(src)} bytes>"
+            if isinstance(src, (bytes, bytearray))
+            else type(src).__name__
+        )
+        raise BadImage(
+            f"image {name} cannot be decoded ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+        ) from None
 
 
 # ---- transforms ---------------------------------------------------------------------------------
@@ -192,6 +230,7 @@ class ImageSpec:
     @classmethod
     def from_processor(cls, proc: Any) -> ImageSpec:
         """Read size / mean / std / crop_pct from a transformers image processor."""
+
         def side_of(v: Any) -> int | None:
             # ints, dicts or transformers' SizeDict: {height, width} or {shortest_edge}
             if isinstance(v, (int, float)):
@@ -221,7 +260,9 @@ class ImageTransforms:
     resumes exactly (the generator is part of every checkpoint).
     """
 
-    def __init__(self, spec: ImageSpec, augment: AugmentConfig, size: int | None = None, crop_pct: float | None = None) -> None:
+    def __init__(
+        self, spec: ImageSpec, augment: AugmentConfig, size: int | None = None, crop_pct: float | None = None
+    ) -> None:
         import albumentations as A
         import cv2
 
@@ -229,9 +270,22 @@ class ImageTransforms:
         self.size = s = size or spec.size
         norm = A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
         resize_to = max(s, round(s / (crop_pct or spec.crop_pct)))
-        self.eval = A.Compose([A.SmallestMaxSize(max_size=resize_to, interpolation=cv2.INTER_LINEAR), A.CenterCrop(height=s, width=s), norm])
+        self.eval = A.Compose(
+            [
+                A.SmallestMaxSize(max_size=resize_to, interpolation=cv2.INTER_LINEAR),
+                A.CenterCrop(height=s, width=s),
+                norm,
+            ]
+        )
         if augment.enabled:
-            steps = [A.RandomResizedCrop(size=(s, s), scale=augment.crop_scale, ratio=augment.crop_ratio, interpolation=cv2.INTER_LINEAR)]
+            steps = [
+                A.RandomResizedCrop(
+                    size=(s, s),
+                    scale=augment.crop_scale,
+                    ratio=augment.crop_ratio,
+                    interpolation=cv2.INTER_LINEAR,
+                )
+            ]
             if augment.hflip:
                 steps.append(A.HorizontalFlip(p=0.5))
             self.train: Any = A.Compose([*steps, norm])

@@ -36,7 +36,9 @@ class LabelSpace:
         return cls(tuple(id2label[str(i)] for i in range(len(id2label))))
 
     @classmethod
-    def infer(cls, values: Iterable[Any], names: Sequence[str] | None = None, *, key: str = "data.train") -> LabelSpace:
+    def infer(
+        cls, values: Iterable[Any], names: Sequence[str] | None = None, *, key: str = "data.train"
+    ) -> LabelSpace:
         """Build the label space from the training labels.
 
         Integer labels 0..K-1 keep their ids (named by ``names`` when given); string labels are
@@ -52,7 +54,9 @@ class LabelSpace:
             seen.add(v)
         if len(seen) < 2:
             only = next(iter(seen)) if seen else None
-            raise DataError(f"{key}: found a single class ({only!r}); classification needs at least two labels")
+            raise DataError(
+                f"{key}: found a single class ({only!r}); classification needs at least two labels"
+            )
         if all(isinstance(v, int) and not isinstance(v, bool) for v in seen):
             ids = sorted(seen)
             if ids[0] < 0:
@@ -60,13 +64,17 @@ class LabelSpace:
             k = ids[-1] + 1
             if names is not None:
                 if len(names) < k:
-                    raise DataError(f"data.label_names: has {len(names)} names but labels go up to {ids[-1]}; give one name per id")
+                    raise DataError(
+                        f"data.label_names: has {len(names)} names but labels go up to {ids[-1]}; give one name per id"
+                    )
                 return cls(tuple(str(n) for n in names))
             return cls(tuple(str(i) for i in range(k)))
         if names is not None:
             missing = sorted(str(v) for v in seen if str(v) not in names)
             if missing:
-                raise DataError(f"data.label_names: does not include {missing[:5]} found in {key}; list every label")
+                raise DataError(
+                    f"data.label_names: does not include {missing[:5]} found in {key}; list every label"
+                )
             return cls(tuple(str(n) for n in names))
         return cls(tuple(sorted(str(v) for v in seen)))
 

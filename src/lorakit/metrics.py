@@ -21,7 +21,13 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, names: Sequence
         "accuracy": float(accuracy_score(labels, pred)),
         "f1_macro": float(f1_score(labels, pred, labels=ids, average="macro", zero_division=0)),
         "per_class": {
-            names[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])} for i in ids
+            names[i]: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
+            for i in ids
         },
         "confusion_matrix": confusion_matrix(labels, pred, labels=ids).tolist(),
     }

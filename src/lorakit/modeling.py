@@ -32,7 +32,14 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": [
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -57,6 +64,7 @@ def default_targets(model_type: str | None) -> list[str] | str:
     if model_type in zoo.ENTRIES:
         return list(zoo.ENTRIES[model_type].default_targets)
     return DEFAULT_TARGETS.get(model_type or "", "all-linear")
+
 
 # AdamW peak learning rate when the config sets none. 1e-3 was measured best for LoRA on the
 # transformer encoders (IMDB, MiniLM); a zoo CNN names its own (BENCHMARKS.md, quality).
@@ -91,10 +99,14 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
         return str(p.resolve())
     if p.exists():
         if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
-            raise ModelError(f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face model folder")
+            raise ModelError(
+                f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face model folder"
+            )
         return str(p.resolve())
     if path.startswith((".", "/", "~")):
-        raise ModelError(f"model.name_or_path: folder '{path}' does not exist; check the path or give a Hub id")
+        raise ModelError(
+            f"model.name_or_path: folder '{path}' does not exist; check the path or give a Hub id"
+        )
     return path
 
 
@@ -104,7 +116,9 @@ def reject_zoo(model_path: str) -> None:
 
     if zoo.is_zoo(model_path):
         entry = zoo.get_entry(model_path)
-        raise ModelError(f"model.name_or_path: {model_path} is an {entry.task} model from lorakit's zoo; it does not fit this task")
+        raise ModelError(
+            f"model.name_or_path: {model_path} is an {entry.task} model from lorakit's zoo; it does not fit this task"
+        )
 
 
 def load_base_config(model_cfg: ModelConfig, model_path: str, **kwargs: Any) -> Any:
@@ -117,14 +131,24 @@ def load_base_config(model_cfg: ModelConfig, model_path: str, **kwargs: Any) -> 
 
     reject_zoo(model_path)
     try:
-        config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(
+            model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
+        )
     except (OSError, ValueError) as exc:
-        hub = "" if Path(model_path).exists() else " (not a local folder, and the Hugging Face Hub could not serve it: offline or a wrong id?)"
-        raise ModelError(f"model.name_or_path: cannot load a model config from '{model_path}'{hub}: {str(exc).splitlines()[0][:200]}") from None
+        hub = (
+            ""
+            if Path(model_path).exists()
+            else " (not a local folder, and the Hugging Face Hub could not serve it: offline or a wrong id?)"
+        )
+        raise ModelError(
+            f"model.name_or_path: cannot load a model config from '{model_path}'{hub}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if model_cfg.dropout is not None:
         # Names differ per architecture (hidden_dropout_prob, attention_dropout, classifier_dropout, ...).
         for key, value in config.to_dict().items():
-            if "dropout" in key and (isinstance(value, float) or (key == "classifier_dropout" and value is None)):
+            if "dropout" in key and (
+                isinstance(value, float) or (key == "classifier_dropout" and value is None)
+            ):
                 setattr(config, key, model_cfg.dropout)
     return config
 
@@ -140,7 +164,13 @@ def model_fingerprint(model_path: str, model: nn.Module | None = None) -> str:
         return zoo.fingerprint(model_path)
     p = Path(model_path)
     if p.is_dir() or p.is_file():
-        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"} and f.is_file())
+        files = (
+            [p]
+            if p.is_file()
+            else sorted(
+                f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf", ".pt"} and f.is_file()
+            )
+        )
         h = hashlib.sha256()
         for f in files:
             h.update(f.name.encode())
@@ -154,7 +184,9 @@ def model_fingerprint(model_path: str, model: nn.Module | None = None) -> str:
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
     """Distinct last-name components of the layers LoRA can wrap (linear, conv, embedding)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, _ADAPTABLE)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, _ADAPTABLE)}
+    )
 
 
 def _matches(module_name: str, target: str) -> bool:
@@ -181,7 +213,11 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]
     if targets is None:
         targets = default_targets(model_type)
         if isinstance(targets, list):
-            present = [t for t in targets if any(_matches(n, t) for n, m in model.named_modules() if isinstance(m, _ADAPTABLE))]
+            present = [
+                t
+                for t in targets
+                if any(_matches(n, t) for n, m in model.named_modules() if isinstance(m, _ADAPTABLE))
+            ]
             targets = present or "all-linear"
     if isinstance(targets, str):
         if targets != "all-linear":
@@ -192,7 +228,11 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]
                     f"its adaptable layers are named: {', '.join(adaptable_module_names(model))}"
                 )
         return targets
-    names = [n for n, m in model.named_modules() if isinstance(m, _ADAPTABLE) and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, _ADAPTABLE) and not any(n == e or n.startswith(e + ".") for e in exclude)
+    ]
     real = adaptable_module_names(model)
     bad = [t for t in targets if not any(_matches(n, t) for n in names)]
     if bad:
@@ -212,7 +252,11 @@ BLOCK_LISTS = ("layer", "layers", "h", "block", "blocks")  # the names peft know
 
 def model_blocks(model: nn.Module) -> tuple[str, int] | None:
     """(path, count) of the model's longest list of blocks (``encoder.layer``, ``model.layers``, ...), or None."""
-    lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in BLOCK_LISTS and len(m)]
+    lists = [
+        (n, len(m))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in BLOCK_LISTS and len(m)
+    ]
     return max(lists, key=lambda x: x[1]) if lists else None
 
 
@@ -225,17 +269,25 @@ def resolve_layers(model: nn.Module, layers: list[int]) -> tuple[list[int], str]
     blocks = model_blocks(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if blocks is None:
-        raise ModelError(f"lora.layers: this {model_type or type(model).__name__} model has no list of blocks named {', '.join(BLOCK_LISTS)}; remove lora.layers to adapt the whole model")
+        raise ModelError(
+            f"lora.layers: this {model_type or type(model).__name__} model has no list of blocks named {', '.join(BLOCK_LISTS)}; remove lora.layers to adapt the whole model"
+        )
     path, n = blocks
     bad = [i for i in layers if not -n <= i < n]
     if bad:
-        raise ModelError(f"lora.layers: {', '.join(map(str, bad))} out of range: this model has {n} blocks ({path}.0 to {path}.{n - 1}); use 0 to {n - 1}, or -{n} to -1 from the top")
+        raise ModelError(
+            f"lora.layers: {', '.join(map(str, bad))} out of range: this model has {n} blocks ({path}.0 to {path}.{n - 1}); use 0 to {n - 1}, or -{n} to -1 from the top"
+        )
     return sorted({i % n for i in layers}), path
 
 
 def batch_norm_modules(model: nn.Module) -> list[str]:
     """Paths of the BatchNorm layers that keep running statistics."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 def _freeze_in_eval_mode(module: nn.Module, _args: Any) -> None:
@@ -251,7 +303,9 @@ def mutated_base_warnings_off() -> Iterator[None]:
         yield
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | None, new_modules: list[str]) -> Any:
+def apply_lora(
+    model: nn.Module, settings: LoraSettings, *, task_type: str | None, new_modules: list[str]
+) -> Any:
     """Wrap ``model`` with peft LoRA; new (randomly initialised) modules are trained fully and saved.
 
     BatchNorm layers update running statistics in training mode even when frozen, which would make
@@ -277,12 +331,22 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
     if settings.layers:
         layers, path = resolve_layers(model, settings.layers)
         pattern = path.rsplit(".", 1)[-1]  # peft's layers_pattern: the block list's own name
-        if targets == "all-linear":  # peft takes block indices with a list of names only: its all-linear rule, inside the blocks
+        if (
+            targets == "all-linear"
+        ):  # peft takes block indices with a list of names only: its all-linear rule, inside the blocks
             from transformers.pytorch_utils import Conv1D
 
-            targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith(path + ".") and isinstance(m, (nn.Linear, Conv1D))})
+            targets = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in model.named_modules()
+                    if n.startswith(path + ".") and isinstance(m, (nn.Linear, Conv1D))
+                }
+            )
         elif isinstance(targets, str):
-            raise ModelError("lora.layers cannot be combined with a regex lora.target_modules; give the targets as a list of names, or put the block indices in the regex and remove lora.layers")
+            raise ModelError(
+                "lora.layers cannot be combined with a regex lora.target_modules; give the targets as a list of names, or put the block indices in the regex and remove lora.layers"
+            )
     config = LoraConfig(
         task_type=task_type,
         r=settings.r,
@@ -292,7 +356,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
         bias=settings.bias,
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora,
-        init_lora_weights={"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[settings.init],
+        init_lora_weights={"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[
+            settings.init
+        ],
         modules_to_save=modules_to_save or None,
         layers_to_transform=layers,
         layers_pattern=pattern,
@@ -301,7 +367,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, task_type: str | Non
         with mutated_base_warnings_off():
             return get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
-        raise ModelError(f"lora: peft could not apply this configuration: {str(exc).splitlines()[0][:300]}") from None
+        raise ModelError(
+            f"lora: peft could not apply this configuration: {str(exc).splitlines()[0][:300]}"
+        ) from None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -324,9 +392,15 @@ def pick_device(requested: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise LorakitError("train.device: cuda was asked for but no CUDA GPU is visible; set train.device: auto or cpu")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise LorakitError("train.device: mps was asked for but Apple MPS is not available; set train.device: auto or cpu")
+        raise LorakitError(
+            "train.device: cuda was asked for but no CUDA GPU is visible; set train.device: auto or cpu"
+        )
+    if requested == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise LorakitError(
+            "train.device: mps was asked for but Apple MPS is not available; set train.device: auto or cpu"
+        )
     return torch.device(requested)
 
 

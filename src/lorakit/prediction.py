@@ -33,7 +33,9 @@ class Predictor:
         return a.task.predict(a.model, a.processor, inputs, a.label_space, self.data_cfg, top_k=top_k)
 
 
-def generate(path: str | Path, prompts: list[str], *, device: str = "auto", use_adapter: bool = True, **options: Any) -> list[dict[str, Any]]:
+def generate(
+    path: str | Path, prompts: list[str], *, device: str = "auto", use_adapter: bool = True, **options: Any
+) -> list[dict[str, Any]]:
     """Answers of a causal-lm adapter to user messages (chat template applied, stops at end of turn).
 
     Args:
@@ -50,7 +52,9 @@ def generate(path: str | Path, prompts: list[str], *, device: str = "auto", use_
 
     loaded = load_adapter(path, device=device)
     if not loaded.task.generates:
-        raise AdapterError(f"'{loaded.adapter_dir}' is a {loaded.task.name} adapter, which answers with labels; use lorakit predict")
+        raise AdapterError(
+            f"'{loaded.adapter_dir}' is a {loaded.task.name} adapter, which answers with labels; use lorakit predict"
+        )
     if not prompts:
         raise DataError("no prompts to answer; pass them as arguments or --file")
     data_cfg = loaded.config.data
@@ -61,6 +65,8 @@ def generate(path: str | Path, prompts: list[str], *, device: str = "auto", use_
         return a.task.predict(a.model, a.processor, prompts, a.label_space, data_cfg, **options)
 
 
-def predict(path: str | Path, inputs: list[Any], *, top_k: int = 1, device: str = "auto") -> list[dict[str, Any]]:
+def predict(
+    path: str | Path, inputs: list[Any], *, top_k: int = 1, device: str = "auto"
+) -> list[dict[str, Any]]:
     """One-shot prediction: load the adapter at ``path`` and predict ``inputs``."""
     return Predictor.from_adapter(path, device=device)(inputs, top_k=top_k)

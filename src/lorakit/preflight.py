@@ -45,7 +45,11 @@ class Plan:
             "  columns   " + ", ".join(self.columns),
         ]
         if self.labels:
-            out.append(f"  labels    {len(self.labels)}: " + ", ".join(self.labels[:20]) + (" …" if len(self.labels) > 20 else ""))
+            out.append(
+                f"  labels    {len(self.labels)}: "
+                + ", ".join(self.labels[:20])
+                + (" …" if len(self.labels) > 20 else "")
+            )
             for split, counts in self.label_counts.items():
                 out.append(f"  {split:<9} " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         out += self.task_lines
@@ -53,7 +57,8 @@ class Plan:
         out += [
             f"model       {c.model.name_or_path} ({self.model_type})",
             f"LoRA        r={c.lora.r} alpha={c.lora.alpha} dropout={c.lora.dropout}"
-            + (" rsLoRA" if c.lora.use_rslora else "") + (" DoRA" if c.lora.use_dora else ""),
+            + (" rsLoRA" if c.lora.use_rslora else "")
+            + (" DoRA" if c.lora.use_dora else ""),
             f"  targets   {self.target_modules}",
             f"  trained   {self.modules_to_save} (fully, saved with the adapter)",
             f"  params    {self.trainable:,} trainable / {self.total:,} total ({100 * self.trainable / max(1, self.total):.2f}%)",
@@ -90,7 +95,9 @@ def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None)
         columns=list(data.stats.get("columns", [])),
         label_counts=data.stats.get("label_counts", {}),
         labels=list(data.label_space.labels) if data.label_space else [],
-        target_modules=sorted(lc.target_modules) if not isinstance(lc.target_modules, str) else lc.target_modules,
+        target_modules=sorted(lc.target_modules)
+        if not isinstance(lc.target_modules, str)
+        else lc.target_modules,
         modules_to_save=sorted(set(lc.modules_to_save or [])),
         trainable=trainable,
         total=total,

@@ -83,7 +83,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         return name, None
     digits = ver[1:] if ver.startswith("v") else ver
     if not digits.isdigit() or int(digits) < 1:
-        raise RegistryError(f"registry reference {ref!r}: the version must be a positive number, e.g. {name}:1 or {name}:v1")
+        raise RegistryError(
+            f"registry reference {ref!r}: the version must be a positive number, e.g. {name}:1 or {name}:v1"
+        )
     return name, int(digits)
 
 
@@ -133,10 +135,20 @@ class Version:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "version": self.version, "ref": self.ref, "content_hash": self.content_hash,
-            "task": self.task, "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
-            "metric": self.metric, "metrics": self.metrics, "created_at": self.created_at, "size": self.size,
-            "source": self.source, "path": str(self.path), "files": {k: {"sha256": h, "size": s} for k, (h, s) in self.files.items()},
+            "name": self.name,
+            "version": self.version,
+            "ref": self.ref,
+            "content_hash": self.content_hash,
+            "task": self.task,
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "metric": self.metric,
+            "metrics": self.metrics,
+            "created_at": self.created_at,
+            "size": self.size,
+            "source": self.source,
+            "path": str(self.path),
+            "files": {k: {"sha256": h, "size": s} for k, (h, s) in self.files.items()},
         }
 
 
@@ -190,12 +202,16 @@ class Registry:
     @contextlib.contextmanager
     def _db(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
         if not self.index.is_file() and not create:
-            raise RegistryError(f"no registry at '{self.root}'; publish an adapter first (lorakit publish ADAPTER_DIR --name NAME) or pass --registry")
+            raise RegistryError(
+                f"no registry at '{self.root}'; publish an adapter first (lorakit publish ADAPTER_DIR --name NAME) or pass --registry"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             con = sqlite3.connect(self.index, timeout=60, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
-            raise RegistryError(f"cannot open the registry at '{self.root}' ({exc}); pass a writable --registry folder") from None
+            raise RegistryError(
+                f"cannot open the registry at '{self.root}' ({exc}); pass a writable --registry folder"
+            ) from None
         try:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA busy_timeout = 60000")
@@ -203,7 +219,9 @@ class Registry:
                 con.executescript(_SCHEMA)
             yield con
         except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"the registry index '{self.index}' cannot be used ({exc}); restore it or start a new --registry") from None
+            raise RegistryError(
+                f"the registry index '{self.index}' cannot be used ({exc}); restore it or start a new --registry"
+            ) from None
         finally:
             con.close()
 
@@ -211,11 +229,27 @@ class Registry:
         return self.root / "adapters" / name / f"v{version}"
 
     def _row_to_version(self, con: sqlite3.Connection, row: sqlite3.Row) -> Version:
-        files = {r["path"]: (r["sha256"], r["size"]) for r in con.execute("SELECT path, sha256, size FROM files WHERE name=? AND version=? ORDER BY path", (row["name"], row["version"]))}
+        files = {
+            r["path"]: (r["sha256"], r["size"])
+            for r in con.execute(
+                "SELECT path, sha256, size FROM files WHERE name=? AND version=? ORDER BY path",
+                (row["name"], row["version"]),
+            )
+        }
         return Version(
-            row["name"], row["version"], row["content_hash"], row["task"] or "", row["base_model"] or "", row["base_fingerprint"] or "",
-            row["metric"] or "-", json.loads(row["metrics"] or "{}"), row["created_at"] or "", row["size"] or 0, row["source"] or "",
-            self._version_dir(row["name"], row["version"]), files,
+            row["name"],
+            row["version"],
+            row["content_hash"],
+            row["task"] or "",
+            row["base_model"] or "",
+            row["base_fingerprint"] or "",
+            row["metric"] or "-",
+            json.loads(row["metrics"] or "{}"),
+            row["created_at"] or "",
+            row["size"] or 0,
+            row["source"] or "",
+            self._version_dir(row["name"], row["version"]),
+            files,
         )
 
     # ---- publish ----------------------------------------------------------------------------------
@@ -244,11 +278,17 @@ class Registry:
                 _read_only(staging)
                 con.execute("BEGIN IMMEDIATE")  # one publisher at a time picks a version number
                 try:
-                    same = con.execute("SELECT * FROM versions WHERE name=? AND content_hash=? ORDER BY version DESC", (name, content_hash)).fetchone()
+                    same = con.execute(
+                        "SELECT * FROM versions WHERE name=? AND content_hash=? ORDER BY version DESC",
+                        (name, content_hash),
+                    ).fetchone()
                     if same is not None:
                         con.execute("ROLLBACK")
                         return self._row_to_version(con, same), False
-                    version = (con.execute("SELECT MAX(version) FROM versions WHERE name=?", (name,)).fetchone()[0] or 0) + 1
+                    version = (
+                        con.execute("SELECT MAX(version) FROM versions WHERE name=?", (name,)).fetchone()[0]
+                        or 0
+                    ) + 1
                     target = self._version_dir(name, version)
                     _remove(target)  # left by a publish that crashed before its commit
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -256,19 +296,37 @@ class Registry:
                     base = meta.get("base_model", {})
                     con.execute(
                         "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        (name, version, content_hash, meta.get("task"), base.get("name_or_path"), base.get("fingerprint"),
-                         headline_metric(meta), json.dumps(meta.get("metrics") or {}), now_iso(), sum(s for _, s in files.values()), str(src.resolve())),
+                        (
+                            name,
+                            version,
+                            content_hash,
+                            meta.get("task"),
+                            base.get("name_or_path"),
+                            base.get("fingerprint"),
+                            headline_metric(meta),
+                            json.dumps(meta.get("metrics") or {}),
+                            now_iso(),
+                            sum(s for _, s in files.values()),
+                            str(src.resolve()),
+                        ),
                     )
-                    con.executemany("INSERT INTO files VALUES (?,?,?,?,?)", [(name, version, rel, h, s) for rel, (h, s) in files.items()])
+                    con.executemany(
+                        "INSERT INTO files VALUES (?,?,?,?,?)",
+                        [(name, version, rel, h, s) for rel, (h, s) in files.items()],
+                    )
                     con.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
                         con.execute("ROLLBACK")
                     raise
-                row = con.execute("SELECT * FROM versions WHERE name=? AND version=?", (name, version)).fetchone()
+                row = con.execute(
+                    "SELECT * FROM versions WHERE name=? AND version=?", (name, version)
+                ).fetchone()
                 return self._row_to_version(con, row), True
             except OSError as exc:
-                raise RegistryError(f"cannot store '{src}' in the registry at '{self.root}' ({exc.strerror or exc}); pass a writable --registry folder") from None
+                raise RegistryError(
+                    f"cannot store '{src}' in the registry at '{self.root}' ({exc.strerror or exc}); pass a writable --registry folder"
+                ) from None
             finally:
                 _remove(staging)
 
@@ -281,7 +339,9 @@ class Registry:
             if name is None:
                 rows = con.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
             else:
-                rows = con.execute("SELECT * FROM versions WHERE name=? ORDER BY version", (check_name(name),)).fetchall()
+                rows = con.execute(
+                    "SELECT * FROM versions WHERE name=? ORDER BY version", (check_name(name),)
+                ).fetchall()
             return [self._row_to_version(con, r) for r in rows]
 
     def get(self, ref: str) -> Version:
@@ -293,11 +353,20 @@ class Registry:
         name, version = parse_ref(ref)
         with self._db() as con:
             if version is None:
-                row = con.execute("SELECT * FROM versions WHERE name=? ORDER BY version DESC", (name,)).fetchone()
+                row = con.execute(
+                    "SELECT * FROM versions WHERE name=? ORDER BY version DESC", (name,)
+                ).fetchone()
             else:
-                row = con.execute("SELECT * FROM versions WHERE name=? AND version=?", (name, version)).fetchone()
+                row = con.execute(
+                    "SELECT * FROM versions WHERE name=? AND version=?", (name, version)
+                ).fetchone()
             if row is None:
-                known = [f"{r['name']}:{r['version']}" for r in con.execute("SELECT name, version FROM versions WHERE name=? ORDER BY version", (name,))]
+                known = [
+                    f"{r['name']}:{r['version']}"
+                    for r in con.execute(
+                        "SELECT name, version FROM versions WHERE name=? ORDER BY version", (name,)
+                    )
+                ]
                 hint = f"known versions: {', '.join(known)}" if known else "see `lorakit registry list`"
                 raise RegistryError(f"'{ref}' is not in the registry at '{self.root}'; {hint}")
             return self._row_to_version(con, row)
@@ -310,11 +379,15 @@ class Registry:
         """
         v = self.get(ref)
         if not v.path.is_dir():
-            raise RegistryError(f"registry: {v.ref} is damaged: its folder '{v.path}' is missing; delete it (lorakit registry delete {v.ref}) and publish again")
+            raise RegistryError(
+                f"registry: {v.ref} is damaged: its folder '{v.path}' is missing; delete it (lorakit registry delete {v.ref}) and publish again"
+            )
         _, found = hash_tree(v.path)
         for rel, (h, _) in v.files.items():
             if rel not in found:
-                raise RegistryError(f"registry: {v.ref} is damaged: {rel} is missing; delete it (lorakit registry delete {v.ref}) and publish again")
+                raise RegistryError(
+                    f"registry: {v.ref} is damaged: {rel} is missing; delete it (lorakit registry delete {v.ref}) and publish again"
+                )
             if found[rel][0] != h:
                 raise RegistryError(
                     f"registry: {v.ref} was tampered with: {rel} has hash sha256:{found[rel][0][:16]}… but was published as "
@@ -322,7 +395,9 @@ class Registry:
                 )
         extra = sorted(set(found) - set(v.files))
         if extra:
-            raise RegistryError(f"registry: {v.ref} was tampered with: {extra[0]} was added after publishing; delete it (lorakit registry delete {v.ref}) and publish again")
+            raise RegistryError(
+                f"registry: {v.ref} was tampered with: {extra[0]} was added after publishing; delete it (lorakit registry delete {v.ref}) and publish again"
+            )
         return v
 
     def pull(self, ref: str, to: str | Path | None = None, *, overwrite: bool = False) -> Path:
@@ -336,14 +411,18 @@ class Registry:
             return v.path
         dest = Path(to)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
-            raise RegistryError(f"'{dest}' already exists; pass --overwrite to replace it or choose another folder")
+            raise RegistryError(
+                f"'{dest}' already exists; pass --overwrite to replace it or choose another folder"
+            )
         with atomic_dir(dest) as tmp:
             for rel in v.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(v.path / rel, tmp / rel)
             _, copied = hash_tree(tmp)
             if {k: h for k, (h, _) in copied.items()} != {k: h for k, (h, _) in v.files.items()}:
-                raise RegistryError(f"registry: {v.ref} changed while it was being copied to '{dest}'; pull again")
+                raise RegistryError(
+                    f"registry: {v.ref} changed while it was being copied to '{dest}'; pull again"
+                )
         return dest
 
     # ---- delete -----------------------------------------------------------------------------------
@@ -355,10 +434,14 @@ class Registry:
         """
         name, version = parse_ref(ref)
         if version is None and not all_versions:
-            raise RegistryError(f"'{ref}' names every version of {name}; delete one with {name}:N or all with --all")
+            raise RegistryError(
+                f"'{ref}' names every version of {name}; delete one with {name}:N or all with --all"
+            )
         gone = self.list(name) if version is None else [self.get(ref)]
         if not gone:
-            raise RegistryError(f"'{ref}' is not in the registry at '{self.root}'; see `lorakit registry list`")
+            raise RegistryError(
+                f"'{ref}' is not in the registry at '{self.root}'; see `lorakit registry list`"
+            )
         with self._db() as con:
             con.execute("BEGIN IMMEDIATE")
             for v in gone:
@@ -370,4 +453,3 @@ class Registry:
         with contextlib.suppress(OSError):
             (self.root / "adapters" / name).rmdir()  # only when empty
         return gone
-

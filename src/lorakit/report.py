@@ -68,7 +68,15 @@ def _plot_confusion(cm: list[list[int]], labels: tuple[str, ...], out: Path, nam
     if len(labels) <= 20:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black", fontsize=9)
+                ax.text(
+                    j,
+                    i,
+                    str(m[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black",
+                    fontsize=9,
+                )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
@@ -85,7 +93,9 @@ def _scalar_table(evaluations: dict[str, dict[str, Any] | None]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     rows = []
     for split, m in evaluations.items():
-        cells = "".join(f"<td>{m[k]:.4f}</td>" if m and isinstance(m.get(k), (int, float)) else "<td>-</td>" for k in keys)
+        cells = "".join(
+            f"<td>{m[k]:.4f}</td>" if m and isinstance(m.get(k), (int, float)) else "<td>-</td>" for k in keys
+        )
         rows.append(f"<tr><th>{html.escape(split)}</th>{cells}</tr>")
     return f"<table><tr><th>split</th>{head}</tr>{''.join(rows)}</table>"
 
@@ -98,7 +108,15 @@ def _per_class_table(per_class: dict[str, dict[str, float]]) -> str:
     return f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>"
 
 
-def write_report(out_dir: str | Path, *, title: str, history: list[dict[str, Any]], evaluations: dict[str, dict[str, Any] | None], label_space: Any, meta: dict[str, Any] | None = None) -> Path:
+def write_report(
+    out_dir: str | Path,
+    *,
+    title: str,
+    history: list[dict[str, Any]],
+    evaluations: dict[str, dict[str, Any] | None],
+    label_space: Any,
+    meta: dict[str, Any] | None = None,
+) -> Path:
     """Write ``index.html`` and its plots into ``out_dir`` (atomically replaced).
 
     Args:
@@ -131,14 +149,27 @@ def write_report(out_dir: str | Path, *, title: str, history: list[dict[str, Any
         for i, (split, m) in enumerate(evaluations.items()):
             if not m or "confusion_matrix" not in m or label_space is None:
                 continue
-            img = _plot_confusion(m["confusion_matrix"], label_space.labels, tmp, f"confusion_{i}.png", f"Confusion matrix: {split}")
-            parts.append(f"<h2>{html.escape(split)}</h2><img src=\"{img}\" alt=\"confusion matrix {html.escape(split)}\">")
+            img = _plot_confusion(
+                m["confusion_matrix"],
+                label_space.labels,
+                tmp,
+                f"confusion_{i}.png",
+                f"Confusion matrix: {split}",
+            )
+            parts.append(
+                f'<h2>{html.escape(split)}</h2><img src="{img}" alt="confusion matrix {html.escape(split)}">'
+            )
             if "per_class" in m:
                 parts.append(_per_class_table(m["per_class"]))
         for split, m in evaluations.items():
             if m and m.get("samples"):
-                rows = "".join(f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td>{html.escape(s['reference'])}</td><td>{html.escape(s['output'])}</td></tr>" for s in m["samples"])
-                parts.append(f"<h2>Sample generations: {html.escape(split)}</h2><table class=samples><tr><th>prompt</th><th>reference</th><th>output</th></tr>{rows}</table>")
+                rows = "".join(
+                    f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td>{html.escape(s['reference'])}</td><td>{html.escape(s['output'])}</td></tr>"
+                    for s in m["samples"]
+                )
+                parts.append(
+                    f"<h2>Sample generations: {html.escape(split)}</h2><table class=samples><tr><th>prompt</th><th>reference</th><th>output</th></tr>{rows}</table>"
+                )
         style = (
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"

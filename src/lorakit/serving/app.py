@@ -48,7 +48,11 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     adapter: AdapterName = Field(description="Adapter name (a registry name may carry a version, name:3).")
-    inputs: list[Text] = Field(min_length=1, max_length=256, description="Texts; for image adapters base64-encoded image bytes or http(s) URLs.")
+    inputs: list[Text] = Field(
+        min_length=1,
+        max_length=256,
+        description="Texts; for image adapters base64-encoded image bytes or http(s) URLs.",
+    )
     top_k: int = Field(1, ge=1, le=100, description="How many labels to return per input, most likely first.")
 
 
@@ -118,15 +122,23 @@ class Metrics:
         with self._lock:
             self.requests[(route, status)] += 1
             buckets = self.latency[route]
-            buckets[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
+            buckets[
+                next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
+            ] += 1
             self.latency_sum[route] += seconds
 
     def render(self, engine: Engine) -> str:
-        out = ["# HELP lorakit_requests_total Requests by route and status.", "# TYPE lorakit_requests_total counter"]
+        out = [
+            "# HELP lorakit_requests_total Requests by route and status.",
+            "# TYPE lorakit_requests_total counter",
+        ]
         with self._lock:
             for (route, status), n in sorted(self.requests.items()):
                 out.append(f'lorakit_requests_total{{route="{route}",status="{status}"}} {n}')
-            out += ["# HELP lorakit_request_seconds Request latency.", "# TYPE lorakit_request_seconds histogram"]
+            out += [
+                "# HELP lorakit_request_seconds Request latency.",
+                "# TYPE lorakit_request_seconds histogram",
+            ]
             for route, counts in sorted(self.latency.items()):
                 cum = 0
                 for b, c in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
@@ -136,18 +148,31 @@ class Metrics:
                 out.append(f'lorakit_request_seconds_sum{{route="{route}"}} {self.latency_sum[route]:.6f}')
                 out.append(f'lorakit_request_seconds_count{{route="{route}"}} {cum}')
         sizes = list(engine.stats.batch_sizes)
-        out += ["# HELP lorakit_batch_rows Rows per forward pass (recent batches).", "# TYPE lorakit_batch_rows histogram"]
+        out += [
+            "# HELP lorakit_batch_rows Rows per forward pass (recent batches).",
+            "# TYPE lorakit_batch_rows histogram",
+        ]
         for b in BATCH_BUCKETS:
             out.append(f'lorakit_batch_rows_bucket{{le="{b}"}} {sum(1 for s in sizes if s <= b)}')
         out.append(f'lorakit_batch_rows_bucket{{le="+Inf"}} {len(sizes)}')
         out.append(f"lorakit_batch_rows_sum {sum(sizes)}")
         out.append(f"lorakit_batch_rows_count {len(sizes)}")
         out += [
-            "# HELP lorakit_batches_total Forward passes run.", "# TYPE lorakit_batches_total counter", f"lorakit_batches_total {engine.stats.batches}",
-            "# HELP lorakit_adapters_loaded Adapters in the model now.", "# TYPE lorakit_adapters_loaded gauge", f"lorakit_adapters_loaded {len(engine.loaded)}",
-            "# HELP lorakit_adapters_known Adapters the server can answer for.", "# TYPE lorakit_adapters_known gauge", f"lorakit_adapters_known {len(engine.known)}",
-            "# HELP lorakit_adapter_loads_total Adapter loads (incl. on demand).", "# TYPE lorakit_adapter_loads_total counter", f"lorakit_adapter_loads_total {engine.stats.loads}",
-            "# HELP lorakit_adapter_evictions_total Adapters unloaded by the LRU.", "# TYPE lorakit_adapter_evictions_total counter", f"lorakit_adapter_evictions_total {engine.stats.evictions}",
+            "# HELP lorakit_batches_total Forward passes run.",
+            "# TYPE lorakit_batches_total counter",
+            f"lorakit_batches_total {engine.stats.batches}",
+            "# HELP lorakit_adapters_loaded Adapters in the model now.",
+            "# TYPE lorakit_adapters_loaded gauge",
+            f"lorakit_adapters_loaded {len(engine.loaded)}",
+            "# HELP lorakit_adapters_known Adapters the server can answer for.",
+            "# TYPE lorakit_adapters_known gauge",
+            f"lorakit_adapters_known {len(engine.known)}",
+            "# HELP lorakit_adapter_loads_total Adapter loads (incl. on demand).",
+            "# TYPE lorakit_adapter_loads_total counter",
+            f"lorakit_adapter_loads_total {engine.stats.loads}",
+            "# HELP lorakit_adapter_evictions_total Adapters unloaded by the LRU.",
+            "# TYPE lorakit_adapter_evictions_total counter",
+            f"lorakit_adapter_evictions_total {engine.stats.evictions}",
         ]
         return "\n".join(out) + "\n"
 
@@ -169,7 +194,12 @@ class _BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await _send_json(send, 413, "request_too_large", f"request body over {self.limit} bytes; send fewer or smaller inputs")
+            await _send_json(
+                send,
+                413,
+                "request_too_large",
+                f"request body over {self.limit} bytes; send fewer or smaller inputs",
+            )
             return
         seen = 0
 
@@ -185,7 +215,12 @@ class _BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await _send_json(send, 413, "request_too_large", f"request body over {self.limit} bytes; send fewer or smaller inputs")
+            await _send_json(
+                send,
+                413,
+                "request_too_large",
+                f"request body over {self.limit} bytes; send fewer or smaller inputs",
+            )
 
 
 class _TooLarge(Exception):
@@ -196,7 +231,13 @@ async def _send_json(send: Any, status: int, kind: str, message: str) -> None:
     import json
 
     body = json.dumps({"error": {"type": kind, "message": message}}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -223,16 +264,33 @@ def create_app(
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="lorakit", version=_version(), description=f"{engine.task.name} adapters on one base model, batched across adapters.")
+    app = FastAPI(
+        title="lorakit",
+        version=_version(),
+        description=f"{engine.task.name} adapters on one base model, batched across adapters.",
+    )
     metrics = Metrics()
-    errors = {404: "not_found", 400: "bad_request", 401: "unauthorized", 403: "forbidden", 405: "method_not_allowed", 422: "invalid_request", 503: "overloaded", 504: "timeout"}
+    errors = {
+        404: "not_found",
+        400: "bad_request",
+        401: "unauthorized",
+        403: "forbidden",
+        405: "method_not_allowed",
+        422: "invalid_request",
+        503: "overloaded",
+        504: "timeout",
+    }
 
     class ApiError(Exception):
         def __init__(self, status: int, message: str) -> None:
             self.status, self.message = status, message
 
     def err(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"type": errors.get(status, "error"), "message": message}}, status_code=status, headers=headers)
+        return JSONResponse(
+            {"error": {"type": errors.get(status, "error"), "message": message}},
+            status_code=status,
+            headers=headers,
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -264,7 +322,9 @@ def create_app(
 
     def admin(request: Request) -> None:
         if admin_token is None:
-            raise ApiError(403, "admin routes are disabled; start the server with --admin-token (or LORAKIT_ADMIN_TOKEN)")
+            raise ApiError(
+                403, "admin routes are disabled; start the server with --admin-token (or LORAKIT_ADMIN_TOKEN)"
+            )
         got = request.headers.get("authorization", "")
         if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), admin_token.encode()):
             raise ApiError(401, "admin route: send the header 'Authorization: Bearer <admin token>'")
@@ -273,7 +333,9 @@ def create_app(
         if isinstance(exc, UnknownAdapter):
             return ApiError(404, str(exc))
         if isinstance(exc, LorakitError):
-            return ApiError(400 if isinstance(exc, (AdapterError, RegistryError)) else 422, " ".join(str(exc).split()))
+            return ApiError(
+                400 if isinstance(exc, (AdapterError, RegistryError)) else 422, " ".join(str(exc).split())
+            )
         raise exc
 
     async def run(adapter: str, encode: Any, options: tuple = ()) -> list[Any]:
@@ -288,7 +350,9 @@ def create_app(
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=request_timeout)
         except TimeoutError:
             future.cancel()
-            raise ApiError(504, f"no result within {request_timeout:g} s; retry, or send fewer inputs") from None
+            raise ApiError(
+                504, f"no result within {request_timeout:g} s; retry, or send fewer inputs"
+            ) from None
         except Exception as exc:
             raise user_error(exc) from None
 
@@ -310,7 +374,10 @@ def create_app(
         import torch
 
         records = engine.task.top_k(torch.stack(logits), ["" for _ in logits], info.label_space, req.top_k)
-        return PredictResponse(adapter=req.adapter, predictions=[Prediction(label=r["label"], score=r["score"], top_k=r["top_k"]) for r in records])
+        return PredictResponse(
+            adapter=req.adapter,
+            predictions=[Prediction(label=r["label"], score=r["score"], top_k=r["top_k"]) for r in records],
+        )
 
     @app.post("/v1/chat/completions", responses=responses)
     async def chat(req: ChatRequest) -> dict[str, Any]:
@@ -324,16 +391,32 @@ def create_app(
         limit = engine.context_length
         if limit:
             if len(prompt) >= limit:
-                raise ApiError(422, f"messages: the conversation is {len(prompt)} tokens and this model reads at most {limit}; shorten it")
+                raise ApiError(
+                    422,
+                    f"messages: the conversation is {len(prompt)} tokens and this model reads at most {limit}; shorten it",
+                )
             max_new = min(max_new, limit - len(prompt))
         do_sample = req.temperature > 0
         options = (max_new, do_sample, req.temperature if do_sample else 1.0, req.top_p if do_sample else 1.0)
         text = (await run(req.model, lambda: [prompt], options))[0]
         completion = len(engine.processor(text, add_special_tokens=False)["input_ids"]) if text else 0
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()), "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length" if completion >= max_new else "stop"}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion},
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length" if completion >= max_new else "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": completion,
+                "total_tokens": len(prompt) + completion,
+            },
         }
 
     @app.get("/v1/adapters")
@@ -344,7 +427,9 @@ def create_app(
     async def load_adapter(req: LoadRequest, request: Request) -> dict[str, Any]:
         admin(request)
         if engine.registry is None:
-            raise ApiError(400, "this server has no registry (--registry); adapters can only be loaded from one")
+            raise ApiError(
+                400, "this server has no registry (--registry); adapters can only be loaded from one"
+            )
         try:
             info = await run_in_threadpool(engine.add, req.name)
         except Exception as exc:
@@ -352,7 +437,9 @@ def create_app(
         return info.describe(info.name in engine.loaded)
 
     @app.delete("/v1/adapters/{name}", responses=responses)
-    async def unload_adapter(name: Annotated[str, StringConstraints(max_length=80)], request: Request) -> dict[str, Any]:
+    async def unload_adapter(
+        name: Annotated[str, StringConstraints(max_length=80)], request: Request
+    ) -> dict[str, Any]:
         admin(request)
         try:
             await run_in_threadpool(engine.remove, name)
@@ -383,7 +470,9 @@ def _decode_inputs(inputs: list[str], binary: bool, error: Any) -> list[Any]:
             out.append(item)
             continue
         try:
-            out.append(base64.b64decode(item.split(",", 1)[1] if item.startswith("data:") else item, validate=True))
+            out.append(
+                base64.b64decode(item.split(",", 1)[1] if item.startswith("data:") else item, validate=True)
+            )
         except (binascii.Error, ValueError):
             raise error(422, f"inputs[{i}]: not base64 image bytes or an http(s) URL") from None
     return out

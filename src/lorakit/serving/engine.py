@@ -58,9 +58,13 @@ class AdapterInfo:
 
     def describe(self, loaded: bool) -> dict[str, Any]:
         return {
-            "name": self.name, "task": self.meta.get("task"), "source": self.source, "loaded": loaded,
+            "name": self.name,
+            "task": self.meta.get("task"),
+            "source": self.source,
+            "loaded": loaded,
             "labels": list(self.label_space.labels) if self.label_space else None,
-            "metrics": self.meta.get("metrics", {}).get("test") or self.meta.get("metrics", {}).get("validation"),
+            "metrics": self.meta.get("metrics", {}).get("test")
+            or self.meta.get("metrics", {}).get("validation"),
         }
 
 
@@ -119,10 +123,16 @@ class Engine:
         device: str = "auto",
     ) -> None:
         if not adapters:
-            raise AdapterError("serve needs at least one adapter (NAME=PATH, a folder or a registry name); it fixes the base model")
+            raise AdapterError(
+                "serve needs at least one adapter (NAME=PATH, a folder or a registry name); it fixes the base model"
+            )
         self.registry = Registry(registry) if registry is not None else None
         self.on_demand = on_demand
-        self.max_adapters, self.max_batch, self.window = max(1, max_adapters), max(1, max_batch), window_ms / 1000
+        self.max_adapters, self.max_batch, self.window = (
+            max(1, max_adapters),
+            max(1, max_batch),
+            window_ms / 1000,
+        )
         if adapter_dtype not in ("float32", "float16", "bfloat16"):
             raise AdapterError(f"adapter dtype '{adapter_dtype}' is not one of float32, float16, bfloat16")
         self.storage = getattr(torch, adapter_dtype)
@@ -139,7 +149,9 @@ class Engine:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
 
         first = self._resolve(adapters[0], paths=True)
-        loaded = load_adapter(first.path, device=device, adapter_name=first.name)  # the base every adapter shares
+        loaded = load_adapter(
+            first.path, device=device, adapter_name=first.name
+        )  # the base every adapter shares
         self.task: Task = loaded.task
         self.base_fingerprint = first.meta["base_model"].get("fingerprint")
         self.base_name = first.meta["base_model"]["name_or_path"]
@@ -181,7 +193,9 @@ class Engine:
             name, source = check_name(meta_name.lower()), spec
         else:
             if self.registry is None:
-                raise UnknownAdapter(f"adapter '{spec}' is not a folder and no registry is configured (--registry)")
+                raise UnknownAdapter(
+                    f"adapter '{spec}' is not a folder and no registry is configured (--registry)"
+                )
             name, _ = parse_ref(spec)
             try:
                 path = self.registry.pull(spec)  # verified against the published hashes
@@ -197,12 +211,27 @@ class Engine:
 
     def _check_fits(self, info: AdapterInfo) -> None:
         if info.meta.get("task") != self.task.name:
-            raise AdapterError(f"adapter '{info.name}' is a {info.meta.get('task')} adapter; this server serves {self.task.name}")
+            raise AdapterError(
+                f"adapter '{info.name}' is a {info.meta.get('task')} adapter; this server serves {self.task.name}"
+            )
         fp = info.meta["base_model"].get("fingerprint")
-        if fp and self.base_fingerprint and fp != self.base_fingerprint and "unknown" not in (fp, self.base_fingerprint):
-            raise AdapterError(f"adapter '{info.name}' was trained on another base model ({info.meta['base_model']['name_or_path']}); this server's base differs")
-        if self.head_labels is not None and info.label_space and info.label_space.num_labels != self.head_labels:
-            raise AdapterError(f"adapter '{info.name}' has {info.label_space.num_labels} labels but this server's classification head has {self.head_labels}; serve it on a server of its own")
+        if (
+            fp
+            and self.base_fingerprint
+            and fp != self.base_fingerprint
+            and "unknown" not in (fp, self.base_fingerprint)
+        ):
+            raise AdapterError(
+                f"adapter '{info.name}' was trained on another base model ({info.meta['base_model']['name_or_path']}); this server's base differs"
+            )
+        if (
+            self.head_labels is not None
+            and info.label_space
+            and info.label_space.num_labels != self.head_labels
+        ):
+            raise AdapterError(
+                f"adapter '{info.name}' has {info.label_space.num_labels} labels but this server's classification head has {self.head_labels}; serve it on a server of its own"
+            )
 
     def add(self, spec: str, *, paths: bool = False) -> AdapterInfo:
         """Register an adapter (validated; its weights load on first use). ``paths`` admits folders
@@ -422,7 +451,9 @@ class Engine:
                 if "ixed batch" not in str(exc):
                     raise
                 self.mixed_ok = False
-                log.info("this model cannot mix adapters in one batch (%s); running one pass per adapter", exc)
+                log.info(
+                    "this model cannot mix adapters in one batch (%s); running one pass per adapter", exc
+                )
         outputs: dict[int, list[Any]] = {}
         for adapter in dict.fromkeys(j.adapter for j in jobs):
             group = [j for j in jobs if j.adapter == adapter]
@@ -458,4 +489,6 @@ class Engine:
     def _run_model(self, jobs: list[_Job], names: list[str]) -> list[Any]:
         kwargs, ctx = self._adapter_kwargs(names)
         with ctx:
-            return self.task.serve_batch(self.model, self.processor, [r for j in jobs for r in j.rows], jobs[0].options, **kwargs)
+            return self.task.serve_batch(
+                self.model, self.processor, [r for j in jobs for r in j.rows], jobs[0].options, **kwargs
+            )

@@ -72,7 +72,9 @@ def _lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) 
     return out.squeeze(1) if flat else out
 
 
-def _gathered_mixed_forward(self: Any, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+def _gathered_mixed_forward(
+    self: Any, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+) -> torch.Tensor:
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     rows = adapter_names if isinstance(adapter_names, Rows) else Rows(adapter_names)
@@ -146,7 +148,13 @@ class AdapterStore:
         if any(not isinstance(w.original_module, mixable) for w in self.heads.values()):
             return False  # peft cannot mix such heads per row; these adapters go through peft (one pass each)
         cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        if (
+            cfg.get("peft_type") != "LORA"
+            or cfg.get("use_dora")
+            or cfg.get("lora_bias")
+            or cfg.get("rank_pattern")
+            or cfg.get("alpha_pattern")
+        ):
             return False
         from safetensors import safe_open
 
@@ -198,7 +206,10 @@ class AdapterStore:
         def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             return args, {**kwargs, "adapter_names": plan if module.__dict__.get("_lorakit_layer") else names}
 
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in [*self.layers.values(), *self.heads.values()]]
+        handles = [
+            m.register_forward_pre_hook(hook, with_kwargs=True)
+            for m in [*self.layers.values(), *self.heads.values()]
+        ]
         try:
             yield
         finally:

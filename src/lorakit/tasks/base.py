@@ -62,7 +62,9 @@ class Task(ABC):
         """Read, check, split and preprocess the data of a run."""
 
     @abstractmethod
-    def preprocess(self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str) -> Dataset:
+    def preprocess(
+        self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str
+    ) -> Dataset:
         """Turn raw rows (already label-encoded where needed) into model inputs."""
 
     @abstractmethod
@@ -76,7 +78,9 @@ class Task(ABC):
 
     # ---- model ----------------------------------------------------------------------------------
     @abstractmethod
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: DataConfig | None = None) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(
+        self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: DataConfig | None = None
+    ) -> tuple[torch.nn.Module, list[str]]:
         """Load the base model (shaped for ``data_cfg`` where inputs matter, e.g. image size); return it
         and the names of modules that are new (not in the checkpoint)."""
 
@@ -101,11 +105,31 @@ class Task(ABC):
         return int(batch["labels"].shape[0])
 
     # ---- evaluation / prediction ----------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, cfg: RunConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        ds: Dataset,
+        processor: Any,
+        cfg: RunConfig,
+        label_space: Any,
+        *,
+        batch_size: int,
+        device: torch.device,
+        amp: torch.dtype | None = None,
+        progress: Any = None,
+    ) -> dict[str, Any]:
         """Metrics of ``model`` on a preprocessed split: the loss plus :meth:`compute_metrics`."""
         from lorakit.batching import evaluate_model
 
-        logits, labels, loss = evaluate_model(model, ds, self.collate(processor, cfg.data), batch_size=batch_size, device=device, amp=amp, progress=progress)
+        logits, labels, loss = evaluate_model(
+            model,
+            ds,
+            self.collate(processor, cfg.data),
+            batch_size=batch_size,
+            device=device,
+            amp=amp,
+            progress=progress,
+        )
         return {"loss": loss, **self.compute_metrics(logits, labels, label_space)}
 
     @abstractmethod
@@ -113,7 +137,16 @@ class Task(ABC):
         """Metrics from gathered model outputs; scalar values are logged, others go in the report."""
 
     @abstractmethod
-    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: DataConfig, *, top_k: int = 1) -> list[dict[str, Any]]:
+    def predict(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        inputs: list[Any],
+        label_space: Any,
+        data_cfg: DataConfig,
+        *,
+        top_k: int = 1,
+    ) -> list[dict[str, Any]]:
         """Post-processed predictions for raw inputs."""
 
     def plan_lines(self, cfg: RunConfig, stats: dict[str, Any]) -> list[str]:
@@ -122,7 +155,9 @@ class Task(ABC):
         if not tok:
             return []
         cut_at = getattr(cfg.data, "max_length", "max_length")
-        return [f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} train examples cut at {cut_at}"]
+        return [
+            f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} train examples cut at {cut_at}"
+        ]
 
     # ---- serving --------------------------------------------------------------------------------
     def serving_rows(self, processor: Any, data_cfg: DataConfig, inputs: list[Any]) -> list[Any]:
@@ -134,13 +169,19 @@ class Task(ABC):
         """
         raise NotImplementedError(f"{self.name} adapters are not served from raw inputs")
 
-    def serve_batch(self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any) -> list[Any]:
+    def serve_batch(
+        self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any
+    ) -> list[Any]:
         """One pass of the server's model over ``rows`` (of one or many adapters); one output per row."""
         raise NotImplementedError(f"{self.name} adapters are not served")
 
     def usage(self, meta: dict[str, Any]) -> list[str]:
         """Python lines that load base model + adapter with plain peft (for the model card)."""
-        return ["from peft import PeftModel", "# load the base model, then:", 'model = PeftModel.from_pretrained(base, "ADAPTER_DIR").eval()']
+        return [
+            "from peft import PeftModel",
+            "# load the base model, then:",
+            'model = PeftModel.from_pretrained(base, "ADAPTER_DIR").eval()',
+        ]
 
     # ---- export ---------------------------------------------------------------------------------
     #: Dynamic ONNX axes of every model input (e.g. {0: "batch", 1: "sequence"}); None: no ONNX export.

@@ -50,31 +50,66 @@ NAMED_TEMPLATES = {
 class CausalLMData(TokenizedDataConfig):
     """Conversations, instructions or plain text for a causal language model."""
 
-    prompt_format: Literal["auto", "chat", "alpaca", "text"] = Field("auto", description="Row format: `chat` (a messages list), `alpaca` (instruction / input / output columns, or `instruction_template` + `output_column`), `text` (plain text, continued pre-training); `auto` decides by the columns present.")
+    prompt_format: Literal["auto", "chat", "alpaca", "text"] = Field(
+        "auto",
+        description="Row format: `chat` (a messages list), `alpaca` (instruction / input / output columns, or `instruction_template` + `output_column`), `text` (plain text, continued pre-training); `auto` decides by the columns present.",
+    )
     messages_column: str = Field("messages", description="chat: column with the list of messages.")
-    message_keys: dict[str, str] = Field(default_factory=lambda: {"role": "role", "content": "content"}, description="chat: the keys of a message's role and text, e.g. {role: from, content: value} for ShareGPT.")
-    role_names: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}, description="chat: role values mapped to system / user / assistant.")
+    message_keys: dict[str, str] = Field(
+        default_factory=lambda: {"role": "role", "content": "content"},
+        description="chat: the keys of a message's role and text, e.g. {role: from, content: value} for ShareGPT.",
+    )
+    role_names: dict[str, str] = Field(
+        default_factory=lambda: {
+            "human": "user",
+            "gpt": "assistant",
+            "bot": "assistant",
+            "model": "assistant",
+        },
+        description="chat: role values mapped to system / user / assistant.",
+    )
     instruction_column: str = Field("instruction", description="alpaca: column with the instruction.")
-    input_column: str = Field("input", description="alpaca: optional column with the input the instruction refers to.")
-    output_column: str = Field("output", description="alpaca: column with the answer (integer answers are named by `label_names`).")
-    instruction_template: str | None = Field(None, description="alpaca: build the user message from columns, e.g. 'Review: {text}\nIs it positive or negative?' (turns any labelled table into instructions).")
+    input_column: str = Field(
+        "input", description="alpaca: optional column with the input the instruction refers to."
+    )
+    output_column: str = Field(
+        "output", description="alpaca: column with the answer (integer answers are named by `label_names`)."
+    )
+    instruction_template: str | None = Field(
+        None,
+        description="alpaca: build the user message from columns, e.g. 'Review: {text}\nIs it positive or negative?' (turns any labelled table into instructions).",
+    )
     text_column: str = Field("text", description="text: column with the text to continue.")
-    system_prompt: str | None = Field(None, description="A system message put before every conversation that has none.")
-    chat_template: str | None = Field(None, description="A named template (chatml, alpaca) or a Jinja template, for tokenizers without one (or to replace theirs).")
-    packing: bool = Field(False, description="Pack several short examples into each max_length row; examples never attend to each other (block-diagonal attention, positions restart).")
+    system_prompt: str | None = Field(
+        None, description="A system message put before every conversation that has none."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="A named template (chatml, alpaca) or a Jinja template, for tokenizers without one (or to replace theirs).",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several short examples into each max_length row; examples never attend to each other (block-diagonal attention, positions restart).",
+    )
 
 
 class CausalLMTrain(TrainConfig):
     """Optimisation and evaluation schedule, with the generated answers scored at each evaluation."""
 
-    generation_samples: int = Field(64, ge=0, description="Validation / test examples answered by greedy generation at each evaluation, for exact match and the report's samples; 0 = loss only.")
+    generation_samples: int = Field(
+        64,
+        ge=0,
+        description="Validation / test examples answered by greedy generation at each evaluation, for exact match and the report's samples; 0 = loss only.",
+    )
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in evaluations.")
 
     @model_validator(mode="after")
     def _exact_match_needs_answers(self) -> CausalLMTrain:
         # Caught at load, not after the first epoch: exact match is only computed from generated answers.
         if self.metric_for_best == "exact_match" and self.generation_samples == 0:
-            raise ValueError("train.metric_for_best = 'exact_match' needs train.generation_samples > 0 (answers are generated to score it); raise generation_samples or select on loss")
+            raise ValueError(
+                "train.metric_for_best = 'exact_match' needs train.generation_samples > 0 (answers are generated to score it); raise generation_samples or select on loss"
+            )
         return self
 
 
@@ -93,7 +128,9 @@ def gguf_parts(model_cfg: ModelConfig, model_path: str) -> tuple[str, str | None
         if len(found) == 1:
             return model_path, found[0]
         if found:
-            raise ModelError(f"model.gguf_file: folder '{model_path}' holds several GGUF files ({', '.join(found)}); name one")
+            raise ModelError(
+                f"model.gguf_file: folder '{model_path}' holds several GGUF files ({', '.join(found)}); name one"
+            )
     return model_path, None
 
 
@@ -124,7 +161,9 @@ def gguf_converted(where: str, gguf: str | None) -> tuple[str, str | None]:
     import transformers
 
     stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()
+    ).hexdigest()[:16]
     folder = cache_root() / "gguf" / f"{src.stem}-{key}"
     if (folder / "config.json").is_file():
         return str(folder), None
@@ -145,7 +184,9 @@ def gguf_converted(where: str, gguf: str | None) -> tuple[str, str | None]:
         except OSError:
             if not (folder / "config.json").is_file():  # not another process's finished copy
                 raise
-    except Exception as exc:  # a read-only cache, a full disk, a file transformers cannot read: load it directly
+    except (
+        Exception
+    ) as exc:  # a read-only cache, a full disk, a file transformers cannot read: load it directly
         log.info("could not cache the converted GGUF model (%s); reading %s directly", exc, src)
         return where, gguf
     finally:
@@ -196,7 +237,9 @@ def required_columns(data_cfg: CausalLMData, fmt: str) -> list[str]:
     return [data_cfg.text_column]
 
 
-def to_messages(row: dict[str, Any], data_cfg: CausalLMData, fmt: str, *, key: str, index: int) -> list[dict[str, str]]:
+def to_messages(
+    row: dict[str, Any], data_cfg: CausalLMData, fmt: str, *, key: str, index: int
+) -> list[dict[str, str]]:
     """One row as a list of {role, content} messages (system / user / assistant)."""
     d = data_cfg
     if fmt == "chat":
@@ -207,37 +250,55 @@ def to_messages(row: dict[str, Any], data_cfg: CausalLMData, fmt: str, *, key: s
         messages = []
         for m in raw:
             if not isinstance(m, dict) or rk not in m or ck not in m:
-                raise DataError(f"{key}: row {index}: a message lacks '{rk}' / '{ck}' (keys found: {sorted(m) if isinstance(m, dict) else type(m).__name__}); set data.message_keys")
+                raise DataError(
+                    f"{key}: row {index}: a message lacks '{rk}' / '{ck}' (keys found: {sorted(m) if isinstance(m, dict) else type(m).__name__}); set data.message_keys"
+                )
             role = d.role_names.get(str(m[rk]), str(m[rk]))
             if role not in ("system", "user", "assistant"):
-                raise DataError(f"{key}: row {index}: role '{m[rk]}' is not system / user / assistant; map it with data.role_names")
+                raise DataError(
+                    f"{key}: row {index}: role '{m[rk]}' is not system / user / assistant; map it with data.role_names"
+                )
             messages.append({"role": role, "content": str(m[ck] if m[ck] is not None else "")})
     elif fmt == "alpaca":
         if d.instruction_template:
             try:
                 user = d.instruction_template.format(**row)
             except (KeyError, IndexError, ValueError) as exc:
-                raise DataError(f"data.instruction_template: cannot fill it from row {index} of {key}: {exc}") from None
+                raise DataError(
+                    f"data.instruction_template: cannot fill it from row {index} of {key}: {exc}"
+                ) from None
         else:
             user = str(row[d.instruction_column] or "")
             extra = row.get(d.input_column)
             if extra:
                 user += "\n\n" + str(extra)
         answer = row[d.output_column]
-        if isinstance(answer, int) and not isinstance(answer, bool) and d.label_names and 0 <= answer < len(d.label_names):
+        if (
+            isinstance(answer, int)
+            and not isinstance(answer, bool)
+            and d.label_names
+            and 0 <= answer < len(d.label_names)
+        ):
             answer = d.label_names[answer]
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": "" if answer is None else str(answer)}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "" if answer is None else str(answer)},
+        ]
     else:
         return [{"role": "text", "content": str(row[d.text_column] or "")}]
     if d.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": d.system_prompt})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DataError(f"{key}: row {index} has no assistant answer to learn; remove it or fill in '{d.output_column if fmt == 'alpaca' else 'the assistant message'}'")
+        raise DataError(
+            f"{key}: row {index} has no assistant answer to learn; remove it or fill in '{d.output_column if fmt == 'alpaca' else 'the assistant message'}'"
+        )
     return messages
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, Any]:
@@ -259,11 +320,16 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         start, end = len(before), len(render(tokenizer, messages[: i + 1]))
         if text[:start] != before:
-            raise DataError("data.chat_template: the template renders earlier turns differently once later ones follow; answer spans cannot be located (use chat_template: chatml)")
+            raise DataError(
+                "data.chat_template: the template renders earlier turns differently once later ones follow; answer spans cannot be located (use chat_template: chatml)"
+            )
         spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [tid if any(s <= a < e for s, e in spans) and b > a else IGNORE for tid, (a, b) in zip(ids, offsets, strict=True)]
+    labels = [
+        tid if any(s <= a < e for s, e in spans) and b > a else IGNORE
+        for tid, (a, b) in zip(ids, offsets, strict=True)
+    ]
     last_start = spans[-1][0]
     n_prompt = next((j for j, (a, b) in enumerate(offsets) if a >= last_start and b > a), len(ids))
     prompt_ids = ids[:n_prompt]
@@ -275,7 +341,13 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
         else:
             ids, labels = ids[:max_length], labels[:max_length]
             cut = 3 if all(x == IGNORE for x in labels) else 2
-    return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids if len(prompt_ids) < max_length else prompt_ids[-(max_length - 1) :], "reference": reference, "cut": cut}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "prompt_ids": prompt_ids if len(prompt_ids) < max_length else prompt_ids[-(max_length - 1) :],
+        "reference": reference,
+        "cut": cut,
+    }
 
 
 def pack(rows: list[dict[str, Any]], max_length: int) -> dict[str, list[Any]]:
@@ -287,13 +359,23 @@ def pack(rows: list[dict[str, Any]], max_length: int) -> dict[str, list[Any]]:
     lens: list[int] = []
     for r in rows:
         if ids and len(ids) + len(r["input_ids"]) > max_length:
-            out["input_ids"].append(ids), out["labels"].append(labels), out["seq_lens"].append(lens), out["length"].append(len(ids))
+            (
+                out["input_ids"].append(ids),
+                out["labels"].append(labels),
+                out["seq_lens"].append(lens),
+                out["length"].append(len(ids)),
+            )
             ids, labels, lens = [], [], []
         ids = ids + r["input_ids"]
         labels = labels + r["labels"]
         lens.append(len(r["input_ids"]))
     if ids:
-        out["input_ids"].append(ids), out["labels"].append(labels), out["seq_lens"].append(lens), out["length"].append(len(ids))
+        (
+            out["input_ids"].append(ids),
+            out["labels"].append(labels),
+            out["seq_lens"].append(lens),
+            out["length"].append(len(ids)),
+        )
     return out
 
 
@@ -336,11 +418,20 @@ class CausalLM(Task):
         where, gguf = gguf_converted(*gguf_parts(model_cfg, model_path))
         try:
             with quiet_transformers():
-                tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+                tok = AutoTokenizer.from_pretrained(
+                    where,
+                    gguf_file=gguf,
+                    revision=model_cfg.revision,
+                    trust_remote_code=model_cfg.trust_remote_code,
+                )
         except Exception as exc:
-            raise ModelError(f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+            raise ModelError(
+                f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}"
+            ) from None
         if not getattr(tok, "is_fast", False):
-            raise ModelError(f"model.name_or_path: the tokenizer of '{model_path}' is not a fast tokenizer; lorakit needs token offsets to mask prompts")
+            raise ModelError(
+                f"model.name_or_path: the tokenizer of '{model_path}' is not a fast tokenizer; lorakit needs token offsets to mask prompts"
+            )
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
         return tok
@@ -349,11 +440,18 @@ class CausalLM(Task):
         name = data_cfg.chat_template
         if name:
             template = NAMED_TEMPLATES.get(name, name)
-            if name == "chatml" and tokenizer.convert_tokens_to_ids("<|im_end|>") in (None, tokenizer.unk_token_id):
-                raise ModelError("data.chat_template: chatml needs the tokens <|im_start|> / <|im_end|>, which this tokenizer lacks; use chat_template: alpaca")
+            if name == "chatml" and tokenizer.convert_tokens_to_ids("<|im_end|>") in (
+                None,
+                tokenizer.unk_token_id,
+            ):
+                raise ModelError(
+                    "data.chat_template: chatml needs the tokens <|im_start|> / <|im_end|>, which this tokenizer lacks; use chat_template: alpaca"
+                )
             tokenizer.chat_template = template
         elif not getattr(tokenizer, "chat_template", None):
-            raise ModelError("model.name_or_path: the tokenizer has no chat template; set data.chat_template (chatml or alpaca)")
+            raise ModelError(
+                "model.name_or_path: the tokenizer has no chat template; set data.chat_template (chatml or alpaca)"
+            )
         return tokenizer
 
     def columns(self, data_cfg: CausalLMData) -> list[str]:
@@ -375,22 +473,36 @@ class CausalLM(Task):
         splits, cut_counts = {}, {}
         for name, ds in raw.items():
             splits[name], cut_counts[name] = self._encode_split(ds, processor, d, key=f"data.{name}")
-        stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names, "format": fmt_box["fmt"]}
+        stats: dict[str, Any] = {
+            "sizes": {k: len(v) for k, v in raw.items()},
+            "columns": raw["train"].column_names,
+            "format": fmt_box["fmt"],
+        }
         stats["truncation"] = cut_counts
         warnings = []
         for split, c in cut_counts.items():
             if c["prompt_cut"] or c["answer_cut"] or c["dropped"]:
-                warnings.append(f"data.{split}: {c['prompt_cut']} example(s) lost the start of their prompt, {c['answer_cut']} the end of their answer, "
-                                f"{c['dropped']} dropped (answer beyond data.max_length={d.max_length})")
+                warnings.append(
+                    f"data.{split}: {c['prompt_cut']} example(s) lost the start of their prompt, {c['answer_cut']} the end of their answer, "
+                    f"{c['dropped']} dropped (answer beyond data.max_length={d.max_length})"
+                )
         stats["warnings"] = warnings
         lengths = np.asarray(splits["train"]["length"])
-        stats["train_tokens"] = {"mean": float(lengths.mean()), "max": int(lengths.max()), "truncated": int(cut_counts["train"]["prompt_cut"] + cut_counts["train"]["answer_cut"])}
+        stats["train_tokens"] = {
+            "mean": float(lengths.mean()),
+            "max": int(lengths.max()),
+            "truncated": int(cut_counts["train"]["prompt_cut"] + cut_counts["train"]["answer_cut"]),
+        }
         return PreparedData(DatasetDict(splits), processor, None, stats)
 
-    def preprocess(self, ds: Dataset, processor: Any, data_cfg: CausalLMData, label_space: Any, *, key: str) -> Dataset:
+    def preprocess(
+        self, ds: Dataset, processor: Any, data_cfg: CausalLMData, label_space: Any, *, key: str
+    ) -> Dataset:
         return self._encode_split(ds, processor, data_cfg, key=key)[0]
 
-    def _encode_split(self, ds: Dataset, processor: Any, data_cfg: CausalLMData, *, key: str) -> tuple[Dataset, dict[str, int]]:
+    def _encode_split(
+        self, ds: Dataset, processor: Any, data_cfg: CausalLMData, *, key: str
+    ) -> tuple[Dataset, dict[str, int]]:
         """Model-ready rows of one split and how truncation treated its examples."""
         fmt = detect_format(data_cfg, ds.column_names)
         if fmt != "text":
@@ -398,7 +510,9 @@ class CausalLM(Task):
         rows = []
         cuts = {"prompt_cut": 0, "answer_cut": 0, "dropped": 0}
         for i, row in enumerate(ds):
-            ex = encode_example(processor, to_messages(row, data_cfg, fmt, key=key, index=i), data_cfg.max_length)
+            ex = encode_example(
+                processor, to_messages(row, data_cfg, fmt, key=key, index=i), data_cfg.max_length
+            )
             if ex["cut"] == 3:
                 cuts["dropped"] += 1
                 continue
@@ -406,20 +520,29 @@ class CausalLM(Task):
             cuts["answer_cut"] += ex["cut"] == 2
             rows.append(ex)
         if not rows:
-            raise DataError(f"{key}: every example lost its answer to truncation; raise data.max_length (now {data_cfg.max_length})")
+            raise DataError(
+                f"{key}: every example lost its answer to truncation; raise data.max_length (now {data_cfg.max_length})"
+            )
         if data_cfg.packing and key == "data.train":
             return Dataset.from_dict(pack(rows, data_cfg.max_length)), cuts
-        return Dataset.from_dict({
-            "input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows], "length": [len(r["input_ids"]) for r in rows],
-            "prompt_ids": [r["prompt_ids"] for r in rows], "reference": [r["reference"] for r in rows],
-        }), cuts
+        return Dataset.from_dict(
+            {
+                "input_ids": [r["input_ids"] for r in rows],
+                "labels": [r["labels"] for r in rows],
+                "length": [len(r["input_ids"]) for r in rows],
+                "prompt_ids": [r["prompt_ids"] for r in rows],
+                "reference": [r["reference"] for r in rows],
+            }
+        ), cuts
 
     def collate(self, processor: Any, data_cfg: CausalLMData, *, train: bool = False) -> Any:
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
         multiple = data_cfg.pad_to_multiple_of or 1
 
         def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            width = -(-max(len(ex["input_ids"]) for ex in examples) // multiple) * multiple  # the longest, rounded up
+            width = (
+                -(-max(len(ex["input_ids"]) for ex in examples) // multiple) * multiple
+            )  # the longest, rounded up
             ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
             labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
             attn = torch.zeros((len(examples), width), dtype=torch.long)
@@ -438,7 +561,9 @@ class CausalLM(Task):
                         pos[i, start : start + n] = torch.arange(n)
                         start += n
                 batch["position_ids"] = pos
-                batch["attention_mask"] = block_causal_mask([ex["seq_lens"] for ex in examples], width, torch.float32)
+                batch["attention_mask"] = block_causal_mask(
+                    [ex["seq_lens"] for ex in examples], width, torch.float32
+                )
             else:
                 batch["attention_mask"] = attn
             return batch
@@ -446,26 +571,40 @@ class CausalLM(Task):
         return collate_fn
 
     # ---- model ----------------------------------------------------------------------------------
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: CausalLMData | None = None) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(
+        self, model_cfg: ModelConfig, model_path: str, label_space: Any, data_cfg: CausalLMData | None = None
+    ) -> tuple[torch.nn.Module, list[str]]:
         from transformers import AutoModelForCausalLM
 
         from lorakit.modeling import reject_zoo
 
         reject_zoo(model_path)
         where, gguf = gguf_converted(*gguf_parts(model_cfg, model_path))
-        kwargs: dict[str, Any] = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+        kwargs: dict[str, Any] = {
+            "revision": model_cfg.revision,
+            "trust_remote_code": model_cfg.trust_remote_code,
+        }
         if gguf:
             kwargs["gguf_file"] = gguf
         if model_cfg.quantization != "none":
             if not torch.cuda.is_available():
-                raise ModelError(f"model.quantization: {model_cfg.quantization} (QLoRA) needs a CUDA GPU, and none is visible; set model.quantization: none")
+                raise ModelError(
+                    f"model.quantization: {model_cfg.quantization} (QLoRA) needs a CUDA GPU, and none is visible; set model.quantization: none"
+                )
             try:
                 import bitsandbytes  # noqa: F401
                 from transformers import BitsAndBytesConfig
             except ImportError:
-                raise ModelError("model.quantization: needs the bitsandbytes package; pip install bitsandbytes") from None
+                raise ModelError(
+                    "model.quantization: needs the bitsandbytes package; pip install bitsandbytes"
+                ) from None
             four = model_cfg.quantization == "4bit"
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=four, load_in_8bit=not four, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=four,
+                load_in_8bit=not four,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
         if model_cfg.dropout is not None:
             from lorakit.modeling import load_base_config
 
@@ -475,15 +614,21 @@ class CausalLM(Task):
                 model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
         except ValueError as exc:
             if "Unrecognized configuration class" in str(exc):
-                raise ModelError(f"model.name_or_path: '{model_path}' is not a causal language model (task causal-lm); pick a decoder such as Llama, Qwen2 or SmolLM2") from None
-            raise ModelError(f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+                raise ModelError(
+                    f"model.name_or_path: '{model_path}' is not a causal language model (task causal-lm); pick a decoder such as Llama, Qwen2 or SmolLM2"
+                ) from None
+            raise ModelError(
+                f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}"
+            ) from None
         if getattr(model, "hf_quantizer", None) is not None and model_cfg.quantization == "none":
             plain_weights(model)
         if model_cfg.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model)
-        return model, new_module_names([k for k in info.get("missing_keys", []) if "lm_head" not in k], info.get("mismatched_keys", []))
+        return model, new_module_names(
+            [k for k in info.get("missing_keys", []) if "lm_head" not in k], info.get("mismatched_keys", [])
+        )
 
     # ---- evaluation / generation ----------------------------------------------------------------
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:
@@ -494,19 +639,55 @@ class CausalLM(Task):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, ds: Dataset, processor: Any, cfg: RunConfig, label_space: Any, *, batch_size: int, device: torch.device, amp: torch.dtype | None = None, progress: Any = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        ds: Dataset,
+        processor: Any,
+        cfg: RunConfig,
+        label_space: Any,
+        *,
+        batch_size: int,
+        device: torch.device,
+        amp: torch.dtype | None = None,
+        progress: Any = None,
+    ) -> dict[str, Any]:
         """Token-level loss and perplexity on ``ds``; exact match and samples from greedy answers."""
         was_training = model.training
         model.eval()
-        loss, tokens = self._token_loss(model, ds, processor, cfg.data, batch_size=batch_size, device=device, amp=amp, progress=progress)
-        metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "examples": len(ds)}
+        loss, tokens = self._token_loss(
+            model, ds, processor, cfg.data, batch_size=batch_size, device=device, amp=amp, progress=progress
+        )
+        metrics: dict[str, Any] = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "tokens": tokens,
+            "examples": len(ds),
+        }
         n = min(cfg.train.generation_samples, len(ds)) if "reference" in ds.column_names else 0
         if n:
-            metrics |= self._answer_metrics(model, ds.select(range(n)), processor, max_new_tokens=cfg.train.max_new_tokens, batch_size=batch_size)
+            metrics |= self._answer_metrics(
+                model,
+                ds.select(range(n)),
+                processor,
+                max_new_tokens=cfg.train.max_new_tokens,
+                batch_size=batch_size,
+            )
         model.train(was_training)
         return metrics
 
-    def _token_loss(self, model: torch.nn.Module, ds: Dataset, processor: Any, data_cfg: CausalLMData, *, batch_size: int, device: torch.device, amp: torch.dtype | None, progress: Any) -> tuple[float, int]:
+    def _token_loss(
+        self,
+        model: torch.nn.Module,
+        ds: Dataset,
+        processor: Any,
+        data_cfg: CausalLMData,
+        *,
+        batch_size: int,
+        device: torch.device,
+        amp: torch.dtype | None,
+        progress: Any,
+    ) -> tuple[float, int]:
         """(mean loss per answer token, answer tokens) over ``ds``, shared out over data-parallel ranks."""
         from lorakit.batching import autocast, take, to_device
 
@@ -520,13 +701,22 @@ class CausalLM(Task):
             with autocast(device, amp):
                 logits = model(**batch).logits
             shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-            nll += float(torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.shape[-1]),
+                    shift_labels.reshape(-1),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+            )
             tokens += int((shift_labels != IGNORE).sum())
             if progress is not None:
                 progress.update(len(idx) * world.size)
         if progress is not None:
             progress.close()
-        for _ in range(distributed.padding(len(batches), world)):  # FSDP: as many forward passes as the other ranks
+        for _ in range(
+            distributed.padding(len(batches), world)
+        ):  # FSDP: as many forward passes as the other ranks
             batch = to_device(collate(take(ds, batches[0])), device)
             batch.pop("labels")
             with autocast(device, amp):
@@ -534,14 +724,25 @@ class CausalLM(Task):
         nll, tokens = distributed.all_sum([nll, tokens], device)
         return nll / max(1, int(tokens)), int(tokens)
 
-    def _answer_metrics(self, model: torch.nn.Module, rows: Dataset, processor: Any, *, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    def _answer_metrics(
+        self, model: torch.nn.Module, rows: Dataset, processor: Any, *, max_new_tokens: int, batch_size: int
+    ) -> dict[str, Any]:
         """Exact match of greedy answers against the references, and a few samples for the report."""
         world = distributed.current()
         refs, prompts = rows["reference"], rows["prompt_ids"]
         # Each rank answers every world.size-th prompt; the answers are put back in order.
         mine = distributed.shard(prompts, world)
-        extra = distributed.padding(len(prompts), world)  # FSDP: every rank generates for as many prompts, in step
-        mine = self.generate_ids(model, processor, mine + [prompts[0]] * extra, max_new_tokens=max_new_tokens, batch_size=batch_size, synced=world.sharded)
+        extra = distributed.padding(
+            len(prompts), world
+        )  # FSDP: every rank generates for as many prompts, in step
+        mine = self.generate_ids(
+            model,
+            processor,
+            mine + [prompts[0]] * extra,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            synced=world.sharded,
+        )
         mine = mine[: len(mine) - extra]
         outs: list[str] = [""] * len(prompts)
         for rank, answers in enumerate(distributed.gather(mine, world)):
@@ -549,7 +750,9 @@ class CausalLM(Task):
         metrics: dict[str, Any] = {}
         scored = [(r, o) for r, o in zip(refs, outs, strict=True) if r]
         if scored:
-            metrics["exact_match"] = float(np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored]))
+            metrics["exact_match"] = float(
+                np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored])
+            )
         metrics["samples"] = [
             {"prompt": processor.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
             for p, r, o in list(zip(prompts, refs, outs, strict=True))[:8]
@@ -557,7 +760,21 @@ class CausalLM(Task):
         return metrics
 
     @torch.no_grad()
-    def generate_ids(self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, adapter_names: list[str] | None = None, synced: bool = False) -> list[str]:
+    def generate_ids(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        adapter_names: list[str] | None = None,
+        synced: bool = False,
+    ) -> list[str]:
         """Answers for tokenized prompts (left-padded batches), stopping at the end-of-turn token.
 
         ``adapter_names`` (one per prompt) runs a peft mixed-adapter batch: each row with its adapter.
@@ -586,13 +803,22 @@ class CausalLM(Task):
                 kwargs["adapter_names"] = adapter_names[start : start + batch_size]
             if synced:
                 kwargs["synced_gpus"] = True
-            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=pad,
+                **kwargs,
+            )
             for row in gen[:, width:].tolist():
                 cut = next((j for j, t in enumerate(row) if t in stops), len(row))
                 outs.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         return outs
 
-    def prompt_ids(self, tokenizer: Any, data_cfg: CausalLMData, text: str, *, system: str | None = None) -> list[int]:
+    def prompt_ids(
+        self, tokenizer: Any, data_cfg: CausalLMData, text: str, *, system: str | None = None
+    ) -> list[int]:
         """A user message rendered with the tokenizer's chat template (set by :meth:`predict` /
         :meth:`preprocess`) and a generation prompt, as token ids."""
         messages = [{"role": "user", "content": text}]
@@ -606,9 +832,13 @@ class CausalLM(Task):
             fields = [f for _, f, _, _ in string.Formatter().parse(data_cfg.instruction_template) if f]
             if len(set(fields)) == 1:
                 messages[-1]["content"] = data_cfg.instruction_template.format(**{fields[0]: text})
-        return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
 
-    def chat_prompt_ids(self, tokenizer: Any, data_cfg: CausalLMData, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt_ids(
+        self, tokenizer: Any, data_cfg: CausalLMData, messages: list[dict[str, str]]
+    ) -> list[int]:
         """A conversation (OpenAI-style messages) rendered with the adapter's chat template, ready for
         the assistant's next turn. A single user message is wrapped like :meth:`prompt_ids` does."""
         self._with_template(tokenizer, data_cfg)
@@ -616,23 +846,64 @@ class CausalLM(Task):
             return self.prompt_ids(tokenizer, data_cfg, messages[0]["content"])
         if data_cfg.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": data_cfg.system_prompt}, *messages]
-        return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
 
-    def serve_batch(self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any) -> list[Any]:
+    def serve_batch(
+        self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any
+    ) -> list[Any]:
         """Answers to tokenized chat prompts; ``options`` = (max_new_tokens, do_sample, temperature, top_p), the same for every row."""
         max_new, do_sample, temperature, top_p = options
-        return self.generate_ids(model, processor, rows, max_new_tokens=max_new, batch_size=len(rows), do_sample=do_sample, temperature=temperature, top_p=top_p, **adapter_kwargs)
+        return self.generate_ids(
+            model,
+            processor,
+            rows,
+            max_new_tokens=max_new,
+            batch_size=len(rows),
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            **adapter_kwargs,
+        )
 
-    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: Any, data_cfg: CausalLMData, *, top_k: int = 1, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None, system: str | None = None) -> list[dict[str, Any]]:
+    def predict(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        inputs: list[Any],
+        label_space: Any,
+        data_cfg: CausalLMData,
+        *,
+        top_k: int = 1,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> list[dict[str, Any]]:
         self._with_template(processor, data_cfg)
         prompts = [self.prompt_ids(processor, data_cfg, str(t), system=system) for t in inputs]
-        outs = self.generate_ids(model, processor, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        outs = self.generate_ids(
+            model,
+            processor,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
         return [{"input": str(t), "output": o} for t, o in zip(inputs, outs, strict=True)]
 
     # ---- export ---------------------------------------------------------------------------------
     def export_batches(self, processor: Any, data_cfg: CausalLMData) -> list[dict[str, torch.Tensor]]:
         self._with_template(processor, data_cfg)
-        prompts = [self.prompt_ids(processor, data_cfg, t) for t in ("Write a haiku about autumn.", "Hi", "Name three colours of the rainbow, please.")]
+        prompts = [
+            self.prompt_ids(processor, data_cfg, t)
+            for t in ("Write a haiku about autumn.", "Hi", "Name three colours of the rainbow, please.")
+        ]
 
         def batch(rows: list[list[int]]) -> dict[str, torch.Tensor]:
             width = max(map(len, rows))
@@ -649,7 +920,9 @@ class CausalLM(Task):
     def save_merged(self, model: torch.nn.Module, folder: Path, loaded: Any) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)
         if loaded.data_cfg is not None:
-            self._with_template(loaded.processor, loaded.data_cfg)  # the template the adapter was trained with
+            self._with_template(
+                loaded.processor, loaded.data_cfg
+            )  # the template the adapter was trained with
         loaded.processor.save_pretrained(str(folder))
 
     def load_merged(self, folder: Path, loaded: Any) -> torch.nn.Module:

@@ -42,7 +42,9 @@ class ClassificationTask(Task):
     def check_rows(self, ds: Dataset, data_cfg: DataConfig, *, key: str) -> None:
         """Reject unusable inputs before labels are encoded (e.g. empty texts); nothing by default."""
 
-    def encode_labels(self, ds: Dataset, data_cfg: DataConfig, label_space: LabelSpace, *, key: str) -> Dataset:
+    def encode_labels(
+        self, ds: Dataset, data_cfg: DataConfig, label_space: LabelSpace, *, key: str
+    ) -> Dataset:
         self.check_rows(ds, data_cfg, key=key)
         unknown = label_space.unknown(ds[data_cfg.label_column])
         if unknown:
@@ -51,18 +53,26 @@ class ClassificationTask(Task):
                 "add examples of them to the training data or remove those rows"
             )
         col = data_cfg.label_column
-        ds = ds.map(lambda b: {"labels": [label_space.encode(v) for v in b[col]]}, batched=True, desc="labels")
+        ds = ds.map(
+            lambda b: {"labels": [label_space.encode(v) for v in b[col]]}, batched=True, desc="labels"
+        )
         return ds.cast_column("labels", ClassLabel(names=list(label_space.labels)))
 
     @staticmethod
     def label_counts(splits: dict[str, Dataset], space: LabelSpace) -> dict[str, dict[str, int]]:
         """Examples per label name in each split."""
-        return {k: dict(sorted(Counter(space.labels[i] for i in v["labels"]).items())) for k, v in splits.items()}
+        return {
+            k: dict(sorted(Counter(space.labels[i] for i in v["labels"]).items())) for k, v in splits.items()
+        }
 
-    def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> dict[str, Any]:
+    def compute_metrics(
+        self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace
+    ) -> dict[str, Any]:
         return classification_metrics(logits.argmax(-1), labels, label_space.labels)
 
-    def serve_batch(self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any) -> list[Any]:
+    def serve_batch(
+        self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any
+    ) -> list[Any]:
         """Logits (one tensor per row) for rows :meth:`serving_rows` made, padded and stacked into one batch."""
         device = next(model.parameters()).device
         batch = pad_rows(rows, getattr(processor, "pad_token_id", None) or 0)
@@ -70,7 +80,9 @@ class ClassificationTask(Task):
         return list(logits.float().cpu())
 
     @staticmethod
-    def top_k(logits: torch.Tensor, shown: list[str], label_space: LabelSpace, top_k: int) -> list[dict[str, Any]]:
+    def top_k(
+        logits: torch.Tensor, shown: list[str], label_space: LabelSpace, top_k: int
+    ) -> list[dict[str, Any]]:
         """Prediction records (best label, its probability, the k most likely) for a batch of logits."""
         k = max(1, min(top_k, label_space.num_labels))
         top = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
@@ -79,7 +91,9 @@ class ClassificationTask(Task):
                 "input": item,
                 "label": label_space.labels[idx[0]],
                 "score": vals[0],
-                "top_k": [{"label": label_space.labels[i], "score": v} for v, i in zip(vals, idx, strict=True)],
+                "top_k": [
+                    {"label": label_space.labels[i], "score": v} for v, i in zip(vals, idx, strict=True)
+                ],
             }
             for item, vals, idx in zip(shown, top.values.tolist(), top.indices.tolist(), strict=True)
         ]

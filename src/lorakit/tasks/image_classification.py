@@ -37,12 +37,32 @@ log = logging.getLogger("lorakit")
 class ImageClassificationData(DataConfig):
     """Images with one label each."""
 
-    image_column: str = Field("image", description="Column with the image (a path relative to the data file, an http(s) URL, or image bytes from a Hub dataset).")
+    image_column: str = Field(
+        "image",
+        description="Column with the image (a path relative to the data file, an http(s) URL, or image bytes from a Hub dataset).",
+    )
     label_column: str = Field("label", description="Column with the label (strings or integers).")
-    image_size: int | None = Field(None, ge=16, le=1024, description="Side of the square model input in pixels; unset = the size the model's image processor names.")
-    crop_pct: float | None = Field(None, gt=0, le=1, description="Evaluation: the share of the resized image the center crop keeps; unset = the model processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation of images.")
-    max_bad_images: float = Field(0.01, ge=0, le=1, description="Share of unreadable images that are skipped (and counted in the log) before the run stops with an error.")
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        le=1024,
+        description="Side of the square model input in pixels; unset = the size the model's image processor names.",
+    )
+    crop_pct: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Evaluation: the share of the resized image the center crop keeps; unset = the model processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Training-time augmentation of images."
+    )
+    max_bad_images: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of unreadable images that are skipped (and counted in the log) before the run stops with an error.",
+    )
 
 
 def _source_dir(location: str | None) -> Path | None:
@@ -56,7 +76,15 @@ def _source_dir(location: str | None) -> Path | None:
     return Path(files[0]).resolve().parent if files and Path(files[0]).is_file() else None
 
 
-def check_images(ds: Dataset, column: str, *, base_dir: Path | None, max_bad: float, key: str, notes: list[str] | None = None) -> Dataset:
+def check_images(
+    ds: Dataset,
+    column: str,
+    *,
+    base_dir: Path | None,
+    max_bad: float,
+    key: str,
+    notes: list[str] | None = None,
+) -> Dataset:
     """Decode every image once; drop the unreadable ones (a line for the run log goes to ``notes``)
     or stop when more than ``max_bad`` of them are bad. Relative paths become absolute.
 
@@ -67,7 +95,12 @@ def check_images(ds: Dataset, column: str, *, base_dir: Path | None, max_bad: fl
     fixed: list[Any] = []
     bad: list[tuple[int, str]] = []
     for i, v in enumerate(values):
-        if isinstance(v, str) and base_dir is not None and not v.startswith(("http://", "https://")) and not Path(v).expanduser().is_absolute():
+        if (
+            isinstance(v, str)
+            and base_dir is not None
+            and not v.startswith(("http://", "https://"))
+            and not Path(v).expanduser().is_absolute()
+        ):
             v = str(base_dir / v)
         try:
             load_image(v)
@@ -110,9 +143,13 @@ class ImageClassification(ClassificationTask):
 
         try:
             with quiet_transformers():
-                proc = AutoImageProcessor.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+                proc = AutoImageProcessor.from_pretrained(
+                    model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+                )
         except Exception as exc:
-            raise ModelError(f"model.name_or_path: could not load an image processor from '{model_path}' (is it a vision model?): {str(exc).splitlines()[0][:200]}") from None
+            raise ModelError(
+                f"model.name_or_path: could not load an image processor from '{model_path}' (is it a vision model?): {str(exc).splitlines()[0][:200]}"
+            ) from None
         return ImageSpec.from_processor(proc)
 
     def columns(self, data_cfg: ImageClassificationData) -> list[str]:
@@ -134,21 +171,35 @@ class ImageClassification(ClassificationTask):
 
         def encode(ds: Dataset, key: str) -> Dataset:
             ds = self._as_references(ds, d.image_column)
-            ds = check_images(ds, d.image_column, base_dir=_source_dir(locations.get(key)), max_bad=d.max_bad_images, key=key, notes=notes)
+            ds = check_images(
+                ds,
+                d.image_column,
+                base_dir=_source_dir(locations.get(key)),
+                max_bad=d.max_bad_images,
+                key=key,
+                notes=notes,
+            )
             if "space" not in space_box:  # the first source read is train: it defines the label space
                 space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key)
             return self.encode_labels(ds, d, space_box["space"], key=key)
 
         raw = build_splits(d, columns=self.columns(d), encode=encode, stratify="labels")
         space = space_box["space"]
-        splits = {name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()}
-        stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names}
+        splits = {
+            name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()
+        }
+        stats: dict[str, Any] = {
+            "sizes": {k: len(v) for k, v in raw.items()},
+            "columns": raw["train"].column_names,
+        }
         stats["label_counts"] = self.label_counts(raw, space)
         stats["warnings"] = notes
         stats["image"] = processor.to_dict() | {"input_size": d.image_size or processor.size}
         return PreparedData(DatasetDict(splits), processor, space, stats)
 
-    def preprocess(self, ds: Dataset, processor: Any, data_cfg: ImageClassificationData, label_space: Any, *, key: str) -> Dataset:
+    def preprocess(
+        self, ds: Dataset, processor: Any, data_cfg: ImageClassificationData, label_space: Any, *, key: str
+    ) -> Dataset:
         ds = self._as_references(ds, data_cfg.image_column)
         if data_cfg.image_column != "image":
             if "image" in ds.column_names:
@@ -162,7 +213,9 @@ class ImageClassification(ClassificationTask):
         def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             # One augmentation seed per image from torch's generator: reproducible, and resumable
             # because the generator state is part of every checkpoint.
-            seeds = torch.randint(0, 2**31 - 1, (len(examples),)).tolist() if train else [None] * len(examples)
+            seeds = (
+                torch.randint(0, 2**31 - 1, (len(examples),)).tolist() if train else [None] * len(examples)
+            )
             pixels, labels = [], []
             for ex, seed in zip(examples, seeds, strict=True):
                 try:
@@ -176,8 +229,14 @@ class ImageClassification(ClassificationTask):
                 if "labels" in ex:
                     labels.append(ex["labels"])
             if not pixels:
-                raise DataError("no image of a training batch could be read; check that the image files are still in place")
-            batch = {"pixel_values": torch.from_numpy(np.stack(pixels)).contiguous(memory_format=torch.channels_last)}
+                raise DataError(
+                    "no image of a training batch could be read; check that the image files are still in place"
+                )
+            batch = {
+                "pixel_values": torch.from_numpy(np.stack(pixels)).contiguous(
+                    memory_format=torch.channels_last
+                )
+            }
             if labels:
                 batch["labels"] = torch.tensor(labels, dtype=torch.long)
             return batch
@@ -188,13 +247,29 @@ class ImageClassification(ClassificationTask):
         img, aug = stats.get("image"), cfg.data.augment
         if not img:
             return []
-        crop = f"random resized crop {list(aug.crop_scale)}" + (" + flip" if aug.hflip else "") if aug.enabled else "off"
-        return [f"  images    {img['input_size']}x{img['input_size']} input, mean {img['mean']}, std {img['std']}; train augmentation: {crop}"]
+        crop = (
+            f"random resized crop {list(aug.crop_scale)}" + (" + flip" if aug.hflip else "")
+            if aug.enabled
+            else "off"
+        )
+        return [
+            f"  images    {img['input_size']}x{img['input_size']} input, mean {img['mean']}, std {img['std']}; train augmentation: {crop}"
+        ]
 
     # ---- model ----------------------------------------------------------------------------------
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace, data_cfg: ImageClassificationData | None = None) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(
+        self,
+        model_cfg: ModelConfig,
+        model_path: str,
+        label_space: LabelSpace,
+        data_cfg: ImageClassificationData | None = None,
+    ) -> tuple[torch.nn.Module, list[str]]:
         size = data_cfg.image_size if data_cfg else None
-        labels = {"num_labels": label_space.num_labels, "id2label": label_space.id2label, "label2id": label_space.label2id}
+        labels = {
+            "num_labels": label_space.num_labels,
+            "id2label": label_space.id2label,
+            "label2id": label_space.label2id,
+        }
         if zoo.is_zoo(model_path):
             return zoo.build_classifier(model_path, image_size=size, dropout=model_cfg.dropout, **labels)
         from transformers import AutoModelForImageClassification
@@ -203,8 +278,12 @@ class ImageClassification(ClassificationTask):
         try:
             with quiet_transformers():
                 model, info = AutoModelForImageClassification.from_pretrained(
-                    model_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True,
-                    revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                    model_path,
+                    config=config,
+                    ignore_mismatched_sizes=True,
+                    output_loading_info=True,
+                    revision=model_cfg.revision,
+                    trust_remote_code=model_cfg.trust_remote_code,
                 )
         except ValueError as exc:
             if "Unrecognized configuration class" in str(exc) or "image classification" in str(exc).lower():
@@ -212,13 +291,19 @@ class ImageClassification(ClassificationTask):
                     f"model.name_or_path: '{model_path}' has no image-classification variant "
                     "(its architecture does not fit task image-classification); pick a vision model such as ViT, ConvNeXt or ResNet"
                 ) from None
-            raise ModelError(f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+            raise ModelError(
+                f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}"
+            ) from None
         native = getattr(model.config, "image_size", None)
         if size and native and size != native:
             if "interpolate_pos_encoding" not in inspect.signature(model.forward).parameters:
-                raise ModelError(f"data.image_size: {size} differs from the {native} pixels this {model.config.model_type} model was built for; unset data.image_size")
+                raise ModelError(
+                    f"data.image_size: {size} differs from the {native} pixels this {model.config.model_type} model was built for; unset data.image_size"
+                )
             # ViT-family models interpolate their position embeddings to another input size.
-            model.register_forward_pre_hook(lambda _m, args, kwargs: (args, kwargs | {"interpolate_pos_encoding": True}), with_kwargs=True)
+            model.register_forward_pre_hook(
+                lambda _m, args, kwargs: (args, kwargs | {"interpolate_pos_encoding": True}), with_kwargs=True
+            )
         return model, new_module_names(info.get("missing_keys", []), info.get("mismatched_keys", []))
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -229,7 +314,9 @@ class ImageClassification(ClassificationTask):
     # ---- export ---------------------------------------------------------------------------------
     onnx_axes: ClassVar[dict[int, str] | None] = {0: "batch"}
 
-    def export_batches(self, processor: ImageSpec, data_cfg: ImageClassificationData) -> list[dict[str, torch.Tensor]]:
+    def export_batches(
+        self, processor: ImageSpec, data_cfg: ImageClassificationData
+    ) -> list[dict[str, torch.Tensor]]:
         # Random pixels in the normalised range the model sees; the check is about the arithmetic.
         side = data_cfg.image_size or processor.size
         g = torch.Generator().manual_seed(0)
@@ -255,7 +342,9 @@ class ImageClassification(ClassificationTask):
         size = loaded.data_cfg.image_size if loaded.data_cfg else None
         if size and size != getattr(model.config, "image_size", size):
             # Trained at another input size: callers pass interpolate_pos_encoding=True, as here.
-            model.register_forward_pre_hook(lambda _m, args, kwargs: (args, kwargs | {"interpolate_pos_encoding": True}), with_kwargs=True)
+            model.register_forward_pre_hook(
+                lambda _m, args, kwargs: (args, kwargs | {"interpolate_pos_encoding": True}), with_kwargs=True
+            )
         return model
 
     example_input = "photo.jpg https://example.com/image.png"
@@ -264,7 +353,7 @@ class ImageClassification(ClassificationTask):
         base = meta["base_model"]
         where = base.get("resolved") or base["name_or_path"]
         id2label = (meta.get("label_space") or {}).get("id2label", {})
-        labels = f"num_labels={len(id2label)}, id2label={ {int(k): v for k, v in id2label.items()} !r}, label2id={ {v: int(k) for k, v in id2label.items()} !r}"
+        labels = f"num_labels={len(id2label)}, id2label={ {int(k): v for k, v in id2label.items()}!r}, label2id={ {v: int(k) for k, v in id2label.items()}!r}"
         size = meta.get("config", {}).get("data", {}).get("image_size")
         if zoo.is_zoo(base["name_or_path"]):
             return [
@@ -285,7 +374,9 @@ class ImageClassification(ClassificationTask):
         ]
 
     # ---- prediction -----------------------------------------------------------------------------
-    def serving_rows(self, processor: ImageSpec, data_cfg: ImageClassificationData, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+    def serving_rows(
+        self, processor: ImageSpec, data_cfg: ImageClassificationData, inputs: list[Any]
+    ) -> list[dict[str, torch.Tensor]]:
         """Rows for encoded image bytes or http(s) URLs (the server never reads local paths)."""
         transforms = ImageTransforms(processor, data_cfg.augment, data_cfg.image_size, data_cfg.crop_pct)
         rows = []
@@ -299,7 +390,17 @@ class ImageClassification(ClassificationTask):
         return rows
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, processor: ImageSpec, inputs: list[Any], label_space: LabelSpace, data_cfg: ImageClassificationData, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(
+        self,
+        model: torch.nn.Module,
+        processor: ImageSpec,
+        inputs: list[Any],
+        label_space: LabelSpace,
+        data_cfg: ImageClassificationData,
+        *,
+        top_k: int = 1,
+        batch_size: int = 32,
+    ) -> list[dict[str, Any]]:
         """Top-k labels for images given as paths, http(s) URLs, bytes or PIL images.
 
         Raises:

@@ -54,18 +54,27 @@ class TextClassificationData(TokenizedDataConfig):
     """Texts (or text pairs) with one label each."""
 
     text_column: str = Field("text", description="Column with the input text.")
-    text_pair_column: str | None = Field(None, description="Optional second text column (sentence-pair tasks).")
+    text_pair_column: str | None = Field(
+        None, description="Optional second text column (sentence-pair tasks)."
+    )
     label_column: str = Field("label", description="Column with the label (strings or integers).")
-    truncation: Literal["head", "tail", "head_tail"] | None = Field(None, description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict); unset = head_tail for single texts, head for text pairs.")
+    truncation: Literal["head", "tail", "head_tail"] | None = Field(
+        None,
+        description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict); unset = head_tail for single texts, head for text pairs.",
+    )
 
     @model_validator(mode="after")
     def _pairs_truncate_at_one_end(self) -> TextClassificationData:
         if self.truncation == "head_tail" and self.text_pair_column:
-            raise ValueError("data.truncation: head_tail works on single texts; use head or tail with text_pair_column")
+            raise ValueError(
+                "data.truncation: head_tail works on single texts; use head or tail with text_pair_column"
+            )
         return self
 
 
-def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, data_cfg: TextClassificationData) -> dict[str, list[list[int]]]:
+def encode_texts(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, data_cfg: TextClassificationData
+) -> dict[str, list[list[int]]]:
     """Tokenize with the run's truncation rule; training, evaluation and prediction all come here."""
     max_len = data_cfg.max_length
     mode = data_cfg.truncation or ("head" if pairs else "head_tail")
@@ -89,9 +98,13 @@ class TextClassification(ClassificationTask):
         reject_zoo(model_path)
         try:
             with quiet_transformers():
-                tok = AutoTokenizer.from_pretrained(model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+                tok = AutoTokenizer.from_pretrained(
+                    model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+                )
         except Exception as exc:
-            raise ModelError(f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+            raise ModelError(
+                f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}"
+            ) from None
         if tok.pad_token is None:
             # Decoder-only models often ship without a pad token; padding positions are masked anyway.
             tok.pad_token = tok.eos_token or tok.unk_token
@@ -124,16 +137,27 @@ class TextClassification(ClassificationTask):
 
         raw = build_splits(d, columns=columns, encode=encode, stratify="labels")
         space = space_box["space"]
-        splits = {name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()}
-        stats: dict[str, Any] = {"sizes": {k: len(v) for k, v in raw.items()}, "columns": raw["train"].column_names}
+        splits = {
+            name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()
+        }
+        stats: dict[str, Any] = {
+            "sizes": {k: len(v) for k, v in raw.items()},
+            "columns": raw["train"].column_names,
+        }
         stats["label_counts"] = self.label_counts(raw, space)
         lengths = np.asarray(splits["train"]["length"])
-        stats["train_tokens"] = {"mean": float(lengths.mean()), "max": int(lengths.max()), "truncated": int((lengths >= d.max_length).sum())}
+        stats["train_tokens"] = {
+            "mean": float(lengths.mean()),
+            "max": int(lengths.max()),
+            "truncated": int((lengths >= d.max_length).sum()),
+        }
         from datasets import DatasetDict
 
         return PreparedData(DatasetDict(splits), processor, space, stats)
 
-    def preprocess(self, ds: Dataset, processor: Any, data_cfg: TextClassificationData, label_space: Any, *, key: str) -> Dataset:
+    def preprocess(
+        self, ds: Dataset, processor: Any, data_cfg: TextClassificationData, label_space: Any, *, key: str
+    ) -> Dataset:
         text, pair = data_cfg.text_column, data_cfg.text_pair_column
 
         def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
@@ -158,11 +182,21 @@ class TextClassification(ClassificationTask):
         return collate_fn
 
     # ---- model ----------------------------------------------------------------------------------
-    def load_model(self, model_cfg: ModelConfig, model_path: str, label_space: LabelSpace, data_cfg: TextClassificationData | None = None) -> tuple[torch.nn.Module, list[str]]:
+    def load_model(
+        self,
+        model_cfg: ModelConfig,
+        model_path: str,
+        label_space: LabelSpace,
+        data_cfg: TextClassificationData | None = None,
+    ) -> tuple[torch.nn.Module, list[str]]:
         from transformers import AutoModelForSequenceClassification
 
         config = load_base_config(
-            model_cfg, model_path, num_labels=label_space.num_labels, id2label=label_space.id2label, label2id=label_space.label2id
+            model_cfg,
+            model_path,
+            num_labels=label_space.num_labels,
+            id2label=label_space.id2label,
+            label2id=label_space.label2id,
         )
         try:
             with quiet_transformers():
@@ -175,12 +209,17 @@ class TextClassification(ClassificationTask):
                     trust_remote_code=model_cfg.trust_remote_code,
                 )
         except ValueError as exc:
-            if "Unrecognized configuration class" in str(exc) or "sequence classification" in str(exc).lower():
+            if (
+                "Unrecognized configuration class" in str(exc)
+                or "sequence classification" in str(exc).lower()
+            ):
                 raise ModelError(
                     f"model.name_or_path: '{model_path}' has no sequence-classification variant "
                     "(its architecture does not fit task text-classification); pick a text encoder such as BERT or RoBERTa"
                 ) from None
-            raise ModelError(f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}") from None
+            raise ModelError(
+                f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}"
+            ) from None
         if model.config.pad_token_id is None:
             model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
         return model, new_module_names(info.get("missing_keys", []), info.get("mismatched_keys", []))
@@ -188,17 +227,27 @@ class TextClassification(ClassificationTask):
     # ---- export ---------------------------------------------------------------------------------
     onnx_axes: ClassVar[dict[int, str] | None] = {0: "batch", 1: "sequence"}
 
-    def export_batches(self, processor: Any, data_cfg: TextClassificationData) -> list[dict[str, torch.Tensor]]:
+    def export_batches(
+        self, processor: Any, data_cfg: TextClassificationData
+    ) -> list[dict[str, torch.Tensor]]:
         texts = [
             "One of the best films I have seen in years: moving, funny and beautifully acted.",
             "Dull.",
             "A tedious, badly written mess; the plot goes nowhere and the acting is wooden.",
         ]
-        pairs = ["A second text to compare.", "No.", "Another, longer second text of the pair."] if data_cfg.text_pair_column else None
+        pairs = (
+            ["A second text to compare.", "No.", "Another, longer second text of the pair."]
+            if data_cfg.text_pair_column
+            else None
+        )
 
         def batch(rows: slice) -> dict[str, torch.Tensor]:
             args = (texts[rows], pairs[rows]) if pairs else (texts[rows],)
-            return dict(processor(*args, padding=True, truncation=True, max_length=data_cfg.max_length, return_tensors="pt"))
+            return dict(
+                processor(
+                    *args, padding=True, truncation=True, max_length=data_cfg.max_length, return_tensors="pt"
+                )
+            )
 
         return [batch(slice(0, 3)), batch(slice(1, 2)), batch(slice(1, 3))]
 
@@ -222,14 +271,26 @@ class TextClassification(ClassificationTask):
 
     # ---- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
-    def serving_rows(self, processor: Any, data_cfg: TextClassificationData, inputs: list[Any]) -> list[dict[str, torch.Tensor]]:
+    def serving_rows(
+        self, processor: Any, data_cfg: TextClassificationData, inputs: list[Any]
+    ) -> list[dict[str, torch.Tensor]]:
         for i, t in enumerate(inputs):
             if not isinstance(t, str) or not t.strip():
                 raise DataError(f"inputs[{i}]: expected a non-empty text")
         enc = encode_texts(processor, list(inputs), None, data_cfg)
         return [{k: torch.tensor(v[i]) for k, v in enc.items()} for i in range(len(inputs))]
 
-    def predict(self, model: torch.nn.Module, processor: Any, inputs: list[Any], label_space: LabelSpace, data_cfg: TextClassificationData, *, top_k: int = 1, batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        inputs: list[Any],
+        label_space: LabelSpace,
+        data_cfg: TextClassificationData,
+        *,
+        top_k: int = 1,
+        batch_size: int = 32,
+    ) -> list[dict[str, Any]]:
         device = next(model.parameters()).device
         results: list[dict[str, Any]] = []
         collate = self.collate(processor, data_cfg)
@@ -237,5 +298,7 @@ class TextClassification(ClassificationTask):
             chunk = [str(t) for t in inputs[start : start + batch_size]]
             enc = encode_texts(processor, chunk, None, data_cfg)
             batch = collate([{k: v[i] for k, v in enc.items()} for i in range(len(chunk))])
-            results += self.top_k(model(**{k: v.to(device) for k, v in batch.items()}).logits, chunk, label_space, top_k)
+            results += self.top_k(
+                model(**{k: v.to(device) for k, v in batch.items()}).logits, chunk, label_space, top_k
+            )
         return results

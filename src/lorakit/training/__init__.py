@@ -8,6 +8,14 @@ from lorakit.training.recipe import Recipe, TrainingError, TrainResult, train
 from lorakit.training.state import TrainState
 
 __all__ = [
-    "Callback", "Recipe", "TrainResult", "TrainState", "TrainingError", "optimizer_steps", "param_groups",
-    "release_freed_memory", "set_seed", "train",
+    "Callback",
+    "Recipe",
+    "TrainResult",
+    "TrainState",
+    "TrainingError",
+    "optimizer_steps",
+    "param_groups",
+    "release_freed_memory",
+    "set_seed",
+    "train",
 ]

@@ -50,7 +50,9 @@ class Events(Callback):
             try:
                 getattr(cb, method)(*args)
             except Exception as exc:  # a tracker losing its connection must not cost the run
-                log.warning("%s stopped receiving training events: %s: %s", type(cb).__name__, type(exc).__name__, exc)
+                log.warning(
+                    "%s stopped receiving training events: %s: %s", type(cb).__name__, type(exc).__name__, exc
+                )
                 self.callbacks.remove(cb)
 
     def on_start(self, run_dir: Path, config: dict[str, Any], info: dict[str, Any]) -> None:

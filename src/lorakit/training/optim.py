@@ -45,7 +45,16 @@ def param_groups(model: torch.nn.Module, t: TrainConfig, head_modules: list[str]
     return out
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, head_modules: list[str], total_steps: int, *, device: torch.device, amp: torch.dtype | None, sharded: bool) -> tuple[Any, Any, Any]:
+def make_optimizer(
+    model: torch.nn.Module,
+    t: TrainConfig,
+    head_modules: list[str],
+    total_steps: int,
+    *,
+    device: torch.device,
+    amp: torch.dtype | None,
+    sharded: bool,
+) -> tuple[Any, Any, Any]:
     """(AdamW, learning-rate schedule, gradient scaler) for a run of ``total_steps`` optimizer steps.
 
     The scaler only scales under fp16 autocast; under FSDP its inf checks agree across the ranks'
@@ -53,8 +62,15 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, head_modules: list[st
     """
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(param_groups(model, t, head_modules), lr=t.learning_rate, betas=t.adam_betas)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t, head_modules), lr=t.learning_rate, betas=t.adam_betas
+    )
+    scheduler = get_scheduler(
+        t.scheduler,
+        optimizer,
+        num_warmup_steps=round(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     if sharded:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 

@@ -64,7 +64,15 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None, overwrite: bool | None = None, resume: bool = False, progress: bool = True, callbacks: Sequence[Callback] = ()) -> TrainResult:
+def train(
+    config: RunConfig | str | Path,
+    *,
+    overrides: list[str] | None = None,
+    overwrite: bool | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
     """Fine-tune a LoRA adapter as the run config says.
 
     Args:
@@ -101,7 +109,16 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     try:
         device = device or modeling.pick_device(cfg.train.device)
         cfg = resolve_config(cfg, get_task(cfg.task), device)  # complete before anything is built
-        recipe = Recipe(cfg, world, device, t0=t0, overwrite=overwrite, resume=resume, progress=progress and world.main, callbacks=callbacks)
+        recipe = Recipe(
+            cfg,
+            world,
+            device,
+            t0=t0,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress and world.main,
+            callbacks=callbacks,
+        )
         recipe.setup()
         return recipe.train()
     finally:
@@ -114,7 +131,18 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
 class Recipe:
     """One LoRA fine-tuning run. Call :meth:`setup`, then :meth:`train`; :meth:`cleanup` always."""
 
-    def __init__(self, cfg: RunConfig, world: distributed.World, device: torch.device, *, t0: float, overwrite: bool | None = None, resume: bool = False, progress: bool = True, callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        world: distributed.World,
+        device: torch.device,
+        *,
+        t0: float,
+        overwrite: bool | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
         self.cfg, self.world, self.device, self.t0 = cfg, world, device, t0
         self.task = get_task(cfg.task)
         self.overwrite, self.resume, self.progress = overwrite, resume, progress
@@ -144,9 +172,13 @@ class Recipe:
     def _refuse_sharding_conflicts(self) -> None:
         cfg = self.cfg
         if self.world.sharded and cfg.lora.init in ("pissa", "olora"):
-            raise LorakitError(f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base weights); use lora.init: default, or launch without the FSDP config")
+            raise LorakitError(
+                f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base weights); use lora.init: default, or launch without the FSDP config"
+            )
         if self.world.sharded and cfg.model.quantization != "none":
-            raise LorakitError("model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)")
+            raise LorakitError(
+                "model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)"
+            )
 
     def _setup_data(self) -> None:
         self.base = open_base(self.task, self.cfg.model)
@@ -156,7 +188,9 @@ class Recipe:
             labels = self.data.label_space.labels if self.data.label_space else None
             seen = distributed.gather((labels, self.sizes), self.world)
             if any(x != seen[0] for x in seen):
-                raise LorakitError(f"the processes prepared different data ({seen[0]} on rank 0, {next(x for x in seen if x != seen[0])} elsewhere); give every node the same data files")
+                raise LorakitError(
+                    f"the processes prepared different data ({seen[0]} on rank 0, {next(x for x in seen if x != seen[0])} elsewhere); give every node the same data files"
+                )
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -175,7 +209,9 @@ class Recipe:
     def _setup_run_dir(self) -> None:
         run = Path(self.cfg.output.dir)
         self.saved = checkpoint.load_latest(run) if self.resume else None
-        distributed.barrier(self.world)  # every rank has read the checkpoint before rank 0 may clear the folder
+        distributed.barrier(
+            self.world
+        )  # every rank has read the checkpoint before rank 0 may clear the folder
         self.run_dir = distributed.on_main(self._prepare_run_dir, self.world) or run
         if self.world.main:
             self.log_file = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
@@ -191,39 +227,79 @@ class Recipe:
             _check_resumable(run, cfg)
             ranks = len(TrainState.from_checkpoint(self.saved).rng_ranks)
             if ranks != world.size:
-                raise RunDirError(f"--resume: the run in '{run}' was trained on {ranks} process(es), not {world.size}; resume with the same number of processes (the batches depend on it)")
+                raise RunDirError(
+                    f"--resume: the run in '{run}' was trained on {ranks} process(es), not {world.size}; resume with the same number of processes (the batches depend on it)"
+                )
             return run
         if self.resume and (run / "metrics.json").is_file():
-            raise RunDirError(f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)")
+            raise RunDirError(
+                f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)"
+            )
         # A fresh start; with --resume and no checkpoint yet, whatever a killed run left is replaced.
         overwrite = self.resume or (self.overwrite if self.overwrite is not None else cfg.output.overwrite)
         fresh = artifacts.prepare_run_dir(run, overwrite=overwrite)
         artifacts.clear_run_dir(fresh)
-        artifacts.write_text_atomic(fresh / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
+        artifacts.write_text_atomic(
+            fresh / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False)
+        )
         return fresh
 
     def _log_setup(self) -> None:
         cfg, t, lc = self.cfg, self.cfg.train, self.lora_cfg
         for note in self.data.stats.get("warnings", []):
             log.warning(note)
-        log.info("data: %s; labels: %s", self.sizes, ", ".join(self.data.label_space.labels) if self.data.label_space else "-")
+        log.info(
+            "data: %s; labels: %s",
+            self.sizes,
+            ", ".join(self.data.label_space.labels) if self.data.label_space else "-",
+        )
         targets = sorted(lc.target_modules) if not isinstance(lc.target_modules, str) else lc.target_modules
-        log.info("model: %s (%s) with LoRA r=%d on %s; trainable %s / %s params (%.2f%%)", cfg.model.name_or_path,
-                 self.model.get_base_model().config.model_type, cfg.lora.r, targets, f"{self.trainable:,}", f"{self.total:,}", 100 * self.trainable / self.total)
+        log.info(
+            "model: %s (%s) with LoRA r=%d on %s; trainable %s / %s params (%.2f%%)",
+            cfg.model.name_or_path,
+            self.model.get_base_model().config.model_type,
+            cfg.lora.r,
+            targets,
+            f"{self.trainable:,}",
+            f"{self.total:,}",
+            100 * self.trainable / self.total,
+        )
         per_step = t.batch_size * self.world.size * t.gradient_accumulation_steps
-        processes = f", {self.world.size} processes (batch {t.batch_size} per process, {per_step} per step)" if self.world.distributed else ""
-        log.info("device: %s, precision: %s, threads: %d%s", self.device, modeling.precision_name(self.amp), torch.get_num_threads(), processes)
+        processes = (
+            f", {self.world.size} processes (batch {t.batch_size} per process, {per_step} per step)"
+            if self.world.distributed
+            else ""
+        )
+        log.info(
+            "device: %s, precision: %s, threads: %d%s",
+            self.device,
+            modeling.precision_name(self.amp),
+            torch.get_num_threads(),
+            processes,
+        )
 
     def _setup_optimizer(self) -> None:
         t, world = self.cfg.train, self.world
         self.model.to(self.device)
         self.model.train()
-        self.forward = distributed.wrap(self.model, world, self.device)  # the training forward / backward; DDP or FSDP when launched
+        self.forward = distributed.wrap(
+            self.model, world, self.device
+        )  # the training forward / backward; DDP or FSDP when launched
         self.train_collate = self.task.collate(self.base.processor, self.cfg.data, train=True)
         self.train_ds = self.data.splits["train"]
-        self.lengths = self.train_ds["length"] if "length" in self.train_ds.column_names else [1] * len(self.train_ds)
+        self.lengths = (
+            self.train_ds["length"] if "length" in self.train_ds.column_names else [1] * len(self.train_ds)
+        )
         self.steps_per_epoch, self.total_steps = optimizer_steps(len(self.train_ds), t, world.size)
-        self.optimizer, self.scheduler, self.scaler = make_optimizer(self.model, t, self.head_modules, self.total_steps, device=self.device, amp=self.amp, sharded=world.sharded)
+        self.optimizer, self.scheduler, self.scaler = make_optimizer(
+            self.model,
+            t,
+            self.head_modules,
+            self.total_steps,
+            device=self.device,
+            amp=self.amp,
+            sharded=world.sharded,
+        )
 
     def _restore(self) -> None:
         """Resume: weights, optimizer, schedule, scaler, progress and (last) the random generators."""
@@ -232,14 +308,23 @@ class Recipe:
         saved, self.saved = self.saved, None
         unexpected = distributed.load_full_state(self.model, saved["trainable"])
         if unexpected:
-            raise TrainingError(f"the checkpoint does not fit this model ({unexpected[0]} ...); start again with --overwrite")
+            raise TrainingError(
+                f"the checkpoint does not fit this model ({unexpected[0]} ...); start again with --overwrite"
+            )
         distributed.load_optimizer_state(self.model, self.optimizer, saved["optimizer"], self.world)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainState.from_checkpoint(saved)
         self.clock_offset = self.state.run_seconds
-        checkpoint.set_rng_state(self.state.rng_ranks[self.world.rank])  # last: everything above may have drawn random numbers
-        log.info("resumed from checkpoint at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.micro)
+        checkpoint.set_rng_state(
+            self.state.rng_ranks[self.world.rank]
+        )  # last: everything above may have drawn random numbers
+        log.info(
+            "resumed from checkpoint at step %d (epoch %d, batch %d)",
+            self.state.step,
+            self.state.epoch,
+            self.state.micro,
+        )
 
     def _start_events(self) -> None:
         if not self.world.main:
@@ -248,8 +333,14 @@ class Recipe:
         if self.cfg.output.tensorboard:
             builtin.append(TensorBoard())
         self.events = Events(builtin + self.subscribers)
-        info = {"task": self.cfg.task, "base_model": self.cfg.model.name_or_path, "sizes": self.sizes,
-                "trainable": self.trainable, "total": self.total, "total_steps": self.total_steps}
+        info = {
+            "task": self.cfg.task,
+            "base_model": self.cfg.model.name_or_path,
+            "sizes": self.sizes,
+            "trainable": self.trainable,
+            "total": self.total,
+            "total_steps": self.total_steps,
+        }
         self.events.on_start(self.run_dir, self.cfg.to_yaml_dict(), info)
 
     # ============================================================================================
@@ -265,7 +356,9 @@ class Recipe:
             if not t.eval_every_steps:  # evaluate at the end of each epoch (or of a fractional last one)
                 self.evaluate(min(s.epoch, s.step / self.steps_per_epoch))
             self.save_checkpoint()
-        self.train_seconds = time.perf_counter() - loop_start - (self.eval_seconds - loop_eval)  # this process's optimizer steps
+        self.train_seconds = (
+            time.perf_counter() - loop_start - (self.eval_seconds - loop_eval)
+        )  # this process's optimizer steps
         evaluated_last = any(r["split"] == "validation" and r["step"] == s.step for r in s.history)
         if not evaluated_last and not s.stop:
             self.evaluate(s.step / self.steps_per_epoch)
@@ -276,7 +369,13 @@ class Recipe:
         ``gradient_accumulation_steps`` of them (and at the epoch's end)."""
         s, t = self.state, self.cfg.train
         # The global micro-batches of batch_size x processes examples; each rank takes its rows.
-        batches = train_batches(self.lengths, t.batch_size * self.world.size, seed=t.seed, epoch=s.epoch, group_by_length=t.group_by_length)
+        batches = train_batches(
+            self.lengths,
+            t.batch_size * self.world.size,
+            seed=t.seed,
+            epoch=s.epoch,
+            group_by_length=t.group_by_length,
+        )
         for micro, global_idx in enumerate(batches):
             if micro < s.micro:  # resumed: these batches were trained on before the checkpoint
                 continue
@@ -294,7 +393,9 @@ class Recipe:
         """Forward and backward of this rank's rows of one global micro-batch."""
         s, t, world = self.state, self.cfg.train, self.world
         mine = distributed.shard(global_idx, world)
-        batch = to_device(self.train_collate(take(self.train_ds, mine or global_idx[:1])), self.device)  # a rank left without rows runs one at weight 0
+        batch = to_device(
+            self.train_collate(take(self.train_ds, mine or global_idx[:1])), self.device
+        )  # a rank left without rows runs one at weight 0
         units = self.task.loss_units(batch) if mine else 0
         # Gradients are averaged over the ranks only at the optimizer step; accumulation steps stay local.
         with distributed.sync_gradients(self.forward, world, boundary), autocast(self.device, self.amp):
@@ -305,8 +406,14 @@ class Recipe:
             scaled = loss * (units * world.size / max(units_all, 1))
         global_loss = loss_sum / max(units_all, 1)
         if not math.isfinite(global_loss):
-            kept = "; the last good checkpoint is kept in checkpoints/" if checkpoint.complete(self.run_dir) else ""
-            raise TrainingError(f"training loss became {global_loss} at step {s.step}: lower train.learning_rate or use mixed_precision: no{kept}")
+            kept = (
+                "; the last good checkpoint is kept in checkpoints/"
+                if checkpoint.complete(self.run_dir)
+                else ""
+            )
+            raise TrainingError(
+                f"training loss became {global_loss} at step {s.step}: lower train.learning_rate or use mixed_precision: no{kept}"
+            )
         self.scaler.scale(scaled / t.gradient_accumulation_steps).backward()
         s.running_loss += global_loss * len(global_idx)
         s.running_n += len(global_idx)
@@ -315,7 +422,9 @@ class Recipe:
         t = self.cfg.train
         if t.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -338,7 +447,15 @@ class Recipe:
         avg, lr = s.running_loss / max(1, s.running_n), self.scheduler.get_last_lr()[0]
         row = {"step": s.step, "epoch": round(epoch, 4), "split": "train", "loss": avg, "lr": lr}
         s.history.append(row)
-        log.log(logging.DEBUG if self.progress else logging.INFO, "step %d/%d (epoch %.2f): loss=%.4f lr=%.2e", s.step, self.total_steps, epoch, avg, lr)
+        log.log(
+            logging.DEBUG if self.progress else logging.INFO,
+            "step %d/%d (epoch %.2f): loss=%.4f lr=%.2e",
+            s.step,
+            self.total_steps,
+            epoch,
+            avg,
+            lr,
+        )
         self.events.on_log(row)
         s.running_loss, s.running_n = 0.0, 0
 
@@ -352,15 +469,34 @@ class Recipe:
         self.eval_seconds += time.perf_counter() - started
         metric = t.metric_for_best
         if metric not in metrics:
-            raise TrainingError(f"train.metric_for_best: '{metric}' is not computed for {self.cfg.task}; choose one of {', '.join(scalars(metrics))}")
-        row = {"step": s.step, "epoch": round(epoch, 4), "split": "validation", "seconds": round(elapsed, 2), **scalars(metrics)}
+            raise TrainingError(
+                f"train.metric_for_best: '{metric}' is not computed for {self.cfg.task}; choose one of {', '.join(scalars(metrics))}"
+            )
+        row = {
+            "step": s.step,
+            "epoch": round(epoch, 4),
+            "split": "validation",
+            "seconds": round(elapsed, 2),
+            **scalars(metrics),
+        }
         s.history.append(row)
         self.events.on_eval(row)
         value = float(metrics[metric])
         improved = s.improved(value, bool(t.greater_is_better))
-        log.info("eval step %d (epoch %.2f): %s%s", s.step, epoch, ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items()), "  (best)" if improved else "")
+        log.info(
+            "eval step %d (epoch %.2f): %s%s",
+            s.step,
+            epoch,
+            ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items()),
+            "  (best)" if improved else "",
+        )
         if improved:
-            s.best_value, s.best_eval, s.evals_without_gain, s.best_at = value, metrics, 0, {"step": s.step, "epoch": epoch}
+            s.best_value, s.best_eval, s.evals_without_gain, s.best_at = (
+                value,
+                metrics,
+                0,
+                {"step": s.step, "epoch": epoch},
+            )
             # Kept in memory and in checkpoints; adapter/ is written once, when the run is complete,
             # so an interrupted run never leaves something that looks like a finished adapter.
             s.best_state = self.adapter_state()
@@ -375,19 +511,45 @@ class Recipe:
         from tqdm.auto import tqdm
 
         distributed.sync_buffers(self.model, self.world)
-        bar = tqdm(total=len(self.data.splits[split]), desc=split, unit="ex", disable=not self.progress, leave=False, dynamic_ncols=True)
-        return self.task.evaluate(self.model, self.data.splits[split], self.base.processor, self.cfg, self.data.label_space,
-                                  batch_size=self.cfg.train.eval_batch_size, device=self.device, amp=self.amp, progress=bar)
+        bar = tqdm(
+            total=len(self.data.splits[split]),
+            desc=split,
+            unit="ex",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        return self.task.evaluate(
+            self.model,
+            self.data.splits[split],
+            self.base.processor,
+            self.cfg,
+            self.data.label_space,
+            batch_size=self.cfg.train.eval_batch_size,
+            device=self.device,
+            amp=self.amp,
+            progress=bar,
+        )
 
     def save_checkpoint(self) -> None:
         """Write the training state, weights, optimizer, schedule and scaler (rank 0; collectives on all)."""
         s = self.state
-        s.rng_ranks = distributed.gather(checkpoint.rng_state(), self.world)  # each rank draws its own dropout masks
-        weights, optim = self.adapter_state(), distributed.optimizer_state(self.model, self.optimizer, self.world)  # collectives under FSDP
+        s.rng_ranks = distributed.gather(
+            checkpoint.rng_state(), self.world
+        )  # each rank draws its own dropout masks
+        weights, optim = (
+            self.adapter_state(),
+            distributed.optimizer_state(self.model, self.optimizer, self.world),
+        )  # collectives under FSDP
         if not self.world.main:
             return
         s.run_seconds = time.perf_counter() - self.t0 - self.eval_seconds + self.clock_offset
-        payload = s.to_checkpoint(trainable=weights, optimizer=optim, scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict())
+        payload = s.to_checkpoint(
+            trainable=weights,
+            optimizer=optim,
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+        )
         checkpoint.save(self.run_dir, s.step, payload)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -402,7 +564,9 @@ class Recipe:
         s, cfg = self.state, self.cfg
         if s.best_state is not None:
             distributed.load_full_state(self.model, s.best_state)
-        final_weights = self.adapter_state() if self.world.sharded else None  # what save_adapter writes (a collective under FSDP)
+        final_weights = (
+            self.adapter_state() if self.world.sharded else None
+        )  # what save_adapter writes (a collective under FSDP)
         test_metrics, base_metrics = self.score_test()
         if not self.world.main:  # rank 0 writes; the others helped score the test split and are done
             return self.result(test_metrics, main=False)
@@ -421,12 +585,23 @@ class Recipe:
             "parameters": {"trainable": self.trainable, "total": self.total},
         }
         artifacts.write_json_atomic(self.run_dir / "metrics.json", final)
-        artifacts.write_text_atomic(self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in s.history))
+        artifacts.write_text_atomic(
+            self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in s.history)
+        )
         # The final adapter: the best weights, with the validation metrics of that step and the test metrics.
         meta = self.metadata() | {"trained": s.best_at}
-        meta["metrics"] = {"validation": scalars(s.best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
+        meta["metrics"] = {"validation": scalars(s.best_eval)} | (
+            {"test": scalars(test_metrics)} if test_metrics else {}
+        )
         initial = Path(self.initial.name) / "initial" if self.initial else None
-        artifacts.save_adapter(self.model, self.run_dir / "adapter", meta, card=model_card(meta), initial=initial, state_dict=final_weights)
+        artifacts.save_adapter(
+            self.model,
+            self.run_dir / "adapter",
+            meta,
+            card=model_card(meta),
+            initial=initial,
+            state_dict=final_weights,
+        )
         if cfg.output.report:
             self.write_report(meta, test_metrics, base_metrics)
         checkpoint.remove_all(self.run_dir)  # the run is complete; its adapter and metrics are in place
@@ -438,12 +613,19 @@ class Recipe:
         if "test" not in self.data.splits:
             return None, None
         test = self.score("test")
-        log.info("test (%d held-out examples): %s", len(self.data.splits["test"]), ", ".join(f"{k}={v:.4f}" for k, v in scalars(test).items()))
+        log.info(
+            "test (%d held-out examples): %s",
+            len(self.data.splits["test"]),
+            ", ".join(f"{k}={v:.4f}" for k, v in scalars(test).items()),
+        )
         if not self.cfg.train.score_base_model:
             return test, None
         with self.model.disable_adapter():
             base = self.score("test")
-        log.info("test without the adapter (base model): %s", ", ".join(f"{k}={v:.4f}" for k, v in scalars(base).items()))
+        log.info(
+            "test without the adapter (base model): %s",
+            ", ".join(f"{k}={v:.4f}" for k, v in scalars(base).items()),
+        )
         return test, base
 
     def metadata(self) -> dict[str, Any]:
@@ -462,9 +644,16 @@ class Recipe:
             "label_space": self.data.label_space.to_dict() if self.data.label_space else None,
             "data": {"sizes": self.sizes, "stats": self.data.stats},
             "lora": {
-                "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                "target_modules": sorted(lc.target_modules) if not isinstance(lc.target_modules, str) else lc.target_modules,
-                "modules_to_save": self.head_modules, "layers": lc.layers_to_transform, "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora,
+                "r": cfg.lora.r,
+                "alpha": cfg.lora.alpha,
+                "dropout": cfg.lora.dropout,
+                "target_modules": sorted(lc.target_modules)
+                if not isinstance(lc.target_modules, str)
+                else lc.target_modules,
+                "modules_to_save": self.head_modules,
+                "layers": lc.layers_to_transform,
+                "use_rslora": cfg.lora.use_rslora,
+                "use_dora": cfg.lora.use_dora,
             },
             "parameters": {"trainable": self.trainable, "total": self.total},
             "config": cfg.to_yaml_dict(),
@@ -472,17 +661,42 @@ class Recipe:
             "created_at": artifacts.now_iso(),
         }
 
-    def write_report(self, meta: dict[str, Any], test: dict[str, Any] | None, base: dict[str, Any] | None) -> None:
+    def write_report(
+        self, meta: dict[str, Any], test: dict[str, Any] | None, base: dict[str, Any] | None
+    ) -> None:
         from lorakit.report import write_report
 
-        evaluations = {"validation (best)": self.state.best_eval} | ({"test": test} if test else {}) | ({"test, base model without adapter": base} if base else {})
-        write_report(self.run_dir / "report", title=f"{self.cfg.task}: {Path(self.cfg.output.dir).name}", history=self.state.history,
-                     evaluations=evaluations, label_space=self.data.label_space, meta=meta)
+        evaluations = (
+            {"validation (best)": self.state.best_eval}
+            | ({"test": test} if test else {})
+            | ({"test, base model without adapter": base} if base else {})
+        )
+        write_report(
+            self.run_dir / "report",
+            title=f"{self.cfg.task}: {Path(self.cfg.output.dir).name}",
+            history=self.state.history,
+            evaluations=evaluations,
+            label_space=self.data.label_space,
+            meta=meta,
+        )
 
-    def result(self, test: dict[str, Any] | None, *, main: bool = True, seconds: float | None = None) -> TrainResult:
+    def result(
+        self, test: dict[str, Any] | None, *, main: bool = True, seconds: float | None = None
+    ) -> TrainResult:
         s = self.state
-        return TrainResult(self.run_dir, self.run_dir / "adapter", self.cfg.train.metric_for_best or "", float(s.best_value or 0.0), s.best_eval, test,
-                           s.history, seconds if seconds is not None else time.perf_counter() - self.t0, self.trainable, self.total, main=main)
+        return TrainResult(
+            self.run_dir,
+            self.run_dir / "adapter",
+            self.cfg.train.metric_for_best or "",
+            float(s.best_value or 0.0),
+            s.best_eval,
+            test,
+            s.history,
+            seconds if seconds is not None else time.perf_counter() - self.t0,
+            self.trainable,
+            self.total,
+            main=main,
+        )
 
     # ============================================================================================
     # cleanup
@@ -501,18 +715,23 @@ def _check_resumable(run: Path, cfg: RunConfig) -> None:
     """Resume only with the config the run was started with (output.overwrite aside)."""
     saved_file = run / "config.yaml"
     if not saved_file.is_file():
-        raise RunDirError(f"--resume: '{run}' has a checkpoint but no config.yaml; start again with --overwrite")
+        raise RunDirError(
+            f"--resume: '{run}' has a checkpoint but no config.yaml; start again with --overwrite"
+        )
     saved = load_yaml(saved_file.read_text(encoding="utf-8")) or {}
     now = cfg.to_yaml_dict()
     diffs = [
         f"{section}.{key}"
         for section in sorted(set(saved) | set(now))
         for key in sorted(set(_as_dict(saved.get(section))) | set(_as_dict(now.get(section))))
-        if (section, key) != ("output", "overwrite") and _as_dict(saved.get(section)).get(key) != _as_dict(now.get(section)).get(key)
+        if (section, key) != ("output", "overwrite")
+        and _as_dict(saved.get(section)).get(key) != _as_dict(now.get(section)).get(key)
     ]
     top = [k for k in ("task",) if saved.get(k) != now.get(k)]
     if diffs or top:
-        raise RunDirError(f"--resume: the config differs from the one '{run}' was started with ({', '.join(top + diffs)}); resume with the same config or start again with --overwrite")
+        raise RunDirError(
+            f"--resume: the config differs from the one '{run}' was started with ({', '.join(top + diffs)}); resume with the same config or start again with --overwrite"
+        )
 
 
 def _as_dict(v: Any) -> dict[str, Any]:
