@@ -38,9 +38,12 @@ demo-chat: setup
 	$(BIN)/lorakit train configs/rt-smollm2-chat.yaml --overwrite
 	$(BIN)/lorakit generate runs/rt-smollm2-chat "A gorgeous, heartfelt film." "Ninety minutes of tedium." --max-new-tokens 8
 
-# Everything, slow end-to-end tests on the real packaged model and data included (what CI runs).
-# Two workers, a test file each at a time (module fixtures are built once); `pytest` alone runs serially.
+# Everything, slow end-to-end tests on the real packaged model and data included (what CI runs): lint first
+# (ruff check and ruff format --check, line length 110), then pytest with two workers, a test file each at
+# a time (module fixtures are built once); `pytest` alone runs serially.
 test: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/pytest -n 2 --dist loadfile
 
 # Local loop: skip the slow end-to-end tests.
@@ -58,12 +61,12 @@ bench-quality: setup
 	mkdir -p bench/out && $(BIN)/python bench/quality.py --out bench/out/quality.json
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: setup
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

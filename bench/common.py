@@ -129,7 +129,8 @@ def reference(
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_dataset("csv", data_files={"train": str(slices["train"]), "test": str(slices["test"])})
     if head_tail:
-        # The same rule as lorakit's data.truncation = head_tail, written out here so the recipe stays lorakit-free.
+        # The same rule as lorakit's data.truncation = head_tail,
+        # written out here so the recipe stays lorakit-free.
         def cut(ids: list[int]) -> list[int]:
             return (
                 ids
@@ -216,7 +217,8 @@ def reference(
 
 
 def lorakit_config(slices: dict[str, Path], work: Path) -> Path:
-    """A run config that names only the data, the model and the budget: everything else is lorakit's default."""
+    """A run config that names only the data, the model and the budget:
+    everything else is lorakit's default."""
     import yaml
 
     cfg = {
@@ -320,7 +322,8 @@ def print_results(results: list[dict[str, Any]]) -> None:
     """One line per configuration: accuracy, wall time, trainable share, peak RSS, overrides."""
     for r in results:
         print(
-            f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  trainable {100 * r['trainable'] / r['total']:6.2f}%  "
+            f"{r['name']:28s} accuracy {100 * r['accuracy']:5.1f}%  {r['seconds']:6.0f} s  "
+            f"trainable {100 * r['trainable'] / r['total']:6.2f}%  "
             f"peak RSS {r['peak_rss_mb']:5.0f} MB  {' '.join(r['overrides'])}",
             flush=True,
         )

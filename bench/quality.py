@@ -62,7 +62,8 @@ def main() -> None:
         child,
         only=["full", "full-head-tail", "peft", "lorakit"],
         only_help="which of full, full-head-tail, peft, lorakit to run",
-        header=f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged MiniLM; accuracy on {N_TEST} held-out reviews",
+        header=f"# bench/quality.py: {N_TRAIN} IMDB training reviews, 1 epoch, 256 tokens, packaged "
+        f"MiniLM; accuracy on {N_TEST} held-out reviews",
         quick_header="# bench/quality.py --quick: 64 training reviews, a smoke test, not a measurement",
     )
     if ran is None:
@@ -75,7 +76,8 @@ def main() -> None:
             for r in results:
                 if not r["name"].startswith("full"):
                     print(
-                        f"  {r['name']:28s} {100 * (r['accuracy'] - by[base]['accuracy']):+5.1f} points, {r['seconds'] / by[base]['seconds']:.2f}x the time"
+                        f"  {r['name']:28s} {100 * (r['accuracy'] - by[base]['accuracy']):+5.1f} points, "
+                        f"{r['seconds'] / by[base]['seconds']:.2f}x the time"
                     )
     if "peft" in by:
         print("time against PEFT's usual recipe:")

@@ -1,4 +1,5 @@
-"""Adaptation quality on images: lorakit's defaults against full fine-tuning, EfficientNet-Lite0 on Fashion-MNIST.
+"""Adaptation quality on images: lorakit's defaults against full fine-tuning,
+EfficientNet-Lite0 on Fashion-MNIST.
 
 One command, one run, the same data, model, seed and budget for every configuration: 10,000
 Fashion-MNIST training images (seeded sample of the official training split), one epoch, 64x64
@@ -12,7 +13,7 @@ official test split (1,000 further training images are lorakit's validation spli
              that only the training method differs
   lorakit    `lorakit train` with a config naming only data, model and budget (its defaults)
 
-    .venv/bin/python bench/quality_images.py                     # full at 3e-4 and 1e-3, lorakit (~15 min on 2 cores)
+    .venv/bin/python bench/quality_images.py  # full at 3e-4 and 1e-3, lorakit (~15 min on 2 cores)
     .venv/bin/python bench/quality_images.py --only lorakit --variant "r16=lora.r=16,lora.alpha=32"
 
 Each configuration runs in its own process, one after the other.
@@ -166,8 +167,10 @@ def main() -> None:
         child,
         only=["full:3e-4", "full:1e-3", "lorakit"],
         only_help="which configurations to run: full:LR (full fine-tuning at that learning rate), lorakit",
-        header=f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images",
-        quick_header="# bench/quality_images.py --quick: 256 training images, a smoke test, not a measurement",
+        header=f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, "
+        f"EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images",
+        quick_header="# bench/quality_images.py --quick: 256 training images, a smoke "
+        "test, not a measurement",
     )
     if ran is None:
         return
@@ -179,7 +182,8 @@ def main() -> None:
         for r in results:
             if r is not best:
                 print(
-                    f"  {r['name']:28s} {100 * (r['accuracy'] - best['accuracy']):+5.1f} points, {r['seconds'] / best['seconds']:.2f}x the time"
+                    f"  {r['name']:28s} {100 * (r['accuracy'] - best['accuracy']):+5.1f} points, "
+                    f"{r['seconds'] / best['seconds']:.2f}x the time"
                 )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -373,7 +373,8 @@ def main() -> None:
     import torch
 
     print(
-        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.clients} clients over loopback",
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; {args.clients} clients over loopback",
         flush=True,
     )
     texts = reviews(512)
@@ -397,14 +398,16 @@ def main() -> None:
             else ""
         )
         print(
-            f"  {key:<26} {r['rps']:6.1f} req/s   p50 {r['p50_ms']:6.0f} ms   p99 {r['p99_ms']:6.0f} ms   {r['statuses']}{cpu}"
+            f"  {key:<26} {r['rps']:6.1f} req/s   p50 {r['p50_ms']:6.0f} ms   "
+            f"p99 {r['p99_ms']:6.0f} ms   {r['statuses']}{cpu}"
             + (f"   rounds {r['rounds_rps']}" if "rounds_rps" in r else ""),
             flush=True,
         )
 
     # ---- phase 1: every configuration alive at once, measured in interleaved slices ---------------
     print(
-        f"starting servers: (a) {args.adapters} adapters, (a') the same with --peft-mixed, (c) naive, (d) one adapter merged",
+        f"starting servers: (a) {args.adapters} adapters, (a') the same with --peft-mixed, "
+        "(c) naive, (d) one adapter merged",
         flush=True,
     )
     servers = {}
@@ -444,7 +447,8 @@ def main() -> None:
         for key in ("a'", "c"):
             servers.pop(key).stop()
         print(
-            f"load test: {args.clients} clients, {args.load_seconds:.0f} s, mixed traffic over {args.adapters} adapters",
+            f"load test: {args.clients} clients, {args.load_seconds:.0f} s, mixed traffic "
+            f"over {args.adapters} adapters",
             flush=True,
         )
         report(
@@ -502,27 +506,35 @@ def main() -> None:
     ratio_ac = r["a_lorakit_50"]["rps"] / r["c_naive_50"]["rps"]
     ratio_db = r["d_single_merged"]["rps"] / r["b_base_model"]["rps"]
     ratio_a2b = r["a_peft_loop_50"]["rps"] / r["b_base_model"]["rps"]
+    cpu_ratio = (
+        r["b_base_model"]["server_cpu_ms_per_request"] / r["a_lorakit_50"]["server_cpu_ms_per_request"]
+    )
     print("\nsummary")
     print(
         f"  (a) / (b)   adapters vs bare base model:      {ratio_ab:.2f}x  (target >= 0.90); "
-        f"server CPU per request {r['b_base_model']['server_cpu_ms_per_request'] / r['a_lorakit_50']['server_cpu_ms_per_request']:.2f}x"
+        f"server CPU per request {cpu_ratio:.2f}x"
     )
     print(f"  (a') / (b)  with peft's per-adapter loop:     {ratio_a2b:.2f}x")
     print(f"  (a) / (c)   vs naive set_adapter server:      {ratio_ac:.2f}x  (target >= 1.25 on CPU)")
     print(f"  (d) / (b)   single merged adapter vs base:    {ratio_db:.2f}x  (target >= 0.95)")
     merged_copies = args.adapters * r["base_model_mb"]
     print(
-        f"  memory (a): {r['rss_a_mb']:.0f} MB resident with {args.adapters} adapters vs {merged_copies:.0f} MB for {args.adapters} merged model copies (weights alone)"
+        f"  memory (a): {r['rss_a_mb']:.0f} MB resident with {args.adapters} adapters "
+        f"vs {merged_copies:.0f} MB for {args.adapters} merged model copies (weights alone)"
     )
     if args.many:
         print(
-            f"  memory (e): {r['rss_many_mb']:.0f} MB resident with {args.many} adapters ({args.many_dtype}) = {r['rss_many_mb'] / r['rss_single_mb']:.2f}x "
-            f"the single-adapter server's {r['rss_single_mb']:.0f} MB (target < 2x); adapter files {r['adapter_mb']:.2f} MB each (float32), "
-            f"base weights {r['base_model_mb']:.0f} MB; start-up {r['startup_many_s']:.0f} s; largest probability difference vs float32: {r['many_max_prob_diff']:.2g}"
+            f"  memory (e): {r['rss_many_mb']:.0f} MB resident with {args.many} adapters "
+            f"({args.many_dtype}) = {r['rss_many_mb'] / r['rss_single_mb']:.2f}x the single-adapter "
+            f"server's {r['rss_single_mb']:.0f} MB (target < 2x); adapter files {r['adapter_mb']:.2f} MB "
+            f"each (float32), base weights {r['base_model_mb']:.0f} MB; "
+            f"start-up {r['startup_many_s']:.0f} s; "
+            f"largest probability difference vs float32: {r['many_max_prob_diff']:.2g}"
         )
     fivexx = sum(n for s, n in r["load_test"]["statuses"].items() if s >= 500)
     print(
-        f"  load test: {r['load_test']['requests']} requests, {fivexx} 5xx, p99 {r['load_test']['p99_ms']:.0f} ms"
+        f"  load test: {r['load_test']['requests']} requests, {fivexx} 5xx, "
+        f"p99 {r['load_test']['p99_ms']:.0f} ms"
     )
     results["ratios"] = {
         "a_over_b": ratio_ab,

@@ -1,4 +1,4 @@
-"""Resident memory of `lorakit train` over a run, for issue 8's memory target: settings side by side.
+r"""Resident memory of `lorakit train` over a run, for issue 8's memory target: settings side by side.
 
 Each configuration is one `lorakit train` process on the benchmark's 2,000 IMDB training reviews
 (packaged MiniLM, lorakit's defaults, ``--steps`` optimizer steps, one validation at the end, no test
@@ -7,8 +7,10 @@ the largest sample of each 10 s window (a creep shows as a rising row) and the s
 logged steps 10 and ``--steps`` (the training steps' time, loading and scoring left out).
 
     .venv/bin/python bench/train_memory.py                                   # pad_to_multiple_of 32 vs none
-    .venv/bin/python bench/train_memory.py --config "fp32=train.mixed_precision=no" --config "fp32-none=train.mixed_precision=no,data.pad_to_multiple_of=null"
-    ONEDNN_PRIMITIVE_CACHE_CAPACITY=64 .venv/bin/python bench/train_memory.py --config default=  # an environment lever
+    .venv/bin/python bench/train_memory.py --config "fp32=train.mixed_precision=no" \
+        --config "fp32-none=train.mixed_precision=no,data.pad_to_multiple_of=null"
+    ONEDNN_PRIMITIVE_CACHE_CAPACITY=64 .venv/bin/python bench/train_memory.py \
+        --config default=  # an environment lever
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def main() -> None:
     args = ap.parse_args()
     lorakit = Path(sys.executable).with_name("lorakit")
     print(
-        f"# bench/train_memory.py: lorakit train, packaged MiniLM, 2000 IMDB reviews, {args.steps} steps; resident memory every 0.2 s",
+        f"# bench/train_memory.py: lorakit train, packaged MiniLM, 2000 IMDB reviews, {args.steps} "
+        "steps; resident memory every 0.2 s",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="lorakit-memory-") as tmp:
@@ -93,8 +96,9 @@ def main() -> None:
                 for w in range(0, int(samples[-1][0]) + 1, 10)
             ]
             print(
-                f"{name:28s} peak {max(mb for _, mb in samples):5d} MB  steps 10-{args.steps} {step_seconds(run / 'train.log', 10, args.steps):6.1f} s  "
-                f"per 10 s: {' '.join(str(w) for w in windows if w)}  {' '.join(overrides)}",
+                f"{name:28s} peak {max(mb for _, mb in samples):5d} MB  steps 10-{args.steps} "
+                f"{step_seconds(run / 'train.log', 10, args.steps):6.1f} s  per 10 s: "
+                f"{' '.join(str(w) for w in windows if w)}  {' '.join(overrides)}",
                 flush=True,
             )
 

@@ -119,8 +119,8 @@ def main() -> None:
         *common.variants(args.variant),
     ]
     print(
-        f"# bench/train_speed.py: packaged MiniLM, {N_TRAIN} IMDB training reviews, accuracy on {N_TEST} held-out reviews; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"# bench/train_speed.py: packaged MiniLM, {N_TRAIN} IMDB training reviews, accuracy on {N_TEST} "
+        f"held-out reviews; torch {torch.__version__}, {torch.get_num_threads()} threads",
         flush=True,
     )
     before = {k: common.matmul_flops(k) for k in ("fp32", "bf16")}
@@ -142,7 +142,8 @@ def main() -> None:
     ref = results[0]
     target = ref["accuracy"]
     print(
-        f"| configuration | precision | final held-out acc. | time to {100 * target:.1f}% | training samples/s | MFU (of that precision's peak) | peak RSS |"
+        f"| configuration | precision | final held-out acc. | time to {100 * target:.1f}% "
+        "| training samples/s | MFU (of that precision's peak) | peak RSS |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -157,14 +158,17 @@ def main() -> None:
         )
         when = f"{reached['seconds']:.0f} s" if reached else "not reached"
         print(
-            f"| {r['name']} {' '.join(r['overrides'])} | {r['precision']} | {100 * r['accuracy']:.1f}% | {when} | {r['samples_per_s']:.1f} | {100 * r['mfu']:.0f}% | {r['peak_rss_mb']:.0f} MB |",
+            f"| {r['name']} {' '.join(r['overrides'])} | {r['precision']} | {100 * r['accuracy']:.1f}% | "
+            f"{when} | {r['samples_per_s']:.1f} | {100 * r['mfu']:.0f}% | {r['peak_rss_mb']:.0f} MB |",
             flush=True,
         )
     print("\nratios against the reference (targets: time <= 0.33x, MFU >= 70%, memory <= 1.0x):")
     for r in results[1:]:
         t = f"{r['time_to_target'] / ref['time_to_target']:.2f}x" if r["time_to_target"] else "not reached"
         print(
-            f"  {r['name']:24s} time to accuracy {t}, samples/s {r['samples_per_s'] / ref['samples_per_s']:.2f}x, peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
+            f"  {r['name']:24s} time to accuracy {t}, "
+            f"samples/s {r['samples_per_s'] / ref['samples_per_s']:.2f}x, "
+            f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
         )
     if args.out:
         args.out.write_text(

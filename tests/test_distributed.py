@@ -77,7 +77,8 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 def text_config(folder: Path, tiny_bert_dir: Path, csv: Path, batch_size: int, **train: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    # 96 training rows: batches of 8 -> 12 global steps an epoch; eval batches of 5 split unevenly over 2 ranks.
+    # 96 training rows: batches of 8 -> 12 global steps an epoch;
+    # eval batches of 5 split unevenly over 2 ranks.
     # fp32: the runs are compared to 1e-4, and bf16 rounds differently when the batch is split over ranks
     return make_config(
         folder,
@@ -100,7 +101,8 @@ def text_config(folder: Path, tiny_bert_dir: Path, csv: Path, batch_size: int, *
 def text_runs(
     tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
 ) -> tuple[Path, subprocess.CompletedProcess]:
-    """The same run on 1 process (batch 8) and on 2 processes (batch 4 each): 72 steps, checkpoints every 4."""
+    """The same run on 1 process (batch 8) and on 2 processes
+    (batch 4 each): 72 steps, checkpoints every 4."""
     root = tmp_path_factory.mktemp("ddp")
     csv = write_csv(root / "reviews.csv", make_texts(160))
     one = text_config(root / "one", tiny_bert_dir, csv, batch_size=8)

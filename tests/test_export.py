@@ -27,7 +27,8 @@ from lorakit.prediction import generate
 
 
 def _assert_adapter_moves_outputs(run_dir: Path) -> list[dict[str, torch.Tensor]]:
-    """The check batches, after making sure the adapter changes the outputs (else a merge test proves nothing)."""
+    """The check batches, after making sure the adapter
+    changes the outputs (else a merge test proves nothing)."""
     a = load_adapter(run_dir, device="cpu")
     batches = a.task.export_batches(a.processor, a.data_cfg)
     with torch.no_grad():
@@ -39,7 +40,8 @@ def _assert_adapter_moves_outputs(run_dir: Path) -> list[dict[str, torch.Tensor]
 
 
 def _assert_card(run_dir: Path, *, labels: bool = True) -> None:
-    """Every adapter's model card: base model and hash, data, hyperparameters, metrics, labels, intended use, usage."""
+    """Every adapter's model card: base model and hash, data,
+    hyperparameters, metrics, labels, intended use, usage."""
     card = (run_dir / "adapter" / "README.md").read_text()
     meta = json.loads((run_dir / "adapter" / "lorakit.json").read_text())
     for part in (

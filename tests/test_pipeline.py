@@ -138,7 +138,8 @@ def test_save_load_roundtrip_reproduces_best_validation(trained_once) -> None:
 def test_pissa_olora_adapter_is_saved_as_plain_lora_for_the_original_base(
     write_config, init: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Trained with a modified base, saved as a rank-2r LoRA that reproduces the run's test scores on the real base."""
+    """Trained with a modified base, saved as a rank-2r LoRA
+    that reproduces the run's test scores on the real base."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))

@@ -1,4 +1,5 @@
-"""End-to-end on the real packaged SmolLM2-135M-Instruct (GGUF) and Rotten Tomatoes reviews (slow: run by `make test` and CI)."""
+"""End-to-end on the real packaged SmolLM2-135M-Instruct (GGUF) and Rotten Tomatoes reviews
+(slow: run by `make test` and CI)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
     assert metrics["test"]["exact_match"] >= 0.5, metrics["test"]["samples"]
     assert metrics["test_base_model"]["exact_match"] < metrics["test"]["exact_match"]
     # GGUF base + adapter -> one merged Hugging Face folder that plain transformers loads and answers with:
-    # one word, then the end-of-turn token (not 16 tokens of chatter). (`lorakit generate` itself: tiny-model tests.)
+    # one word, then the end-of-turn token (not 16 tokens of
+    # chatter). (`lorakit generate` itself: tiny-model tests.)
     r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"), cache=cache)
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -36,7 +36,8 @@ def _newest_step(run: Path) -> int:
 
 
 def _train_until_killed(config: Path, run: Path, *, after_step: int | None, delay: float | None) -> int:
-    """Start `lorakit train --resume`; SIGKILL it once a checkpoint past `after_step` exists (or after `delay` s)."""
+    """Start `lorakit train --resume`;
+    SIGKILL it once a checkpoint past `after_step` exists (or after `delay` s)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"],
         stdout=subprocess.DEVNULL,
@@ -133,7 +134,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     config = write_config(train={"epochs": 2, "save_every_steps": 3})
     with pytest.raises(
         TrainingError,
-        match=r"training loss became nan at step 7: lower train.learning_rate.*last good checkpoint is kept in checkpoints/",
+        match=r"training loss became nan at step 7: lower train.learning_rate.*last good "
+        r"checkpoint is kept in checkpoints/",
     ):
         lorakit.train(config, progress=False)
     run = tmp_path / "run"

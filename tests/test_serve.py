@@ -458,7 +458,8 @@ def test_half_precision_adapter_storage(adapters) -> None:
 
 
 def test_models_that_cannot_mix_heads_run_one_pass_per_adapter(adapters, monkeypatch) -> None:
-    """peft refuses mixed batches for some trained heads (e.g. BatchNorm in CNNs): one pass per adapter then."""
+    """peft refuses mixed batches for some trained heads
+    (e.g. BatchNorm in CNNs): one pass per adapter then."""
     from peft.utils.other import ModulesToSaveWrapper
 
     def refuse(self, *args, **kwargs):

@@ -98,7 +98,8 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool) -> Path:
         raise RunDirError(f"output.dir: '{run}' is a file; choose a folder path")
     if run.exists() and any(run.iterdir()) and not overwrite:
         raise RunDirError(
-            f"output.dir: '{run}' already holds a run; pass --overwrite to replace it or choose another output.dir"
+            f"output.dir: '{run}' already holds a run; pass --overwrite to replace it or "
+            "choose another output.dir"
         )
     try:
         run.mkdir(parents=True, exist_ok=True)
@@ -212,18 +213,22 @@ def find_adapter_dir(path: str | Path) -> Path:
             if not (candidate / ADAPTER_WEIGHTS).is_file():
                 if (candidate / "adapter_model.bin").is_file():
                     raise AdapterError(
-                        f"'{candidate}' holds pickled adapter_model.bin weights; lorakit loads only safetensors (re-save with safe_serialization=True)"
+                        f"'{candidate}' holds pickled adapter_model.bin weights; lorakit loads only "
+                        "safetensors (re-save with safe_serialization=True)"
                     )
                 raise AdapterError(
-                    f"'{candidate}' has no {ADAPTER_WEIGHTS}: the adapter is incomplete (an interrupted save?)"
+                    f"'{candidate}' has no {ADAPTER_WEIGHTS}: the adapter is incomplete "
+                    "(an interrupted save?)"
                 )
             if not (candidate / METADATA_FILE).is_file():
                 raise AdapterError(
-                    f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so its task and labels are unknown"
+                    f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so "
+                    "its task and labels are unknown"
                 )
             return candidate
     raise AdapterError(
-        f"'{p}' is neither an adapter directory nor a run directory with adapter/ inside; pass the folder `lorakit train` wrote"
+        f"'{p}' is neither an adapter directory nor a run directory with adapter/ inside; pass "
+        "the folder `lorakit train` wrote"
     )
 
 

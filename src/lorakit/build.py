@@ -125,7 +125,8 @@ def adapter_config(meta: dict[str, Any]) -> RunConfig:
         return saved_config(meta["config"])
     except (KeyError, TypeError, LorakitError) as exc:
         raise AdapterError(
-            f"the adapter's lorakit.json holds no valid run config ({str(exc)[:200]}); retrain or re-import the adapter"
+            f"the adapter's lorakit.json holds no valid run config ({str(exc)[:200]}); retrain "
+            "or re-import the adapter"
         ) from None
 
 
@@ -174,7 +175,8 @@ def load_adapter(
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterError(
-            f"adapter '{adapter_dir}' does not fit base model '{model_path}' (shape or name mismatch): {first[:200]}"
+            f"adapter '{adapter_dir}' does not fit base model '{model_path}' (shape or name "
+            f"mismatch): {first[:200]}"
         ) from None
     model = task.prepare_model(model)
     dev = modeling.pick_device(device)

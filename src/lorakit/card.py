@@ -48,7 +48,8 @@ def model_card(meta: dict[str, Any]) -> str:
     lines += [
         "",
         "## Hyperparameters",
-        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, rsLoRA={lora['use_rslora']}, DoRA={lora['use_dora']}",
+        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+        f"rsLoRA={lora['use_rslora']}, DoRA={lora['use_dora']}",
         f"- target modules: {lora['target_modules']}",
         f"- trained fully (modules_to_save): {lora['modules_to_save']}",
         f"- trainable parameters: {meta['parameters']['trainable']:,} of {meta['parameters']['total']:,} "
@@ -76,7 +77,8 @@ def model_card(meta: dict[str, Any]) -> str:
     lines += [
         "",
         "## Intended use",
-        f"{meta['task']} on data like the training data above. Check the metrics on your own held-out data before use;",
+        f"{meta['task']} on data like the training data above. Check the metrics on your "
+        "own held-out data before use;",
         "the adapter inherits the limitations and biases of its base model and training data.",
         "",
         "## Usage",
@@ -84,7 +86,8 @@ def model_card(meta: dict[str, Any]) -> str:
         "With lorakit:",
         "```bash",
         f"lorakit {task.cli_command} ADAPTER_DIR {task.example_input}",
-        "# or from the registry: lorakit publish ADAPTER_DIR --name NAME; lorakit registry pull NAME --to DIR",
+        "# or from the registry: lorakit publish ADAPTER_DIR --name NAME; "
+        "lorakit registry pull NAME --to DIR",
         "```",
         "",
         "With plain peft:",
@@ -112,12 +115,16 @@ def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format:
         "",
         f"# {meta['task']} model: base + LoRA adapter, merged",
         "",
-        f"The LoRA update `W += B @ A * scaling` of adapter `{provenance['adapter']['content_hash']}` folded into",
-        f"`{base['name_or_path']}` (content hash `{base.get('fingerprint')}`), exported by lorakit on {provenance['created_at']}.",
+        f"The LoRA update `W += B @ A * scaling` of adapter `{provenance['adapter']['content_hash']}` "
+        "folded into",
+        f"`{base['name_or_path']}` (content hash `{base.get('fingerprint')}`), exported by "
+        f"lorakit on {provenance['created_at']}.",
         "",
         "## Verification",
-        f"Check inputs: {check['checked_inputs']} in batches of different shapes; logits of the unmerged adapter vs this folder reloaded from disk.",
-        "The check is made in float64, which isolates the merge from float32 rounding; float32 figures are shown beside it.",
+        f"Check inputs: {check['checked_inputs']} in batches of different shapes; logits of the "
+        "unmerged adapter vs this folder reloaded from disk.",
+        "The check is made in float64, which isolates the merge from float32 rounding; float32 "
+        "figures are shown beside it.",
         "",
         "| comparison | largest absolute logit difference | tolerance |",
         "|---|---|---|",
@@ -127,7 +134,8 @@ def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format:
     ]
     if check.get("onnx_max_abs_diff") is not None:
         lines.append(
-            f"| ONNX (onnxruntime, float32) `{check['onnx']}` vs unmerged float32 | {check['onnx_max_abs_diff']:.3g} | {check['tolerance']:g} |"
+            f"| ONNX (onnxruntime, float32) `{check['onnx']}` vs unmerged float32 | "
+            f"{check['onnx_max_abs_diff']:.3g} | {check['tolerance']:g} |"
         )
     if labels:
         lines += ["", "## Labels", "", "| id | label |", "|---|---|"] + [

@@ -150,7 +150,8 @@ def train(
             + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
         )
     typer.echo(
-        f"trained {result.trainable_params:,} of {result.total_params:,} parameters in {result.seconds / 60:.1f} min"
+        f"trained {result.trainable_params:,} of {result.total_params:,} parameters in "
+        f"{result.seconds / 60:.1f} min"
     )
     typer.echo(f"adapter: {result.adapter_dir}")
     if (result.run_dir / "report" / "index.html").is_file():
@@ -191,7 +192,8 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Show the k most likely labels.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
 ) -> None:
-    """Predict labels (with probabilities) for inputs (texts, or image files / URLs) given as arguments or in a file."""
+    """Predict labels (with probabilities) for inputs (texts,
+    or image files / URLs) given as arguments or in a file."""
     from lorakit.prediction import predict as run_predict
 
     _setup_logging()
@@ -291,13 +293,15 @@ def export(
     r = run_export(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
     typer.echo(f"merged model: {r.out_dir}")
     typer.echo(
-        f"  largest |unmerged - merged| logit difference on {r.checked} inputs: {r.merged_diff:.3g} in float64 (tolerance {r.tolerance:g}), "
-        f"{r.merged_diff_fp32:.3g} in float32 (float32 arithmetic alone: {r.fp32_noise:.3g})"
+        f"  largest |unmerged - merged| logit difference on {r.checked} inputs: {r.merged_diff:.3g} "
+        f"in float64 (tolerance {r.tolerance:g}), {r.merged_diff_fp32:.3g} in float32 (float32 "
+        f"arithmetic alone: {r.fp32_noise:.3g})"
     )
     if r.onnx_path:
         typer.echo(f"onnx: {r.onnx_path}")
         typer.echo(
-            f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance {r.tolerance:g})"
+            f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance "
+            f"{r.tolerance:g})"
         )
 
 
@@ -440,7 +444,8 @@ def serve(
     adapters: Annotated[
         list[str],
         typer.Argument(
-            help="Adapters: NAME=PATH, a run / adapter folder, or a registry name[:version]. The first fixes the base model."
+            help="Adapters: NAME=PATH, a run / adapter folder, or a registry name[:version]. "
+            "The first fixes the base model."
         ),
     ],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -472,7 +477,8 @@ def serve(
         bool,
         typer.Option(
             "--peft-mixed",
-            help="Run mixed-adapter batches with peft's per-adapter loop instead of gathered matmuls (comparison).",
+            help="Run mixed-adapter batches with peft's per-adapter loop instead of gathered "
+            "matmuls (comparison).",
         ),
     ] = False,
     adapter_dtype: Annotated[
@@ -521,7 +527,8 @@ def serve(
         device=device,
     )
     typer.echo(
-        f"serving {len(engine.known)} {engine.task.name} adapter(s) on {engine.base_name} at http://{host}:{port} (docs: /docs)",
+        f"serving {len(engine.known)} {engine.task.name} adapter(s) on {engine.base_name} at "
+        f"http://{host}:{port} (docs: /docs)",
         err=True,
     )
     uvicorn.run(

@@ -34,7 +34,8 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """Parse YAML as lorakit's configs are read (YAML 1.2 booleans; `yes` / `no` / `on` / `off` are strings)."""
+    """Parse YAML as lorakit's configs are read (YAML 1.2 booleans;
+    `yes` / `no` / `on` / `off` are strings)."""
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
@@ -51,19 +52,24 @@ class DataConfig(Section):
     fields (columns, lengths, image sizes, prompt formats) are on its subclass in ``lorakit/tasks/``."""
 
     train: str = Field(
-        description="Training data: a csv/json/jsonl/parquet file (or glob), a pkg:// path, or a Hub dataset name."
+        description="Training data: a csv/json/jsonl/parquet file (or glob), a pkg:// path, "
+        "or a Hub dataset name."
     )
     validation: str | None = Field(
         None,
-        description="Validation data; when unset a seeded split of `train` of size `validation_size` is used.",
+        description="Validation data; when unset a seeded split of `train` of size "
+        "`validation_size` is used.",
     )
     test: str | None = Field(
         None,
-        description="Held-out test data, scored once at the end; when unset and `test_size` > 0, split from `train`.",
+        description="Held-out test data, scored once at the end; "
+        "when unset and `test_size` > 0, split from `train`.",
     )
     format: Literal["auto", "csv", "json", "jsonl", "parquet", "imagefolder", "idx", "hub"] = Field(
         "auto",
-        description="Data format; `auto` decides by extension (a folder is an image folder with one sub-folder per class, `*-images-idx3-ubyte[.gz]` is MNIST-style idx), anything else without a file is a Hub name.",
+        description="Data format; `auto` decides by extension (a folder is an image folder with "
+        "one sub-folder per class, `*-images-idx3-ubyte[.gz]` is MNIST-style idx), anything "
+        "else without a file is a Hub name.",
     )
     hub_split: str = Field("train", description="Which split of a Hub dataset `train` names.")
     label_names: list[str] | None = Field(
@@ -76,12 +82,14 @@ class DataConfig(Section):
     validation_size: float = Field(
         0.1,
         gt=0,
-        description="Share (0-1) or count (>= 1) of `train` held out for validation when `validation` is unset.",
+        description="Share (0-1) or count (>= 1) of `train` held out for validation when "
+        "`validation` is unset.",
     )
     test_size: float = Field(
         0,
         ge=0,
-        description="Share (0-1) or count (>= 1) of `train` held out as a test split when `test` is unset; 0 = none.",
+        description="Share (0-1) or count (>= 1) of `train` held out as a test split when "
+        "`test` is unset; 0 = none.",
     )
     max_train_samples: int | None = Field(
         None, ge=1, description="Use at most this many training examples (seeded sample)."
@@ -112,9 +120,10 @@ class TokenizedDataConfig(DataConfig):
         32,
         ge=1,
         le=1024,
-        description="Pad each batch to its longest example rounded up to a multiple of this, so batches come in few shapes "
-        "and the memory of CPU kernels' caches and of the heap stops growing over a run (MiniLM, 60 bf16 steps: peak RSS 1611 instead of "
-        "2322 MB, 0.87x the step time; bench/train_memory.py, BENCHMARKS.md); null = exactly the longest example.",
+        description="Pad each batch to its longest example rounded up to a multiple of this, so "
+        "batches come in few shapes and the memory of CPU kernels' caches and of the heap stops growing "
+        "over a run (MiniLM, 60 bf16 steps: peak RSS 1611 instead of 2322 MB, 0.87x the step time; "
+        "bench/train_memory.py, BENCHMARKS.md); null = exactly the longest example.",
     )
 
 
@@ -126,7 +135,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
     gguf_file: str | None = Field(
         None,
-        description="GGUF file inside the model folder (dequantised on load); found automatically when `name_or_path` is a .gguf file or a folder with exactly one.",
+        description="GGUF file inside the model folder (dequantised on load); found automatically "
+        "when `name_or_path` is a .gguf file or a folder with exactly one.",
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the frozen base in 4 / 8 bits (QLoRA; needs a CUDA GPU and bitsandbytes)."
@@ -135,7 +145,10 @@ class ModelConfig(Section):
         0.0,
         ge=0,
         lt=1,
-        description="Override every dropout probability of the base model (hidden, attention, classifier); null keeps the model's own. The default 0 halves the step time on CPUs (dropout masks are costly there), saves the masks' memory, and cost no accuracy in one-epoch LoRA runs (BENCHMARKS.md, quality).",
+        description="Override every dropout probability of the base model (hidden, attention, "
+        "classifier); null keeps the model's own. The default 0 halves the step time on CPUs "
+        "(dropout masks are costly there), saves the masks' memory, and cost no accuracy in "
+        "one-epoch LoRA runs (BENCHMARKS.md, quality).",
     )
 
 
@@ -151,19 +164,26 @@ class LoraSettings(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str | None = Field(
         None,
-        description="Module name suffixes to adapt, a regex string, or `all-linear`; unset = the default for the architecture.",
+        description="Module name suffixes to adapt, a regex string, or `all-linear`; unset = "
+        "the default for the architecture.",
     )
     layers: list[int] | None = Field(
         None,
         min_length=1,
-        description="Adapt only these blocks of the model (0 = the lowest, -1 = the top one; e.g. [-3, -2, -1] for the top three); unset = every block. Fewer adapted blocks make the backward pass shorter (it stops at the lowest adapted block) at some cost in accuracy.",
+        description="Adapt only these blocks of the model (0 = the lowest, -1 = the top one; "
+        "e.g. [-3, -2, -1] for the top three); unset = every block. Fewer adapted blocks make the "
+        "backward pass shorter (it stops at the lowest adapted block) at some cost in accuracy.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
         "default",
-        description="Initialisation of the update matrices: `default` (A random, B zero), `gaussian`, `pissa` (A and B from the weight's top singular vectors; exact SVD, slow on large models) or `olora` (QR). PiSSA / OLoRA move part of the base weights into the adapter while training; the saved adapter is converted to a plain LoRA adapter of rank 2r that applies to the original base model.",
+        description="Initialisation of the update matrices: `default` (A random, B zero), "
+        "`gaussian`, `pissa` (A and B from the weight's top singular vectors; exact SVD, slow "
+        "on large models) or `olora` (QR). PiSSA / OLoRA move part of the base weights into the "
+        "adapter while training; the saved adapter is converted to a plain LoRA adapter of rank "
+        "2r that applies to the original base model.",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
@@ -171,7 +191,9 @@ class LoraSettings(Section):
     )
     batch_norm: Literal["train", "freeze"] = Field(
         "train",
-        description="BatchNorm layers (CNNs): `train` trains them and saves them with the adapter (their running statistics follow the new data); `freeze` keeps the pretrained statistics and weights (pure LoRA).",
+        description="BatchNorm layers (CNNs): `train` trains them and saves them with the "
+        "adapter (their running statistics follow the new data); `freeze` keeps the pretrained "
+        "statistics and weights (pure LoRA).",
     )
 
 
@@ -186,14 +208,17 @@ class TrainConfig(Section):
     eval_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Examples per forward pass during evaluation; unset = batch_size on CPUs (larger batches only raise the memory peak there: measured +400 MB at 64 on MiniLM, BENCHMARKS.md, training speed), 4 x batch_size on GPUs.",
+        description="Examples per forward pass during evaluation; unset = batch_size on CPUs "
+        "(larger batches only raise the memory peak there: measured +400 MB at 64 on MiniLM, "
+        "BENCHMARKS.md, training speed), 4 x batch_size on GPUs.",
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
     learning_rate: float | None = Field(
         None,
         gt=0,
         lt=1,
-        description="Peak learning rate of AdamW; unset = the architecture's default: 1e-3 (transformers), 5e-3 for the zoo's EfficientNet-Lite0 (measured: BENCHMARKS.md, quality).",
+        description="Peak learning rate of AdamW; unset = the architecture's default: 1e-3 (transformers), "
+        "5e-3 for the zoo's EfficientNet-Lite0 (measured: BENCHMARKS.md, quality).",
     )
     head_learning_rate: float | None = Field(
         None, gt=0, lt=1, description="Learning rate of the task head; unset = learning_rate."
@@ -201,7 +226,8 @@ class TrainConfig(Section):
     lora_plus_ratio: float | None = Field(
         None,
         gt=0,
-        description="LoRA+: the B matrices learn at learning_rate x this ratio (the paper suggests 16); unset = the same rate as A.",
+        description="LoRA+: the B matrices learn at learning_rate x this ratio (the paper "
+        "suggests 16); unset = the same rate as A.",
     )
     weight_decay: float = Field(
         0.01, ge=0, description="AdamW weight decay (not applied to biases and norms)."
@@ -214,7 +240,8 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = none.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto",
-        description="`auto` = bf16 (or fp16) on a CUDA GPU, bf16 on a CPU with native bf16 (AVX512-BF16 / AMX), fp32 otherwise; `no` = fp32.",
+        description="`auto` = bf16 (or fp16) on a CUDA GPU, bf16 on a CPU with native bf16 "
+        "(AVX512-BF16 / AMX), fp32 otherwise; `no` = fp32.",
     )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding)."
@@ -224,7 +251,8 @@ class TrainConfig(Section):
     )
     metric_for_best: str | None = Field(
         None,
-        description="Validation metric that selects the best adapter (e.g. accuracy, f1_macro, loss); unset = the task's default (accuracy for classification).",
+        description="Validation metric that selects the best adapter (e.g. accuracy, f1_macro, loss); "
+        "unset = the task's default (accuracy for classification).",
     )
     greater_is_better: bool | None = Field(
         None,
@@ -237,18 +265,24 @@ class TrainConfig(Section):
     save_every_steps: int | None = Field(
         100,
         ge=1,
-        description="Write a resumable checkpoint every N optimizer steps (and after each evaluation); null = only after evaluations.",
+        description="Write a resumable checkpoint every N optimizer steps (and after each "
+        "evaluation); null = only after evaluations.",
     )
     seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = torch's default.")
     release_memory: bool = Field(
         True,
-        description="Linux (glibc): tensors of 8 MiB and more are given back to the system when freed (malloc's mmap threshold fixed at 8 MiB) instead of staying in a heap that batches of changing shapes fragment, so the process's memory does not creep up during a run (measured on MiniLM, 125 steps: peak RSS 2798 instead of 3561 MB, 11% fewer samples/s; BENCHMARKS.md, training speed; false for the fastest steps). Applies to the whole process.",
+        description="Linux (glibc): tensors of 8 MiB and more are given back to the system when freed "
+        "(malloc's mmap threshold fixed at 8 MiB) instead of staying in a heap that batches of changing "
+        "shapes fragment, so the process's memory does not creep up during a run (measured on MiniLM, "
+        "125 steps: peak RSS 2798 instead of 3561 MB, 11% fewer samples/s; BENCHMARKS.md, training "
+        "speed; false for the fastest steps). Applies to the whole process.",
     )
     score_base_model: bool = Field(
         False,
-        description="Also score the test split with the adapter switched off: the before / after comparison lands in metrics.json.",
+        description="Also score the test split with the adapter switched off: the before / "
+        "after comparison lands in metrics.json.",
     )
 
 
@@ -267,7 +301,8 @@ class RunConfig(Section):
 
     task: str = Field(
         DEFAULT_TASK,
-        description="What is learned: one of the tasks in lorakit/tasks (text-classification, image-classification, causal-lm, ...).",
+        description="What is learned: one of the tasks in lorakit/tasks (text-classification, "
+        "image-classification, causal-lm, ...).",
     )
     data: DataConfig
     model: ModelConfig
@@ -293,7 +328,8 @@ def run_config_class(task: str) -> type[RunConfig]:
         names = [repr(n) for n in task_names()]
         raise ConfigError(
             [
-                f"task = {task!r}: input should be {', '.join(names[:-1])} or {names[-1]} (the tasks in lorakit/tasks)"
+                f"task = {task!r}: input should be {', '.join(names[:-1])} or {names[-1]} (the "
+                "tasks in lorakit/tasks)"
             ]
         )
     cls = task_class(task)

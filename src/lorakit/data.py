@@ -61,12 +61,14 @@ def read_source(
         return images.read_idx(files[0], key=key)
     if not files:
         raise DataError(
-            f"{key}: file '{location}' does not exist; check the path (relative paths start from the current folder)"
+            f"{key}: file '{location}' does not exist; check the path (relative paths start "
+            "from the current folder)"
         )
     builder = _FORMAT_BUILDERS.get(fmt) if fmt != "auto" else _BUILDERS.get(Path(files[0]).suffix.lower())
     if builder is None:
         raise DataError(
-            f"{key}: cannot tell the format of '{files[0]}'; use a .csv/.tsv/.json/.jsonl/.parquet file, an image folder or set data.format"
+            f"{key}: cannot tell the format of '{files[0]}'; use a .csv/.tsv/.json/.jsonl/.parquet "
+            "file, an image folder or set data.format"
         )
     for f in files:
         if Path(f).stat().st_size == 0:
@@ -112,7 +114,8 @@ def _read_hub(name: str, *, key: str, split: str) -> Dataset:
                 "download the data or point to a local csv/json/jsonl/parquet file"
             ) from None
         raise DataError(
-            f"{key}: could not load Hub dataset '{name}' (split '{split}'): {text.splitlines()[0][:300] if text else type(exc).__name__}"
+            f"{key}: could not load Hub dataset '{name}' (split '{split}'): "
+            f"{text.splitlines()[0][:300] if text else type(exc).__name__}"
         ) from None
     if not isinstance(ds, Dataset):
         raise DataError(f"{key}: Hub dataset '{name}' did not give a single split; set data.hub_split")
@@ -124,8 +127,8 @@ def require_columns(ds: Dataset, columns: list[str], *, key: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(
-            f"{key}: column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)} not found; "
-            f"the data has {', '.join(ds.column_names)} (set data.text_column / data.label_column)"
+            f"{key}: column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)} not "
+            f"found; the data has {', '.join(ds.column_names)} (set data.text_column / data.label_column)"
         )
 
 

@@ -81,8 +81,8 @@ def setup(device_pref: str) -> tuple[World, torch.device | None]:
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         # Refused rather than silently trained as DDP: the user asked for a sharding engine.
         raise LorakitError(
-            "accelerate config: DeepSpeed is not supported by lorakit train; use an accelerate config with distributed_type FSDP "
-            "(sharded weights, the same ZeRO-3 idea) or MULTI_GPU (DDP)"
+            "accelerate config: DeepSpeed is not supported by lorakit train; use an accelerate config with "
+            "distributed_type FSDP (sharded weights, the same ZeRO-3 idea) or MULTI_GPU (DDP)"
         )
     if not launched():
         return World(), None
@@ -263,7 +263,8 @@ def load_optimizer_state(
     if ("fsdp_full" in state) != world.sharded:
         was, now = ("with", "without") if "fsdp_full" in state else ("without", "with")
         raise LorakitError(
-            f"--resume: the checkpoint was written {was} FSDP and this run is {now} it; resume with the launch config the run started with"
+            f"--resume: the checkpoint was written {was} FSDP and this run is {now} it; resume "
+            "with the launch config the run started with"
         )
     if not world.sharded:
         optimizer.load_state_dict(state)
@@ -311,9 +312,10 @@ def _fully_shard(model: torch.nn.Module, world: World, device: torch.device) -> 
     present = {type(m).__name__ for m in model.modules()}
     missing = [c for c in wanted if c not in present]
     if missing:
+        no_blocks = "no value (this model has no transformer blocks: it is sharded as a whole)"
         raise LorakitError(
-            f"accelerate config: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which this model does not have; "
-            f"use {', '.join(available) or 'no value (this model has no transformer blocks: it is sharded as a whole)'}"
+            f"accelerate config: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, "
+            f"which this model does not have; use {', '.join(available) or no_blocks}"
         )
     strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "").upper()
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()

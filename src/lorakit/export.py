@@ -92,7 +92,8 @@ def _f64(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _onnx_export(
     model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, axes: dict[int, str]
 ) -> None:
-    """Export with the dynamo exporter (the TorchScript one mis-traces attention masks of new transformers)."""
+    """Export with the dynamo exporter (the TorchScript
+    one mis-traces attention masks of new transformers)."""
     try:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
@@ -128,7 +129,8 @@ def _onnx_export(
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(
-                f"ONNX export of this {getattr(model.config, 'model_type', 'model')} failed ({first[:200]}); export without --onnx"
+                f"ONNX export of this {getattr(model.config, 'model_type', 'model')} failed "
+                f"({first[:200]}); export without --onnx"
             ) from None
 
 
@@ -186,11 +188,13 @@ def export(
     quant = meta.get("config", {}).get("model", {}).get("quantization", "none")
     if quant not in (None, "none"):
         raise ExportError(
-            f"this adapter was trained on a {quant}-quantised base; merging into quantised weights is not exact — export with --base-model pointing at the unquantised model"
+            f"this adapter was trained on a {quant}-quantised base; merging into quantised weights is "
+            "not exact — export with --base-model pointing at the unquantised model"
         )
     if onnx and task.onnx_axes is None:
         raise ExportError(
-            f"--onnx: ONNX export is for the classification tasks; export this {task.name} adapter without --onnx (Hugging Face format)"
+            f"--onnx: ONNX export is for the classification tasks; export this {task.name} adapter "
+            "without --onnx (Hugging Face format)"
         )
     data_cfg = loaded.config.data
 
@@ -218,7 +222,8 @@ def export(
         reloaded.float()
         if not merged_diff <= tolerance:  # also catches NaN
             raise ExportError(
-                f"merge check failed: largest |unmerged - merged| logit difference is {merged_diff:.3g} > {tolerance:g} (float64); nothing was written"
+                f"merge check failed: largest |unmerged - merged| logit difference is {merged_diff:.3g} "
+                f"> {tolerance:g} (float64); nothing was written"
             )
         onnx_path = onnx_diff = None
         if onnx:
@@ -227,7 +232,8 @@ def export(
             onnx_diff = _onnx_check(tmp / ONNX_FILE, batches, ref32)
             if not onnx_diff <= tolerance:
                 raise ExportError(
-                    f"ONNX check failed: largest |unmerged - onnxruntime| logit difference is {onnx_diff:.3g} > {tolerance:g}; nothing was written"
+                    "ONNX check failed: largest |unmerged - onnxruntime| logit difference is "
+                    f"{onnx_diff:.3g} > {tolerance:g}; nothing was written"
                 )
             onnx_path = out / ONNX_FILE
         result = ExportResult(out, merged_diff, diff32, noise, onnx_path, onnx_diff, tolerance, checked)

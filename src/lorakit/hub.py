@@ -41,12 +41,14 @@ def push_to_hub(adapter: str | Path, repo_id: str, *, private: bool = False, tok
         ) from None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise HubError(
-            "--hub: Hugging Face offline mode is on (HF_HUB_OFFLINE); unset it to push, or publish to the local registry only"
+            "--hub: Hugging Face offline mode is on (HF_HUB_OFFLINE); unset it to push, or "
+            "publish to the local registry only"
         )
     token = token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()
     if not token:
         raise HubError(
-            "--hub: no Hugging Face token; set HF_TOKEN to a write token (https://huggingface.co/settings/tokens) or run `hf auth login`"
+            "--hub: no Hugging Face token; set HF_TOKEN to a write token "
+            "(https://huggingface.co/settings/tokens) or run `hf auth login`"
         )
     api = huggingface_hub.HfApi(token=token)
     try:
@@ -61,13 +63,15 @@ def push_to_hub(adapter: str | Path, repo_id: str, *, private: bool = False, tok
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             raise HubError(
-                f"--hub: the Hub refused the token for {repo_id} (HTTP {status}); use a token with write access to that namespace"
+                f"--hub: the Hub refused the token for {repo_id} (HTTP {status}); use a token "
+                "with write access to that namespace"
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HubError(f"--hub: the Hub refused the upload to {repo_id}: {first[:200]}") from None
     except Exception as exc:  # network layer (httpx / requests / OS): no connection, DNS, TLS, timeouts
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HubError(
-            f"--hub: cannot reach the Hugging Face Hub ({reason[:160]}); check the network or publish to the local registry only"
+            f"--hub: cannot reach the Hugging Face Hub ({reason[:160]}); check the network or "
+            "publish to the local registry only"
         ) from None
     return str(getattr(info, "commit_url", None) or info)

@@ -48,12 +48,14 @@ class AugmentConfig(Section):
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(
-                f"data.augment.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1, e.g. [0.5, 1.0]"
+                f"data.augment.crop_scale: {list(self.crop_scale)} "
+                "must satisfy 0 < min <= max <= 1, e.g. [0.5, 1.0]"
             )
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(
-                f"data.augment.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < min <= max, e.g. [0.75, 1.333]"
+                f"data.augment.crop_ratio: {list(self.crop_ratio)} "
+                "must satisfy 0 < min <= max, e.g. [0.75, 1.333]"
             )
         return self
 
@@ -80,7 +82,8 @@ def read_image_folder(folder: str | Path, *, key: str) -> Any:
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(
-            f"{key}: folder '{folder}' has no sub-folders; put each class's images in a sub-folder named after the class"
+            f"{key}: folder '{folder}' has no sub-folders; put each class's images in a "
+            "sub-folder named after the class"
         )
     paths, labels = [], []
     for d in classes:
@@ -150,7 +153,8 @@ def fetch_url(url: str, *, timeout: float = 10.0) -> bytes:
             data = resp.read(MAX_DOWNLOAD_BYTES + 1)
     except Exception as exc:
         raise BadImage(
-            f"could not download '{url}': {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+            f"could not download '{url}': "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
         ) from None
     if len(data) > MAX_DOWNLOAD_BYTES:
         raise BadImage(
@@ -211,7 +215,8 @@ def load_image(value: Any, *, base_dir: str | Path | None = None, allow_urls: bo
             else type(src).__name__
         )
         raise BadImage(
-            f"image {name} cannot be decoded ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+            f"image {name} cannot be decoded "
+            f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
         ) from None
 
 

@@ -65,7 +65,8 @@ class LabelSpace:
             if names is not None:
                 if len(names) < k:
                     raise DataError(
-                        f"data.label_names: has {len(names)} names but labels go up to {ids[-1]}; give one name per id"
+                        f"data.label_names: has {len(names)} names but labels go up to {ids[-1]}; "
+                        "give one name per id"
                     )
                 return cls(tuple(str(n) for n in names))
             return cls(tuple(str(i) for i in range(k)))

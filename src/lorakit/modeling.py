@@ -100,7 +100,8 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     if p.exists():
         if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
             raise ModelError(
-                f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face model folder"
+                f"model.name_or_path: folder '{path}' has no config.json; "
+                "point to a Hugging Face model folder"
             )
         return str(p.resolve())
     if path.startswith((".", "/", "~")):
@@ -117,7 +118,8 @@ def reject_zoo(model_path: str) -> None:
     if zoo.is_zoo(model_path):
         entry = zoo.get_entry(model_path)
         raise ModelError(
-            f"model.name_or_path: {model_path} is an {entry.task} model from lorakit's zoo; it does not fit this task"
+            f"model.name_or_path: {model_path} is an {entry.task} model from lorakit's zoo; "
+            "it does not fit this task"
         )
 
 
@@ -141,7 +143,8 @@ def load_base_config(model_cfg: ModelConfig, model_path: str, **kwargs: Any) -> 
             else " (not a local folder, and the Hugging Face Hub could not serve it: offline or a wrong id?)"
         )
         raise ModelError(
-            f"model.name_or_path: cannot load a model config from '{model_path}'{hub}: {str(exc).splitlines()[0][:200]}"
+            f"model.name_or_path: cannot load a model config from '{model_path}'{hub}: "
+            f"{str(exc).splitlines()[0][:200]}"
         ) from None
     if model_cfg.dropout is not None:
         # Names differ per architecture (hidden_dropout_prob, attention_dropout, classifier_dropout, ...).
@@ -251,7 +254,8 @@ BLOCK_LISTS = ("layer", "layers", "h", "block", "blocks")  # the names peft know
 
 
 def model_blocks(model: nn.Module) -> tuple[str, int] | None:
-    """(path, count) of the model's longest list of blocks (``encoder.layer``, ``model.layers``, ...), or None."""
+    """(path, count) of the model's longest list of blocks
+    (``encoder.layer``, ``model.layers``, ...), or None."""
     lists = [
         (n, len(m))
         for n, m in model.named_modules()
@@ -270,13 +274,15 @@ def resolve_layers(model: nn.Module, layers: list[int]) -> tuple[list[int], str]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if blocks is None:
         raise ModelError(
-            f"lora.layers: this {model_type or type(model).__name__} model has no list of blocks named {', '.join(BLOCK_LISTS)}; remove lora.layers to adapt the whole model"
+            f"lora.layers: this {model_type or type(model).__name__} model has no list of blocks named "
+            f"{', '.join(BLOCK_LISTS)}; remove lora.layers to adapt the whole model"
         )
     path, n = blocks
     bad = [i for i in layers if not -n <= i < n]
     if bad:
         raise ModelError(
-            f"lora.layers: {', '.join(map(str, bad))} out of range: this model has {n} blocks ({path}.0 to {path}.{n - 1}); use 0 to {n - 1}, or -{n} to -1 from the top"
+            f"lora.layers: {', '.join(map(str, bad))} out of range: this model has {n} blocks "
+            f"({path}.0 to {path}.{n - 1}); use 0 to {n - 1}, or -{n} to -1 from the top"
         )
     return sorted({i % n for i in layers}), path
 
@@ -297,7 +303,8 @@ def _freeze_in_eval_mode(module: nn.Module, _args: Any) -> None:
 @contextlib.contextmanager
 def mutated_base_warnings_off() -> Iterator[None]:
     """Silence peft's warning that PiSSA / OLoRA change the base weights (when it wraps the model and when
-    the saved adapter's conversion loads the initial one): lorakit saves such adapters converted to plain LoRA."""
+    the saved adapter's conversion loads the initial one): lorakit saves such adapters converted to plain
+    LoRA."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*changes the base weights of the model")
         yield
@@ -345,7 +352,8 @@ def apply_lora(
             )
         elif isinstance(targets, str):
             raise ModelError(
-                "lora.layers cannot be combined with a regex lora.target_modules; give the targets as a list of names, or put the block indices in the regex and remove lora.layers"
+                "lora.layers cannot be combined with a regex lora.target_modules; give the targets as a "
+                "list of names, or put the block indices in the regex and remove lora.layers"
             )
     config = LoraConfig(
         task_type=task_type,

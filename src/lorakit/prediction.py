@@ -53,7 +53,8 @@ def generate(
     loaded = load_adapter(path, device=device)
     if not loaded.task.generates:
         raise AdapterError(
-            f"'{loaded.adapter_dir}' is a {loaded.task.name} adapter, which answers with labels; use lorakit predict"
+            f"'{loaded.adapter_dir}' is a {loaded.task.name} adapter, which answers with "
+            "labels; use lorakit predict"
         )
     if not prompts:
         raise DataError("no prompts to answer; pass them as arguments or --file")

@@ -203,7 +203,8 @@ class Registry:
     def _db(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
         if not self.index.is_file() and not create:
             raise RegistryError(
-                f"no registry at '{self.root}'; publish an adapter first (lorakit publish ADAPTER_DIR --name NAME) or pass --registry"
+                f"no registry at '{self.root}'; publish an adapter first "
+                "(lorakit publish ADAPTER_DIR --name NAME) or pass --registry"
             )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -220,7 +221,8 @@ class Registry:
             yield con
         except sqlite3.DatabaseError as exc:
             raise RegistryError(
-                f"the registry index '{self.index}' cannot be used ({exc}); restore it or start a new --registry"
+                f"the registry index '{self.index}' cannot be used ({exc}); restore it or "
+                "start a new --registry"
             ) from None
         finally:
             con.close()
@@ -325,7 +327,8 @@ class Registry:
                 return self._row_to_version(con, row), True
             except OSError as exc:
                 raise RegistryError(
-                    f"cannot store '{src}' in the registry at '{self.root}' ({exc.strerror or exc}); pass a writable --registry folder"
+                    f"cannot store '{src}' in the registry at '{self.root}' ({exc.strerror or exc}); "
+                    "pass a writable --registry folder"
                 ) from None
             finally:
                 _remove(staging)
@@ -380,23 +383,27 @@ class Registry:
         v = self.get(ref)
         if not v.path.is_dir():
             raise RegistryError(
-                f"registry: {v.ref} is damaged: its folder '{v.path}' is missing; delete it (lorakit registry delete {v.ref}) and publish again"
+                f"registry: {v.ref} is damaged: its folder '{v.path}' is missing; "
+                f"delete it (lorakit registry delete {v.ref}) and publish again"
             )
         _, found = hash_tree(v.path)
         for rel, (h, _) in v.files.items():
             if rel not in found:
                 raise RegistryError(
-                    f"registry: {v.ref} is damaged: {rel} is missing; delete it (lorakit registry delete {v.ref}) and publish again"
+                    f"registry: {v.ref} is damaged: {rel} is missing; "
+                    f"delete it (lorakit registry delete {v.ref}) and publish again"
                 )
             if found[rel][0] != h:
                 raise RegistryError(
-                    f"registry: {v.ref} was tampered with: {rel} has hash sha256:{found[rel][0][:16]}… but was published as "
-                    f"sha256:{h[:16]}…; delete it (lorakit registry delete {v.ref}) and publish again"
+                    f"registry: {v.ref} was tampered with: {rel} has hash sha256:{found[rel][0][:16]}… "
+                    f"but was published as sha256:{h[:16]}…; "
+                    f"delete it (lorakit registry delete {v.ref}) and publish again"
                 )
         extra = sorted(set(found) - set(v.files))
         if extra:
             raise RegistryError(
-                f"registry: {v.ref} was tampered with: {extra[0]} was added after publishing; delete it (lorakit registry delete {v.ref}) and publish again"
+                f"registry: {v.ref} was tampered with: {extra[0]} was added after publishing; "
+                f"delete it (lorakit registry delete {v.ref}) and publish again"
             )
         return v
 

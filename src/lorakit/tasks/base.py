@@ -45,7 +45,8 @@ class Task(ABC):
     example_input: str = '"your input"'
     #: The lorakit command that answers with an adapter of this task (shown in model cards).
     cli_command: str = "predict"
-    #: Answers are generated text (`lorakit generate`, /v1/chat/completions), not labels (`predict`, /v1/predict).
+    #: Answers are generated text (`lorakit generate`, /v1/chat/completions),
+    #: not labels (`predict`, /v1/predict).
     generates: bool = False
     #: Inputs are bytes (images): JSON requests carry them base64-encoded or as http(s) URLs.
     binary_inputs: bool = False
@@ -156,7 +157,8 @@ class Task(ABC):
             return []
         cut_at = getattr(cfg.data, "max_length", "max_length")
         return [
-            f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} train examples cut at {cut_at}"
+            f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} "
+            f"train examples cut at {cut_at}"
         ]
 
     # ---- serving --------------------------------------------------------------------------------

@@ -34,14 +34,17 @@ IGNORE = -100
 
 NAMED_TEMPLATES = {
     "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     ),
     # Works with any tokenizer: answers end with its EOS token.
     "alpaca": (
         "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
         "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
+        "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
     ),
 }
@@ -52,12 +55,15 @@ class CausalLMData(TokenizedDataConfig):
 
     prompt_format: Literal["auto", "chat", "alpaca", "text"] = Field(
         "auto",
-        description="Row format: `chat` (a messages list), `alpaca` (instruction / input / output columns, or `instruction_template` + `output_column`), `text` (plain text, continued pre-training); `auto` decides by the columns present.",
+        description="Row format: `chat` (a messages list), `alpaca` (instruction / input / output "
+        "columns, or `instruction_template` + `output_column`), `text` (plain text, continued "
+        "pre-training); `auto` decides by the columns present.",
     )
     messages_column: str = Field("messages", description="chat: column with the list of messages.")
     message_keys: dict[str, str] = Field(
         default_factory=lambda: {"role": "role", "content": "content"},
-        description="chat: the keys of a message's role and text, e.g. {role: from, content: value} for ShareGPT.",
+        description="chat: the keys of a message's role and text, "
+        "e.g. {role: from, content: value} for ShareGPT.",
     )
     role_names: dict[str, str] = Field(
         default_factory=lambda: {
@@ -77,7 +83,8 @@ class CausalLMData(TokenizedDataConfig):
     )
     instruction_template: str | None = Field(
         None,
-        description="alpaca: build the user message from columns, e.g. 'Review: {text}\nIs it positive or negative?' (turns any labelled table into instructions).",
+        description="alpaca: build the user message from columns, e.g. 'Review: {text}\nIs it positive "
+        "or negative?' (turns any labelled table into instructions).",
     )
     text_column: str = Field("text", description="text: column with the text to continue.")
     system_prompt: str | None = Field(
@@ -85,11 +92,13 @@ class CausalLMData(TokenizedDataConfig):
     )
     chat_template: str | None = Field(
         None,
-        description="A named template (chatml, alpaca) or a Jinja template, for tokenizers without one (or to replace theirs).",
+        description="A named template (chatml, alpaca) or a Jinja template, for tokenizers "
+        "without one (or to replace theirs).",
     )
     packing: bool = Field(
         False,
-        description="Pack several short examples into each max_length row; examples never attend to each other (block-diagonal attention, positions restart).",
+        description="Pack several short examples into each max_length row; examples never attend to "
+        "each other (block-diagonal attention, positions restart).",
     )
 
 
@@ -99,7 +108,8 @@ class CausalLMTrain(TrainConfig):
     generation_samples: int = Field(
         64,
         ge=0,
-        description="Validation / test examples answered by greedy generation at each evaluation, for exact match and the report's samples; 0 = loss only.",
+        description="Validation / test examples answered by greedy generation at each evaluation, "
+        "for exact match and the report's samples; 0 = loss only.",
     )
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in evaluations.")
 
@@ -108,7 +118,8 @@ class CausalLMTrain(TrainConfig):
         # Caught at load, not after the first epoch: exact match is only computed from generated answers.
         if self.metric_for_best == "exact_match" and self.generation_samples == 0:
             raise ValueError(
-                "train.metric_for_best = 'exact_match' needs train.generation_samples > 0 (answers are generated to score it); raise generation_samples or select on loss"
+                "train.metric_for_best = 'exact_match' needs train.generation_samples > 0 (answers are "
+                "generated to score it); raise generation_samples or select on loss"
             )
         return self
 
@@ -129,7 +140,8 @@ def gguf_parts(model_cfg: ModelConfig, model_path: str) -> tuple[str, str | None
             return model_path, found[0]
         if found:
             raise ModelError(
-                f"model.gguf_file: folder '{model_path}' holds several GGUF files ({', '.join(found)}); name one"
+                f"model.gguf_file: folder '{model_path}' holds several GGUF files "
+                f"({', '.join(found)}); name one"
             )
     return model_path, None
 
@@ -219,8 +231,9 @@ def detect_format(data_cfg: CausalLMData, columns: list[str]) -> str:
     if data_cfg.text_column in columns:
         return "text"
     raise DataError(
-        f"data: cannot tell the row format from the columns {', '.join(columns)}; expected '{data_cfg.messages_column}' (chat), "
-        f"'{data_cfg.instruction_column}' + '{data_cfg.output_column}' (alpaca) or '{data_cfg.text_column}' (text), or set data.prompt_format"
+        f"data: cannot tell the row format from the columns {', '.join(columns)}; expected "
+        f"'{data_cfg.messages_column}' (chat), '{data_cfg.instruction_column}' + '{data_cfg.output_column}' "
+        f"(alpaca) or '{data_cfg.text_column}' (text), or set data.prompt_format"
     )
 
 
@@ -251,12 +264,14 @@ def to_messages(
         for m in raw:
             if not isinstance(m, dict) or rk not in m or ck not in m:
                 raise DataError(
-                    f"{key}: row {index}: a message lacks '{rk}' / '{ck}' (keys found: {sorted(m) if isinstance(m, dict) else type(m).__name__}); set data.message_keys"
+                    f"{key}: row {index}: a message lacks '{rk}' / '{ck}' (keys found: "
+                    f"{sorted(m) if isinstance(m, dict) else type(m).__name__}); set data.message_keys"
                 )
             role = d.role_names.get(str(m[rk]), str(m[rk]))
             if role not in ("system", "user", "assistant"):
                 raise DataError(
-                    f"{key}: row {index}: role '{m[rk]}' is not system / user / assistant; map it with data.role_names"
+                    f"{key}: row {index}: role '{m[rk]}' is not system / user / assistant; map "
+                    "it with data.role_names"
                 )
             messages.append({"role": role, "content": str(m[ck] if m[ck] is not None else "")})
     elif fmt == "alpaca":
@@ -290,7 +305,8 @@ def to_messages(
         messages.insert(0, {"role": "system", "content": d.system_prompt})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(
-            f"{key}: row {index} has no assistant answer to learn; remove it or fill in '{d.output_column if fmt == 'alpaca' else 'the assistant message'}'"
+            f"{key}: row {index} has no assistant answer to learn; remove it or fill in "
+            f"'{d.output_column if fmt == 'alpaca' else 'the assistant message'}'"
         )
     return messages
 
@@ -321,7 +337,8 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
         start, end = len(before), len(render(tokenizer, messages[: i + 1]))
         if text[:start] != before:
             raise DataError(
-                "data.chat_template: the template renders earlier turns differently once later ones follow; answer spans cannot be located (use chat_template: chatml)"
+                "data.chat_template: the template renders earlier turns differently once later ones "
+                "follow; answer spans cannot be located (use chat_template: chatml)"
             )
         spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -380,7 +397,8 @@ def pack(rows: list[dict[str, Any]], max_length: int) -> dict[str, list[Any]]:
 
 
 def block_causal_mask(seq_lens: list[list[int]], width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D mask [B, 1, T, T]: causal inside each packed example, nothing across examples or onto padding."""
+    """Additive 4-D mask [B, 1, T, T]:
+    causal inside each packed example, nothing across examples or onto padding."""
     allowed = torch.zeros(len(seq_lens), 1, width, width, dtype=torch.bool)
     for b, lens in enumerate(seq_lens):
         start = 0
@@ -426,11 +444,13 @@ class CausalLM(Task):
                 )
         except Exception as exc:
             raise ModelError(
-                f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}"
+                f"model.name_or_path: could not load a tokenizer from '{model_path}': "
+                f"{str(exc).splitlines()[0][:200]}"
             ) from None
         if not getattr(tok, "is_fast", False):
             raise ModelError(
-                f"model.name_or_path: the tokenizer of '{model_path}' is not a fast tokenizer; lorakit needs token offsets to mask prompts"
+                f"model.name_or_path: the tokenizer of '{model_path}' is not a fast tokenizer; "
+                "lorakit needs token offsets to mask prompts"
             )
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
@@ -445,12 +465,14 @@ class CausalLM(Task):
                 tokenizer.unk_token_id,
             ):
                 raise ModelError(
-                    "data.chat_template: chatml needs the tokens <|im_start|> / <|im_end|>, which this tokenizer lacks; use chat_template: alpaca"
+                    "data.chat_template: chatml needs the tokens <|im_start|> / <|im_end|>, which "
+                    "this tokenizer lacks; use chat_template: alpaca"
                 )
             tokenizer.chat_template = template
         elif not getattr(tokenizer, "chat_template", None):
             raise ModelError(
-                "model.name_or_path: the tokenizer has no chat template; set data.chat_template (chatml or alpaca)"
+                "model.name_or_path: the tokenizer has no chat template; set data.chat_template "
+                "(chatml or alpaca)"
             )
         return tokenizer
 
@@ -483,8 +505,9 @@ class CausalLM(Task):
         for split, c in cut_counts.items():
             if c["prompt_cut"] or c["answer_cut"] or c["dropped"]:
                 warnings.append(
-                    f"data.{split}: {c['prompt_cut']} example(s) lost the start of their prompt, {c['answer_cut']} the end of their answer, "
-                    f"{c['dropped']} dropped (answer beyond data.max_length={d.max_length})"
+                    f"data.{split}: {c['prompt_cut']} example(s) lost the start of their prompt, "
+                    f"{c['answer_cut']} the end of their answer, {c['dropped']} dropped (answer "
+                    f"beyond data.max_length={d.max_length})"
                 )
         stats["warnings"] = warnings
         lengths = np.asarray(splits["train"]["length"])
@@ -521,7 +544,8 @@ class CausalLM(Task):
             rows.append(ex)
         if not rows:
             raise DataError(
-                f"{key}: every example lost its answer to truncation; raise data.max_length (now {data_cfg.max_length})"
+                f"{key}: every example lost its answer to truncation; raise data.max_length "
+                f"(now {data_cfg.max_length})"
             )
         if data_cfg.packing and key == "data.train":
             return Dataset.from_dict(pack(rows, data_cfg.max_length)), cuts
@@ -589,7 +613,8 @@ class CausalLM(Task):
         if model_cfg.quantization != "none":
             if not torch.cuda.is_available():
                 raise ModelError(
-                    f"model.quantization: {model_cfg.quantization} (QLoRA) needs a CUDA GPU, and none is visible; set model.quantization: none"
+                    f"model.quantization: {model_cfg.quantization} (QLoRA) needs a CUDA GPU, and "
+                    "none is visible; set model.quantization: none"
                 )
             try:
                 import bitsandbytes  # noqa: F401
@@ -615,7 +640,8 @@ class CausalLM(Task):
         except ValueError as exc:
             if "Unrecognized configuration class" in str(exc):
                 raise ModelError(
-                    f"model.name_or_path: '{model_path}' is not a causal language model (task causal-lm); pick a decoder such as Llama, Qwen2 or SmolLM2"
+                    f"model.name_or_path: '{model_path}' is not a causal language model (task causal-lm); "
+                    "pick a decoder such as Llama, Qwen2 or SmolLM2"
                 ) from None
             raise ModelError(
                 f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}"
@@ -853,7 +879,8 @@ class CausalLM(Task):
     def serve_batch(
         self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any
     ) -> list[Any]:
-        """Answers to tokenized chat prompts; ``options`` = (max_new_tokens, do_sample, temperature, top_p), the same for every row."""
+        """Answers to tokenized chat prompts; ``options`` = (max_new_tokens,
+        do_sample, temperature, top_p), the same for every row."""
         max_new, do_sample, temperature, top_p = options
         return self.generate_ids(
             model,

@@ -49,8 +49,9 @@ class ClassificationTask(Task):
         unknown = label_space.unknown(ds[data_cfg.label_column])
         if unknown:
             raise DataError(
-                f"{key}: labels {unknown[:5]} are not among the training labels {list(label_space.labels)[:10]}; "
-                "add examples of them to the training data or remove those rows"
+                f"{key}: labels {unknown[:5]} are not among the training labels "
+                f"{list(label_space.labels)[:10]}; add examples of them to the training data "
+                "or remove those rows"
             )
         col = data_cfg.label_column
         ds = ds.map(
@@ -73,7 +74,8 @@ class ClassificationTask(Task):
     def serve_batch(
         self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any
     ) -> list[Any]:
-        """Logits (one tensor per row) for rows :meth:`serving_rows` made, padded and stacked into one batch."""
+        """Logits (one tensor per row) for rows :meth:`serving_rows` made,
+        padded and stacked into one batch."""
         device = next(model.parameters()).device
         batch = pad_rows(rows, getattr(processor, "pad_token_id", None) or 0)
         logits = model(**{k: v.to(device) for k, v in batch.items()}, **adapter_kwargs).logits

@@ -39,20 +39,23 @@ class ImageClassificationData(DataConfig):
 
     image_column: str = Field(
         "image",
-        description="Column with the image (a path relative to the data file, an http(s) URL, or image bytes from a Hub dataset).",
+        description="Column with the image (a path relative to the data file, an http(s) URL, "
+        "or image bytes from a Hub dataset).",
     )
     label_column: str = Field("label", description="Column with the label (strings or integers).")
     image_size: int | None = Field(
         None,
         ge=16,
         le=1024,
-        description="Side of the square model input in pixels; unset = the size the model's image processor names.",
+        description="Side of the square model input in pixels; unset = the size the model's "
+        "image processor names.",
     )
     crop_pct: float | None = Field(
         None,
         gt=0,
         le=1,
-        description="Evaluation: the share of the resized image the center crop keeps; unset = the model processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.",
+        description="Evaluation: the share of the resized image the center crop keeps; unset = the model "
+        "processor's (1.0 when it names none). Use 1.0 for images whose object fills the frame.",
     )
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig, description="Training-time augmentation of images."
@@ -61,7 +64,8 @@ class ImageClassificationData(DataConfig):
         0.01,
         ge=0,
         le=1,
-        description="Share of unreadable images that are skipped (and counted in the log) before the run stops with an error.",
+        description="Share of unreadable images that are skipped (and counted in the log) "
+        "before the run stops with an error.",
     )
 
 
@@ -111,10 +115,13 @@ def check_images(
         share = len(bad) / max(1, len(values))
         if share > max_bad:
             raise DataError(
-                f"{key}: {len(bad)} of {len(values)} images ({share:.1%}) cannot be read, first at row {bad[0][0]}: {bad[0][1]}; "
-                f"fix or remove them, or raise data.max_bad_images (now {max_bad})"
+                f"{key}: {len(bad)} of {len(values)} images ({share:.1%}) cannot be read, first at row "
+                f"{bad[0][0]}: {bad[0][1]}; fix or remove them, or raise data.max_bad_images (now {max_bad})"
             )
-        note = f"{key}: skipped {len(bad)} unreadable image(s) of {len(values)}, e.g. row {bad[0][0]}: {bad[0][1]}"
+        note = (
+            f"{key}: skipped {len(bad)} unreadable image(s) of {len(values)}, e.g. row "
+            f"{bad[0][0]}: {bad[0][1]}"
+        )
         if notes is None:
             log.warning(note)
         else:
@@ -148,7 +155,8 @@ class ImageClassification(ClassificationTask):
                 )
         except Exception as exc:
             raise ModelError(
-                f"model.name_or_path: could not load an image processor from '{model_path}' (is it a vision model?): {str(exc).splitlines()[0][:200]}"
+                f"model.name_or_path: could not load an image processor from '{model_path}' "
+                f"(is it a vision model?): {str(exc).splitlines()[0][:200]}"
             ) from None
         return ImageSpec.from_processor(proc)
 
@@ -230,7 +238,8 @@ class ImageClassification(ClassificationTask):
                     labels.append(ex["labels"])
             if not pixels:
                 raise DataError(
-                    "no image of a training batch could be read; check that the image files are still in place"
+                    "no image of a training batch could be read; check that the image files "
+                    "are still in place"
                 )
             batch = {
                 "pixel_values": torch.from_numpy(np.stack(pixels)).contiguous(
@@ -253,7 +262,8 @@ class ImageClassification(ClassificationTask):
             else "off"
         )
         return [
-            f"  images    {img['input_size']}x{img['input_size']} input, mean {img['mean']}, std {img['std']}; train augmentation: {crop}"
+            f"  images    {img['input_size']}x{img['input_size']} input, mean {img['mean']}, "
+            f"std {img['std']}; train augmentation: {crop}"
         ]
 
     # ---- model ----------------------------------------------------------------------------------
@@ -289,7 +299,8 @@ class ImageClassification(ClassificationTask):
             if "Unrecognized configuration class" in str(exc) or "image classification" in str(exc).lower():
                 raise ModelError(
                     f"model.name_or_path: '{model_path}' has no image-classification variant "
-                    "(its architecture does not fit task image-classification); pick a vision model such as ViT, ConvNeXt or ResNet"
+                    "(its architecture does not fit task image-classification); "
+                    "pick a vision model such as ViT, ConvNeXt or ResNet"
                 ) from None
             raise ModelError(
                 f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}"
@@ -298,7 +309,8 @@ class ImageClassification(ClassificationTask):
         if size and native and size != native:
             if "interpolate_pos_encoding" not in inspect.signature(model.forward).parameters:
                 raise ModelError(
-                    f"data.image_size: {size} differs from the {native} pixels this {model.config.model_type} model was built for; unset data.image_size"
+                    f"data.image_size: {size} differs from the {native} pixels this "
+                    f"{model.config.model_type} model was built for; unset data.image_size"
                 )
             # ViT-family models interpolate their position embeddings to another input size.
             model.register_forward_pre_hook(
@@ -353,7 +365,10 @@ class ImageClassification(ClassificationTask):
         base = meta["base_model"]
         where = base.get("resolved") or base["name_or_path"]
         id2label = (meta.get("label_space") or {}).get("id2label", {})
-        labels = f"num_labels={len(id2label)}, id2label={ {int(k): v for k, v in id2label.items()}!r}, label2id={ {v: int(k) for k, v in id2label.items()}!r}"
+        labels = (
+            f"num_labels={len(id2label)}, id2label={ {int(k): v for k, v in id2label.items()}!r}, "
+            f"label2id={ {v: int(k) for k, v in id2label.items()}!r}"
+        )
         size = meta.get("config", {}).get("data", {}).get("image_size")
         if zoo.is_zoo(base["name_or_path"]):
             return [

@@ -60,7 +60,9 @@ class TextClassificationData(TokenizedDataConfig):
     label_column: str = Field("label", description="Column with the label (strings or integers).")
     truncation: Literal["head", "tail", "head_tail"] | None = Field(
         None,
-        description="Which tokens a long input keeps: its start, its end, or the first quarter of max_length from the start and the rest from the end (long reviews often end with the verdict); unset = head_tail for single texts, head for text pairs.",
+        description="Which tokens a long input keeps: its start, its end, or the first quarter "
+        "of max_length from the start and the rest from the end (long reviews often end with the "
+        "verdict); unset = head_tail for single texts, head for text pairs.",
     )
 
     @model_validator(mode="after")
@@ -103,7 +105,8 @@ class TextClassification(ClassificationTask):
                 )
         except Exception as exc:
             raise ModelError(
-                f"model.name_or_path: could not load a tokenizer from '{model_path}': {str(exc).splitlines()[0][:200]}"
+                f"model.name_or_path: could not load a tokenizer from '{model_path}': "
+                f"{str(exc).splitlines()[0][:200]}"
             ) from None
         if tok.pad_token is None:
             # Decoder-only models often ship without a pad token; padding positions are masked anyway.
@@ -176,7 +179,8 @@ class TextClassification(ClassificationTask):
         pad = DataCollatorWithPadding(processor, pad_to_multiple_of=data_cfg.pad_to_multiple_of)
 
         def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            # Dynamic padding: each batch is padded to its own longest example (rounded up to data.pad_to_multiple_of).
+            # Dynamic padding: each batch is padded to its own
+            # longest example (rounded up to data.pad_to_multiple_of).
             return pad([{k: v for k, v in ex.items() if k != "length"} for ex in examples])
 
         return collate_fn
@@ -203,7 +207,8 @@ class TextClassification(ClassificationTask):
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     model_path,
                     config=config,
-                    ignore_mismatched_sizes=True,  # a checkpoint with a head of another size gets a fresh head
+                    # a checkpoint with a head of another size gets a fresh head
+                    ignore_mismatched_sizes=True,
                     output_loading_info=True,
                     revision=model_cfg.revision,
                     trust_remote_code=model_cfg.trust_remote_code,
@@ -215,7 +220,8 @@ class TextClassification(ClassificationTask):
             ):
                 raise ModelError(
                     f"model.name_or_path: '{model_path}' has no sequence-classification variant "
-                    "(its architecture does not fit task text-classification); pick a text encoder such as BERT or RoBERTa"
+                    "(its architecture does not fit task text-classification); pick a text "
+                    "encoder such as BERT or RoBERTa"
                 ) from None
             raise ModelError(
                 f"model.name_or_path: could not load '{model_path}': {str(exc).splitlines()[0][:200]}"

@@ -173,11 +173,13 @@ class Recipe:
         cfg = self.cfg
         if self.world.sharded and cfg.lora.init in ("pissa", "olora"):
             raise LorakitError(
-                f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base weights); use lora.init: default, or launch without the FSDP config"
+                f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base "
+                "weights); use lora.init: default, or launch without the FSDP config"
             )
         if self.world.sharded and cfg.model.quantization != "none":
             raise LorakitError(
-                "model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)"
+                "model.quantization: a quantized base cannot be sharded with FSDP; remove "
+                "model.quantization, or launch without the FSDP config (DDP)"
             )
 
     def _setup_data(self) -> None:
@@ -189,7 +191,8 @@ class Recipe:
             seen = distributed.gather((labels, self.sizes), self.world)
             if any(x != seen[0] for x in seen):
                 raise LorakitError(
-                    f"the processes prepared different data ({seen[0]} on rank 0, {next(x for x in seen if x != seen[0])} elsewhere); give every node the same data files"
+                    f"the processes prepared different data ({seen[0]} on rank 0, "
+                    f"{next(x for x in seen if x != seen[0])} elsewhere); give every node the same data files"
                 )
 
     def _setup_model(self) -> None:
@@ -199,8 +202,9 @@ class Recipe:
         self.trainable, self.total = modeling.count_parameters(self.model)
         self.lora_cfg = self.model.peft_config["default"]
         self.head_modules = sorted(set(self.lora_cfg.modules_to_save or []))
-        # PiSSA / OLoRA move part of each base weight into the adapter: the starting adapter is kept so the
-        # saved one can be converted to a plain LoRA adapter (rank 2r) that applies to the original base model.
+        # PiSSA / OLoRA move part of each base weight into the adapter: the starting adapter is kept so
+        # the saved one can be converted to a plain LoRA adapter (rank 2r) that applies to the original
+        # base model.
         if cfg.lora.init in ("pissa", "olora") and self.world.main:
             self.initial = tempfile.TemporaryDirectory(prefix="lorakit-initial-")
             self.model.save_pretrained(str(Path(self.initial.name) / "initial"), safe_serialization=True)
@@ -228,12 +232,14 @@ class Recipe:
             ranks = len(TrainState.from_checkpoint(self.saved).rng_ranks)
             if ranks != world.size:
                 raise RunDirError(
-                    f"--resume: the run in '{run}' was trained on {ranks} process(es), not {world.size}; resume with the same number of processes (the batches depend on it)"
+                    f"--resume: the run in '{run}' was trained on {ranks} process(es), not {world.size}; "
+                    "resume with the same number of processes (the batches depend on it)"
                 )
             return run
         if self.resume and (run / "metrics.json").is_file():
             raise RunDirError(
-                f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)"
+                f"--resume: the run in '{run}' already finished; nothing to resume "
+                "(use --overwrite to train again)"
             )
         # A fresh start; with --resume and no checkpoint yet, whatever a killed run left is replaced.
         overwrite = self.resume or (self.overwrite if self.overwrite is not None else cfg.output.overwrite)
@@ -412,7 +418,8 @@ class Recipe:
                 else ""
             )
             raise TrainingError(
-                f"training loss became {global_loss} at step {s.step}: lower train.learning_rate or use mixed_precision: no{kept}"
+                f"training loss became {global_loss} at step {s.step}: lower train.learning_rate "
+                f"or use mixed_precision: no{kept}"
             )
         self.scaler.scale(scaled / t.gradient_accumulation_steps).backward()
         s.running_loss += global_loss * len(global_idx)
@@ -470,7 +477,8 @@ class Recipe:
         metric = t.metric_for_best
         if metric not in metrics:
             raise TrainingError(
-                f"train.metric_for_best: '{metric}' is not computed for {self.cfg.task}; choose one of {', '.join(scalars(metrics))}"
+                f"train.metric_for_best: '{metric}' is not computed for {self.cfg.task}; choose "
+                f"one of {', '.join(scalars(metrics))}"
             )
         row = {
             "step": s.step,
@@ -730,7 +738,8 @@ def _check_resumable(run: Path, cfg: RunConfig) -> None:
     top = [k for k in ("task",) if saved.get(k) != now.get(k)]
     if diffs or top:
         raise RunDirError(
-            f"--resume: the config differs from the one '{run}' was started with ({', '.join(top + diffs)}); resume with the same config or start again with --overwrite"
+            f"--resume: the config differs from the one '{run}' was started with ({', '.join(top + diffs)}); "
+            "resume with the same config or start again with --overwrite"
         )
 
 
