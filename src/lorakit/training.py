@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from lorakit.card import model_card
 from lorakit.config import RunConfig, TrainConfig, load_config, load_yaml
 from lorakit.engine import autocast, take, to_device
 from lorakit.errors import LorakitError, RunDirError
+from lorakit.stopping import StopRequest, TrainingStopped
 from lorakit.tasks import get_task
 
 log = logging.getLogger("lorakit")
@@ -121,7 +123,9 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 speaks for the run
     try:
-        return _train(cfg, task, world, device or modeling.pick_device(t.device), t0, overwrite=overwrite, resume=resume, progress=progress and world.main)
+        # SIGTERM / SIGINT: finish the step, write a checkpoint, exit (single process; ranks would have to agree).
+        with StopRequest() if not world.distributed else contextlib.nullcontext() as stop_request:
+            return _train(cfg, task, world, device or modeling.pick_device(t.device), t0, overwrite=overwrite, resume=resume, progress=progress and world.main, stop_request=stop_request)
     finally:
         log.setLevel(level)
         distributed.shutdown()
@@ -149,7 +153,7 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: bool, progress: bool) -> TrainResult:
+def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: bool, progress: bool, stop_request: StopRequest | None = None) -> TrainResult:
     t = cfg.train
     amp = modeling.pick_precision(t.mixed_precision, device)
 
@@ -406,6 +410,10 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                     run_eval(ep)
                 if t.save_every_steps and step % t.save_every_steps == 0:
                     save_checkpoint(epoch, micro + 1)
+                if stop_request and stop_request.requested and step < total_steps:
+                    save_checkpoint(epoch, micro + 1)  # the same state a periodic checkpoint holds: resume is exact
+                    log.info("stopped by %s at step %d/%d; checkpoint written, continue with --resume", stop_request.requested, step, total_steps)
+                    raise TrainingStopped(f"stopped by {stop_request.requested} at step {step} of {total_steps}; resume with: lorakit train {run / 'config.yaml'} --resume")
                 if step >= total_steps or stop:
                     break
             epoch, start_micro = epoch + 1, 0

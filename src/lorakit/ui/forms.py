@@ -1,0 +1,177 @@
+"""The new-run form, generated from the config's pydantic models: one section per model, one input
+per field, with the field's description, default and allowed values. Nothing is written twice:
+adding a field to :mod:`lorakit.config` adds it to the form.
+
+Form values come back as strings; :func:`form_to_config` turns them into the plain data a YAML
+file would hold and :func:`validate` runs the CLI's validator on it, each problem placed beside
+the field it names.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from lorakit.config import RunConfig, load_yaml, validate_config
+from lorakit.errors import ConfigError
+
+#: Set by the UI from the run name, not typed in.
+HIDDEN = {"output.dir", "output.overwrite"}
+
+
+def section_models(task: str) -> dict[str, type[BaseModel]]:
+    """The model class of each config section for ``task``.
+
+    The one place that knows how a task's sections are typed: when the data section becomes
+    task-specific (one DataConfig subclass per task), point ``data`` at the class that validates it.
+    """
+    del task  # today one DataConfig serves every task
+    return {name: f.annotation for name, f in RunConfig.model_fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
+@dataclass
+class Field:
+    """One input of the form."""
+
+    key: str  # dotted path, e.g. "train.epochs"
+    label: str
+    description: str
+    kind: str  # select / bool / text / yaml
+    default: Any
+    options: list[str] = field(default_factory=list)
+    required: bool = False
+    value: str = ""  # as shown in the input
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    name: str
+    description: str
+    fields: list[Field]
+    subsections: list[Section] = field(default_factory=list)
+
+
+def _literal_options(annotation: Any) -> list[str] | None:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:  # Literal[...] | None
+        return ["", *(str(a) for a in typing.get_args(args[0]))]
+    return None
+
+
+def _kind(annotation: Any) -> str:
+    if annotation is bool:
+        return "bool"
+    if _literal_options(annotation) is not None:
+        return "select"
+    origin = typing.get_origin(annotation)
+    args = set(typing.get_args(annotation)) - {type(None)}
+    if annotation is str or (origin in (typing.Union, types.UnionType) and args == {str}):
+        return "text"
+    if annotation in (int, float) or (origin in (typing.Union, types.UnionType) and args <= {int, float}):
+        return "number"
+    return "yaml"  # lists, tuples, dicts, unions: typed as YAML (e.g. [query, value])
+
+
+def show(value: Any, kind: str) -> str:
+    """A config value as the form shows it."""
+    if value is None:
+        return ""
+    if kind == "bool":
+        return "true" if value else "false"
+    if kind == "yaml":
+        value = json.loads(json.dumps(value))  # tuples as lists: YAML's safe dumper knows no tuples
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    return str(value)
+
+
+def build_sections(task: str, values: dict[str, Any] | None = None) -> list[Section]:
+    """The form's sections for ``task``, filled with ``values`` (a config as plain data) or defaults."""
+    values = values or {}
+    return [_section(name, model, values.get(name) if isinstance(values.get(name), dict) else {}, name) for name, model in section_models(task).items()]
+
+
+def _section(name: str, model: type[BaseModel], values: dict[str, Any], prefix: str) -> Section:
+    sec = Section(name=name, description=(model.__doc__ or "").strip().splitlines()[0], fields=[])
+    for fname, info in model.model_fields.items():
+        key = f"{prefix}.{fname}"
+        if key in HIDDEN:
+            continue
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            sub = values.get(fname) if isinstance(values.get(fname), dict) else {}
+            sec.subsections.append(_section(fname, ann, sub, key))
+            continue
+        default = info.get_default(call_default_factory=True) if info.default is not PydanticUndefined or info.default_factory else None
+        kind = _kind(ann)
+        current = values.get(fname, default)
+        sec.fields.append(Field(
+            key=key, label=fname, description=info.description or "", kind="select" if kind == "bool" else kind,
+            default=default, options=["true", "false"] if kind == "bool" else (_literal_options(ann) or []),
+            required=info.is_required(), value=show(current, kind),
+        ))
+    return sec
+
+
+def iter_fields(sections: list[Section]) -> typing.Iterator[Field]:
+    for s in sections:
+        yield from s.fields
+        yield from iter_fields(s.subsections)
+
+
+def form_to_config(task: str, form: dict[str, str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The config (plain data) the form's values describe, and per-field parse problems.
+
+    Empty inputs are left out (the field's default applies); a text field keeps its string as typed;
+    other values are read as YAML (``1e-3``, ``[query, value]``, ``null``).
+    """
+    raw: dict[str, Any] = {"task": task}
+    problems: dict[str, list[str]] = {}
+    for f in iter_fields(build_sections(task)):
+        text = form.get(f.key, "")
+        if not text.strip():
+            continue
+        if f.kind == "text":
+            value: Any = text
+        else:
+            try:
+                value = load_yaml(text)
+            except yaml.YAMLError:
+                problems.setdefault(f.key, []).append(f"{f.key}: '{text[:60]}' is not a value (YAML), e.g. {show(f.default, f.kind) or 'null'}")
+                continue
+        node = raw
+        *parents, last = f.key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return raw, problems
+
+
+def validate(task: str, raw: dict[str, Any], sections: list[Section]) -> tuple[RunConfig | None, list[str]]:
+    """Validate ``raw`` with the CLI's validator; attach each problem to the field it names.
+
+    Returns:
+        The config when valid, and the problems no field claimed (shown at the top of the form).
+    """
+    try:
+        return validate_config(raw, "the form"), []
+    except ConfigError as exc:
+        problems = exc.problems
+    fields = sorted(iter_fields(sections), key=lambda f: -len(f.key))  # data.augment.x before data.a
+    unplaced = []
+    for p in problems:
+        target = next((f for f in fields if p.startswith(f.key) and p[len(f.key) : len(f.key) + 1] in (" ", ":", "=", ".", "[")), None)
+        if target is None:
+            unplaced.append(p)
+        else:
+            target.errors.append(p)
+    return None, unplaced
