@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -173,8 +174,6 @@ class Server:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     """A workspace with a csv, an example config and one run trained by the CLI."""
-    from lorakit.cli import main
-
     ws = tmp_path_factory.mktemp("workspace")
     write_csv(ws / "reviews.csv", make_texts(320, seed=3))
     (ws / "configs").mkdir()
@@ -187,14 +186,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> 
         "output": {"dir": "runs/cli-run", "tensorboard": False, "report": False},
     }
     (ws / "configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        main(["train", "configs/tiny.yaml", "--no-progress"])
-    finally:
-        os.chdir(cwd)
+    subprocess.run([sys.executable, "-m", "lorakit", "train", "configs/tiny.yaml", "--no-progress"], cwd=ws, check=True, capture_output=True)
     return ws
 
 
