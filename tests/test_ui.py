@@ -18,18 +18,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import make_texts, write_csv
-
-pytest.importorskip("fastapi")
-pytest.importorskip("jinja2")
-
-from lorakit.ui import create_app, forms  # noqa: E402
-from lorakit.ui.progress import read_progress  # noqa: E402
-from lorakit.ui.workspace import Workspace, WorkspaceError, check_name, run_status  # noqa: E402
+from lorakit.ui import create_app, forms
+from lorakit.ui.progress import read_progress
+from lorakit.ui.workspace import Workspace, WorkspaceError, check_name, run_status
 
 ARTIFACTS = Path(__file__).parent / "artifacts" / "ui"
 # Long enough to watch (and stop) from the page; the tiny model makes each step a few milliseconds.
-SLOW_TRAIN = {"max_steps": 240, "batch_size": 16, "logging_steps": 4, "eval_every_steps": 60, "save_every_steps": None, "num_threads": 1}
+SLOW_TRAIN = {
+    "max_steps": 240,
+    "batch_size": 16,
+    "logging_steps": 4,
+    "eval_every_steps": 60,
+    "save_every_steps": None,
+    "num_threads": 1,
+}
 
 
 # ==================================================================================================
@@ -59,7 +63,13 @@ def test_form_is_generated_from_the_schema() -> None:
 
 
 def test_form_problems_land_beside_their_fields() -> None:
-    form = {"data.train": "x.csv", "model.name_or_path": "m", "train.epochs": "-1", "lora.r": "abc", "train.adam_betas": "[0.9"}
+    form = {
+        "data.train": "x.csv",
+        "model.name_or_path": "m",
+        "train.epochs": "-1",
+        "lora.r": "abc",
+        "train.adam_betas": "[0.9",
+    }
     raw, parse_problems = forms.form_to_config("text-classification", form)
     assert "train.adam_betas" in parse_problems
     sections = forms.build_sections("text-classification", raw)
@@ -120,7 +130,11 @@ def test_guard_token_host_and_cross_site_posts(tmp_path: Path) -> None:
     assert cross.status_code == 403
     assert open_ui.get("/runs/..%2F..%2Fetc").status_code in (400, 404)
     assert "passwd" not in open_ui.get("/runs/x/report/../../../../etc/passwd").text
-    bad = open_ui.post("/new", data={"task": "text-classification", "train.epochs": "zero"}, headers={"origin": "http://127.0.0.1:7860"})
+    bad = open_ui.post(
+        "/new",
+        data={"task": "text-classification", "train.epochs": "zero"},
+        headers={"origin": "http://127.0.0.1:7860"},
+    )
     assert bad.status_code == 422 and "train.epochs" in bad.text
 
     locked = TestClient(create_app(tmp_path, token="s3cret", loopback=False), base_url="http://10.1.2.3:7860")
@@ -131,7 +145,9 @@ def test_guard_token_host_and_cross_site_posts(tmp_path: Path) -> None:
     assert locked.get("/registry").status_code == 200  # the cookie set by ?token= carries on
 
 
-def test_cli_refuses_a_public_host_without_token(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_refuses_a_public_host_without_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lorakit.cli import main
 
     monkeypatch.delenv("LORAKIT_UI_TOKEN", raising=False)
@@ -186,7 +202,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> 
         "output": {"dir": "runs/cli-run", "tensorboard": False, "report": False},
     }
     (ws / "configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
-    subprocess.run([sys.executable, "-m", "lorakit", "train", "configs/tiny.yaml", "--no-progress"], cwd=ws, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "configs/tiny.yaml", "--no-progress"],
+        cwd=ws,
+        check=True,
+        capture_output=True,
+    )
     return ws
 
 
@@ -201,9 +222,12 @@ def server(workspace: Path):
 def browser():
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("Debian's chromium is not installed (make system installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
+        pytest.fail(
+            "Debian's chromium is not installed: `make system` (or apt-get install chromium) installs it"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         yield b
         b.close()
@@ -232,11 +256,15 @@ def fill_form(page, server: Server, name: str, **values: str) -> None:
 
 
 def wait_status(page, status: str, timeout: float = 180) -> None:
-    page.wait_for_function(f"document.getElementById('status').textContent === {status!r}", timeout=timeout * 1000)
+    page.wait_for_function(
+        f"document.getElementById('status').textContent === {status!r}", timeout=timeout * 1000
+    )
 
 
 def slow_form_values() -> dict[str, str]:
-    return {f"train.{k}": ("null" if v is None else str(v)) for k, v in SLOW_TRAIN.items()} | {"train.epochs": "1000"}
+    return {f"train.{k}": ("null" if v is None else str(v)) for k, v in SLOW_TRAIN.items()} | {
+        "train.epochs": "1000"
+    }
 
 
 @pytest.mark.slow
@@ -299,7 +327,9 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(page, server: Server, 
     fill_form(page, server, "stopped-run", **slow_form_values())
     page.click("#start")
     page.wait_for_url("**/runs/stopped-run")
-    page.wait_for_function("parseInt(document.getElementById('steps').textContent.split(' ')[1]) > 0", timeout=180_000)
+    page.wait_for_function(
+        "parseInt(document.getElementById('steps').textContent.split(' ')[1]) > 0", timeout=180_000
+    )
     page.click("#stop")
     wait_status(page, "interrupted")
     assert list((workspace / "runs" / "stopped-run" / "checkpoints").glob("step-*"))

@@ -25,7 +25,14 @@ from typing import Any
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, ValidationError
@@ -37,7 +44,16 @@ from lorakit.ui.compare import compare_runs
 from lorakit.ui.progress import read_progress, signature
 from lorakit.ui.security import Guard
 from lorakit.ui.tryit import Playground
-from lorakit.ui.workspace import Workspace, WorkspaceError, check_name, list_runs, read_json, read_run, read_yaml, run_status
+from lorakit.ui.workspace import (
+    Workspace,
+    WorkspaceError,
+    check_name,
+    list_runs,
+    read_json,
+    read_run,
+    read_yaml,
+    run_status,
+)
 
 HERE = Path(__file__).parent
 SORT_KEYS = {"name", "task", "base_model", "status", "best_value", "test_value", "seconds", "started"}
@@ -46,7 +62,11 @@ SORT_KEYS = {"name", "task", "base_model", "status", "best_value", "test_value",
 class PredictBody(BaseModel):
     """Try-it request of a classification adapter."""
 
-    inputs: list[str] = Field(min_length=1, max_length=16, description="Texts, or base64 image bytes (data: URLs accepted) for image adapters.")
+    inputs: list[str] = Field(
+        min_length=1,
+        max_length=16,
+        description="Texts, or base64 image bytes (data: URLs accepted) for image adapters.",
+    )
     top_k: int = Field(5, ge=1, le=50, description="Labels shown per input.")
 
 
@@ -79,7 +99,9 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
     ws.runs.mkdir(parents=True, exist_ok=True)
     playground = Playground()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.filters["num"] = lambda v, d=4: "" if v is None else f"{v:.{d}f}" if isinstance(v, float) else str(v)
+    templates.env.filters["num"] = lambda v, d=4: (
+        "" if v is None else f"{v:.{d}f}" if isinstance(v, float) else str(v)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
@@ -92,7 +114,9 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
     app.state.workspace, app.state.playground = ws, playground
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {"workspace": ws.root, **context}, status_code=status)
+        return templates.TemplateResponse(
+            request, name, {"workspace": ws.root, **context}, status_code=status
+        )
 
     @app.exception_handler(LorakitError)
     async def user_error(request: Request, exc: LorakitError) -> Response:
@@ -124,10 +148,20 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
             raise WorkspaceError(f"no run named '{name}' in {ws.runs}")
         progress = await run_in_threadpool(read_progress, info.path)
         out = ws.state_file(name, ".out")
-        console = out.read_text(encoding="utf-8", errors="replace").splitlines()[-15:] if out.is_file() else []
+        console = (
+            out.read_text(encoding="utf-8", errors="replace").splitlines()[-15:] if out.is_file() else []
+        )
         labels = _labels(info.metrics)
-        return page(request, "run.html", run=info, progress=progress, console=console, labels=labels,
-                    report=(info.path / "report" / "index.html").is_file(), adapter=(info.path / "adapter").is_dir())
+        return page(
+            request,
+            "run.html",
+            run=info,
+            progress=progress,
+            console=console,
+            labels=labels,
+            report=(info.path / "report" / "index.html").is_file(),
+            adapter=(info.path / "adapter").is_dir(),
+        )
 
     @app.get("/runs/{name}/events")
     async def run_events(request: Request, name: str) -> StreamingResponse:
@@ -152,7 +186,11 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
                 await asyncio.sleep(0.5)
                 quiet += 0.5
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.post("/runs/{name}/stop")
     async def stop(name: str) -> RedirectResponse:
@@ -170,7 +208,9 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
         target = ws.inside(report / path)
         if report.resolve() not in [target, *target.parents] or not target.is_file():
             raise WorkspaceError(f"no report file '{path}' in run '{name}'")
-        return FileResponse(target, media_type=mimetypes.guess_type(target.name)[0] or "application/octet-stream")
+        return FileResponse(
+            target, media_type=mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        )
 
     @app.get("/runs/{name}/config.yaml")
     async def run_config(name: str) -> Response:
@@ -185,7 +225,17 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
         values = _prefill(ws, source)
         task = task if task in TASKS else str(values.get("task") or TASKS[0])
         sections = forms.build_sections(task, values)
-        return page(request, "new.html", task=task, tasks=TASKS, sections=sections, source=source, sources=_sources(ws), run_name="", problems=[])
+        return page(
+            request,
+            "new.html",
+            task=task,
+            tasks=TASKS,
+            sections=sections,
+            source=source,
+            sources=_sources(ws),
+            run_name="",
+            problems=[],
+        )
 
     @app.post("/new", response_class=HTMLResponse)
     async def new_submit(request: Request) -> Response:
@@ -199,14 +249,30 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
             f.errors += parse_problems.get(f.key, [])
         cfg, problems = forms.validate(task, raw, sections)
         name_error = _name_problem(form.get("run_name", ""))
-        context = {"task": task, "tasks": TASKS, "sections": sections, "source": form.get("source", ""), "sources": _sources(ws),
-                   "run_name": form.get("run_name", ""), "name_error": name_error, "problems": problems}
+        context = {
+            "task": task,
+            "tasks": TASKS,
+            "sections": sections,
+            "source": form.get("source", ""),
+            "sources": _sources(ws),
+            "run_name": form.get("run_name", ""),
+            "name_error": name_error,
+            "problems": problems,
+        }
         valid = cfg is not None and not parse_problems
         if not valid:
             return page(request, "new.html", 422, **context)
-        text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)  # what was typed; defaults stay implicit
+        text = yaml.safe_dump(
+            raw, sort_keys=False, allow_unicode=True
+        )  # what was typed; defaults stay implicit
         if action == "download":
-            return Response(text, media_type="application/x-yaml", headers={"Content-Disposition": f'attachment; filename="{form.get("run_name") or "config"}.yaml"'})
+            return Response(
+                text,
+                media_type="application/x-yaml",
+                headers={
+                    "Content-Disposition": f'attachment; filename="{form.get("run_name") or "config"}.yaml"'
+                },
+            )
         if action == "check":
             context["check_output"] = await run_in_threadpool(_check, ws, raw)
         if action == "start":
@@ -232,7 +298,9 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
         info = read_run(ws, name)
         adapter = info.path / "adapter"
         if not adapter.is_dir():
-            raise WorkspaceError(f"run '{name}' has no adapter yet (it is {info.status}); try it once it has finished")
+            raise WorkspaceError(
+                f"run '{name}' has no adapter yet (it is {info.status}); try it once it has finished"
+            )
         kind = await run_in_threadpool(playground.kind, adapter)
         binary = playground.engine(adapter).task.binary_inputs
         return page(request, "try.html", run=info, kind=kind, binary=binary)
@@ -243,12 +311,16 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
         adapter = _adapter_dir(ws, name)
         engine = await run_in_threadpool(playground.engine, adapter)
         inputs = _decode(body.inputs) if engine.task.binary_inputs else body.inputs
-        return JSONResponse({"predictions": await run_in_threadpool(playground.classify, adapter, inputs, body.top_k)})
+        return JSONResponse(
+            {"predictions": await run_in_threadpool(playground.classify, adapter, inputs, body.top_k)}
+        )
 
     @app.post("/api/runs/{name}/chat")
     async def api_chat(name: str, request: Request) -> JSONResponse:
         body = await _body(request, ChatBody)
-        answers = await run_in_threadpool(playground.chat, _adapter_dir(ws, name), body.message, body.max_new_tokens)
+        answers = await run_in_threadpool(
+            playground.chat, _adapter_dir(ws, name), body.message, body.max_new_tokens
+        )
         return JSONResponse(answers)
 
     # ---- registry -----------------------------------------------------------------------------------
@@ -268,12 +340,16 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
         return model.model_validate(await request.json())
     except (ValueError, ValidationError) as exc:
         errors = exc.errors() if isinstance(exc, ValidationError) else [{"loc": ("body",), "msg": "not JSON"}]
-        raise WorkspaceError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)) from None
+        raise WorkspaceError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        ) from None
 
 
 def _decode(items: list[str]) -> list[bytes]:
     try:
-        return [base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True) for s in items]
+        return [
+            base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True) for s in items
+        ]
     except (binascii.Error, ValueError):
         raise WorkspaceError("inputs: an image must come as base64 bytes (a data: URL)") from None
 
@@ -303,7 +379,9 @@ def _name_problem(name: str) -> str | None:
 
 def _sources(ws: Workspace) -> list[tuple[str, str]]:
     """(value, label) of the form's prefill choices: example configs, then existing runs."""
-    return [(f"config:{c}", f"example: {c}") for c in ws.example_configs()] + [(f"run:{r}", f"run: {r}") for r in ws.run_names() if (ws.runs / r / "config.yaml").is_file()]
+    return [(f"config:{c}", f"example: {c}") for c in ws.example_configs()] + [
+        (f"run:{r}", f"run: {r}") for r in ws.run_names() if (ws.runs / r / "config.yaml").is_file()
+    ]
 
 
 def _prefill(ws: Workspace, source: str) -> dict[str, Any]:
@@ -321,7 +399,13 @@ def _check(ws: Workspace, raw: dict[str, Any]) -> str:
     path = ws.state / f"check-{uuid.uuid4().hex[:8]}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
     try:
-        done = subprocess.run([sys.executable, "-m", "lorakit", "check", str(path)], cwd=ws.root, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "lorakit", "check", str(path)],
+            cwd=ws.root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         return (done.stdout + done.stderr).strip()
     except subprocess.TimeoutExpired:
         return "lorakit check took longer than 10 minutes and was stopped"

@@ -33,7 +33,11 @@ def section_models(task: str) -> dict[str, type[BaseModel]]:
     task-specific (one DataConfig subclass per task), point ``data`` at the class that validates it.
     """
     del task  # today one DataConfig serves every task
-    return {name: f.annotation for name, f in RunConfig.model_fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    return {
+        name: f.annotation
+        for name, f in RunConfig.model_fields.items()
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+    }
 
 
 @dataclass
@@ -90,14 +94,19 @@ def show(value: Any, kind: str) -> str:
         return "true" if value else "false"
     if kind == "yaml":
         value = json.loads(json.dumps(value))  # tuples as lists: YAML's safe dumper knows no tuples
-        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        return (
+            yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        )
     return str(value)
 
 
 def build_sections(task: str, values: dict[str, Any] | None = None) -> list[Section]:
     """The form's sections for ``task``, filled with ``values`` (a config as plain data) or defaults."""
     values = values or {}
-    return [_section(name, model, values.get(name) if isinstance(values.get(name), dict) else {}, name) for name, model in section_models(task).items()]
+    return [
+        _section(name, model, values.get(name) if isinstance(values.get(name), dict) else {}, name)
+        for name, model in section_models(task).items()
+    ]
 
 
 def _section(name: str, model: type[BaseModel], values: dict[str, Any], prefix: str) -> Section:
@@ -111,14 +120,25 @@ def _section(name: str, model: type[BaseModel], values: dict[str, Any], prefix: 
             sub = values.get(fname) if isinstance(values.get(fname), dict) else {}
             sec.subsections.append(_section(fname, ann, sub, key))
             continue
-        default = info.get_default(call_default_factory=True) if info.default is not PydanticUndefined or info.default_factory else None
+        default = (
+            info.get_default(call_default_factory=True)
+            if info.default is not PydanticUndefined or info.default_factory
+            else None
+        )
         kind = _kind(ann)
         current = values.get(fname, default)
-        sec.fields.append(Field(
-            key=key, label=fname, description=info.description or "", kind="select" if kind == "bool" else kind,
-            default=default, options=["true", "false"] if kind == "bool" else (_literal_options(ann) or []),
-            required=info.is_required(), value=show(current, kind),
-        ))
+        sec.fields.append(
+            Field(
+                key=key,
+                label=fname,
+                description=info.description or "",
+                kind="select" if kind == "bool" else kind,
+                default=default,
+                options=["true", "false"] if kind == "bool" else (_literal_options(ann) or []),
+                required=info.is_required(),
+                value=show(current, kind),
+            )
+        )
     return sec
 
 
@@ -146,7 +166,9 @@ def form_to_config(task: str, form: dict[str, str]) -> tuple[dict[str, Any], dic
             try:
                 value = load_yaml(text)
             except yaml.YAMLError:
-                problems.setdefault(f.key, []).append(f"{f.key}: '{text[:60]}' is not a value (YAML), e.g. {show(f.default, f.kind) or 'null'}")
+                problems.setdefault(f.key, []).append(
+                    f"{f.key}: '{text[:60]}' is not a value (YAML), e.g. {show(f.default, f.kind) or 'null'}"
+                )
                 continue
         node = raw
         *parents, last = f.key.split(".")
@@ -169,7 +191,14 @@ def validate(task: str, raw: dict[str, Any], sections: list[Section]) -> tuple[R
     fields = sorted(iter_fields(sections), key=lambda f: -len(f.key))  # data.augment.x before data.a
     unplaced = []
     for p in problems:
-        target = next((f for f in fields if p.startswith(f.key) and p[len(f.key) : len(f.key) + 1] in (" ", ":", "=", ".", "[")), None)
+        target = next(
+            (
+                f
+                for f in fields
+                if p.startswith(f.key) and p[len(f.key) : len(f.key) + 1] in (" ", ":", "=", ".", "[")
+            ),
+            None,
+        )
         if target is None:
             unplaced.append(p)
         else:

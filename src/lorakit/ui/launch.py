@@ -9,6 +9,7 @@ step, writes a checkpoint and exits with code 130 (:mod:`lorakit.stopping`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,8 +41,18 @@ def _spawn(ws: Workspace, name: str, args: list[str], cwd: Path) -> subprocess.P
     with out.open("ab") as fh:
         fh.write(f"$ lorakit {' '.join(args)}\n".encode())
         fh.flush()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    _record(ws, name, pid=proc.pid, started=time.time(), command=["lorakit", *args], cwd=str(cwd), exit_code=None)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    _record(
+        ws, name, pid=proc.pid, started=time.time(), command=["lorakit", *args], cwd=str(cwd), exit_code=None
+    )
 
     def wait() -> None:  # also reaps the child, so it never lingers as a zombie
         code = proc.wait()
@@ -61,7 +72,7 @@ def start_run(ws: Workspace, name: str, config: dict[str, Any]) -> Path:
         WorkspaceError: Bad name, or a run of that name exists already.
     """
     run = ws.run_dir(name)
-    if run.exists() and any(run.iterdir()) or _running(ws, name):
+    if (run.exists() and any(run.iterdir())) or _running(ws, name):
         raise WorkspaceError(f"run name '{name}': a run of that name exists already; choose another name")
     config = dict(config) | {"output": dict(config.get("output") or {}) | {"dir": f"runs/{name}"}}
     ws.state.mkdir(parents=True, exist_ok=True)
@@ -93,7 +104,9 @@ def _cwd_for(run: Path, out_dir: Path) -> Path:
             return run.parent
     elif out_dir.parts and run.parts[-len(out_dir.parts) :] == out_dir.parts:
         return Path(*run.parts[: -len(out_dir.parts)]) if len(run.parts) > len(out_dir.parts) else Path("/")
-    raise WorkspaceError(f"run '{run.name}': its output.dir '{out_dir}' does not lead to {run}; resume it from the CLI")
+    raise WorkspaceError(
+        f"run '{run.name}': its output.dir '{out_dir}' does not lead to {run}; resume it from the CLI"
+    )
 
 
 def _running(ws: Workspace, name: str) -> int | None:
@@ -111,9 +124,9 @@ def stop_run(ws: Workspace, name: str) -> None:
     """
     pid = _running(ws, name)
     if pid is None:
-        raise WorkspaceError(f"run '{name}' has no training process started by this UI; a CLI run stops with Ctrl-C in its terminal")
-    try:
+        raise WorkspaceError(
+            f"run '{name}' has no training process started by this UI; a CLI run stops with Ctrl-C in its terminal"
+        )
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
         os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     _record(ws, name, stop_requested=time.time())

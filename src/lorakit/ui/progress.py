@@ -38,7 +38,14 @@ def read_progress(run: Path, *, tail: int = 30) -> dict[str, Any]:
         ``{"step", "total", "eta_seconds", "train": [[step, loss]...], "validation": [{step, ...}],
         "log": [last lines]}``.
     """
-    out: dict[str, Any] = {"step": 0, "total": None, "eta_seconds": None, "train": [], "validation": [], "log": []}
+    out: dict[str, Any] = {
+        "step": 0,
+        "total": None,
+        "eta_seconds": None,
+        "train": [],
+        "validation": [],
+        "log": [],
+    }
     try:
         lines = (run / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
@@ -59,7 +66,9 @@ def read_progress(run: Path, *, tail: int = 30) -> dict[str, Any]:
     history = _history(run)
     if history:
         out["train"] = [[r["step"], r["loss"]] for r in history if r.get("split") == "train" and "loss" in r]
-        out["validation"] = [{k: v for k, v in r.items() if k != "split"} for r in history if r.get("split") == "validation"]
+        out["validation"] = [
+            {k: v for k, v in r.items() if k != "split"} for r in history if r.get("split") == "validation"
+        ]
     if len(times) >= 2 and out["total"]:
         (t0, s0), (t1, s1) = times[0], times[-1]
         if s1 > s0:

@@ -38,7 +38,9 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
             run = ws.run_dir(body.run)
             version, new = await run_in_threadpool(registry().publish, run, body.name)
         except (ValidationError, LorakitError) as exc:
-            message = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            message = (
+                "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            )
             return await listing(request, 422, error=message, form=form)
         note = f"published {version.ref}" if new else f"unchanged: already published as {version.ref}"
         return await listing(request, notice=note)

@@ -63,7 +63,11 @@ class Guard:
         if self.token:
             given = self._token_from(scope, headers)
             if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
-                await _deny(send, 401, "a token is required: open the UI with ?token=<token> or send Authorization: Bearer <token>")
+                await _deny(
+                    send,
+                    401,
+                    "a token is required: open the UI with ?token=<token> or send Authorization: Bearer <token>",
+                )
                 return
             if COOKIE not in SimpleCookie(headers.get("cookie", "")):
                 set_cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
@@ -76,7 +80,9 @@ class Guard:
 
         async def send_with_cookie(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                message = message | {"headers": [*message.get("headers", []), (b"set-cookie", set_cookie.encode("latin-1"))]}
+                message = message | {
+                    "headers": [*message.get("headers", []), (b"set-cookie", set_cookie.encode("latin-1"))]
+                }
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
@@ -106,5 +112,14 @@ def _same_origin(headers: dict[str, str], host: str) -> bool:
 
 async def _deny(send: Any, status: int, message: str) -> None:
     body = f"<!doctype html><title>lorakit ui</title><p>{message}</p>".encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -39,7 +39,9 @@ class Playground:
             if key in self._engines:
                 self._engines.move_to_end(key)
                 return self._engines[key]
-            engine = Engine([f"adapter={adapter_dir}"], allow_base=True, merge_single=False, on_demand=False, device="cpu")
+            engine = Engine(
+                [f"adapter={adapter_dir}"], allow_base=True, merge_single=False, on_demand=False, device="cpu"
+            )
             self._engines[key] = engine
             while len(self._engines) > self.keep:
                 _, old = self._engines.popitem(last=False)
@@ -74,7 +76,10 @@ class Playground:
         options = (max_new_tokens, False, 1.0, 1.0)  # max new tokens, sample, temperature, top_p
         adapted = engine.submit("adapter", [prompt], options)
         base = engine.submit("base", [prompt], options)
-        return {"adapter": adapted.result(timeout=ANSWER_TIMEOUT)[0], "base": base.result(timeout=ANSWER_TIMEOUT)[0]}
+        return {
+            "adapter": adapted.result(timeout=ANSWER_TIMEOUT)[0],
+            "base": base.result(timeout=ANSWER_TIMEOUT)[0],
+        }
 
     def close(self) -> None:
         with self._lock:

@@ -35,7 +35,9 @@ def check_name(name: str, what: str = "run name") -> str:
         WorkspaceError: Anything else, e.g. ``../x`` or an empty name.
     """
     if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
-        raise WorkspaceError(f"{what} '{str(name)[:80]}': use letters, digits, '.', '_' and '-' (at most 80, starting with a letter or digit)")
+        raise WorkspaceError(
+            f"{what} '{str(name)[:80]}': use letters, digits, '.', '_' and '-' (at most 80, starting with a letter or digit)"
+        )
     return name
 
 
@@ -85,9 +87,15 @@ class Workspace:
         """Folders of ``runs/`` that hold a run (a config.yaml), or that the UI started."""
         names = set()
         if self.runs.is_dir():
-            names |= {p.name for p in self.runs.iterdir() if NAME.match(p.name) and (p / "config.yaml").is_file()}
+            names |= {
+                p.name for p in self.runs.iterdir() if NAME.match(p.name) and (p / "config.yaml").is_file()
+            }
         if self.state.is_dir():
-            names |= {p.name.removesuffix(".json") for p in self.state.glob("*.json") if NAME.match(p.name.removesuffix(".json"))}
+            names |= {
+                p.name.removesuffix(".json")
+                for p in self.state.glob("*.json")
+                if NAME.match(p.name.removesuffix(".json"))
+            }
         return sorted(names)
 
     def example_configs(self) -> list[str]:
@@ -178,7 +186,9 @@ def run_status(run: Path, ui: dict[str, Any], now: float | None = None) -> str:
     if ui.get("pid"):  # started by the UI, exit code unknown (the UI was restarted meanwhile)
         return "interrupted" if has_checkpoint else "failed"
     now = now or time.time()
-    newest = max((p.stat().st_mtime for p in [run / "train.log", run / "checkpoints"] if p.exists()), default=0.0)
+    newest = max(
+        (p.stat().st_mtime for p in [run / "train.log", run / "checkpoints"] if p.exists()), default=0.0
+    )
     if now - newest < ACTIVE_SECONDS:
         return "running"
     return "interrupted" if has_checkpoint else "failed"
@@ -193,9 +203,13 @@ def read_run(ws: Workspace, name: str) -> RunInfo:
     metrics = metrics if isinstance(metrics, dict) else None
     log = run / "train.log"
     started = ui.get("started") or _first_log_time(log)
-    info = RunInfo(name=name, path=run, status=run_status(run, ui), config=cfg, metrics=metrics, ui=ui, started=started)
+    info = RunInfo(
+        name=name, path=run, status=run_status(run, ui), config=cfg, metrics=metrics, ui=ui, started=started
+    )
     info.task = str(cfg.get("task", ""))
-    info.base_model = str((cfg.get("model") or {}).get("name_or_path", "")) if isinstance(cfg.get("model"), dict) else ""
+    info.base_model = (
+        str((cfg.get("model") or {}).get("name_or_path", "")) if isinstance(cfg.get("model"), dict) else ""
+    )
     if metrics:
         info.best_metric = str(metrics.get("best_metric", ""))
         info.best_value = _num(metrics.get("best_value"))
