@@ -292,6 +292,9 @@ def test_bad_form_value_shows_its_message_beside_the_field(page, server: Server)
     fill_form(page, server, "ok")
     page.click("#validate")
     assert "model:" in page.inner_text("#yaml")
+    page.click("#check")  # what `lorakit check` prints: sizes, labels, LoRA targets, parameters
+    check = page.inner_text("#check-output")
+    assert "labels    2: neg, pos" in check and "trainable" in check, check
     shot(page, "new-run")
 
 

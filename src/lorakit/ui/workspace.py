@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,26 @@ class Workspace:
     """Paths of one workspace folder."""
 
     root: Path
+    #: Parsed run files by path, with the (mtime, size) they were read at: a run's config and
+    #: metrics are written once, and parsing 200 YAML files per page view would take most of a second.
+    _parsed: dict[Path, tuple[tuple[int, int], Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
+
+    def parsed(self, path: Path, reader: Callable[[Path], Any]) -> Any:
+        """``reader(path)``, re-read only when the file changed (None when it is missing)."""
+        try:
+            st = path.stat()
+        except OSError:
+            self._parsed.pop(path, None)
+            return None
+        sig = (st.st_mtime_ns, st.st_size)
+        hit = self._parsed.get(path)
+        if hit is None or hit[0] != sig:
+            hit = (sig, reader(path))
+            self._parsed[path] = hit
+        return hit[1]
 
     @property
     def runs(self) -> Path:
@@ -198,8 +216,11 @@ def read_run(ws: Workspace, name: str) -> RunInfo:
     """Everything the runs table and the run page show about run ``name``."""
     run = ws.run_dir(name)
     ui = read_json(ws.state_file(name, ".json")) or {}
-    cfg = read_yaml(run / "config.yaml")
-    metrics = read_json(run / "metrics.json")
+    # train writes config.yaml once the data is read; until then the one the UI started it with
+    cfg = (
+        ws.parsed(run / "config.yaml", read_yaml) or ws.parsed(ws.state_file(name, ".yaml"), read_yaml) or {}
+    )
+    metrics = ws.parsed(run / "metrics.json", read_json)
     metrics = metrics if isinstance(metrics, dict) else None
     log = run / "train.log"
     started = ui.get("started") or _first_log_time(log)
