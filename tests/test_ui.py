@@ -384,6 +384,51 @@ def test_try_it_predicts(page, server: Server) -> None:
 
 
 @pytest.mark.slow
+def test_try_it_chat_shows_adapter_and_base_answers(
+    page, server: Server, workspace: Path, tiny_llama_dir: Path
+) -> None:
+    import json
+
+    import lorakit
+    from conftest import make_chat_rows, make_lm_config
+
+    data = workspace / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(64)))
+    out = {"dir": str(workspace / "runs" / "chat-run"), "tensorboard": False, "report": False}
+    lorakit.train(
+        make_lm_config(workspace, tiny_llama_dir, data, output=out, train={"generation_samples": 4}),
+        progress=False,
+    )
+    page.goto(f"{server.url}/runs/chat-run")
+    assert page.locator(".samples").count()  # sample generations of a language model
+    page.goto(f"{server.url}/runs/chat-run/try")
+    page.fill("#message", "what colour is the sky ?")
+    page.click("#send")
+    page.wait_for_function("!['', '…'].includes(document.getElementById('answer-base').textContent)")
+    adapter, base = page.inner_text("#answer-adapter"), page.inner_text("#answer-base")
+    assert adapter == "blue" and base != adapter, (adapter, base)
+    shot(page, "try-chat")
+
+
+@pytest.mark.slow
+def test_try_it_classifies_an_uploaded_image(
+    page, server: Server, workspace: Path, tiny_vit_dir: Path
+) -> None:
+    import lorakit
+    from conftest import make_image_config, make_images
+
+    images = make_images(workspace / "images")
+    out = {"dir": str(workspace / "runs" / "image-run"), "tensorboard": False, "report": False}
+    lorakit.train(make_image_config(workspace, tiny_vit_dir, images, output=out), progress=False)
+    page.goto(f"{server.url}/runs/image-run/try")
+    page.set_input_files("#image", str(images / "red" / "red_005.png"))
+    page.wait_for_selector(".bar-row")
+    assert sorted(page.locator(".bar-label").all_inner_texts()) == ["blue", "red"]
+    assert page.locator("#preview").get_attribute("src").startswith("data:image/png")
+    shot(page, "try-image")
+
+
+@pytest.mark.slow
 def test_registry_publish_card_delete(page, server: Server) -> None:
     page.goto(f"{server.url}/registry")
     page.select_option("#publish-run", "cli-run")
