@@ -136,6 +136,19 @@ def test_guard_token_host_and_cross_site_posts(tmp_path: Path) -> None:
         headers={"origin": "http://127.0.0.1:7860"},
     )
     assert bad.status_code == 422 and "train.epochs" in bad.text
+    same_site = {"origin": "http://127.0.0.1:7860"}
+    for outside in ["../reviews.csv", "/etc/passwd", "~/x.csv"]:
+        form = {
+            "task": "text-classification",
+            "run_name": "r",
+            "data.train": outside,
+            "model.name_or_path": "some/hub-model",
+            "action": "start",
+        }
+        refused = open_ui.post("/new", data=form, headers=same_site)
+        assert refused.status_code == 422 and "outside the workspace" in refused.text, outside
+        assert "model.name_or_path: " not in refused.text  # a Hub name is not a local path
+    assert not (tmp_path / "runs" / "r").exists() and not (tmp_path / ".lorakit-ui").exists()
 
     locked = TestClient(create_app(tmp_path, token="s3cret", loopback=False), base_url="http://10.1.2.3:7860")
     assert locked.get("/").status_code == 401
@@ -191,12 +204,15 @@ class Server:
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     """A workspace with a csv, an example config and one run trained by the CLI."""
     ws = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(
+        tiny_bert_dir, ws / "models" / "tiny-bert"
+    )  # runs started from the UI read only inside it
     write_csv(ws / "reviews.csv", make_texts(320, seed=3))
     (ws / "configs").mkdir()
     config = {
         "task": "text-classification",
         "data": {"train": "reviews.csv", "validation_size": 32, "test_size": 32, "max_length": 32},
-        "model": {"name_or_path": str(tiny_bert_dir)},
+        "model": {"name_or_path": "models/tiny-bert"},
         "lora": {"r": 4, "alpha": 8},
         "train": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 2, "seed": 7},
         "output": {"dir": "runs/cli-run", "tensorboard": False, "report": False},

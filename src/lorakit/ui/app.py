@@ -243,6 +243,8 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
         task = form.get("task") if form.get("task") in TASKS else TASKS[0]
         action = form.get("action", "validate")
         raw, parse_problems = forms.form_to_config(task, form)
+        for key, problem in forms.paths_outside(raw, ws.root).items():
+            parse_problems.setdefault(key, []).append(problem)
         sections = forms.build_sections(task, raw)
         for f in forms.iter_fields(sections):  # show what was typed, not what was parsed
             f.value = form.get(f.key, f.value)

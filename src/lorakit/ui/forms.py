@@ -13,6 +13,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -21,9 +22,12 @@ from pydantic_core import PydanticUndefined
 
 from lorakit.config import RunConfig, load_yaml, validate_config
 from lorakit.errors import ConfigError
+from lorakit.paths import PKG_SCHEME
 
 #: Set by the UI from the run name, not typed in.
 HIDDEN = {"output.dir", "output.overwrite"}
+#: Fields naming files the run reads: local ones must lie inside the workspace (pkg:// and Hub names pass).
+PATH_KEYS = ("data.train", "data.validation", "data.test", "model.name_or_path")
 
 
 def section_models(task: str) -> dict[str, type[BaseModel]]:
@@ -204,3 +208,26 @@ def validate(task: str, raw: dict[str, Any], sections: list[Section]) -> tuple[R
         else:
             target.errors.append(p)
     return None, unplaced
+
+
+def paths_outside(raw: dict[str, Any], root: Path) -> dict[str, str]:
+    """Problems of the :data:`PATH_KEYS` values that name local files outside ``root``.
+
+    Relative paths are read from ``root`` (where the UI runs ``lorakit train``), so they are
+    resolved from there; ``pkg://`` paths and Hub names are not local files.
+    """
+    problems = {}
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        value = (raw.get(section) or {}).get(name) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or value.startswith(PKG_SCHEME):
+            continue
+        target = (root / Path(value).expanduser()).resolve()
+        local = value.startswith((".", "/", "~")) or Path(value).suffix != "" or target.exists()
+        if not local:  # a Hub name
+            continue
+        if target != root and root not in target.parents:
+            problems[key] = (
+                f"{key}: '{value}' is outside the workspace {root}; copy or link it into the workspace (or use a pkg:// path or a Hub name)"
+            )
+    return problems

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lorakit.config import load_yaml
 from lorakit.errors import LorakitError
 
@@ -136,9 +138,26 @@ def read_json(path: Path) -> Any:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping as lorakit reads configs (empty when unreadable: shown, never a crash)."""
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
-    except Exception:  # a half-written or hand-edited file: shown as empty, never a crash
+    except Exception:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_written_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping that ``yaml.safe_dump`` wrote (a run's config.yaml), parsed by libyaml when present.
+
+    ``safe_dump`` quotes every string YAML 1.1 would read as a boolean (``'no'``), so the C loader
+    reads these files exactly as :func:`~lorakit.config.load_yaml` does, ~10x faster.
+    """
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(
+            path.read_text(encoding="utf-8"), Loader=loader
+        )  # a SafeLoader: no arbitrary objects
+    except Exception:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -217,8 +236,9 @@ def read_run(ws: Workspace, name: str) -> RunInfo:
     run = ws.run_dir(name)
     ui = read_json(ws.state_file(name, ".json")) or {}
     # train writes config.yaml once the data is read; until then the one the UI started it with
+    started_with = ws.state_file(name, ".yaml")
     cfg = (
-        ws.parsed(run / "config.yaml", read_yaml) or ws.parsed(ws.state_file(name, ".yaml"), read_yaml) or {}
+        ws.parsed(run / "config.yaml", read_written_yaml) or ws.parsed(started_with, read_written_yaml) or {}
     )
     metrics = ws.parsed(run / "metrics.json", read_json)
     metrics = metrics if isinstance(metrics, dict) else None
