@@ -229,9 +229,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> 
 
 @pytest.fixture(scope="module")
 def server(workspace: Path):
-    s = Server(create_app(workspace), _free_port())
-    yield s
-    s.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workspace)  # as `lorakit ui --workspace` does: relative paths in configs are read from there
+        s = Server(create_app(workspace), _free_port())
+        yield s
+        s.stop()
 
 
 @pytest.fixture(scope="module")

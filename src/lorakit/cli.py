@@ -377,9 +377,10 @@ def ui(
         raise LorakitError(f"--host {host} makes the UI reachable from other machines; give a --token (or LORAKIT_UI_TOKEN), or use --host 127.0.0.1")
     if not workspace.is_dir():
         raise LorakitError(f"--workspace: '{workspace}' is not a folder")
+    os.chdir(workspace)  # relative paths in run configs (data, base model) are read from the workspace, as train read them
     suffix = f"/?token={token}" if token else "/"
-    typer.echo(f"lorakit ui on http://{'localhost' if is_loopback(host) else host}:{port}{suffix} (workspace {workspace.resolve()})", err=True)
-    uvicorn.run(create_app(workspace, token=token, loopback=is_loopback(host)), host=host, port=port, log_level="warning")
+    typer.echo(f"lorakit ui on http://{'localhost' if is_loopback(host) else host}:{port}{suffix} (workspace {Path.cwd()})", err=True)
+    uvicorn.run(create_app(Path.cwd(), token=token, loopback=is_loopback(host)), host=host, port=port, log_level="warning")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,7 +88,9 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
     """The UI over ``workspace``.
 
     Args:
-        workspace: Folder with ``runs/`` (created when missing), ``configs/`` and ``registry/``.
+        workspace: Folder with ``runs/`` (created when missing), ``configs/`` and ``registry/``. Runs
+            are started from it; the process should run in it too (``lorakit ui`` changes into it),
+            so that relative paths in run configs (a base model, say) name the same files as for train.
         token: Required on every request when set (see :mod:`.security`).
         loopback: The server listens on the loopback interface only (host names are checked).
 
