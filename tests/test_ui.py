@@ -129,6 +129,7 @@ def test_guard_token_host_and_cross_site_posts(tmp_path: Path) -> None:
     cross = open_ui.post("/runs/x/stop", headers={"origin": "http://evil.example"})
     assert cross.status_code == 403
     assert open_ui.get("/runs/..%2F..%2Fetc").status_code in (400, 404)
+    assert "desc" in open_ui.get("/?desc=abc").text  # a message page, not a 500 or raw JSON
     assert "passwd" not in open_ui.get("/runs/x/report/../../../../etc/passwd").text
     bad = open_ui.post(
         "/new",

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     FileResponse,
     HTMLResponse,
@@ -125,6 +126,13 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(exc)}, status_code=400)
         return page(request, "message.html", 400, title="Cannot do that", message=str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=422)
+        return page(request, "message.html", 422, title="Bad request", message=message)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:  # never a stack trace on a page
@@ -266,9 +274,8 @@ def create_app(workspace: str | Path, *, token: str | None = None, loopback: boo
         valid = cfg is not None and not parse_problems
         if not valid:
             return page(request, "new.html", 422, **context)
-        text = yaml.safe_dump(
-            raw, sort_keys=False, allow_unicode=True
-        )  # what was typed; defaults stay implicit
+        # What was typed; fields left at their defaults stay out (the CLI's validator fills them in).
+        text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
         if action == "download":
             return Response(
                 text,

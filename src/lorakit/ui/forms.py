@@ -45,7 +45,7 @@ def section_models(task: str) -> dict[str, type[BaseModel]]:
 
 
 @dataclass
-class Field:
+class FormField:
     """One input of the form."""
 
     key: str  # dotted path, e.g. "train.epochs"
@@ -63,7 +63,7 @@ class Field:
 class Section:
     name: str
     description: str
-    fields: list[Field]
+    fields: list[FormField]
     subsections: list[Section] = field(default_factory=list)
 
 
@@ -132,7 +132,7 @@ def _section(name: str, model: type[BaseModel], values: dict[str, Any], prefix: 
         kind = _kind(ann)
         current = values.get(fname, default)
         sec.fields.append(
-            Field(
+            FormField(
                 key=key,
                 label=fname,
                 description=info.description or "",
@@ -146,7 +146,7 @@ def _section(name: str, model: type[BaseModel], values: dict[str, Any], prefix: 
     return sec
 
 
-def iter_fields(sections: list[Section]) -> typing.Iterator[Field]:
+def iter_fields(sections: list[Section]) -> typing.Iterator[FormField]:
     for s in sections:
         yield from s.fields
         yield from iter_fields(s.subsections)
