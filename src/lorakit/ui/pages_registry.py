@@ -7,16 +7,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from lorakit.errors import LorakitError
 from lorakit.registry import Registry, parse_ref
 from lorakit.ui.workspace import Workspace, list_runs
 
 
+class PublishForm(BaseModel):
+    """Publish a finished run's adapter under a registry name."""
+
+    run: str = Field(description="Run folder name.")
+    name: str = Field(description="Registry name.")
+
+
 def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
     """Register ``/registry`` routes on ``app``; ``page(request, template, status, **context)`` renders."""
-    from lorakit.ui.app import PublishForm
 
     def registry() -> Registry:
         return Registry(ws.registry)
