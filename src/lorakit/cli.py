@@ -539,6 +539,61 @@ def serve(
     )
 
 
+@app.command()
+def ui(
+    workspace: Annotated[
+        Path,
+        typer.Option(
+            "--workspace", help="Folder with runs/, configs/ and registry/ (default: the current folder)."
+        ),
+    ] = Path("."),
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on; anything but the loopback needs --token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="LORAKIT_UI_TOKEN",
+            help="Token every request must carry (open the UI with ?token=...).",
+        ),
+    ] = None,
+) -> None:
+    """A local web app: runs table, new-run form, live run pages, compare, try it, registry."""
+    try:
+        import uvicorn
+
+        from lorakit.ui import create_app
+        from lorakit.ui.security import is_loopback
+    except ImportError as exc:
+        raise LorakitError(
+            f"ui needs the web packages ({exc.name} is missing): pip install 'lorakit[ui]'"
+        ) from None
+
+    _setup_logging()
+    if not is_loopback(host) and not token:
+        raise LorakitError(
+            f"--host {host} makes the UI reachable from other machines; give a --token (or LORAKIT_UI_TOKEN), or use --host 127.0.0.1"
+        )
+    if not workspace.is_dir():
+        raise LorakitError(f"--workspace: '{workspace}' is not a folder")
+    os.chdir(
+        workspace
+    )  # relative paths in run configs (data, base model) are read from the workspace, as train read them
+    suffix = f"/?token={token}" if token else "/"
+    typer.echo(
+        f"lorakit ui on http://{'localhost' if is_loopback(host) else host}:{port}{suffix} (workspace {Path.cwd()})",
+        err=True,
+    )
+    uvicorn.run(
+        create_app(Path.cwd(), token=token, loopback=is_loopback(host)),
+        host=host,
+        port=port,
+        log_level="warning",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:

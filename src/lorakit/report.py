@@ -38,6 +38,16 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> str | None:
         values = [r[k] for r in val for k in metric_keys]
         if all(0 <= v <= 1 for v in values):  # shares: show them on the full 0-1 scale
             ax.set_ylim(max(0.0, min(values) - 0.1), 1.0)
+        if len(val) == 1:  # one evaluation: a point on a step axis from 0, its values written beside it
+            ax.set_xlim(0, val[0]["step"] * 1.25 or 1)
+            for k in metric_keys:
+                ax.annotate(
+                    f"{val[0][k]:.4f}",
+                    (val[0]["step"], val[0][k]),
+                    textcoords="offset points",
+                    xytext=(-10, 8),
+                    ha="right",
+                )
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("optimizer step")
         ax.set_title("Validation metrics")

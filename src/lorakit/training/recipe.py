@@ -11,6 +11,7 @@ progress bars, TensorBoard and trackers subscribe to :mod:`~lorakit.training.eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from lorakit.build import build_model, open_base, resolve_config
 from lorakit.card import model_card
 from lorakit.config import RunConfig, load_config, load_yaml
 from lorakit.errors import LorakitError, RunDirError
+from lorakit.stopping import StopRequest, TrainingStopped
 from lorakit.tasks import get_task
 from lorakit.training.events import Callback, Events, ProgressBar, TensorBoard
 from lorakit.training.memory import release_freed_memory
@@ -109,18 +111,21 @@ def train(
     try:
         device = device or modeling.pick_device(cfg.train.device)
         cfg = resolve_config(cfg, get_task(cfg.task), device)  # complete before anything is built
-        recipe = Recipe(
-            cfg,
-            world,
-            device,
-            t0=t0,
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress and world.main,
-            callbacks=callbacks,
-        )
-        recipe.setup()
-        return recipe.train()
+        # SIGTERM / SIGINT: finish the step, write a checkpoint, exit (single process; ranks would have to agree).
+        with StopRequest() if not world.distributed else contextlib.nullcontext() as stop_request:
+            recipe = Recipe(
+                cfg,
+                world,
+                device,
+                t0=t0,
+                overwrite=overwrite,
+                resume=resume,
+                progress=progress and world.main,
+                callbacks=callbacks,
+                stop_request=stop_request,
+            )
+            recipe.setup()
+            return recipe.train()
     finally:
         if recipe is not None:
             recipe.cleanup()
@@ -142,8 +147,10 @@ class Recipe:
         resume: bool = False,
         progress: bool = True,
         callbacks: Sequence[Callback] = (),
+        stop_request: StopRequest | None = None,
     ) -> None:
         self.cfg, self.world, self.device, self.t0 = cfg, world, device, t0
+        self.stop_request = stop_request  # SIGTERM / SIGINT seen: stop cleanly after the step
         self.task = get_task(cfg.task)
         self.overwrite, self.resume, self.progress = overwrite, resume, progress
         self.subscribers = list(callbacks)
@@ -448,6 +455,19 @@ class Recipe:
             self.evaluate(epoch)
         if t.save_every_steps and step % t.save_every_steps == 0:
             self.save_checkpoint()
+        if self.stop_request and self.stop_request.requested and step < self.total_steps:
+            self.save_checkpoint()  # the same state a periodic checkpoint holds: resume is exact
+            why = self.stop_request.requested
+            log.info(
+                "stopped by %s at step %d/%d; checkpoint written, continue with --resume",
+                why,
+                step,
+                self.total_steps,
+            )
+            resume = f"lorakit train {self.run_dir / 'config.yaml'} --resume"
+            raise TrainingStopped(
+                f"stopped by {why} at step {step} of {self.total_steps}; resume with: {resume}"
+            )
 
     def log_train_loss(self, epoch: float) -> None:
         s = self.state

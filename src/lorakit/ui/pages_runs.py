@@ -1,0 +1,139 @@
+"""Pages of runs: the runs table, a run's live page (server-sent events), stop / resume, its
+report files and config, and the comparison of runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mimetypes
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
+
+from lorakit.ui import launch
+from lorakit.ui.compare import compare_runs
+from lorakit.ui.progress import read_progress, signature
+from lorakit.ui.workspace import (
+    Workspace,
+    WorkspaceError,
+    check_name,
+    list_runs,
+    read_json,
+    read_run,
+    run_status,
+)
+
+SORT_KEYS = {"name", "task", "base_model", "status", "best_value", "test_value", "seconds", "started"}
+POLL_SECONDS = 0.5  # how often an open run page's stream looks at the run folder (a few stat calls)
+
+
+def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
+    """Register the runs pages on ``app``; ``page(request, template, status, **context)`` renders."""
+
+    # ---- runs ---------------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse)
+    async def runs_page(request: Request, sort: str = "started", desc: int = 1) -> HTMLResponse:
+        key = sort if sort in SORT_KEYS else "started"
+        runs = await run_in_threadpool(list_runs, ws)
+        present = [r for r in runs if getattr(r, key) is not None]
+        present.sort(key=lambda r: getattr(r, key), reverse=bool(desc))
+        rows = present + [r for r in runs if getattr(r, key) is None]
+        return page(request, "runs.html", runs=rows, sort=key, desc=bool(desc))
+
+    @app.get("/runs/{name}", response_class=HTMLResponse)
+    async def run_page(request: Request, name: str) -> HTMLResponse:
+        info = await run_in_threadpool(read_run, ws, name)
+        if not info.path.exists() and not info.ui:
+            raise WorkspaceError(f"no run named '{name}' in {ws.runs}")
+        progress = await run_in_threadpool(read_progress, info.path)
+        out = ws.state_file(name, ".out")
+        console = (
+            out.read_text(encoding="utf-8", errors="replace").splitlines()[-15:] if out.is_file() else []
+        )
+        labels = _labels(info.metrics)
+        return page(
+            request,
+            "run.html",
+            run=info,
+            progress=progress,
+            console=console,
+            labels=labels,
+            report=(info.path / "report" / "index.html").is_file(),
+            adapter=(info.path / "adapter").is_dir(),
+        )
+
+    @app.get("/runs/{name}/events")
+    async def run_events(request: Request, name: str) -> StreamingResponse:
+        run = ws.run_dir(name)
+
+        async def stream() -> Any:
+            last, quiet = None, 0.0
+            while not await request.is_disconnected():
+                ui = read_json(ws.state_file(name, ".json")) or {}
+                status = run_status(run, ui)
+                sig = (*signature(run), status)
+                if sig != last:
+                    last, quiet = sig, 0.0
+                    data = await run_in_threadpool(read_progress, run)
+                    yield f"event: progress\ndata: {json.dumps(data | {'status': status})}\n\n"
+                    if status != "running":
+                        yield "event: end\ndata: {}\n\n"
+                        return
+                elif quiet > 15:  # a comment line keeps proxies from closing the stream
+                    yield ": ping\n\n"
+                    quiet = 0.0
+                await asyncio.sleep(POLL_SECONDS)
+                quiet += POLL_SECONDS
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/runs/{name}/stop")
+    async def stop(name: str) -> RedirectResponse:
+        launch.stop_run(ws, name)
+        return RedirectResponse(f"/runs/{name}", status_code=303)
+
+    @app.post("/runs/{name}/resume")
+    async def resume(name: str) -> RedirectResponse:
+        await run_in_threadpool(launch.resume_run, ws, name)
+        return RedirectResponse(f"/runs/{name}", status_code=303)
+
+    @app.get("/runs/{name}/report/{path:path}")
+    async def report_file(name: str, path: str) -> FileResponse:
+        report = ws.run_dir(name) / "report"
+        target = ws.inside(report / path)
+        if report.resolve() not in [target, *target.parents] or not target.is_file():
+            raise WorkspaceError(f"no report file '{path}' in run '{name}'")
+        return FileResponse(
+            target, media_type=mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        )
+
+    @app.get("/runs/{name}/config.yaml")
+    async def run_config(name: str) -> Response:
+        path = ws.run_dir(name) / "config.yaml"
+        if not path.is_file():
+            raise WorkspaceError(f"run '{name}' has no config.yaml")
+        return Response(path.read_text(encoding="utf-8"), media_type="text/plain; charset=utf-8")
+
+    # ---- compare ------------------------------------------------------------------------------------
+    @app.get("/compare", response_class=HTMLResponse)
+    async def compare(request: Request) -> HTMLResponse:
+        names = [check_name(n) for n in request.query_params.getlist("run")]
+        runs = await run_in_threadpool(list_runs, ws)
+        if len(names) < 2:
+            return page(request, "compare.html", runs=runs, chosen=names, result=None)
+        result = await run_in_threadpool(compare_runs, ws, names)
+        return page(request, "compare.html", runs=runs, chosen=names, result=result)
+
+
+def _labels(metrics: dict[str, Any] | None) -> list[str]:
+    for split in ("test", "validation"):
+        m = (metrics or {}).get(split) or {}
+        if isinstance(m, dict) and isinstance(m.get("per_class"), dict):
+            return list(m["per_class"])
+    return []
