@@ -42,11 +42,11 @@ SLOW_TRAIN = {
 
 
 def test_form_is_generated_from_the_schema() -> None:
-    from lorakit.config import RunConfig
+    from lorakit.config import run_config_class
 
     sections = forms.build_sections("text-classification")
     keys = {f.key for f in forms.iter_fields(sections)}
-    for section, field in RunConfig.model_fields.items():
+    for section, field in run_config_class("text-classification").model_fields.items():
         model = field.annotation
         if not hasattr(model, "model_fields"):
             continue
@@ -59,7 +59,9 @@ def test_form_is_generated_from_the_schema() -> None:
     assert by_key["train.scheduler"].options == ["linear", "cosine", "constant", "constant_with_warmup"]
     assert by_key["lora.r"].value == "8" and "Rank" in by_key["lora.r"].description
     assert by_key["data.train"].required
-    assert "data.augment.hflip" in keys  # nested sections too
+    assert "data.text_column" in keys and "data.image_size" not in keys  # the task's own data fields
+    image = {f.key for f in forms.iter_fields(forms.build_sections("image-classification"))}
+    assert "data.augment.hflip" in image  # nested sections too
 
 
 def test_form_problems_land_beside_their_fields() -> None:
