@@ -220,6 +220,30 @@ def export(
         typer.echo(f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance {r.tolerance:g})")
 
 
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A LoRA adapter folder written by peft (adapter_config.json + adapter_model.safetensors).")],
+    task: Annotated[str | None, typer.Option("--task", help="text-classification, image-classification or causal-lm (default: from peft's task_type).")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names in class-id order, comma-separated (default: the base config's id2label).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="The base model (default: base_model_name_or_path of adapter_config.json).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the lorakit adapter to this new folder (default: add lorakit.json to PATH).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    max_length: Annotated[int | None, typer.Option("--max-length", min=8, help="Tokens per input at prediction time (text tasks).")] = None,
+) -> None:
+    """Make a peft adapter trained elsewhere a lorakit adapter: task, labels, base and its hash, checked against the base."""
+    from lorakit.importing import import_adapter
+
+    _setup_logging()
+    names = [n.strip() for n in labels.split(",") if n.strip()] if labels else None
+    r = import_adapter(path, task=task, labels=names, base_model=base, out=out, overwrite=overwrite, max_length=max_length)
+    typer.echo(f"imported a {r.task} adapter on {r.base_model}: {r.adapter_dir}")
+    if r.labels:
+        typer.echo(f"  labels ({r.labels_from}): {', '.join(r.labels)}")
+    from lorakit.tasks import get_task
+
+    typer.echo(f"  checked: every saved tensor loads into the base; next: lorakit {get_task(r.task).cli_command} {r.adapter_dir} ...")
+
+
 RegistryOpt = Annotated[Path | None, typer.Option("--registry", envvar="LORAKIT_REGISTRY", help="Registry folder (default ~/.local/share/lorakit/registry).")]
 
 
