@@ -203,21 +203,49 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT_DIR.")] = False,
     base_model: Annotated[str | None, typer.Option("--base-model", help="Use this copy of the base model (it must have the recorded hash).")] = None,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Largest accepted |unmerged - merged| logit difference.")] = 1e-4,
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="Write the merged model as GGUF (llama.cpp, Ollama) to this folder, with a llama.cpp LoRA file and a Modelfile (Llama-family causal LMs).", metavar="OUT_DIR")] = None,
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weights: f16 (checked against the adapter's logits) or q8_0 (difference printed).")] = "f16",
+    no_lora: Annotated[bool, typer.Option("--no-lora", help="With --gguf: skip the llama.cpp LoRA adapter file.")] = False,
 ) -> None:
-    """Merge an adapter into its base model (and ONNX), and prove it: same logits before and after."""
+    """Merge an adapter into its base model (Hugging Face folder, ONNX, GGUF), and prove it: same logits before and after."""
     from lorakit.errors import LorakitError as _Err
-    from lorakit.export import export as run_export
 
     _setup_logging()
-    if merge is None:
-        raise _Err("export needs --merge OUT_DIR (the folder for the merged model); --onnx adds model.onnx to it")
-    r = run_export(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
+    if merge is None and gguf is None:
+        raise _Err("export needs --merge OUT_DIR (Hugging Face folder; --onnx adds model.onnx to it) and/or --gguf OUT_DIR (llama.cpp / Ollama)")
+    if onnx and merge is None:
+        raise _Err("--onnx adds model.onnx to the --merge OUT_DIR folder; pass --merge too")
+    if merge is not None:
+        _export_merged(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
+    if gguf is not None:
+        _export_gguf(path, gguf, gguf_type=gguf_type, overwrite=overwrite, base_model=base_model, lora=not no_lora)
+
+
+def _export_merged(path: Path, merge: Path, **options: object) -> None:
+    from lorakit.export import export as run_export
+
+    r = run_export(path, merge, **options)  # type: ignore[arg-type]
     typer.echo(f"merged model: {r.out_dir}")
     typer.echo(f"  largest |unmerged - merged| logit difference on {r.checked} inputs: {r.merged_diff:.3g} in float64 (tolerance {r.tolerance:g}), "
                f"{r.merged_diff_fp32:.3g} in float32 (float32 arithmetic alone: {r.fp32_noise:.3g})")
     if r.onnx_path:
         typer.echo(f"onnx: {r.onnx_path}")
         typer.echo(f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance {r.tolerance:g})")
+
+
+def _export_gguf(path: Path, out: Path, **options: object) -> None:
+    from lorakit.gguf_export import export_gguf
+
+    r = export_gguf(path, out, **options)  # type: ignore[arg-type]
+    bound = f"tolerance {r.tolerance:g} x that" if r.tolerance is not None else "quantised: measured, not bounded"
+    typer.echo(f"gguf model: {r.model_file}")
+    typer.echo(f"  largest |unmerged - GGUF {r.gguf_type}| logit difference on {r.checked} inputs, read back by transformers: {r.logit_diff:.3g} "
+               f"(largest |logit| {r.logit_scale:.3g}; {bound}); same next token at {100 * r.top1_agreement:.1f}% of positions; tokenizer: same ids")
+    if r.lora_file:
+        typer.echo(f"gguf lora:  {r.lora_file} (llama.cpp --lora on the base model's GGUF; largest |delta W read back - adapter's| {r.lora_diff:.3g})")
+    else:
+        typer.echo(f"gguf lora:  not written: {r.lora_skipped}")
+    typer.echo(f"ollama:     ollama create NAME -f {r.out_dir / 'Modelfile'}")
 
 
 @app.command("import")
