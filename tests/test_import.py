@@ -94,10 +94,13 @@ def test_classifier_from_plain_peft_predicts_like_peft(tmp_path: Path, tiny_bert
             {"neg": float(probs[0]), "pos": float(probs[1])}, abs=1e-5
         )
 
-    # The imported adapter merges like a trained one (same logits after export).
+    # The imported adapter merges and publishes like a trained one.
     from lorakit.export import export
+    from lorakit.registry import Registry
 
     assert export(tmp_path / "peft", tmp_path / "merged").merged_diff <= 1e-4
+    version, new = Registry(tmp_path / "registry").publish(tmp_path / "peft", "imported-clf")
+    assert new and version.task == "text-classification" and version.base_fingerprint == meta["base_model"]["fingerprint"]
 
 
 def test_labels_come_from_the_base_config_and_the_copy_leaves_the_source(
