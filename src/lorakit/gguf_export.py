@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class GGUFResult:
     lora_diff: float | None  # largest |delta W from the LoRA GGUF - delta W of the adapter|
     lora_skipped: str | None  # why no LoRA GGUF was written
     checked: int
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
