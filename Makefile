@@ -38,9 +38,10 @@ demo-chat: setup
 	$(BIN)/lorakit train configs/rt-smollm2-chat.yaml --overwrite
 	$(BIN)/lorakit generate runs/rt-smollm2-chat "A gorgeous, heartfelt film." "Ninety minutes of tedium." --max-new-tokens 8
 
-# Everything, slow end-to-end tests on the real packaged model and data included (what CI runs).
+# Everything, slow end-to-end tests on the real packaged model and data included (what CI runs; the
+# vLLM test needs vLLM's own environment).
 # Two workers, a test file each at a time (module fixtures are built once); `pytest` alone runs serially.
-test: setup
+test: setup vllm-env
 	$(BIN)/pytest -n 2 --dist loadfile
 
 # Local loop: skip the slow end-to-end tests.
