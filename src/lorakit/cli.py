@@ -222,13 +222,7 @@ def export(
     if gguf is not None:
         _export_gguf(path, gguf, gguf_type=gguf_type, overwrite=overwrite, base_model=base_model, lora=not no_lora)
     if vllm is not None:
-        import shlex
-
-        from lorakit.vllm_export import export_vllm
-
-        v = export_vllm([path], vllm, max_lora_rank=max_lora_rank, overwrite=overwrite)
-        typer.echo(f"vllm: base {v.base_dir}, adapter(s) {', '.join(f'{n}={p}' for n, p in v.adapters.items())}")
-        typer.echo(f"  serve (vLLM's own environment: make vllm-env): {shlex.join(v.command)}")
+        _export_vllm(path, vllm, max_lora_rank=max_lora_rank, overwrite=overwrite)
 
 
 def _export_merged(path: Path, merge: Path, **options: object) -> None:
@@ -256,6 +250,16 @@ def _export_gguf(path: Path, out: Path, **options: object) -> None:
     else:
         typer.echo(f"gguf lora:  not written: {r.lora_skipped}")
     typer.echo(f"ollama:     ollama create NAME -f {r.out_dir / 'Modelfile'}")
+
+
+def _export_vllm(path: Path, out: Path, **options: object) -> None:
+    import shlex
+
+    from lorakit.vllm_export import export_vllm
+
+    v = export_vllm([path], out, **options)  # type: ignore[arg-type]
+    typer.echo(f"vllm: base {v.base_dir}, adapter(s) {', '.join(f'{n}={p}' for n, p in v.adapters.items())}")
+    typer.echo(f"  serve (vLLM's own environment: make vllm-env): {shlex.join(v.command)}")
 
 
 @app.command("import")
