@@ -38,7 +38,11 @@ def main() -> None:
     r = export_gguf(args.adapter, out / "export", gguf_type=args.gguf_type, overwrite=True)
     loaded = load_adapter(args.adapter, device="cpu")
     batches = loaded.task.export_batches(loaded.processor, loaded.data_cfg)
-    prompts = [row[mask.bool()].tolist() for b in batches[:1] for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    prompts = [
+        row[mask.bool()].tolist()
+        for b in batches[:1]
+        for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)
+    ]
     with torch.no_grad():
         want = [loaded.model(input_ids=torch.tensor([p])).logits[0].numpy() for p in prompts]
     # The base alone (LoRA layers removed, nothing merged) as GGUF with the same writer, for llama.cpp's --lora.
@@ -47,12 +51,31 @@ def main() -> None:
     loaded.task.save_merged(base, hf, loaded)
     from transformers import AutoTokenizer
 
-    write_llama_gguf(base, AutoTokenizer.from_pretrained(hf), hf, out / "base-f16.gguf", gguf_type="f16", name="base")
+    write_llama_gguf(
+        base, AutoTokenizer.from_pretrained(hf), hf, out / "base-f16.gguf", gguf_type="f16", name="base"
+    )
 
     merged = Llama(model_path=str(r.model_file), logits_all=True, n_ctx=512, verbose=False)
-    with_lora = Llama(model_path=str(out / "base-f16.gguf"), lora_path=str(r.lora_file), logits_all=True, n_ctx=512, verbose=False) if r.lora_file else None
-    report = {"gguf_type": args.gguf_type, "prompts": len(prompts), "tokens_equal": True, "max_abs_logit_diff": 0.0, "max_abs_logit": 0.0,
-              "top1_agreement": 0.0, "lora_vs_merged_max_abs_diff": None}
+    with_lora = (
+        Llama(
+            model_path=str(out / "base-f16.gguf"),
+            lora_path=str(r.lora_file),
+            logits_all=True,
+            n_ctx=512,
+            verbose=False,
+        )
+        if r.lora_file
+        else None
+    )
+    report = {
+        "gguf_type": args.gguf_type,
+        "prompts": len(prompts),
+        "tokens_equal": True,
+        "max_abs_logit_diff": 0.0,
+        "max_abs_logit": 0.0,
+        "top1_agreement": 0.0,
+        "lora_vs_merged_max_abs_diff": None,
+    }
     same = total = 0
     for ids, ref in zip(prompts, want, strict=True):
         text = loaded.processor.decode(ids, skip_special_tokens=False)

@@ -100,7 +100,11 @@ def test_classifier_from_plain_peft_predicts_like_peft(tmp_path: Path, tiny_bert
 
     assert export(tmp_path / "peft", tmp_path / "merged").merged_diff <= 1e-4
     version, new = Registry(tmp_path / "registry").publish(tmp_path / "peft", "imported-clf")
-    assert new and version.task == "text-classification" and version.base_fingerprint == meta["base_model"]["fingerprint"]
+    assert (
+        new
+        and version.task == "text-classification"
+        and version.base_fingerprint == meta["base_model"]["fingerprint"]
+    )
 
 
 def test_labels_come_from_the_base_config_and_the_copy_leaves_the_source(
