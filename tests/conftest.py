@@ -287,8 +287,11 @@ def make_lm_config(folder: Path, model_dir: Path | str, data_path: Path, **secti
 # The longest test files, longest first: `make test` runs the files on two workers (pytest-xdist,
 # --dist loadfile), and starting with these lets both finish at about the same time.
 LONGEST_FIRST = [
+    "test_vllm_export.py",
+    "test_gguf_export.py",
     "test_real_model_llm.py",
     "test_distributed.py",
+    "test_ui.py",
     "test_real_model.py",
     "test_resume.py",
     "test_pipeline.py",

@@ -29,7 +29,11 @@ def model_card(meta: dict[str, Any]) -> str:
         "",
         f"# LoRA adapter for {meta['task']}",
         "",
-        f"Trained with lorakit {meta['versions'].get('lorakit', '?')} on {meta['created_at']}.",
+        (
+            f"Trained elsewhere with peft; imported by lorakit {meta['versions'].get('lorakit', '?')} on {meta['created_at']} (`lorakit import`)."
+            if meta.get("imported")
+            else f"Trained with lorakit {meta['versions'].get('lorakit', '?')} on {meta['created_at']}."
+        ),
         "",
         "## Base model",
         f"- name: `{base['name_or_path']}`",

@@ -280,17 +280,66 @@ def export(
     tolerance: Annotated[
         float, typer.Option(min=0.0, help="Largest accepted |unmerged - merged| logit difference.")
     ] = 1e-4,
+    gguf: Annotated[
+        Path | None,
+        typer.Option(
+            "--gguf",
+            help="Write the merged model as GGUF (llama.cpp, Ollama) to this folder, with a llama.cpp LoRA file and a Modelfile (Llama-family causal LMs).",
+            metavar="OUT_DIR",
+        ),
+    ] = None,
+    gguf_type: Annotated[
+        str,
+        typer.Option(
+            "--gguf-type",
+            help="GGUF weights: f16 (checked against the adapter's logits) or q8_0 (difference printed).",
+        ),
+    ] = "f16",
+    no_lora: Annotated[
+        bool, typer.Option("--no-lora", help="With --gguf: skip the llama.cpp LoRA adapter file.")
+    ] = False,
+    vllm: Annotated[
+        Path | None,
+        typer.Option(
+            "--vllm",
+            help="Lay out the base model and the adapter for `vllm serve` in this folder, after checking what vLLM refuses (causal LMs).",
+            metavar="OUT_DIR",
+        ),
+    ] = None,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--max-lora-rank",
+            help="With --vllm: the server's --max-lora-rank (default: the smallest vLLM accepts for the adapter).",
+        ),
+    ] = None,
 ) -> None:
-    """Merge an adapter into its base model (and ONNX), and prove it: same logits before and after."""
+    """Merge an adapter into its base model (Hugging Face folder, ONNX, GGUF), and prove it: same logits before and after."""
     from lorakit.errors import LorakitError as _Err
-    from lorakit.export import export as run_export
 
     _setup_logging()
-    if merge is None:
+    if merge is None and gguf is None and vllm is None:
         raise _Err(
-            "export needs --merge OUT_DIR (the folder for the merged model); --onnx adds model.onnx to it"
+            "export needs --merge OUT_DIR (Hugging Face folder; --onnx adds model.onnx to it), --gguf OUT_DIR (llama.cpp / Ollama) and/or --vllm OUT_DIR"
         )
-    r = run_export(path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance)
+    if onnx and merge is None:
+        raise _Err("--onnx adds model.onnx to the --merge OUT_DIR folder; pass --merge too")
+    if merge is not None:
+        _export_merged(
+            path, merge, onnx=onnx, overwrite=overwrite, base_model=base_model, tolerance=tolerance
+        )
+    if gguf is not None:
+        _export_gguf(
+            path, gguf, gguf_type=gguf_type, overwrite=overwrite, base_model=base_model, lora=not no_lora
+        )
+    if vllm is not None:
+        _export_vllm(path, vllm, max_lora_rank=max_lora_rank, overwrite=overwrite)
+
+
+def _export_merged(path: Path, merge: Path, **options: object) -> None:
+    from lorakit.export import export as run_export
+
+    r = run_export(path, merge, **options)  # type: ignore[arg-type]
     typer.echo(f"merged model: {r.out_dir}")
     typer.echo(
         f"  largest |unmerged - merged| logit difference on {r.checked} inputs: {r.merged_diff:.3g} "
@@ -303,6 +352,95 @@ def export(
             f"  largest |unmerged - onnxruntime| logit difference: {r.onnx_diff:.3g} (tolerance "
             f"{r.tolerance:g})"
         )
+
+
+def _export_gguf(path: Path, out: Path, **options: object) -> None:
+    from lorakit.gguf_export import export_gguf
+
+    r = export_gguf(path, out, **options)  # type: ignore[arg-type]
+    bound = (
+        f"tolerance {r.tolerance:g} x that" if r.tolerance is not None else "quantised: measured, not bounded"
+    )
+    typer.echo(f"gguf model: {r.model_file}")
+    typer.echo(
+        f"  largest |unmerged - GGUF {r.gguf_type}| logit difference on {r.checked} inputs, read back by transformers: {r.logit_diff:.3g} "
+        f"(largest |logit| {r.logit_scale:.3g}; {bound}); same next token at {100 * r.top1_agreement:.1f}% of positions; tokenizer: same ids"
+    )
+    if r.lora_file:
+        typer.echo(
+            f"gguf lora:  {r.lora_file} (llama.cpp --lora on the base model's GGUF; largest |delta W read back - adapter's| {r.lora_diff:.3g})"
+        )
+    else:
+        typer.echo(f"gguf lora:  not written: {r.lora_skipped}")
+    typer.echo(f"ollama:     ollama create NAME -f {r.out_dir / 'Modelfile'}")
+
+
+def _export_vllm(path: Path, out: Path, **options: object) -> None:
+    import shlex
+
+    from lorakit.vllm_export import export_vllm
+
+    v = export_vllm([path], out, **options)  # type: ignore[arg-type]
+    typer.echo(f"vllm: base {v.base_dir}, adapter(s) {', '.join(f'{n}={p}' for n, p in v.adapters.items())}")
+    typer.echo(f"  serve (vLLM's own environment: make vllm-env): {shlex.join(v.command)}")
+
+
+@app.command("import")
+def import_(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A LoRA adapter folder written by peft (adapter_config.json + adapter_model.safetensors)."
+        ),
+    ],
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="text-classification, image-classification or causal-lm (default: from peft's task_type).",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="Class names in class-id order, comma-separated (default: the base config's id2label).",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base", help="The base model (default: base_model_name_or_path of adapter_config.json)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Write the lorakit adapter to this new folder (default: add lorakit.json to PATH)."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", min=8, help="Tokens per input at prediction time (text tasks)."),
+    ] = None,
+) -> None:
+    """Make a peft adapter trained elsewhere a lorakit adapter: task, labels, base and its hash, checked against the base."""
+    from lorakit.importing import import_adapter
+
+    _setup_logging()
+    names = [n.strip() for n in labels.split(",") if n.strip()] if labels else None
+    r = import_adapter(
+        path, task=task, labels=names, base_model=base, out=out, overwrite=overwrite, max_length=max_length
+    )
+    typer.echo(f"imported a {r.task} adapter on {r.base_model}: {r.adapter_dir}")
+    if r.labels:
+        typer.echo(f"  labels ({r.labels_from}): {', '.join(r.labels)}")
+    from lorakit.tasks import get_task
+
+    typer.echo(
+        f"  checked: every saved tensor loads into the base; next: lorakit {get_task(r.task).cli_command} {r.adapter_dir} ..."
+    )
 
 
 RegistryOpt = Annotated[

@@ -48,6 +48,8 @@ class Task(ABC):
     #: Answers are generated text (`lorakit generate`, /v1/chat/completions),
     #: not labels (`predict`, /v1/predict).
     generates: bool = False
+    #: Examples carry labels from a label space learned from the training data (classification).
+    labelled: bool = False
     #: Inputs are bytes (images): JSON requests carry them base64-encoded or as http(s) URLs.
     binary_inputs: bool = False
     #: The transformers Auto classes of a merged model and its processor (model cards of exports).

@@ -38,6 +38,7 @@ class ClassificationTask(Task):
     """A task with one label per example, from a fixed label space learned from the training data."""
 
     default_metric = "accuracy"
+    labelled = True
 
     def check_rows(self, ds: Dataset, data_cfg: DataConfig, *, key: str) -> None:
         """Reject unusable inputs before labels are encoded (e.g. empty texts); nothing by default."""
