@@ -91,7 +91,7 @@ def _pick_task(peft_cfg: dict[str, Any], task: str | None) -> Task:
     if len(matches) != 1:
         found = f"peft task_type {task_type}" if task_type else "no peft task_type"
         raise LorakitError(
-            f"import: the adapter says {found}, which does not name one lorakit task; pass --task ({', '.join(TASKS)})"
+            f"import: the adapter says {found}, which does not name one lorakit task; pass --task ({', '.join(task_names())})"
         )
     return matches[0]
 
