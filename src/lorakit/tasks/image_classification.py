@@ -122,7 +122,7 @@ class ImageClassification(ClassificationTask):
             ds = self._as_references(ds, d.image_column)
             ds = check_images(ds, d.image_column, base_dir=_source_dir(locations.get(key)), max_bad=d.max_bad_images, key=key, notes=notes)
             if "space" not in space_box:  # the first source read is train: it defines the label space
-                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key)
+                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key, notes=notes)
             return self.encode_labels(ds, d, space_box["space"], key=key)
 
         raw = build_splits(d, columns=self.columns(d), encode=encode, stratify="labels")
