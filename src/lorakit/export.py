@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lorakit.artifacts import atomic_dir, now_iso
+from lorakit.diskspace import no_space_is_an_error
 from lorakit.errors import LorakitError
 from lorakit.loader import LoadedAdapter, load_adapter
 
@@ -184,7 +185,7 @@ def export(
     merged = loaded.model.merge_and_unload()
     merged.eval()
 
-    with atomic_dir(out) as tmp:
+    with no_space_is_an_error("the merged model", out, f"'{out}' was left as it was; free some space and export again"), atomic_dir(out) as tmp:
         task.save_merged(merged, tmp, loaded)
         # Check what a user gets: the saved folder, reloaded by plain transformers (or the zoo loader).
         reloaded = task.load_merged(tmp, loaded)

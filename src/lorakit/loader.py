@@ -82,7 +82,8 @@ def load_adapter(path: str | Path, *, base_model: str | None = None, device: str
                 f"(hash {found[:19]}… vs {expected[:19]}…); use the original base model"
             )
     try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        with modeling.peft_wrap_warnings_off():
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterError(f"adapter '{adapter_dir}' does not fit base model '{model_path}' (shape or name mismatch): {first[:200]}") from None

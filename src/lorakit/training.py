@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from lorakit import artifacts, checkpoint, distributed, modeling
+from lorakit import artifacts, checkpoint, distributed, modeling, rundir
 from lorakit.batching import train_batches
 from lorakit.card import model_card
 from lorakit.config import RunConfig, TrainConfig, load_config, load_yaml
@@ -83,7 +83,7 @@ def _param_groups(model: torch.nn.Module, cfg: RunConfig, head_modules: list[str
     return out
 
 
-def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None, overwrite: bool | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None, overwrite: bool | None = None, resume: rundir.Resume = False, progress: bool = True) -> TrainResult:
     """Fine-tune a LoRA adapter as the run config says.
 
     Args:
@@ -92,7 +92,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
         overwrite: Replace an existing run directory (defaults to ``output.overwrite``).
         resume: Continue from the newest checkpoint in the run directory (weights, optimizer,
             schedule, RNG and data position), giving the same result as an uninterrupted run.
-            Without a checkpoint the run starts from the beginning.
+            Without a checkpoint it is an error; ``"auto"`` starts from the beginning instead.
         progress: Show progress bars.
 
     Under ``torchrun`` / ``accelerate launch`` every process calls this: training is data-parallel
@@ -149,7 +149,7 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: bool, progress: bool) -> TrainResult:
+def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: rundir.Resume, progress: bool) -> TrainResult:
     t = cfg.train
     amp = modeling.pick_precision(t.mixed_precision, device)
 
@@ -182,19 +182,20 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     greater = t.greater_is_better if t.greater_is_better is not None else "loss" not in metric_name
 
     run = Path(cfg.output.dir)
-    state = checkpoint.load_latest(run) if resume else None
+    state = rundir.resume_state(run, resume)
+    lock = rundir.RunLock(run)  # one `lorakit train` at a time per run directory (rank 0 holds it)
     distributed.barrier(world)  # every rank has read the checkpoint before rank 0 may clear the folder
 
     def prepare_run() -> Path:
         if state is not None:
+            lock.acquire()
             _check_resumable(run, cfg)
             if len(_rank_rngs(state)) != world.size:
                 raise RunDirError(f"--resume: the run in '{run}' was trained on {len(_rank_rngs(state))} process(es), not {world.size}; resume with the same number of processes (the batches depend on it)")
             return run
-        if resume and (run / "metrics.json").is_file():
-            raise RunDirError(f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)")
-        # A fresh start; with --resume and no checkpoint yet, whatever a killed run left is replaced.
-        fresh = artifacts.prepare_run_dir(run, overwrite=resume or (overwrite if overwrite is not None else cfg.output.overwrite))
+        # A fresh start; with --resume-or-start and no checkpoint yet, whatever a killed run left is replaced.
+        fresh = artifacts.prepare_run_dir(run, overwrite=bool(resume) or (overwrite if overwrite is not None else cfg.output.overwrite))
+        lock.acquire()
         artifacts.clear_run_dir(fresh)
         artifacts.write_text_atomic(fresh / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
         return fresh
@@ -452,8 +453,6 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
             "data_sizes": sizes,
             "parameters": {"trainable": trainable, "total": total},
         }
-        artifacts.write_json_atomic(run / "metrics.json", final)
-        artifacts.write_text_atomic(run / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         # The final adapter: the best weights, with the validation metrics of that step and the test metrics.
         meta = base_metadata() | {"trained": best_at}
         meta["metrics"] = {"validation": scalars(best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
@@ -464,9 +463,13 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
             write_report(run / "report", title=f"{cfg.task}: {Path(cfg.output.dir).name}", history=history,
                          evaluations={"validation (best)": best_eval} | ({"test": test_metrics} if test_metrics else {}) | ({"test, base model without adapter": base_metrics} if base_metrics else {}),
                          label_space=data.label_space, meta=meta)
+        # metrics.json last: it marks the run finished, so a failed write above (a full disk) can be resumed.
+        artifacts.write_text_atomic(run / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        artifacts.write_json_atomic(run / "metrics.json", final)
         checkpoint.remove_all(run)  # the run is complete; its adapter and metrics are in place
         return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, elapsed, trainable, total)
     finally:
+        lock.release()
         if initial is not None:
             initial.cleanup()
         if writer:

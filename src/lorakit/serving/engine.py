@@ -155,7 +155,8 @@ class Engine:
         from peft import PeftModel
 
         self.device = modeling.pick_device(device)
-        self.model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name, is_trainable=False)
+        with modeling.peft_wrap_warnings_off():
+            self.model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name, is_trainable=False)
         self.model = self.task.prepare_model(self.model).to(self.device).eval()
         # With the gathered kernel, adapters after the first go to a light store when they fit its layers.
         self.store = mixed.AdapterStore(self.model) if gathered else None
