@@ -241,7 +241,9 @@ def test_disk_full_while_publishing_keeps_the_index_and_earlier_versions(
 
     monkeypatch.setattr(registry_module.shutil, "copytree", copytree_then_full)
     line = _one_error_line(["publish", str(changed), "--name", "demo", "--registry", str(reg)], capsys)
-    assert "no space left on the device while publishing" in line and "earlier versions are intact" in line, line
+    assert "no space left on the device while publishing" in line and "earlier versions are intact" in line, (
+        line
+    )
     monkeypatch.undo()
     assert (reg / "index.sqlite").read_bytes() == index_before
     versions = Registry(reg).list("demo")
@@ -334,7 +336,9 @@ def test_sigterm_to_serve_finishes_the_requests_in_flight_then_exits(finished) -
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    assert len(results) == 8 and all(code == 200 and len(body["predictions"]) == 1 for code, body in results), results
+    assert len(results) == 8 and all(
+        code == 200 and len(body["predictions"]) == 1 for code, body in results
+    ), results
     assert exit_code == 0, proc.stderr.read()  # a clean stop, as supervisors expect
 
 
