@@ -206,7 +206,7 @@ def make_lm_config(folder: Path, model_dir: Path | str, data_path: Path, **secti
 
 # The longest test files, longest first: `make test` runs the files on two workers (pytest-xdist,
 # --dist loadfile), and starting with these lets both finish at about the same time.
-LONGEST_FIRST = ["test_real_model_llm.py", "test_distributed.py", "test_real_model.py", "test_resume.py", "test_pipeline.py", "test_export.py"]
+LONGEST_FIRST = ["test_real_model_llm.py", "test_distributed.py", "test_real_model.py", "test_resume.py", "test_reliability.py", "test_pipeline.py", "test_export.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
