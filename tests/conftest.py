@@ -294,6 +294,7 @@ LONGEST_FIRST = [
     "test_ui.py",
     "test_real_model.py",
     "test_resume.py",
+    "test_reliability.py",
     "test_pipeline.py",
     "test_export.py",
 ]

@@ -384,7 +384,100 @@ CASES = [
         "the version must be a positive number",
     ),
     Case("hub push in offline mode", lambda ws, w, run: _offline(ws, run), "offline mode is on"),
+    # issue 25: what a new user still tripped over
+    Case(
+        "truncated adapter weights",
+        lambda ws, w, run: _damage(ws, run, "adapter_model.safetensors", _cut),
+        "adapter_model.safetensors' is damaged (truncated:",
+    ),
+    Case(
+        "adapter without weights",
+        lambda ws, w, run: _damage(ws, run, "adapter_model.safetensors", Path.unlink),
+        "has no adapter_model.safetensors: the adapter is incomplete",
+    ),
+    Case(
+        "adapter config not JSON",
+        lambda ws, w, run: _damage(ws, run, "adapter_config.json", lambda p: p.write_text('{"r": 4,')),
+        "adapter_config.json' is not valid JSON",
+    ),
+    Case(
+        "adapter config with wrong keys",
+        lambda ws, w, run: _damage(ws, run, "adapter_config.json", _drop_keys("r", "target_modules")),
+        "adapter_config.json' lacks r, target_modules: it is not a PEFT LoRA config",
+    ),
+    Case(
+        "lorakit metadata with wrong keys",
+        lambda ws, w, run: _damage(ws, run, "lorakit.json", _drop_keys("task")),
+        "lorakit.json' lacks task; the adapter's lorakit metadata is damaged",
+    ),
+    Case(
+        "truncated base model weights",
+        lambda ws, w, run: ["check", _cfg(ws, w, model={"name_or_path": _damaged_base(ws, run, _cut)})],
+        "model.safetensors' is damaged (truncated:",
+    ),
+    Case(
+        "corrupted base model weights",
+        lambda ws, w, run: ["check", _cfg(ws, w, model={"name_or_path": _damaged_base(ws, run, _garble)})],
+        "model.safetensors' is damaged (not a safetensors file",
+    ),
+    Case(
+        "--resume with nothing to resume",
+        lambda ws, w, run: ["train", _cfg(ws, w), "--resume"],
+        "--resume: no run to resume in",
+    ),
+    Case(
+        "--resume before the first checkpoint",
+        lambda ws, w, run: _killed_early(ws, w),
+        "has no checkpoint yet",
+    ),
+    Case(
+        "rank not below a layer's width",
+        lambda ws, w, run: ["check", _cfg(ws, w, lora={"r": 32})],
+        "lora.r = 32 is not below the width of",
+    ),
 ]
+
+
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:64] = bytes((i * 37 + 11) % 256 for i in range(64))  # the header length becomes nonsense
+    path.write_bytes(bytes(data))
+
+
+def _drop_keys(*keys: str) -> Callable[[Path], None]:
+    def drop(path: Path) -> None:
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in data.items() if k not in keys}))
+
+    return drop
+
+
+def _damage(ws: Path, run: Path, name: str, how: Callable[[Path], object]) -> list[str]:
+    dest = _copy_run(run, ws)
+    how(dest / "adapter" / name)
+    return ["predict", str(dest), "text"]
+
+
+def _damaged_base(ws: Path, run: Path, how: Callable[[Path], None]) -> str:
+    src = Path(json.loads((run / "adapter" / "lorakit.json").read_text())["base_model"]["resolved"])
+    shutil.copytree(src, ws / "base")
+    how(ws / "base" / "model.safetensors")
+    return str(ws / "base")
+
+
+def _killed_early(ws: Path, write: Callable) -> list[str]:
+    """A run folder as a run killed before its first checkpoint leaves it: config and log only."""
+    config = write(ws)
+    run = ws / "run"
+    run.mkdir()
+    shutil.copy(config, run / "config.yaml")
+    (run / "train.log").write_text("")
+    return ["train", str(config), "--resume"]
 
 
 def _offline(ws: Path, run: Path) -> list[str]:

@@ -36,10 +36,9 @@ def _newest_step(run: Path) -> int:
 
 
 def _train_until_killed(config: Path, run: Path, *, after_step: int | None, delay: float | None) -> int:
-    """Start `lorakit train --resume`;
-    SIGKILL it once a checkpoint past `after_step` exists (or after `delay` s)."""
+    """Start `lorakit train --resume-or-start`; SIGKILL it once a checkpoint past `after_step` exists (or after `delay` s)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"],
+        [sys.executable, "-m", "lorakit", "train", str(config), "--resume-or-start", "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -106,8 +105,14 @@ def test_resume_refuses_a_changed_config_and_a_finished_run(write_config, tmp_pa
         lorakit.train(config, resume=True, progress=False)
 
 
-def test_resume_without_checkpoint_starts_fresh(write_config, tmp_path: Path) -> None:
-    result = lorakit.train(write_config(train={"epochs": 1}), resume=True, progress=False)
+def test_resume_without_checkpoint_is_refused_and_resume_or_start_starts_fresh(
+    write_config, tmp_path: Path
+) -> None:
+    config = write_config(train={"epochs": 1})
+    with pytest.raises(RunDirError, match="no run to resume in"):
+        lorakit.train(config, resume=True, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written
+    result = lorakit.train(config, resume="auto", progress=False)
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
 

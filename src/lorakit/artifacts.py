@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterError, RunDirError
+from lorakit.integrity import adapter_config_problem, safetensors_problem
 
 METADATA_FILE = "lorakit.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -165,9 +166,11 @@ def save_adapter(
     Returns:
         The adapter directory.
     """
+    from lorakit.diskspace import no_space_is_an_error
     from lorakit.modeling import mutated_base_warnings_off
 
-    with atomic_dir(target) as tmp:
+    kept = "nothing was replaced (a previous adapter there is intact); free some space and try again"
+    with no_space_is_an_error("the adapter", target, kept), atomic_dir(target) as tmp:
         with mutated_base_warnings_off():
             peft_model.save_pretrained(
                 str(tmp),
@@ -222,9 +225,9 @@ def find_adapter_dir(path: str | Path) -> Path:
                 )
             if not (candidate / METADATA_FILE).is_file():
                 raise AdapterError(
-                    f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so "
-                    "its task and labels are unknown"
+                    f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so its task and labels are unknown"
                 )
+            _check_adapter_files(candidate)
             return candidate
     raise AdapterError(
         f"'{p}' is neither an adapter directory nor a run directory with adapter/ inside; pass "
@@ -232,11 +235,46 @@ def find_adapter_dir(path: str | Path) -> Path:
     )
 
 
-def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
-    adapter_dir = find_adapter_dir(adapter_dir)
-    try:
-        return json.loads((adapter_dir / METADATA_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+def _check_adapter_files(adapter_dir: Path) -> None:
+    """Each way an adapter's PEFT files can be broken gets its own message (not a peft traceback)."""
+    problem = adapter_config_problem(adapter_dir / ADAPTER_CONFIG)
+    if problem:
         raise AdapterError(
-            f"'{adapter_dir / METADATA_FILE}' is not valid JSON ({exc}); the adapter directory is damaged"
-        ) from None
+            f"'{adapter_dir / ADAPTER_CONFIG}' {problem}; the adapter folder is damaged: copy it again from where it came from, or retrain"
+        )
+    problem = safetensors_problem(adapter_dir / ADAPTER_WEIGHTS)
+    if problem:
+        raise AdapterError(
+            f"'{adapter_dir / ADAPTER_WEIGHTS}' is damaged ({problem}): an interrupted copy or a full disk? copy the adapter again, or retrain"
+        )
+
+
+METADATA_KEYS = ("task", "base_model")  # what every later stage reads from lorakit.json
+
+
+def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter's ``lorakit.json`` (task, labels, base model, config, metrics).
+
+    Args:
+        adapter_dir: An adapter directory or a run directory holding ``adapter/``.
+
+    Returns:
+        The metadata.
+
+    Raises:
+        AdapterError: The folder is not a complete adapter, or its metadata is unreadable or lacks keys.
+    """
+    adapter_dir = find_adapter_dir(adapter_dir)
+    path = adapter_dir / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"'{path}' is not valid JSON ({exc}); the adapter directory is damaged") from None
+    missing = [k for k in METADATA_KEYS if k not in meta] if isinstance(meta, dict) else list(METADATA_KEYS)
+    if not missing and not (isinstance(meta["base_model"], dict) and meta["base_model"].get("name_or_path")):
+        missing = ["base_model.name_or_path"]
+    if missing:
+        raise AdapterError(
+            f"'{path}' lacks {', '.join(missing)}; the adapter's lorakit metadata is damaged (edited by hand?): copy the adapter again, or retrain"
+        )
+    return meta

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorakit.diskspace import no_space_is_an_error
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
 
@@ -50,8 +52,14 @@ def save(run: Path, step: int, state: dict[str, Any], *, keep: int = 1) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    torch.save(state, tmp / STATE_FILE)
+    kept = "the previous checkpoint is kept: free some space and continue with `lorakit train --resume`"
+    with no_space_is_an_error("a checkpoint", final, kept):
+        try:
+            tmp.mkdir()
+            torch.save(state, tmp / STATE_FILE)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            raise
     if final.exists():  # the same step saved twice (e.g. after an evaluation): replace it
         shutil.rmtree(final)
     tmp.rename(final)

@@ -119,7 +119,18 @@ def train(
         bool, typer.Option("--overwrite", help="Replace an existing run directory.")
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted run from its newest checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run from its newest checkpoint (an error when there is none).",
+        ),
+    ] = False,
+    resume_or_start: Annotated[
+        bool,
+        typer.Option(
+            "--resume-or-start",
+            help="Continue from the newest checkpoint if there is one, else start (for restart loops).",
+        ),
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
@@ -127,12 +138,13 @@ def train(
     from lorakit.training import train as run_train
 
     _setup_logging()
-    if resume and overwrite:
+    if (resume or resume_or_start) and overwrite:
         raise LorakitError(
-            "--resume and --overwrite exclude each other: resume continues a run, overwrite starts it again"
+            f"{'--resume' if resume else '--resume-or-start'} and --overwrite exclude each other: resume continues a run, overwrite starts it again"
         )
+    mode = "auto" if resume_or_start else resume
     result = run_train(
-        config, overrides=set_ or [], overwrite=overwrite or None, resume=resume, progress=not no_progress
+        config, overrides=set_ or [], overwrite=overwrite or None, resume=mode, progress=not no_progress
     )
     if not result.main:  # a data-parallel run: rank 0 reports
         return
@@ -669,6 +681,7 @@ def serve(
         f"http://{host}:{port} (docs: /docs)",
         err=True,
     )
+    _stop_cleanly_on_sigterm()
     uvicorn.run(
         create_app(engine, admin_token=admin_token, request_timeout=timeout),
         host=host,
@@ -732,6 +745,21 @@ def ui(
     )
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM ends `serve` with exit code 0 once uvicorn has answered the requests in flight.
+
+    uvicorn catches SIGTERM, stops accepting connections, finishes the open requests, then raises the
+    signal again for the handler that was there before it: with Python's default, the process dies of
+    it (exit -15). This handler turns that second delivery into a normal end.
+    """
+    import signal
+
+    def _exit(*_: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
@@ -739,6 +767,16 @@ def main(argv: list[str] | None = None) -> None:
     except LorakitError as exc:
         typer.echo("error: " + " ".join(str(exc).split()), err=True)  # always one line
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a full disk anywhere else (logs, caches): still one line
+        from lorakit.diskspace import is_no_space
+
+        if not is_no_space(exc):
+            raise
+        typer.echo(
+            f"error: no space left on the device ({exc.filename or 'while writing'}); finished artifacts are intact: free some space and run again",
+            err=True,
+        )
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing half-written was left in place", err=True)
         sys.exit(130)

@@ -74,6 +74,10 @@ def read_source(
         if Path(f).stat().st_size == 0:
             raise DataError(f"{key}: file '{f}' is empty; it needs a header row and at least one example")
     kwargs: dict[str, Any] = {"delimiter": "\t"} if Path(files[0]).suffix.lower() == ".tsv" else {}
+    quiet = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(
+        datasets.logging.CRITICAL
+    )  # its builders log "Failed to read file" before raising; reported below
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for malformed files
@@ -85,6 +89,8 @@ def read_source(
             ) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{key}: could not read '{location}' as {builder}: {reason[:300]}") from None
+    finally:
+        datasets.logging.set_verbosity(quiet)
     if len(ds) == 0:
         raise DataError(f"{key}: '{location}' holds no rows; add examples below the header")
     return ds

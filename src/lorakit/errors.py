@@ -41,3 +41,7 @@ class AdapterError(LorakitError):
 
 class RunDirError(LorakitError):
     """The output/run directory cannot be used (exists without --overwrite, not writable, ...)."""
+
+
+class DiskFullError(LorakitError):
+    """The disk (or quota) filled up while an artifact was written; what was there before is intact."""

@@ -24,6 +24,7 @@ import torch
 
 from lorakit.artifacts import atomic_dir, now_iso
 from lorakit.build import LoadedAdapter, load_adapter
+from lorakit.diskspace import no_space_is_an_error
 from lorakit.errors import LorakitError
 
 #: Largest |unmerged - merged| logit difference accepted for fp32 models.
@@ -213,7 +214,12 @@ def export(
     merged = loaded.model.merge_and_unload()
     merged.eval()
 
-    with atomic_dir(out) as tmp:
+    with (
+        no_space_is_an_error(
+            "the merged model", out, f"'{out}' was left as it was; free some space and export again"
+        ),
+        atomic_dir(out) as tmp,
+    ):
         task.save_merged(merged, tmp, loaded)
         # Check what a user gets: the saved folder, reloaded by plain transformers (or the zoo loader).
         reloaded = task.load_merged(tmp, loaded)

@@ -37,21 +37,42 @@ class LabelSpace:
 
     @classmethod
     def infer(
-        cls, values: Iterable[Any], names: Sequence[str] | None = None, *, key: str = "data.train"
+        cls,
+        values: Iterable[Any],
+        names: Sequence[str] | None = None,
+        *,
+        key: str = "data.train",
+        notes: list[str] | None = None,
     ) -> LabelSpace:
         """Build the label space from the training labels.
 
         Integer labels 0..K-1 keep their ids (named by ``names`` when given); string labels are
-        sorted so that the mapping does not depend on row order.
+        sorted so that the mapping does not depend on row order. Surrounding whitespace is not part
+        of a label (``" positive"`` is ``"positive"``).
+
+        Args:
+            values: The training rows' labels.
+            names: ``data.label_names``, the names of integer ids.
+            key: The config key the labels came from, for messages.
+            notes: Receives warnings for the user: whitespace stripped, labels that differ only by case.
+
+        Returns:
+            The label space.
 
         Raises:
             DataError: Missing labels, fewer than two classes, or ``names`` that do not fit the ids.
         """
         seen = set()
+        padded: set[str] = set()
         for v in values:
             if v is None or (isinstance(v, str) and not v.strip()):
                 raise DataError(f"{key}: some rows have no label; fill them in or remove those rows")
+            if isinstance(v, str) and v != v.strip():
+                padded.add(v)
+                v = v.strip()
             seen.add(v)
+        if notes is not None:
+            notes.extend(label_notes(padded, seen, key=key))
         if len(seen) < 2:
             only = next(iter(seen)) if seen else None
             raise DataError(
@@ -71,6 +92,7 @@ class LabelSpace:
                 return cls(tuple(str(n) for n in names))
             return cls(tuple(str(i) for i in range(k)))
         if names is not None:
+            names = [n.strip() if isinstance(n, str) else n for n in names]
             missing = sorted(str(v) for v in seen if str(v) not in names)
             if missing:
                 raise DataError(
@@ -80,10 +102,10 @@ class LabelSpace:
         return cls(tuple(sorted(str(v) for v in seen)))
 
     def encode(self, value: Any) -> int:
-        """The id of one raw label value (an int id or a name)."""
+        """The id of one raw label value (an int id or a name; surrounding whitespace is ignored)."""
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.num_labels:
             return value
-        return self.label2id[str(value)]
+        return self.label2id[str(value).strip()]
 
     def unknown(self, values: Iterable[Any]) -> list[str]:
         """Raw values that are not in this label space (sorted, as strings)."""
@@ -94,3 +116,33 @@ class LabelSpace:
             except KeyError:
                 bad.add(str(v))
         return sorted(bad)
+
+
+def label_notes(padded: set[str], labels: set[Any], *, key: str) -> list[str]:
+    """Warnings about label spellings: whitespace that was stripped, names that differ only by case.
+
+    Args:
+        padded: The raw labels that had surrounding whitespace.
+        labels: The labels after stripping.
+        key: The config key the labels came from.
+
+    Returns:
+        One line per kind of problem found (none when the labels are clean).
+    """
+    out = []
+    if padded:
+        shown = ", ".join(repr(v) for v in sorted(padded)[:3])
+        out.append(
+            f"{key}: {len(padded)} label spelling(s) had surrounding whitespace ({shown}); it was stripped, so each is one class with its stripped name"
+        )
+    by_case: dict[str, list[str]] = {}
+    for v in labels:
+        if isinstance(v, str):
+            by_case.setdefault(v.casefold(), []).append(v)
+    clashes = [sorted(group) for group in by_case.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(repr(v) for v in group) for group in sorted(clashes)[:3])
+        out.append(
+            f"{key}: labels {shown} differ only by case and are trained as separate classes; if they mean the same, make them one spelling in the data"
+        )
+    return out

@@ -100,15 +100,31 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     if p.exists():
         if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
             raise ModelError(
-                f"model.name_or_path: folder '{path}' has no config.json; "
-                "point to a Hugging Face model folder"
+                f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face model folder"
             )
+        check_weight_files(p)
         return str(p.resolve())
     if path.startswith((".", "/", "~")):
         raise ModelError(
             f"model.name_or_path: folder '{path}' does not exist; check the path or give a Hub id"
         )
     return path
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a model folder whose safetensors files are cut short or are not safetensors at all.
+
+    Raises:
+        ModelError: A weights file is damaged; the message names it and what was found.
+    """
+    from lorakit.integrity import safetensors_problem
+
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        problem = safetensors_problem(f)
+        if problem:
+            raise ModelError(
+                f"model.name_or_path: '{f}' is damaged ({problem}): an interrupted download or copy? fetch the model again"
+            )
 
 
 def reject_zoo(model_path: str) -> None:
@@ -301,6 +317,15 @@ def _freeze_in_eval_mode(module: nn.Module, _args: Any) -> None:
 
 
 @contextlib.contextmanager
+def peft_wrap_warnings_off() -> Iterator[None]:
+    """Silence transformers' FutureWarning that ``is_gradient_checkpointing`` is deprecated: peft reads
+    that attribute whenever it wraps a model (peft 0.21 with transformers 5.24); no user can act on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
 def mutated_base_warnings_off() -> Iterator[None]:
     """Silence peft's warning that PiSSA / OLoRA change the base weights (when it wraps the model and when
     the saved adapter's conversion loads the initial one): lorakit saves such adapters converted to plain
@@ -372,12 +397,46 @@ def apply_lora(
         layers_pattern=pattern,
     )
     try:
-        with mutated_base_warnings_off():
-            return get_peft_model(model, config)
+        with mutated_base_warnings_off(), peft_wrap_warnings_off():
+            wrapped = get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
         raise ModelError(
             f"lora: peft could not apply this configuration: {str(exc).splitlines()[0][:300]}"
         ) from None
+    check_rank(wrapped, settings.r)
+    return wrapped
+
+
+def check_rank(model: nn.Module, r: int) -> None:
+    """Refuse a LoRA rank that is not below the width of every layer it adapts.
+
+    A rank-r update of a layer with ``n = min(in, out)`` is full rank once r >= n: the "adapter" is
+    then a dense fine-tune with more parameters than the layer. The rank that still saves parameters
+    is below ``in * out / (in + out)`` (n / 2 for a square layer); the message proposes that.
+
+    Args:
+        model: The peft-wrapped model (its LoRA layers know their ``in_features`` / ``out_features``).
+        r: ``lora.r``.
+
+    Raises:
+        ModelError: A target layer is no wider than ``r``; the message names it and a rank that fits.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    widths = [
+        (name, m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, LoraLayer)
+    ]
+    if not widths:
+        return
+    name, n_in, n_out = min(widths, key=lambda w: min(w[1], w[2]))
+    if r < min(n_in, n_out):
+        return
+    smallest_saving = min((i * o - 1) // (i + o) for _, i, o in widths)  # r * (in + out) < in * out
+    raise ModelError(
+        f"lora.r = {r} is not below the width of '{name.removeprefix('base_model.model.')}' ({n_in} in, {n_out} out): "
+        f"the update would be full rank with more parameters than the layer; use lora.r <= {max(1, smallest_saving)}, "
+        "the largest rank whose two LoRA matrices are smaller than every layer they adapt"
+    )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

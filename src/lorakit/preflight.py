@@ -60,13 +60,18 @@ class Plan:
             + (" rsLoRA" if c.lora.use_rslora else "")
             + (" DoRA" if c.lora.use_dora else ""),
             f"  targets   {self.target_modules}",
-            f"  trained   {self.modules_to_save} (fully, saved with the adapter)",
-            f"  params    {self.trainable:,} trainable / {self.total:,} total "
-            f"({100 * self.trainable / max(1, self.total):.2f}%)",
-            f"train       {self.steps:,} optimizer steps at lr {c.train.learning_rate:g} on "
-            f"{self.device} in {self.precision}; output to {c.output.dir}",
+            f"  trained   {some(self.modules_to_save)} (fully, saved with the adapter)",
+            f"  params    {self.trainable:,} trainable / {self.total:,} total ({100 * self.trainable / max(1, self.total):.2f}%)",
+            f"train       {self.steps:,} optimizer steps at lr {c.train.learning_rate:g} on {self.device} in {self.precision}; output to {c.output.dir}",
         ]
         return out
+
+
+def some(names: list[str], shown: int = 4) -> str:
+    """A list of names for one line: all of them when few, else the count and the first ``shown``."""
+    if len(names) <= shown + 1:
+        return ", ".join(names) if names else "nothing"
+    return f"{len(names)} modules: {', '.join(names[:shown])}, …"
 
 
 def check(config: RunConfig | str | Path, *, overrides: list[str] | None = None) -> Plan:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.artifacts import atomic_dir, find_adapter_dir, now_iso, read_metadata
-from lorakit.errors import LorakitError
+from lorakit.diskspace import is_no_space
+from lorakit.errors import DiskFullError, LorakitError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SCHEMA = """
@@ -325,10 +326,16 @@ class Registry:
                     "SELECT * FROM versions WHERE name=? AND version=?", (name, version)
                 ).fetchone()
                 return self._row_to_version(con, row), True
-            except OSError as exc:
+            except (OSError, sqlite3.OperationalError) as exc:
+                if is_no_space(exc):
+                    raise DiskFullError(
+                        f"no space left on the device while publishing '{src}' to the registry at '{self.root}'; "
+                        "its index and earlier versions are intact: free some space and publish again"
+                    ) from None
+                if not isinstance(exc, OSError):
+                    raise
                 raise RegistryError(
-                    f"cannot store '{src}' in the registry at '{self.root}' ({exc.strerror or exc}); "
-                    "pass a writable --registry folder"
+                    f"cannot store '{src}' in the registry at '{self.root}' ({exc.strerror or exc}); pass a writable --registry folder"
                 ) from None
             finally:
                 _remove(staging)

@@ -322,7 +322,9 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
     its reference, and how truncation treated the example (``cut``: 0 whole, 1 prompt cut, 2 answer
     cut, 3 answer lost)."""
     if messages[0]["role"] == "text":
-        ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+        ids = tokenizer(messages[0]["content"], add_special_tokens=True, verbose=False)[
+            "input_ids"
+        ]  # cut below, on purpose
         if tokenizer.eos_token_id is not None:
             ids = [*ids, tokenizer.eos_token_id]
         cut = 2 if len(ids) > max_length else 0
@@ -341,7 +343,9 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_length: i
                 "follow; answer spans cannot be located (use chat_template: chatml)"
             )
         spans.append((start, end))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+    )  # cut below, on purpose
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [
         tid if any(s <= a < e for s, e in spans) and b > a else IGNORE

@@ -188,7 +188,7 @@ class ImageClassification(ClassificationTask):
                 notes=notes,
             )
             if "space" not in space_box:  # the first source read is train: it defines the label space
-                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key)
+                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key, notes=notes)
             return self.encode_labels(ds, d, space_box["space"], key=key)
 
         raw = build_splits(d, columns=self.columns(d), encode=encode, stratify="labels")

@@ -81,7 +81,9 @@ def encode_texts(
     max_len = data_cfg.max_length
     mode = data_cfg.truncation or ("head" if pairs else "head_tail")
     if mode == "head_tail":
-        enc = dict(tokenizer(texts, truncation=False))
+        enc = dict(
+            tokenizer(texts, truncation=False, verbose=False)
+        )  # cut by head_tail; no "longer than the maximum" warning
         return {key: [head_tail(r, max_len) for r in rows] for key, rows in enc.items()}
     tokenizer.truncation_side = "left" if mode == "tail" else "right"
     return dict(tokenizer(texts, pairs, truncation=True, max_length=max_len))
@@ -131,11 +133,12 @@ class TextClassification(ClassificationTask):
         d = cfg.data
         columns = self.columns(d)
         space_box: dict[str, LabelSpace] = {}
+        notes: list[str] = []
 
         def encode(ds: Dataset, key: str) -> Dataset:
             if "space" not in space_box:  # the first source read is train: it defines the label space
                 self.check_rows(ds, d, key=key)
-                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key)
+                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key, notes=notes)
             return self.encode_labels(ds, d, space_box["space"], key=key)
 
         raw = build_splits(d, columns=columns, encode=encode, stratify="labels")
@@ -148,6 +151,7 @@ class TextClassification(ClassificationTask):
             "columns": raw["train"].column_names,
         }
         stats["label_counts"] = self.label_counts(raw, space)
+        stats["warnings"] = notes
         lengths = np.asarray(splits["train"]["length"])
         stats["train_tokens"] = {
             "mean": float(lengths.mean()),

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from lorakit import artifacts, checkpoint, distributed, modeling
+from lorakit import artifacts, checkpoint, distributed, modeling, rundir
 from lorakit.batching import autocast, take, to_device, train_batches
 from lorakit.build import build_model, open_base, resolve_config
 from lorakit.card import model_card
@@ -71,7 +71,7 @@ def train(
     *,
     overrides: list[str] | None = None,
     overwrite: bool | None = None,
-    resume: bool = False,
+    resume: rundir.Resume = False,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
@@ -83,7 +83,7 @@ def train(
         overwrite: Replace an existing run directory (defaults to ``output.overwrite``).
         resume: Continue from the newest checkpoint in the run directory (weights, optimizer,
             schedule, RNG and data position), giving the same result as an uninterrupted run.
-            Without a checkpoint the run starts from the beginning.
+            Without a checkpoint it is an error; ``"auto"`` starts from the beginning instead.
         progress: Show progress bars.
         callbacks: Subscribers to the training events (trackers, a web page, ...).
 
@@ -144,7 +144,7 @@ class Recipe:
         *,
         t0: float,
         overwrite: bool | None = None,
-        resume: bool = False,
+        resume: rundir.Resume = False,
         progress: bool = True,
         callbacks: Sequence[Callback] = (),
         stop_request: StopRequest | None = None,
@@ -159,6 +159,7 @@ class Recipe:
         self.eval_seconds = 0.0  # seconds this process spent evaluating
         self.clock_offset = 0.0  # training seconds before a resume
         self.initial: tempfile.TemporaryDirectory | None = None
+        self.lock: rundir.RunLock | None = None
         self.log_file: logging.FileHandler | None = None
 
     # ============================================================================================
@@ -219,7 +220,8 @@ class Recipe:
 
     def _setup_run_dir(self) -> None:
         run = Path(self.cfg.output.dir)
-        self.saved = checkpoint.load_latest(run) if self.resume else None
+        self.saved = rundir.resume_state(run, self.resume)
+        self.lock = rundir.RunLock(run)  # one `lorakit train` at a time per run directory (rank 0 holds it)
         distributed.barrier(
             self.world
         )  # every rank has read the checkpoint before rank 0 may clear the folder
@@ -235,6 +237,7 @@ class Recipe:
     def _prepare_run_dir(self) -> Path:
         run, cfg, world = Path(self.cfg.output.dir), self.cfg, self.world
         if self.saved is not None:
+            self.lock.acquire()
             _check_resumable(run, cfg)
             ranks = len(TrainState.from_checkpoint(self.saved).rng_ranks)
             if ranks != world.size:
@@ -243,14 +246,12 @@ class Recipe:
                     "resume with the same number of processes (the batches depend on it)"
                 )
             return run
-        if self.resume and (run / "metrics.json").is_file():
-            raise RunDirError(
-                f"--resume: the run in '{run}' already finished; nothing to resume "
-                "(use --overwrite to train again)"
-            )
-        # A fresh start; with --resume and no checkpoint yet, whatever a killed run left is replaced.
-        overwrite = self.resume or (self.overwrite if self.overwrite is not None else cfg.output.overwrite)
+        # A fresh start; with --resume-or-start and no checkpoint yet, whatever a killed run left is replaced.
+        overwrite = bool(self.resume) or (
+            self.overwrite if self.overwrite is not None else cfg.output.overwrite
+        )
         fresh = artifacts.prepare_run_dir(run, overwrite=overwrite)
+        self.lock.acquire()
         artifacts.clear_run_dir(fresh)
         artifacts.write_text_atomic(
             fresh / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False)
@@ -612,10 +613,6 @@ class Recipe:
             "data_sizes": self.sizes,
             "parameters": {"trainable": self.trainable, "total": self.total},
         }
-        artifacts.write_json_atomic(self.run_dir / "metrics.json", final)
-        artifacts.write_text_atomic(
-            self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in s.history)
-        )
         # The final adapter: the best weights, with the validation metrics of that step and the test metrics.
         meta = self.metadata() | {"trained": s.best_at}
         meta["metrics"] = {"validation": scalars(s.best_eval)} | (
@@ -632,6 +629,11 @@ class Recipe:
         )
         if cfg.output.report:
             self.write_report(meta, test_metrics, base_metrics)
+        # metrics.json last: it marks the run finished, so a failed write above (a full disk) can be resumed.
+        artifacts.write_text_atomic(
+            self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in s.history)
+        )
+        artifacts.write_json_atomic(self.run_dir / "metrics.json", final)
         checkpoint.remove_all(self.run_dir)  # the run is complete; its adapter and metrics are in place
         self.events.on_end(self.run_dir, final)
         return self.result(test_metrics, seconds=elapsed)
@@ -731,6 +733,8 @@ class Recipe:
     # ============================================================================================
     def cleanup(self) -> None:
         """Release what setup opened, whether the run finished or not."""
+        if self.lock is not None:
+            self.lock.release()
         if self.initial is not None:
             self.initial.cleanup()
         self.events.close()
