@@ -169,9 +169,10 @@ def load_adapter(
                 f"(hash {found[:19]}… vs {expected[:19]}…); use the original base model"
             )
     try:
-        model = PeftModel.from_pretrained(
-            model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False
-        )
+        with modeling.peft_wrap_warnings_off():
+            model = PeftModel.from_pretrained(
+                model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False
+            )
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterError(
