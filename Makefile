@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: vllm-env setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui
+.PHONY: vllm-env setup system demo demo-images demo-chat demo-dpo bench-dpo test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -41,13 +41,18 @@ demo-chat: setup
 	$(BIN)/lorakit train configs/rt-smollm2-chat.yaml --overwrite
 	$(BIN)/lorakit generate runs/rt-smollm2-chat "A gorgeous, heartfelt film." "Ninety minutes of tedium." --max-new-tokens 8
 
+# Preference tuning (DPO): SmolLM2-135M-Instruct learns to continue IMDB review openings positively,
+# judged by a MiniLM sentiment adapter (the DPO paper's sentiment experiment, small; scripts/dpo_demo.py).
+demo-dpo: setup
+	$(BIN)/python scripts/dpo_demo.py
+
 # Everything, slow end-to-end tests on the real packaged model and data included (what CI runs; the
 # vLLM test needs vLLM's own environment): lint first (ruff check and ruff format --check, line length
 # 110), then pytest with two workers, a test file each at a time (module fixtures are built once);
 # `pytest` alone runs serially.
 test: setup vllm-env
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/pytest -n 2 --dist loadfile
 
 # Local loop: skip the slow end-to-end tests.
@@ -60,6 +65,10 @@ bench-train-speed: setup
 
 bench-serve: setup
 	mkdir -p bench/out && $(BIN)/python bench/serve.py --json bench/out/serve.json
+
+bench-dpo: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench-dpo]'
+	mkdir -p bench/out && $(BIN)/python bench/dpo_vs_trl.py --out bench/out/dpo_vs_trl.json
 
 bench-quality: setup
 	mkdir -p bench/out && $(BIN)/python bench/quality.py --out bench/out/quality.json
@@ -81,12 +90,12 @@ $(VLLM_VENV)/.installed:
 vllm-env: $(VLLM_VENV)/.installed
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 format: setup
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -175,6 +175,8 @@ def save_adapter(
             peft_model.save_pretrained(
                 str(tmp),
                 safe_serialization=True,
+                # the trained adapter only (a task may hold others, e.g. a frozen reference adapter)
+                selected_adapters=["default"],
                 path_initial_model_for_weight_conversion=str(initial) if initial else None,
                 **({"state_dict": state_dict} if state_dict is not None else {}),
             )

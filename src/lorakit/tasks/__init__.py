@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "text-classification": "lorakit.tasks.text_classification:TextClassification",
     "image-classification": "lorakit.tasks.image_classification:ImageClassification",
     "causal-lm": "lorakit.tasks.causal_lm:CausalLM",
+    "preference": "lorakit.tasks.preference:Preference",
 }
 
 

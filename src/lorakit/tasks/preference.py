@@ -1,0 +1,580 @@
+"""Preference tuning of causal-LM adapters: DPO, IPO and SimPO on (prompt, chosen, rejected) rows.
+
+Each row is a prompt with two answers, the chosen one preferred. With the policy pi (base + the
+adapter being trained), the reference pi_ref (the same base with the adapter switched off, or a
+frozen starting adapter) and log-probabilities summed over the answer tokens, log pi(y|x):
+
+    h(y)  = log pi(y|x) - log pi_ref(y|x)              the implicit reward is beta * h(y)
+    dpo   = -log sigmoid(beta * (h(y_w) - h(y_l)))      Rafailov et al. 2023, eq. 7
+    ipo   = (h'(y_w) - h'(y_l) - 1 / (2 beta))^2         Azar et al. 2023, eq. 17; h' averages per token (as TRL)
+    simpo = -log sigmoid(beta * (a(y_w) - a(y_l)) - gamma)   Meng et al. 2024; a = log pi / |y|, no reference
+
+Shapes: a batch of B pairs is one model batch of 2B rows, the B chosen answers first, then the B
+rejected ones, each row prompt + answer with labels on the answer tokens only (so one forward pass
+gives both sides). The reference is the same weights: one more forward pass under ``no_grad`` with
+the adapter switched off (peft ``disable_adapter``) -- no second copy of the base in memory. When
+training starts from an instruction-tuned adapter (``train.reference_adapter``), peft holds it twice:
+frozen as adapter ``reference`` and as the trainable ``default`` that starts from its weights (as
+TRL's ``ref_adapter_name``).
+
+Rows, chat rendering, answer masking, truncation, collation, generation and model loading are the
+causal-LM task's (:class:`~lorakit.tasks.causal_lm.CausalLM`); this file adds pairs, the losses and
+their metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from pydantic import Field
+
+from lorakit import distributed
+from lorakit.config import DataConfig, RunConfig, TrainConfig
+from lorakit.data import build_splits
+from lorakit.errors import AdapterError, DataError
+from lorakit.tasks.base import PreparedData
+from lorakit.tasks.causal_lm import IGNORE, CausalLM, CausalLMData, CausalLMTrain, encode_example, to_messages
+
+log = logging.getLogger("lorakit")
+REFERENCE = "reference"  # peft adapter name of a frozen starting adapter
+
+
+class PreferenceDataConfig(CausalLMData):
+    """Preference pairs: a prompt and two answers, the chosen one preferred."""
+
+    prompt_column: str = Field(
+        "prompt",
+        description="preference: column with the prompt: a string (one user message) or a list of chat messages. May be absent when chosen / rejected are whole conversations: the prompt is then the messages before their last answer.",
+    )
+    chosen_column: str = Field(
+        "chosen",
+        description="preference: column with the preferred answer: a string, or chat messages ending with the assistant's answer.",
+    )
+    rejected_column: str = Field(
+        "rejected", description="preference: column with the other answer, in the shape of the chosen one."
+    )
+
+
+class PreferenceTrainConfig(CausalLMTrain):
+    """Optimisation plus the preference loss."""
+
+    loss: Literal["dpo", "ipo", "simpo"] = Field(
+        "dpo",
+        description="preference: `dpo` (sigmoid), `ipo` (squared, per-token log-ratios) or `simpo` (reference-free, length-normalised, margin `simpo_gamma`).",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="preference: strength of the pull toward the reference (DPO / IPO: the KL weight; SimPO: the reward scale, 2-2.5 in the paper).",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="preference, simpo: the target reward margin.")
+    reference_adapter: str | None = Field(
+        None,
+        description="preference: a lorakit causal-LM adapter (folder or run folder) to start from: it is the frozen reference and the trained adapter starts from its weights (and its LoRA settings); unset = a new adapter on the bare base, which is the reference.",
+    )
+    generation_samples: int = Field(
+        16,
+        ge=0,
+        description="preference: validation / test prompts answered at each evaluation (sampled at temperature 1 for the KL estimate; the first 8 also greedily, by policy and reference, for the report).",
+    )
+
+
+# ---- rows -> pairs ------------------------------------------------------------------------------
+
+
+def _conversation(value: Any, d: DataConfig, role: str) -> list[Any]:
+    """A column's value as a list of raw messages: a string is one message of ``role``."""
+    if isinstance(value, list):
+        return list(value)
+    rk, ck = d.message_keys.get("role", "role"), d.message_keys.get("content", "content")
+    return [{rk: role, ck: "" if value is None else str(value)}]
+
+
+def pair_messages(
+    row: dict[str, Any], d: PreferenceDataConfig, *, has_prompt: bool, key: str, index: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The chosen and the rejected conversation of a row (system / user / assistant messages, the
+    answer last), through the causal-LM task's message reading (keys, role names, system prompt).
+
+    Raises:
+        DataError: Malformed messages, or chosen and rejected that continue different prompts.
+    """
+    prompt = _conversation(row[d.prompt_column], d, "user") if has_prompt else []
+    ck = d.message_keys.get("content", "content")
+    sides = []
+    for col in (d.chosen_column, d.rejected_column):
+        answer = _conversation(row[col], d, "assistant")
+        last = answer[-1] if answer else None
+        if not isinstance(last, dict) or not str(last.get(ck) or "").strip():
+            sides.append([])  # an empty side: the caller counts and skips the row
+            continue
+        sides.append(to_messages({d.messages_column: prompt + answer}, d, "chat", key=key, index=index))
+    chosen, rejected = sides
+    if chosen and rejected and chosen[:-1] != rejected[:-1]:
+        raise DataError(
+            f"{key}: row {index}: '{d.chosen_column}' and '{d.rejected_column}' continue different prompts; give both the same messages before their answers, or put the prompt in '{d.prompt_column}'"
+        )
+    return chosen, rejected
+
+
+def _last_answer_only(labels: list[int]) -> list[int]:
+    """Labels of the final answer alone (earlier assistant turns of a multi-turn prompt are context)."""
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE:
+        start -= 1
+    return [IGNORE] * start + labels[start:]
+
+
+def encode_pair(
+    tokenizer: Any, chosen: list[dict[str, str]], rejected: list[dict[str, str]], max_length: int
+) -> dict[str, Any] | None:
+    """Token ids and answer-only labels of both sides; ``cut`` as :func:`encode_example` (the worse side).
+    None when a side lost its whole answer to truncation."""
+    c, r = encode_example(tokenizer, chosen, max_length), encode_example(tokenizer, rejected, max_length)
+    cut = max(c["cut"], r["cut"])
+    if cut == 3:
+        return None
+    return {
+        "chosen_input_ids": c["input_ids"],
+        "chosen_labels": _last_answer_only(c["labels"]),
+        "rejected_input_ids": r["input_ids"],
+        "rejected_labels": _last_answer_only(r["labels"]),
+        "prompt_ids": c["prompt_ids"],
+        "reference": c["reference"],
+        "length": max(len(c["input_ids"]), len(r["input_ids"])),
+        "cut": cut,
+    }
+
+
+# ---- log-probabilities and losses ---------------------------------------------------------------
+
+
+def answer_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [2B, W, V], their target tokens [2B, W]) over the window of positions that predict an
+    answer token in some row: the model's head runs on that window only (``logits_to_keep``), not on
+    the prompts -- on SmolLM2 the vocabulary projection is a fifth of the weights, and the logits the
+    largest tensors of a step."""
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    cols = (targets != IGNORE).any(0).nonzero().squeeze(-1)
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+    keep = torch.arange(lo, hi, device=targets.device)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    ).logits
+    return logits, targets[:, lo:hi]
+
+
+def answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's answer tokens [2B], answer token counts [2B])."""
+    logits, targets = answer_logits(model, batch)
+    nll = F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+    )  # [2B, W], 0 off the answers
+    return -nll.sum(-1), (targets != IGNORE).sum(-1)
+
+
+def pair_losses(
+    kind: str,
+    beta: float,
+    gamma: float,
+    policy: torch.Tensor,
+    reference: torch.Tensor | None,
+    tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses [B] and the implicit rewards of the chosen and rejected answers [B] each.
+
+    Args:
+        kind: ``dpo``, ``ipo`` or ``simpo``.
+        beta: The loss's beta; ``gamma``: SimPO's margin.
+        policy: Summed answer log-probabilities of the policy, [2B] (chosen first).
+        reference: The same under the reference (unused by SimPO).
+        tokens: Answer token counts [2B].
+    """
+    b = policy.shape[0] // 2
+    if kind == "simpo":
+        rewards = beta * policy / tokens
+        logits = rewards[:b] - rewards[b:] - gamma
+        return -F.logsigmoid(logits), rewards[:b].detach(), rewards[b:].detach()
+    assert reference is not None
+    ratio = policy - reference
+    if kind == "ipo":
+        ratio = ratio / tokens
+    h = ratio[:b] - ratio[b:]
+    losses = -F.logsigmoid(beta * h) if kind == "dpo" else (h - 1 / (2 * beta)) ** 2
+    rewards = beta * ratio.detach()
+    return losses, rewards[:b], rewards[b:]
+
+
+@contextlib.contextmanager
+def as_reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The reference model: the frozen starting adapter when there is one, else the bare base.
+    Yields the peft model to call (unwrapped from DDP: the reference pass has no backward)."""
+    peft_model = getattr(model, "module", model)
+    if REFERENCE not in getattr(peft_model, "peft_config", {}):
+        with peft_model.disable_adapter():
+            yield peft_model
+        return
+    active = peft_model.active_adapter
+    trainable = any(p.requires_grad for n, p in peft_model.named_parameters() if f".{active}." in n)
+    peft_model.set_adapter(REFERENCE, inference_mode=True)
+    try:
+        yield peft_model
+    finally:
+        peft_model.set_adapter(
+            active, inference_mode=not trainable
+        )  # peft's set_adapter also sets requires_grad
+
+
+class Preference(CausalLM):
+    """Preference pairs -> a causal-LM adapter (DPO, IPO, SimPO)."""
+
+    name = "preference"
+    default_metric = "loss"
+    data_config: ClassVar[type[DataConfig]] = PreferenceDataConfig
+    train_config: ClassVar[type[TrainConfig]] = PreferenceTrainConfig
+
+    def __init__(self) -> None:
+        self.train_cfg: PreferenceTrainConfig | None = (
+            None  # set by prepare / apply_adapter: the losses' settings
+        )
+
+    # ---- data -----------------------------------------------------------------------------------
+    def columns(self, data_cfg: DataConfig) -> list[str]:
+        return [data_cfg.chosen_column, data_cfg.rejected_column]
+
+    def prepare(self, cfg: RunConfig, processor: Any) -> PreparedData:
+        self.train_cfg = cfg.train
+        d = cfg.data
+        raw = build_splits(d, columns=self.columns(d))
+        splits, counts = {}, {}
+        for name, ds in raw.items():
+            splits[name], counts[name] = self._encode_split(ds, processor, d, key=f"data.{name}")
+        warnings = [
+            f"data.{split}: {c['skipped_identical']} pair(s) with chosen == rejected and {c['skipped_empty']} with an empty answer skipped; "
+            f"{c['prompt_cut']} lost the start of their prompt, {c['answer_cut']} the end of an answer, {c['dropped']} dropped (an answer beyond data.max_length={d.max_length})"
+            for split, c in counts.items()
+            if any(c.values())
+        ]
+        lengths = np.asarray(splits["train"]["length"])
+        stats = {
+            "sizes": {k: len(v) for k, v in raw.items()},
+            "columns": raw["train"].column_names,
+            "pairs": counts,
+            "warnings": warnings,
+            "train_tokens": {"mean": float(lengths.mean()), "max": int(lengths.max())},
+        }
+        return PreparedData(DatasetDict(splits), processor, None, stats)
+
+    def _encode_split(
+        self, ds: Dataset, processor: Any, data_cfg: DataConfig, *, key: str
+    ) -> tuple[Dataset, dict[str, int]]:
+        """Model-ready pairs of one split and how many rows were skipped or truncated."""
+        d = data_cfg
+        self._with_template(processor, d)
+        has_prompt = d.prompt_column in ds.column_names
+        if not has_prompt and len(ds) and not isinstance(ds[0][d.chosen_column], list):
+            raise DataError(
+                f"{key}: no column '{d.prompt_column}' (columns: {', '.join(ds.column_names)}); add it, set data.prompt_column, or give chosen / rejected as whole conversations"
+            )
+        counts = {"skipped_identical": 0, "skipped_empty": 0, "prompt_cut": 0, "answer_cut": 0, "dropped": 0}
+        rows = []
+        for i, row in enumerate(ds):
+            chosen, rejected = pair_messages(row, d, has_prompt=has_prompt, key=key, index=i)
+            if (
+                not chosen
+                or not rejected
+                or not chosen[-1]["content"].strip()
+                or not rejected[-1]["content"].strip()
+                or chosen[-1]["role"] != "assistant"
+                or rejected[-1]["role"] != "assistant"
+            ):
+                counts["skipped_empty"] += 1
+                continue
+            if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+                counts["skipped_identical"] += 1
+                continue
+            ex = encode_pair(processor, chosen, rejected, d.max_length)
+            if ex is None:
+                counts["dropped"] += 1
+                continue
+            counts["prompt_cut"] += ex["cut"] == 1
+            counts["answer_cut"] += ex["cut"] == 2
+            rows.append(ex)
+        if not rows:
+            raise DataError(
+                f"{key}: no usable pair among {len(ds)} rows ({', '.join(f'{k}: {v}' for k, v in counts.items() if v)}); check the chosen / rejected columns or raise data.max_length"
+            )
+        return Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0] if k != "cut"}), counts
+
+    def preprocess(
+        self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str
+    ) -> Dataset:
+        return self._encode_split(ds, processor, data_cfg, key=key)[0]
+
+    def collate(self, processor: Any, data_cfg: DataConfig, *, train: bool = False) -> Any:
+        """Pairs -> one causal-LM batch of 2B rows: the chosen answers, then the rejected ones."""
+        rows_to_batch = super().collate(processor, data_cfg, train=train)
+
+        def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            rows = [
+                {"input_ids": ex[f"{side}_input_ids"], "labels": ex[f"{side}_labels"]}
+                for side in ("chosen", "rejected")
+                for ex in examples
+            ]
+            return rows_to_batch(rows)
+
+        return collate_fn
+
+    # ---- model ----------------------------------------------------------------------------------
+    def apply_adapter(self, base: torch.nn.Module, cfg: RunConfig, new_modules: list[str]) -> Any:
+        """A new LoRA adapter, or (``train.reference_adapter``) the starting adapter loaded twice:
+        trainable as ``default`` and frozen as ``reference``.
+
+        Raises:
+            AdapterError: The starting adapter is not a causal-LM adapter of this base model.
+        """
+        self.train_cfg = cfg.train
+        if not cfg.train.reference_adapter:
+            return super().apply_adapter(base, cfg, new_modules)
+        from peft import PeftModel
+
+        from lorakit import modeling
+        from lorakit.artifacts import find_adapter_dir, read_metadata
+        from lorakit.tasks import get_task
+
+        folder = find_adapter_dir(cfg.train.reference_adapter)
+        meta = read_metadata(folder)
+        if not get_task(meta.get("task", "")).generates:
+            raise AdapterError(
+                f"train.reference_adapter: '{folder}' is a {meta.get('task')} adapter; start from a causal-LM adapter of the same base model"
+            )
+        expected, found = (
+            meta["base_model"].get("fingerprint"),
+            modeling.model_fingerprint(modeling.resolve_model_path(cfg.model), base),
+        )
+        if expected and found and "unknown" not in (expected, found) and expected != found:
+            raise AdapterError(
+                f"train.reference_adapter: '{folder}' was trained on another base model ({meta['base_model']['name_or_path']}); use its base model in model.name_or_path"
+            )
+        log.info(
+            "starting from adapter %s (its LoRA settings; lora: is not used); it is also the frozen reference",
+            folder,
+        )
+        with modeling.mutated_base_warnings_off():
+            model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+            model.load_adapter(str(folder), adapter_name=REFERENCE, is_trainable=False)
+        model.set_adapter("default")
+        return model
+
+    # ---- training -------------------------------------------------------------------------------
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean preference loss of the batch's pairs."""
+        t = self.train_cfg or PreferenceTrainConfig()
+        policy, tokens = answer_logps(model, batch)
+        reference = None
+        if t.loss != "simpo":
+            with torch.no_grad(), as_reference(model) as ref_model:
+                reference, _ = answer_logps(ref_model, batch)
+        losses, _, _ = pair_losses(t.loss, t.beta, t.simpo_gamma, policy, reference, tokens.clamp(min=1))
+        return losses.mean()
+
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].shape[0] // 2)  # pairs
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        ds: Dataset,
+        processor: Any,
+        cfg: RunConfig,
+        label_space: Any,
+        *,
+        batch_size: int,
+        device: torch.device,
+        amp: torch.dtype | None = None,
+        progress: Any = None,
+    ) -> dict[str, Any]:
+        """Loss, reward accuracy / margin, log-probabilities, KL from the reference, and samples.
+
+        ``kl_chosen_tokens``: the exact KL(pi || pi_ref) over the vocabulary at each answer token of the
+        chosen answers (teacher-forced), averaged per token. ``kl_sampled``: the sequence-level
+        KL(pi || pi_ref) estimated as the mean of log pi(y|x) - log pi_ref(y|x) over one answer sampled
+        from the policy (temperature 1, no top-k / top-p) for each of ``generation_samples`` prompts.
+        """
+        from lorakit.batching import autocast, eval_batches, take, to_device
+
+        d, t = cfg.data, cfg.train
+        n_gen = t.generation_samples
+        was_training = model.training
+        model.eval()
+        collate = self.collate(processor, d)
+        world = distributed.current()
+        names = ["loss", "correct", "margin", "reward_c", "reward_r", "logp_c", "logp_r", "kl_tok", "tokens"]
+        sums = dict.fromkeys(names, 0.0)
+        for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):
+            batch = to_device(collate(take(ds, idx)), device)
+            with autocast(device, amp):
+                pol_logits, labels = answer_logits(model, batch)
+                with as_reference(model) as ref_model:
+                    ref_logits, _ = answer_logits(ref_model, batch)
+            mask = labels != IGNORE
+            b = len(idx)
+            policy, reference = (
+                -F.cross_entropy(
+                    x.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+                ).sum(-1)
+                for x in (pol_logits, ref_logits)
+            )
+            losses, rc, rr = pair_losses(
+                t.loss, t.beta, t.simpo_gamma, policy, reference, mask.sum(-1).clamp(min=1)
+            )
+            # KL over the vocabulary at the chosen answers' tokens only: [tokens, V], not [2B, W, V]
+            pol_lp, ref_lp = (
+                pol_logits[:b][mask[:b]].float().log_softmax(-1),
+                ref_logits[:b][mask[:b]].float().log_softmax(-1),
+            )
+            kl = (pol_lp.exp() * (pol_lp - ref_lp)).sum(-1)
+            del pol_logits, ref_logits, pol_lp, ref_lp
+            for k, v in zip(
+                names,
+                (
+                    losses.sum(),
+                    (rc > rr).sum(),
+                    (rc - rr).sum(),
+                    rc.sum(),
+                    rr.sum(),
+                    policy[:b].sum(),
+                    policy[b:].sum(),
+                    kl.sum(),
+                    mask[:b].sum(),
+                ),
+                strict=True,
+            ):
+                sums[k] += float(v)
+            if progress is not None:
+                progress.update(b * world.size)
+        if progress is not None:
+            progress.close()
+        totals = dict(zip(names, distributed.all_sum([sums[k] for k in names], device), strict=True))
+        n = max(1, len(ds))
+        metrics: dict[str, Any] = {
+            "loss": totals["loss"] / n,
+            "reward_accuracy": totals["correct"] / n,
+            "reward_margin": totals["margin"] / n,
+            "rewards_chosen": totals["reward_c"] / n,
+            "rewards_rejected": totals["reward_r"] / n,
+            "logps_chosen": totals["logp_c"] / n,
+            "logps_rejected": totals["logp_r"] / n,
+            "kl_chosen_tokens": totals["kl_tok"] / max(1.0, totals["tokens"]),
+            "pairs": len(ds),
+        }
+        if n_gen and "prompt_ids" in ds.column_names:
+            metrics |= self._generations(
+                model,
+                processor,
+                ds["prompt_ids"][:n_gen],
+                max_new_tokens=t.max_new_tokens,
+                batch_size=batch_size,
+                seed=t.seed,
+            )
+        model.train(was_training)
+        return metrics
+
+    def _generations(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Sampled KL from the reference on ``prompts``, and greedy samples of policy and reference."""
+        kl = [
+            float(x)
+            for x in self.sampled_log_ratios(
+                model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+            )
+        ]
+        shown = prompts[:8]
+        after = self.generate_ids(
+            model, tokenizer, shown, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        with as_reference(model) as ref_model:
+            before = self.generate_ids(
+                ref_model, tokenizer, shown, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
+        samples = [
+            {"prompt": tokenizer.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
+            for p, r, o in zip(shown, before, after, strict=True)
+        ]
+        return {"kl_sampled": float(np.mean(kl)), "samples": samples}
+
+    @torch.no_grad()
+    def sampled_log_ratios(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        seed: int,
+    ) -> list[float]:
+        """log pi(y|x) - log pi_ref(y|x) for one answer y sampled from the policy per prompt (its mean
+        estimates KL(pi || pi_ref) of whole answers). Answers end at the end-of-turn token, included."""
+        from lorakit.tasks.causal_lm import end_of_turn_ids
+
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        stops = end_of_turn_ids(tokenizer, model.get_base_model())
+        out: list[float] = []
+        # The same samples at every evaluation of a run; the run's own random state is left as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                attn = torch.zeros_like(ids)
+                for i, p in enumerate(chunk):  # left padding for generation
+                    ids[i, width - len(p) :], attn[i, width - len(p) :] = torch.tensor(p), 1
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=attn.to(device),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stops,
+                    pad_token_id=pad,
+                )[:, width:].tolist()
+                rows = []
+                for p, answer in zip(chunk, gen, strict=True):
+                    end = next((j + 1 for j, tok in enumerate(answer) if tok in stops), len(answer))
+                    rows.append({"input_ids": p + answer[:end], "labels": [IGNORE] * len(p) + answer[:end]})
+                batch = {k: v.to(device) for k, v in CausalLM.collate(self, tokenizer, _PLAIN)(rows).items()}
+                policy, _ = answer_logps(model, batch)
+                with as_reference(model) as ref_model:
+                    reference, _ = answer_logps(ref_model, batch)
+                out.extend((policy - reference).tolist())
+        return out
+
+
+_PLAIN = PreferenceDataConfig(train="-", pad_to_multiple_of=None)  # collation settings of the KL batches
