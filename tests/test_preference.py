@@ -418,8 +418,8 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path: Path, tiny_
     run = tmp_path / "b" / "run"
     codes = []
     for after in (3, 12, 19):  # 24 optimizer steps in all
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lorakit", "train", str(config), "--resume", "--no-progress"],
+        proc = subprocess.Popen(  # the first start has nothing to resume yet
+            [sys.executable, "-m", "lorakit", "train", str(config), "--resume-or-start", "--no-progress"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
