@@ -131,12 +131,16 @@ def table(summary: dict[str, Any]) -> list[str]:
                 r["state"].lower(),
                 fmt(r["value"]),
                 fmt(r["test_value"]),
-                *(json.dumps(r["params"][k]) if k in r["params"] else "-" for k in keys),
+                *(_short(r["params"][k]) if k in r["params"] else "-" for k in keys),
                 "-" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}",
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else json.dumps(v)
 
 
 def write_html(study: Any, summary: dict[str, Any], out: Path) -> Path:
@@ -170,6 +174,5 @@ def write_html(study: Any, summary: dict[str, Any], out: Path) -> Path:
 <pre>{html.escape(chr(10).join(table(summary)))}</pre>
 {"".join(parts)}
 </body></html>"""
-    with artifacts.atomic_dir(out) as tmp:
-        (tmp / "index.html").write_text(page, encoding="utf-8")
+    artifacts.write_text_atomic(out / "index.html", page)  # (processes sharing a study may write it at once)
     return out

@@ -214,6 +214,16 @@ class MLflowTracker(Callback):
             self.client.set_terminated(self.run_id, "FAILED")
 
 
+def end_child_runs(parent_run_id: str, run_dir: Path, status: str) -> None:
+    """Close the still-running MLflow runs a killed training process left (child of ``parent_run_id``,
+    tagged with ``run_dir``) with ``status``, e.g. KILLED for a pruned trial."""
+    client, _ = mlflow_client()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lorakit.run_dir` = '{Path(run_dir).resolve()}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment], filter_string=where):
+        client.set_terminated(run.info.run_id, status)
+
+
 # --------------------------------------------------------------------------------------------------
 # Weights & Biases
 # --------------------------------------------------------------------------------------------------

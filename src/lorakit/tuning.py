@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lorakit import artifacts
 from lorakit.config import RunConfig, apply_overrides, load_config, validate_config
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.tracking import PARENT_RUN_ENV
 
 log = logging.getLogger("lorakit")
 
@@ -336,7 +337,9 @@ def run_trial(
     follower = _Follower(run_dir / "history.jsonl")
     evals = 0  # Optuna's step: the trial's n-th validation (comparable across trials of any batch size)
     with log_path.open("w", encoding="utf-8") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
         try:
             while True:
                 done = proc.poll() is not None
@@ -361,7 +364,20 @@ def run_trial(
             if proc.poll() is None:  # pruned, interrupted or an error here: the trial's process goes too
                 proc.kill()
                 proc.wait()
+                if env and env.get(PARENT_RUN_ENV):
+                    from lorakit.tracking import end_child_runs
+
+                    end_child_runs(env[PARENT_RUN_ENV], run_dir, "KILLED")
     return _trial_result(trial, proc.returncode, run_dir, log_path, metric)
+
+
+def _die_with_parent() -> None:
+    """In the trial's process, before exec: Linux kills it when `lorakit tune` dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _trial_result(trial: Any, returncode: int, run_dir: Path, log_path: Path, metric: str) -> float:
@@ -487,8 +503,6 @@ def tune(
     env = dict(os.environ)
     parent = _mlflow_parent(study, cfg) if "mlflow" in cfg.output.trackers else None
     if parent:
-        from lorakit.tracking import PARENT_RUN_ENV
-
         env[PARENT_RUN_ENV] = parent
     _fail_dead_trials(study)
     done = count_trials(study)
