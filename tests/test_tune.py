@@ -190,3 +190,9 @@ def test_two_processes_share_one_study_without_running_a_trial_twice(write_confi
         log = (tmp_path / "study" / "logs" / f"trial-{t.number:03d}.log").read_text()
         assert log.count("best validation loss") == 1
     assert len({t.params["train.learning_rate"] for t in trials}) == 4
+
+
+def test_the_shipped_tune_config_loads() -> None:
+    cfg, tune = load_tune_config(Path(__file__).resolve().parents[1] / "configs" / "imdb-minilm-tune.yaml")
+    assert tune.n_trials == 16 and tune.space["lora.target_modules"].choices[2] == "all-linear"
+    assert cfg.train.eval_every_steps == 25

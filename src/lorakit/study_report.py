@@ -9,6 +9,7 @@ report/index.html  Optuna's plotly plots (optimisation history, parameter import
 
 from __future__ import annotations
 
+import copy
 import csv
 import html
 import io
@@ -19,7 +20,6 @@ from typing import Any
 import yaml
 
 from lorakit import artifacts
-from lorakit.config import apply_overrides
 
 PLOTS = (
     ("Optimisation history", "plot_optimization_history"),
@@ -77,11 +77,17 @@ def write_study_outputs(
     if complete:
         bt = study.best_trial
         best = next(r for r in rows if r["number"] == bt.number)
-        cfg = apply_overrides(
-            base,
-            [f"{k}={json.dumps(v)}" for k, v in best["params"].items()]
-            + [f"train.metric_for_best={metric}", f"output.dir={Path(base['output']['dir']) / 'best'}"],
-        )
+        cfg = copy.deepcopy(base)
+        values = best["params"] | {
+            "train.metric_for_best": metric,
+            "output.dir": str(Path(base["output"]["dir"]) / "best"),
+        }
+        for key, value in values.items():  # set as values, not --set text: YAML would read 1e-06 as a string
+            *parents, last = key.split(".")
+            node = cfg
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
         header = f"# lorakit tune {study.study_name}: trial {bt.number}, validation {metric} {bt.value:.4f}\n"
         artifacts.write_text_atomic(study_dir / "best.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
     summary = {

@@ -164,7 +164,10 @@ def _train(cfg: RunConfig, task: Any, world: distributed.World, device: torch.de
     if world.sharded and cfg.model.quantization != "none":
         raise LorakitError("model.quantization: a quantized base cannot be sharded with FSDP; remove model.quantization, or launch without the FSDP config (DDP)")
     # Trackers first: one that cannot be reached is an error before anything is loaded or written.
-    hooks = [tracking.HistoryFile(), *tracking.make_trackers(cfg.output.trackers, experiment=cfg.output.experiment, run_name=Path(cfg.output.dir).name), *callbacks] if world.main else []
+    hooks: list[Callback] = []
+    if world.main:
+        trackers = tracking.make_trackers(cfg.output.trackers, experiment=cfg.output.experiment, run_name=Path(cfg.output.dir).name)
+        hooks = [tracking.HistoryFile(), *trackers, *callbacks]
     model_path = modeling.resolve_model_path(cfg.model)
     processor = task.load_processor(cfg.model, model_path)
     data = task.prepare(cfg, processor)

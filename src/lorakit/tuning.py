@@ -166,12 +166,20 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
         values = dim.choices if dim.choices is not None else [_cast(dim, dim.low), _cast(dim, dim.high)]
         for value in values:
             try:
-                validate_config(apply_overrides(base, [f"{key}={json.dumps(value)}"]))
+                validate_config(apply_overrides(base, [f"{key}={as_yaml(value)}"]))
             except ConfigError as exc:
                 problems += [f"tune.space.{key} = {value!r}: {p}" for p in exc.problems]
     if problems:
         raise ConfigError(problems, str(path))
     return cfg, tune
+
+
+def as_yaml(value: Any) -> str:
+    """A value as `--set` text that YAML reads back as the same value (``1e-06`` would be a string)."""
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text and "." not in text.split("e")[0]:
+        text = text.replace("e", ".0e")
+    return text
 
 
 def _cast(dim: SearchDim, v: float | None) -> Any:
@@ -319,7 +327,7 @@ def run_trial(
     sets = [
         f"output.dir={run_dir}",
         f"train.metric_for_best={metric}",
-        *(f"{k}={json.dumps(v)}" for k, v in params.items()),
+        *(f"{k}={as_yaml(v)}" for k, v in params.items()),
     ]
     cmd = [
         sys.executable,
