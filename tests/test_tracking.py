@@ -167,3 +167,25 @@ def test_unreachable_trackers_are_one_line_errors_before_anything_is_written(
         "error: output.report_to: mlflow: the tracking server http://127.0.0.1:9"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_fails_mid_run_warns_once_and_training_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lorakit import tracking
+
+    class Down:
+        calls = 0
+
+        def log_batch(self, *args, **kwargs) -> None:
+            Down.calls += 1
+            raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(tracking, "mlflow_client", lambda: (Down(), "http://tracker"))
+    monkeypatch.setattr(tracking.log, "propagate", True)  # the CLI turns it off; caplog listens at the root
+    tracker = tracking.MLflowTracker(experiment="x", run_name="r")
+    tracker.run_id = "abc"
+    tracker.on_log({"step": 1, "loss": 0.5, "lr": 1e-3})  # does not raise
+    tracker.on_eval({"step": 1, "split": "validation", "accuracy": 0.5})
+    assert Down.calls == 1 and tracker.broken
+    assert "mlflow: logging stopped after an error (connection refused); training goes on" in caplog.text

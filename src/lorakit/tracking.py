@@ -20,7 +20,9 @@ that another process (``lorakit tune``) can follow a run while it trains.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import socket
 import time
@@ -32,6 +34,8 @@ from urllib.parse import urlparse
 
 from lorakit.errors import LorakitError
 from lorakit.events import Callback
+
+log = logging.getLogger("lorakit")
 
 #: A parent MLflow run id; set by ``lorakit tune`` so that each trial's run is logged as its child.
 PARENT_RUN_ENV = "LORAKIT_MLFLOW_PARENT_RUN_ID"
@@ -119,6 +123,27 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _guarded(method: Any) -> Any:
+    """A tracker that fails mid-run (server gone, disk full) warns once and stops logging; training goes on."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self.broken = True
+            log.warning(
+                "%s: logging stopped after an error (%s); training goes on",
+                self.name,
+                " ".join(str(exc).split())[:300],
+            )
+            return None
+
+    return wrapper
+
+
 def _scalars(metrics: dict[str, Any] | None) -> dict[str, float]:
     return {
         k: float(v)
@@ -165,12 +190,15 @@ def mlflow_experiment(client: Any, name: str, uri: str) -> str:
 class MLflowTracker(Callback):
     """Logs a run to MLflow: config as params, curves and final metrics, adapter/ and report/ as artifacts."""
 
+    name, broken = "mlflow", False
+
     def __init__(self, *, experiment: str, run_name: str) -> None:
         self.client, self.uri = mlflow_client()
         self.experiment, self.run_name = experiment, run_name
         self.run_id: str | None = None
         self.finished = False
 
+    @_guarded
     def on_start(self, run_dir: Path, config: dict[str, Any], info: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -192,13 +220,16 @@ class MLflowTracker(Callback):
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
+    @_guarded
     def on_log(self, row: dict[str, Any]) -> None:
         self._metrics({"train/loss": row["loss"], "train/lr": row["lr"]}, row["step"])
 
+    @_guarded
     def on_eval(self, row: dict[str, Any]) -> None:
         skip = {"step", "epoch", "split", "seconds"}
         self._metrics({f"validation/{k}": v for k, v in _scalars(row).items() if k not in skip}, row["step"])
 
+    @_guarded
     def on_end(self, run_dir: Path, final: dict[str, Any]) -> None:
         values = {f"best_validation/{k}": v for k, v in _scalars(final.get("validation")).items()}
         values |= {f"test/{k}": v for k, v in _scalars(final.get("test")).items()}
@@ -209,6 +240,7 @@ class MLflowTracker(Callback):
         self.client.set_terminated(self.run_id, "FINISHED")
         self.finished = True
 
+    @_guarded
     def close(self) -> None:
         if self.run_id is not None and not self.finished:
             self.client.set_terminated(self.run_id, "FAILED")
@@ -232,6 +264,8 @@ def end_child_runs(parent_run_id: str, run_dir: Path, status: str) -> None:
 class WandbTracker(Callback):
     """Logs a run to W&B (offline without an API key): config, curves, summary, adapter and report artifacts."""
 
+    name, broken = "wandb", False
+
     def __init__(self, *, project: str, run_name: str) -> None:
         try:
             import wandb
@@ -241,6 +275,7 @@ class WandbTracker(Callback):
         self.run: Any = None
         self.finished = False
 
+    @_guarded
     def on_start(self, run_dir: Path, config: dict[str, Any], info: dict[str, Any]) -> None:
         self.run = self.wandb.init(
             project=self.project,
@@ -252,15 +287,18 @@ class WandbTracker(Callback):
             reinit="create_new",
         )
 
+    @_guarded
     def on_log(self, row: dict[str, Any]) -> None:
         self.run.log({"train/loss": row["loss"], "train/lr": row["lr"]}, step=row["step"])
 
+    @_guarded
     def on_eval(self, row: dict[str, Any]) -> None:
         skip = {"step", "epoch", "split", "seconds"}
         self.run.log(
             {f"validation/{k}": v for k, v in _scalars(row).items() if k not in skip}, step=row["step"]
         )
 
+    @_guarded
     def on_end(self, run_dir: Path, final: dict[str, Any]) -> None:
         self.run.summary.update(
             {f"best_validation/{k}": v for k, v in _scalars(final.get("validation")).items()}
@@ -274,6 +312,7 @@ class WandbTracker(Callback):
         self.run.finish()
         self.finished = True
 
+    @_guarded
     def close(self) -> None:
         if self.run is not None and not self.finished:
             self.run.finish(exit_code=1)
