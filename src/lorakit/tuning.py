@@ -117,7 +117,10 @@ class TuneConfig(_Strict):
     reduction_factor: int = Field(
         3, ge=2, description="Successive halving: 1 in this many trials is promoted at each rung."
     )
-    seed: int | None = Field(42, description="Seed of the TPE sampler (null = random).")
+    seed: int | None = Field(
+        42,
+        description="Seed of the TPE sampler; trial n samples with seed + n, so processes sharing a study propose different values and a study can be repeated (null = random).",
+    )
     storage: str | None = Field(
         None,
         description="Where the study is stored: a database URL (sqlite:///study.db, postgresql://user@host/db) shared by processes on several machines, or a journal file path; unset = <output.dir>/study.journal.",
@@ -233,6 +236,11 @@ def make_storage(tune: TuneConfig, study_dir: Path) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(target))
 
 
+def make_sampler(tune: TuneConfig, trial_number: int = 0) -> Any:
+    """Optuna's TPE sampler, seeded with ``tune.seed + trial_number`` (unseeded when seed is null)."""
+    return _optuna().samplers.TPESampler(seed=None if tune.seed is None else tune.seed + trial_number)
+
+
 def make_pruner(tune: TuneConfig) -> Any:
     optuna = _optuna()
     if tune.pruner == "median":
@@ -320,6 +328,9 @@ def run_trial(
         TrialFailed: The process exited with an error or the metric is missing / not finite.
     """
     optuna = _optuna()
+    # A sampler seeded by the trial number: processes sharing the study propose different values
+    # (one seed in every process would propose the same ones), and a study is reproducible.
+    trial.study.sampler = make_sampler(tune, trial.number)
     params = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
     run_dir = study_dir / f"trial-{trial.number:03d}"
     log_path = study_dir / "logs" / f"trial-{trial.number:03d}.log"
@@ -501,7 +512,7 @@ def tune(
         storage=make_storage(tcfg, study_dir),
         load_if_exists=True,
         direction=direction,
-        sampler=optuna.samplers.TPESampler(seed=tcfg.seed),
+        sampler=make_sampler(tcfg),
         pruner=make_pruner(tcfg),
     )
     if study.user_attrs.get("metric", metric) != metric:
