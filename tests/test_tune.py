@@ -106,7 +106,7 @@ def test_tune_section_problems_are_reported_at_load_all_at_once(write_config, tm
         load_tune_config(cfg)
 
 
-def test_study_prunes_fails_goes_on_after_a_kill_and_logs_to_mlflow(write_config, tmp_path: Path) -> None:
+def test_study_prunes_fails_and_logs_to_mlflow(write_config, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -153,25 +153,32 @@ def test_study_prunes_fails_goes_on_after_a_kill_and_logs_to_mlflow(write_config
         metrics["best_value"]
     )
 
+
+@pytest.mark.slow  # two `lorakit tune` and two trial processes
+def test_a_killed_study_continues_where_it_stopped(write_config, tmp_path: Path) -> None:
     # Killed in the middle of a trial (SIGKILL, nothing cleaned up), then started again: the dead
     # trial is marked failed and not counted, its training process died with it, the study goes on.
-    _enqueue(study, 1e-6, steps=400)  # 3: killed mid-way
-    _enqueue(study, 1e-6)  # 4: the restart's trial
-    proc = _tune(config, "tune.n_trials=4", "tune.pruner=none", cwd=tmp_path)
-    history = tmp_path / "study" / "trial-003" / "history.jsonl"
+    config = _config(write_config, tmp_path, n_trials=1, pruner="none")
+    study = _study(tmp_path)
+    _enqueue(study, 1e-6, steps=400)  # 0: killed mid-way
+    _enqueue(study, 1e-6)  # 1: the restart's trial
+    proc = _tune(config)
+    history = tmp_path / "study" / "trial-000" / "history.jsonl"
     deadline = time.monotonic() + 300
     while not (history.is_file() and history.read_text().count("validation")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    trainer = [p for p in psutil.Process(proc.pid).children() if "trial-003" in " ".join(p.cmdline())]
+    trainer = [p for p in psutil.Process(proc.pid).children() if "trial-000" in " ".join(p.cmdline())]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert trainer and psutil.wait_procs(trainer, timeout=30)[1] == []  # the trial's process went with it
-    _finish(_tune(config, "tune.n_trials=4", "tune.pruner=none", cwd=tmp_path))
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING", "WAITING"]
+    _finish(_tune(config))
     trials = study.get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "PRUNED", "FAIL", "COMPLETE"]
-    assert trials[3].user_attrs["interrupted"] is True and "error" not in trials[3].user_attrs
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # n_trials=1: the killed one does not count
+    assert trials[0].user_attrs["interrupted"] is True and "error" not in trials[0].user_attrs
 
 
+@pytest.mark.slow  # two `lorakit tune` processes and three trial processes
 def test_two_processes_share_one_study_without_running_a_trial_twice(write_config, tmp_path: Path) -> None:
     config = _config(
         write_config,
