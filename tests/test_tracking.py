@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,15 +117,19 @@ def test_wandb_offline_run_holds_config_metrics_and_artifacts(
     # W&B 0.31 keeps an offline run in one protobuf event log (what `wandb sync` uploads) and has no
     # Python reader for it: look for what was logged in its bytes.
     (log_file,) = offline.glob("run-*.wandb")
-    raw = log_file.read_bytes()
-    for logged in (
+    wanted = (
         b"learning_rate",
         b"train/loss",
         b"validation/accuracy",
         b"test/accuracy",
         b"run-adapter",
         b"adapter_model.safetensors",
-    ):
+    )
+    deadline = time.monotonic() + 60  # W&B's service process writes the log a moment after finish() returns
+    while not all(w in log_file.read_bytes() for w in wanted) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    raw = log_file.read_bytes()
+    for logged in wanted:
         assert logged in raw, logged
 
 
