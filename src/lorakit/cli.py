@@ -170,6 +170,31 @@ def train(
         typer.echo(f"report:  {result.run_dir / 'report' / 'index.html'}")
 
 
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML) with a tune: section.")],
+    set_: SetOpt = None,
+) -> None:
+    """Search hyperparameters with Optuna (the config's tune: section); each trial is a `lorakit train` run. Run it again to continue."""
+    from lorakit.study_report import table
+    from lorakit.tuning import tune as run_tune
+
+    _setup_logging()
+    summary = run_tune(config, overrides=set_ or [])
+    typer.echo("\n".join(table(summary)))
+    best, folder = summary["best"], Path(summary["study_dir"])
+    if best is None:
+        raise LorakitError(
+            f"no trial of study '{summary['study']}' completed; see the logs in {folder / 'logs'}"
+        )
+    test = f", held-out test {best['test_value']:.4f}" if best.get("test_value") is not None else ""
+    typer.echo(
+        f"best: trial {best['number']}, validation {summary['metric']} {best['value']:.4f}{test} ({best['run_dir']})"
+    )
+    typer.echo(f"best config: {folder / 'best.yaml'}")
+    typer.echo(f"report:      {folder / 'report' / 'index.html'}")
+
+
 @app.command("eval")
 def eval_(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],

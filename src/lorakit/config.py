@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from lorakit.errors import ConfigError
 
@@ -40,6 +49,7 @@ def load_yaml(text: str) -> Any:
 
 
 DEFAULT_TASK = "text-classification"
+TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 
 
 class Section(BaseModel):
@@ -291,8 +301,46 @@ class OutputConfig(Section):
 
     dir: str = Field("runs/lorakit", description="Run directory: adapter/, metrics, report/, logs.")
     overwrite: bool = Field(False, description="Replace an existing run directory.")
-    tensorboard: bool = Field(True, description="Write TensorBoard event files under <dir>/tensorboard.")
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files under <dir>/tensorboard (when `report_to` is unset)."
+    )
     report: bool = Field(True, description="Write an HTML report with plots under <dir>/report.")
+    report_to: list[TrackerName] | None = Field(
+        None,
+        description="Experiment trackers, the words transformers uses: tensorboard (files under <dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder), wandb (offline without WANDB_API_KEY); [] = none; unset = [tensorboard] when `tensorboard` is true. mlflow and wandb need `pip install 'lorakit[track]'`.",
+    )
+    experiment: str = Field(
+        "lorakit",
+        min_length=1,
+        description="MLflow experiment / W&B project the run is logged to (with `report_to`).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return ([] if v == "none" else [v]) if isinstance(v, str) else v  # transformers also takes one word
+
+    @model_validator(mode="after")
+    def _trackers_installed(self) -> OutputConfig:
+        missing = [
+            name
+            for name in self.report_to or []
+            if name != "tensorboard" and importlib.util.find_spec(name) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"output.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; pip install 'lorakit[track]' or remove {'it' if len(missing) == 1 else 'them'} from report_to"
+            )
+        return self
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers in use: ``report_to``, or TensorBoard alone when that is unset and ``tensorboard`` is on."""
+        return (
+            list(dict.fromkeys(self.report_to))
+            if self.report_to is not None
+            else (["tensorboard"] if self.tensorboard else [])
+        )
 
 
 class RunConfig(Section):
@@ -309,6 +357,10 @@ class RunConfig(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tune: dict[str, Any] | None = Field(
+        None,
+        description="The search of `lorakit tune` (search space, metric, trials; lorakit.tuning.TuneConfig checks it); `lorakit train` ignores it.",
+    )
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain YAML-able data."""

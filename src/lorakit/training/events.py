@@ -19,8 +19,8 @@ class Callback:
     """No-op hooks; subclasses override what they need."""
 
     def on_start(self, run_dir: Path, config: dict[str, Any], info: dict[str, Any]) -> None:
-        """The run folder is ready; ``config`` is the resolved config, ``info`` task, base model, sizes,
-        parameter counts and total steps."""
+        """The run folder is ready; ``config`` is the resolved config, ``info`` the task, base model and
+        its type, data sizes, trainable / total parameters and total steps."""
 
     def on_step(self, step: int) -> None:
         """An optimizer step finished."""

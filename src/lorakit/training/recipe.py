@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from lorakit import artifacts, checkpoint, distributed, modeling, rundir
+from lorakit import artifacts, checkpoint, distributed, modeling, rundir, tracking
 from lorakit.batching import autocast, take, to_device, train_batches
 from lorakit.build import build_model, open_base, resolve_config
 from lorakit.card import model_card
@@ -159,6 +159,7 @@ class Recipe:
         self.eval_seconds = 0.0  # seconds this process spent evaluating
         self.clock_offset = 0.0  # training seconds before a resume
         self.initial: tempfile.TemporaryDirectory | None = None
+        self.trackers: list[Callback] = []
         self.lock: rundir.RunLock | None = None
         self.log_file: logging.FileHandler | None = None
 
@@ -170,6 +171,14 @@ class Recipe:
         on user input is checked before the run folder is touched."""
         self.amp = modeling.pick_precision(self.cfg.train.mixed_precision, self.device)
         self._refuse_sharding_conflicts()
+        # Trackers first: one that cannot be reached is an error before anything is loaded or written.
+        out = self.cfg.output
+        run_name = Path(out.dir).name
+        self.trackers = (
+            tracking.make_trackers(out.trackers, experiment=out.experiment, run_name=run_name)
+            if self.world.main
+            else []
+        )
         self._setup_data()
         self._setup_model()
         self._setup_run_dir()
@@ -343,16 +352,20 @@ class Recipe:
     def _start_events(self) -> None:
         if not self.world.main:
             return
-        builtin: list[Callback] = [ProgressBar(self.total_steps, self.state.step)] if self.progress else []
-        if self.cfg.output.tensorboard:
+        # history.jsonl grows row by row while the run goes (`lorakit tune` and the UI read it live)
+        builtin: list[Callback] = [tracking.HistoryFile()]
+        if self.progress:
+            builtin.append(ProgressBar(self.total_steps, self.state.step))
+        if "tensorboard" in self.cfg.output.trackers:
             builtin.append(TensorBoard())
-        self.events = Events(builtin + self.subscribers)
+        self.events = Events(builtin + self.trackers + self.subscribers)
         info = {
             "task": self.cfg.task,
             "base_model": self.cfg.model.name_or_path,
-            "sizes": self.sizes,
-            "trainable": self.trainable,
-            "total": self.total,
+            "model_type": self.model.get_base_model().config.model_type,
+            "data_sizes": self.sizes,
+            "trainable_params": self.trainable,
+            "total_params": self.total,
             "total_steps": self.total_steps,
         }
         self.events.on_start(self.run_dir, self.cfg.to_yaml_dict(), info)
@@ -738,6 +751,8 @@ class Recipe:
         if self.initial is not None:
             self.initial.cleanup()
         self.events.close()
+        if not self.events.callbacks:  # the run stopped before its events started: trackers made, never used
+            Events(self.trackers).close()
         if self.log_file:
             log.removeHandler(self.log_file)
             self.log_file.close()
