@@ -74,6 +74,9 @@ def test_vit_run_learns_and_writes_a_complete_adapter(vit_run) -> None:
     log = (vit_run.run_dir / "train.log").read_text()
     assert "skipped 1 unreadable image(s) of 49" in log and "corrupt.png" in log
     assert (vit_run.run_dir / "report" / "confusion_0.png").is_file()
+    for j, m in enumerate(vit_run.test["mistakes"]):  # the report shows each mistake as a thumbnail
+        assert Path(m["image"]).is_file() and m["true"] != m["predicted"]
+        assert (vit_run.run_dir / "report" / f"mistake_1_{j}.png").is_file()
     card = (vit_run.adapter_dir / "README.md").read_text()
     assert "AutoModelForImageClassification" in card and "AutoTokenizer" not in card
 
@@ -324,3 +327,32 @@ def test_zoo_model_for_a_text_task_and_unknown_entries_are_one_line_errors(
             main(["check", str(write_config(model={"name_or_path": name}))])
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and expect in err[0], err
+
+
+def test_image_mistakes_are_shown_as_thumbnails(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lorakit.report import _mistakes_table
+    from lorakit.tasks import get_task
+
+    path = tmp_path / "shirt.png"
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(path)
+    task = get_task("image-classification")
+    shown = task.describe({"image": str(path), "labels": 0}, None)
+    assert shown == {"input": str(path), "image": str(path)}
+    assert task.describe({"image": {"bytes": b"x", "path": None}}, None)["input"] == "<image bytes>"
+    rows = [shown | {"true": "shirt", "predicted": "coat", "probability": 0.93}]
+    rows.append(
+        {
+            "input": "gone.png",
+            "image": str(tmp_path / "gone.png"),
+            "true": "a",
+            "predicted": "b",
+            "probability": 0.6,
+        }
+    )
+    page = _mistakes_table("test", rows, tmp_path, "m")
+    with Image.open(tmp_path / "m_0.png") as thumb:
+        assert max(thumb.size) == 96
+    assert '<img src="m_0.png"' in page and "gone.png" in page and not (tmp_path / "m_1.png").exists()
+    assert "<td>shirt</td><td>coat</td><td>0.930</td>" in page

@@ -77,6 +77,39 @@ def test_train_writes_a_complete_run(trained_once) -> None:
     assert not list(run.glob(".*tmp*")), "temporary folders left behind"
 
 
+def test_the_most_confident_mistakes_are_listed_in_metrics_and_report(trained_once) -> None:
+    import numpy as np
+
+    from lorakit.batching import evaluate_model
+    from lorakit.build import load_adapter
+
+    test = json.loads((trained_once.run_dir / "metrics.json").read_text())["test"]
+    mistakes = test["mistakes"]
+    wrong = round((1 - test["accuracy"]) * sum(c["support"] for c in test["per_class"].values()))
+    assert len(mistakes) == min(wrong, 12)
+    assert [m["probability"] for m in mistakes] == sorted((m["probability"] for m in mistakes), reverse=True)
+    # each one is a real mistake of the saved adapter, shown as the text it read
+    loaded = load_adapter(trained_once.adapter_dir, device="cpu")
+    cfg = lorakit.load_config(trained_once.run_dir / "config.yaml")
+    split = loaded.task.prepare(cfg, loaded.processor).splits["test"]
+    collate = loaded.task.collate(loaded.processor, cfg.data)
+    logits, labels, _ = evaluate_model(loaded.model, split, collate, batch_size=8, device=loaded.device)
+    for m in mistakes:
+        row = m["row"]
+        assert (
+            m["true"]
+            == "neg pos".split()[labels[row]]
+            != m["predicted"]
+            == "neg pos".split()[logits[row].argmax()]
+        )
+        assert m["probability"] >= 0.5 and np.isclose(
+            m["probability"], np.exp(logits[row]).max() / np.exp(logits[row]).sum(), atol=0.02
+        )
+        assert m["input"] == loaded.processor.decode(split[row]["input_ids"], skip_special_tokens=True)
+    page = (trained_once.run_dir / "report" / "index.html").read_text()
+    assert ("Most confident mistakes: test" in page) == bool(mistakes)
+
+
 def test_same_seed_gives_the_same_adapter(write_config, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

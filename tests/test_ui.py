@@ -8,6 +8,7 @@ saved as a screenshot under tests/artifacts/ui/.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -289,7 +290,7 @@ def slow_form_values() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_runs_page_lists_the_cli_run(page, server: Server) -> None:
+def test_runs_page_lists_the_cli_run(page, server: Server, workspace: Path) -> None:
     page.goto(server.url)
     row = page.locator('tr[data-run="cli-run"]')
     assert "finished" in row.inner_text()
@@ -297,6 +298,10 @@ def test_runs_page_lists_the_cli_run(page, server: Server) -> None:
     page.click("text=cli-run")
     page.wait_for_selector("#metrics")
     assert page.locator(".confusion").count() >= 1 and page.locator(".per-class").count() >= 1
+    metrics = json.loads((workspace / "runs" / "cli-run" / "metrics.json").read_text())
+    # the examples the adapter got most wrong (validation and test), as in the report: a header row each
+    wrong = [metrics[split]["mistakes"] for split in ("validation", "test")]
+    assert page.locator(".mistakes tr").count() == sum(len(w) + 1 for w in wrong if w)
     shot(page, "run-finished")
 
 

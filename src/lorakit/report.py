@@ -119,6 +119,38 @@ def _per_class_table(per_class: dict[str, dict[str, float]]) -> str:
     return f"<table>{head}{rows}</table>"
 
 
+def _thumbnail(reference: str, out: Path, name: str) -> str | None:
+    """A small PNG of an image example inside the report folder, or None when it cannot be read."""
+    from lorakit.images import BadImage, load_image
+
+    try:
+        img = load_image(reference)
+    except (BadImage, OSError, ValueError):
+        return None
+    img.thumbnail((96, 96))
+    img.save(out / f"{name}.png")
+    return f"{name}.png"
+
+
+def _mistakes_table(split: str, mistakes: list[dict[str, Any]], out: Path, prefix: str) -> str:
+    """The examples the adapter got most confidently wrong: input (text, or image thumbnail), true and
+    predicted label, the predicted label's probability."""
+    rows = []
+    for j, m in enumerate(mistakes):
+        thumb = _thumbnail(m["image"], out, f"{prefix}_{j}") if m.get("image") else None
+        shown = f'<img src="{thumb}" alt="{html.escape(m["input"])}">' if thumb else html.escape(m["input"])
+        rows.append(
+            f"<tr><td class=example>{shown}</td><td>{html.escape(m['true'])}</td>"
+            f"<td>{html.escape(m['predicted'])}</td><td>{m['probability']:.3f}</td></tr>"
+        )
+    return (
+        f"<h2>Most confident mistakes: {html.escape(split)}</h2><table class=samples>"
+        "<tr><th>example</th><th>true</th><th>predicted</th><th>probability</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -173,6 +205,9 @@ def write_report(
             )
             if "per_class" in m:
                 parts.append(_per_class_table(m["per_class"]))
+        for i, (split, m) in enumerate(evaluations.items()):
+            if m and m.get("mistakes"):
+                parts.append(_mistakes_table(split, m["mistakes"], tmp, f"mistake_{i}"))
         for split, m in evaluations.items():
             if m and m.get("samples"):
                 rows = "".join(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,6 +71,59 @@ class ClassificationTask(Task):
         self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace
     ) -> dict[str, Any]:
         return classification_metrics(logits.argmax(-1), labels, label_space.labels)
+
+    #: How many of the most confident mistakes an evaluation keeps (report and UI).
+    mistakes_kept: ClassVar[int] = 12
+
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        ds: Dataset,
+        processor: Any,
+        cfg: Any,
+        label_space: LabelSpace,
+        *,
+        batch_size: int,
+        device: torch.device,
+        amp: torch.dtype | None = None,
+        progress: Any = None,
+    ) -> dict[str, Any]:
+        """The loss, the classification metrics, and the examples the adapter got most confidently wrong."""
+        from lorakit.batching import evaluate_model
+
+        collate = self.collate(processor, cfg.data)
+        logits, labels, loss = evaluate_model(
+            model, ds, collate, batch_size=batch_size, device=device, amp=amp, progress=progress
+        )
+        metrics = {"loss": loss, **self.compute_metrics(logits, labels, label_space)}
+        metrics["mistakes"] = self.mistakes(ds, processor, logits, labels, label_space)
+        return metrics
+
+    def mistakes(
+        self, ds: Dataset, processor: Any, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace
+    ) -> list[dict[str, Any]]:
+        """The wrong predictions with the highest probability, most confident first: the example (as
+        :meth:`describe` shows it), its true and predicted label and that label's probability."""
+        z = logits - logits.max(-1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        pred = probs.argmax(-1)
+        wrong = np.nonzero(pred != labels)[0]
+        order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][: self.mistakes_kept]
+        return [
+            self.describe(ds[int(i)], processor)
+            | {
+                "row": int(i),
+                "true": label_space.labels[int(labels[i])],
+                "predicted": label_space.labels[int(pred[i])],
+                "probability": float(probs[i, pred[i]]),
+            }
+            for i in order
+        ]
+
+    def describe(self, row: dict[str, Any], processor: Any) -> dict[str, str]:
+        """A preprocessed example as a person reads it: ``{"input": text}`` (image tasks add ``"image"``,
+        the reference a thumbnail is made from)."""
+        return {"input": f"row with {', '.join(row)}"}
 
     def serve_batch(
         self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any

@@ -388,6 +388,12 @@ class ImageClassification(ClassificationTask):
             f"processor = AutoImageProcessor.from_pretrained({where!r})",
         ]
 
+    def describe(self, row: dict[str, Any], processor: Any) -> dict[str, str]:
+        ref = row["image"]
+        if isinstance(ref, dict):  # a Hub / datasets image: its path when it has one
+            ref = ref.get("path") or ""
+        return {"input": str(ref) or "<image bytes>", "image": str(ref)}
+
     # ---- prediction -----------------------------------------------------------------------------
     def serving_rows(
         self, processor: ImageSpec, data_cfg: ImageClassificationData, inputs: list[Any]

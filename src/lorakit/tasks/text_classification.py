@@ -279,6 +279,9 @@ class TextClassification(ClassificationTask):
             f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
         ]
 
+    def describe(self, row: dict[str, Any], processor: Any) -> dict[str, str]:
+        return {"input": processor.decode(row["input_ids"], skip_special_tokens=True)[:600]}
+
     # ---- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
     def serving_rows(
