@@ -311,20 +311,25 @@ def main() -> None:
         results = {name: run_child(Path(__file__), name, extra) for name in ("anchor", "trl", "lorakit")}
     a = results["anchor"]
     print(
-        f"model {args.model}, {args.pairs} pairs, batch {BATCH}, beta {BETA}, lr {LR}, LoRA r={R} on {len(TARGETS)} projections, fp32"
+        f"model {args.model}, {args.pairs} pairs, batch {BATCH}, beta {BETA}, lr {LR}, LoRA r={R} "
+        f"on {len(TARGETS)} projections, fp32"
     )
     print(f"anchor (one batch, same adapter): same completion tokens: {a['same_completion_tokens']}")
     for k in a["trl"]:
         print(
-            f"  {k:17s} TRL {a['trl'][k]: .8f}   lorakit {a['lorakit'][k]: .8f}   |diff| {a['abs_diff'][k]:.2e}"
+            f"  {k:17s} TRL {a['trl'][k]: .8f}   lorakit {a['lorakit'][k]: .8f}   |diff| "
+            f"{a['abs_diff'][k]:.2e}"
         )
     t, o = results["trl"], results["lorakit"]
     print(
-        f"one epoch ({t['steps']} steps): TRL {t['epoch_seconds']:.1f} s, peak RSS {t['peak_rss_mb']:.0f} MB; "
-        f"lorakit {o['epoch_seconds']:.1f} s ({o['epoch_seconds'] / t['epoch_seconds']:.2f}x), peak RSS {o['peak_rss_mb']:.0f} MB ({o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x)"
+        f"one epoch ({t['steps']} steps): TRL {t['epoch_seconds']:.1f} s, peak RSS "
+        f"{t['peak_rss_mb']:.0f} MB; "
+        f"lorakit {o['epoch_seconds']:.1f} s ({o['epoch_seconds'] / t['epoch_seconds']:.2f}x), "
+        f"peak RSS {o['peak_rss_mb']:.0f} MB ({o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x)"
     )
     print(
-        f"  training loss first / last step: TRL {t['first_loss']:.4f} / {t['last_loss']:.4f}; lorakit {o['first_loss']:.4f} / {o['last_loss']:.4f}"
+        f"  training loss first / last step: TRL {t['first_loss']:.4f} / {t['last_loss']:.4f}; "
+        f"lorakit {o['first_loss']:.4f} / {o['last_loss']:.4f}"
     )
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "pairs": args.pairs, **results}, indent=2))

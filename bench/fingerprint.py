@@ -265,7 +265,10 @@ def summary_row(name: str, fp: dict[str, Any]) -> str:
     m = fp["metrics"]
     test = {k: v for k, v in (m.get("test") or {}).items() if isinstance(v, float)}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in list(test.items())[:3])
-    return f"{name:<28} {fp['meta']['seconds']:>6.1f} s  {fp['adapter_sha256'][:16]}  trainable {fp['trainable_params']:>9,}  steps {m.get('steps')}  test: {shown}"
+    return (
+        f"{name:<28} {fp['meta']['seconds']:>6.1f} s  {fp['adapter_sha256'][:16]}  "
+        f"trainable {fp['trainable_params']:>9,}  steps {m.get('steps')}  test: {shown}"
+    )
 
 
 def main() -> int:
@@ -321,8 +324,14 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lorakit-fingerprint-"))
     work.mkdir(parents=True, exist_ok=True)
     version = subprocess.run([lorakit, "--version"], capture_output=True, text=True).stdout.strip()
-    result: dict[str, Any] = {"meta": {"lorakit": version, "python": platform.python_version(), "machine": platform.machine(),
-                                       "cpus": os.cpu_count(), "threads": args.threads}, "configs": {}}  # fmt: skip
+    meta = {
+        "lorakit": version,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+    }
+    result: dict[str, Any] = {"meta": meta, "configs": {}}
     try:
         for name in args.configs:
             try:

@@ -47,7 +47,9 @@ def request(port: int, method: str, path: str, body: bytes | None = None) -> int
 
 
 def one_request(port: int, names: list[str], texts: list[str], rng: random.Random) -> tuple[str, int]:
-    """Send one request of the mix; (kind, HTTP status; 0 when no answer came within 60 s or the connection failed)."""
+    """Send one request of the mix; (kind, HTTP status; 0 when no answer came within 60 s or the
+    connection failed).
+    """
     roll = rng.random()
     if roll < 0.7:
         body = {
@@ -168,11 +170,13 @@ def main() -> None:
         "samples": samples,
     }
     print(
-        f"soak: {args.minutes:g} min at {args.rate:g} req/s over {len(adapters)} adapters; predict requests {served:,}, failed {failed}"
+        f"soak: {args.minutes:g} min at {args.rate:g} req/s over {len(adapters)} adapters; predict "
+        f"requests {served:,}, failed {failed}"
     )
     print(f"  responses by kind and status: {result['counts']}")
     print(
-        f"  server RSS after minute 1: {after_1:.1f} MB; at the end of the traffic: {end:.1f} MB ({result['rss_change_pct']:+.2f}%); "
+        f"  server RSS after minute 1: {after_1:.1f} MB; at the end of the traffic: {end:.1f} MB "
+        f"({result['rss_change_pct']:+.2f}%); "
         f"once the last requests came back: {drained:.1f} MB"
     )
     if args.json:

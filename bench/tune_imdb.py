@@ -10,7 +10,8 @@ or selects on. Three runs, one after the other:
   unpruned   the same search without pruning (pruner: none): the wall time pruning saves
 
     .venv/bin/python bench/tune_imdb.py --out bench/out/tune_imdb.json     # hours on 2 cores
-    .venv/bin/python bench/tune_imdb.py --quick                            # 64 reviews, 2 trials: a smoke test
+    .venv/bin/python bench/tune_imdb.py --quick                            \
+# 64 reviews, 2 trials: a smoke test
 
 Reported: each run's wall time, the best trial's validation and held-out test accuracy beside the
 defaults', and how many trials were pruned.
@@ -92,7 +93,8 @@ def main() -> None:
     trials = args.trials or (2 if args.quick else 16)
     sizes, eval_every = ((64, 16, 32), 2) if args.quick else ((N_TRAIN, N_VAL, N_TEST), 25)
     print(
-        f"# bench/tune_imdb.py{' --quick (a smoke test, not a measurement)' if args.quick else ''}: {sizes[0]} IMDB training reviews, 1 epoch, "
+        f"# bench/tune_imdb.py{' --quick (a smoke test, not a measurement)' if args.quick else ''}"
+        f": {sizes[0]} IMDB training reviews, 1 epoch, "
         f"packaged MiniLM; {trials} trials per search; accuracy on {sizes[2]} held-out reviews",
         flush=True,
     )
@@ -113,18 +115,21 @@ def main() -> None:
         results.append(search(base, work, "unpruned", "none", trials, eval_every))
     for r in results:
         extra = (
-            f"  {r['trials']} trials, {r['pruned']} pruned, {r['failed']} failed; best {json.dumps(r['best_params'])}"
+            f"  {r['trials']} trials, {r['pruned']} pruned, {r['failed']} failed; best "
+            f"{json.dumps(r['best_params'])}"
             if "trials" in r
             else ""
         )
         print(
-            f"{r['name']:9s} validation {100 * r['validation_accuracy']:5.1f}%  test {100 * r['test_accuracy']:5.1f}%  {r['seconds'] / 60:6.1f} min{extra}",
+            f"{r['name']:9s} validation {100 * r['validation_accuracy']:5.1f}%  test "
+            f"{100 * r['test_accuracy']:5.1f}%  {r['seconds'] / 60:6.1f} min{extra}",
             flush=True,
         )
     pruned, unpruned = results[1], results[2]
     print(
         f"pruning: {pruned['seconds'] / unpruned['seconds']:.2f}x the wall time of the unpruned search; "
-        f"best test accuracy {100 * (pruned['test_accuracy'] - results[0]['test_accuracy']):+.1f} points against the defaults"
+        f"best test accuracy {100 * (pruned['test_accuracy'] - results[0]['test_accuracy']):+.1f} "
+        "points against the defaults"
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

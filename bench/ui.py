@@ -4,7 +4,8 @@ One `lorakit ui` process (a child, as a user starts it) over a temporary workspa
 folders (config.yaml, metrics.json, a 200-line train.log, adapter/), measured over real HTTP:
 
   runs page    GET / (200 runs, sorted by start time): the first view (every run's files parsed), then
-               median and worst of 30 requests after 2 more (parsed files cached by mtime) (target: under 300 ms)
+               median and worst of 30 requests after 2 more (parsed files cached by mtime)
+               (target: under 300 ms)
   progress     a "running" run (its UI record names a live pid); a step line is appended to its
                train.log and the time until the run page's event stream carries that step is
                taken, 20 times (target: under 2 s)
@@ -55,7 +56,8 @@ def make_workspace(root: Path, n: int) -> None:
         # as `lorakit train` writes it: the whole resolved config
         (run / "config.yaml").write_text(yaml.safe_dump(validate_config(cfg).to_yaml_dict(), sort_keys=False))
         log = "".join(
-            f"2026-11-30 09:{j // 60 % 60:02d}:{j % 60:02d},000 INFO step {j}/200 (epoch 0.{j:03d}): loss=0.{700 - j:03d} lr=1.00e-03\n"
+            f"2026-11-30 09:{j // 60 % 60:02d}:{j % 60:02d},000 INFO step {j}/200 (epoch "
+            f"0.{j:03d}): loss=0.{700 - j:03d} lr=1.00e-03\n"
             for j in range(1, 201)
         )
         (run / "train.log").write_text(log)
@@ -122,7 +124,8 @@ def progress_latency(port: int, log: Path, repeats: int) -> list[float]:
         t0 = time.perf_counter()
         with log.open("a") as fh:
             fh.write(
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')},000 INFO step {k}/{repeats} (epoch 0.10): loss=0.5000 lr=1.00e-03\n"
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')},000 INFO step {k}/{repeats} (epoch 0.10): "
+                "loss=0.5000 lr=1.00e-03\n"
             )
         while k not in seen and time.perf_counter() - t0 < 10:
             time.sleep(0.01)
@@ -191,11 +194,13 @@ def main() -> None:
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(
-        f"runs page, {N_RUNS} runs:      median {result['runs_page_ms']['median']} ms, worst {result['runs_page_ms']['max']} ms (target < 300 ms); "
+        f"runs page, {N_RUNS} runs:      median {result['runs_page_ms']['median']} ms, worst "
+        f"{result['runs_page_ms']['max']} ms (target < 300 ms); "
         f"first view {result['runs_page_ms']['first']} ms (every file parsed)"
     )
     print(
-        f"progress to the page:       median {result['progress_latency_s']['median']} s, worst {result['progress_latency_s']['max']} s (target < 2 s)"
+        f"progress to the page:       median {result['progress_latency_s']['median']} s, worst "
+        f"{result['progress_latency_s']['max']} s (target < 2 s)"
     )
     print(f"idle CPU:                   {result['idle_cpu_percent_of_a_core']}% of a core (target < 1%)")
     print(f"CPU with a run page open:   {result['one_run_page_open_cpu_percent_of_a_core']}% of a core")

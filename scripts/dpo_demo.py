@@ -154,7 +154,8 @@ def main() -> None:
     judge_rows, reviews = imdb_halves()
     judge = Judge(train_judge(work, judge_rows, n_judge, args.quick))
     print(
-        f"judge: MiniLM LoRA on {n_judge} IMDB reviews, held-out accuracy {100 * judge.accuracy:.1f}% (300 reviews)  [{time.perf_counter() - t0:.0f} s]",
+        f"judge: MiniLM LoRA on {n_judge} IMDB reviews, held-out accuracy "
+        f"{100 * judge.accuracy:.1f}% (300 reviews)  [{time.perf_counter() - t0:.0f} s]",
         flush=True,
     )
 
@@ -226,10 +227,13 @@ def main() -> None:
     for mode in ("greedy", "sampled"):
         b, a = result[mode]["before"], result[mode]["after"]
         print(
-            f"{mode:8s} positive share {100 * b['positive_share']:5.1f}% -> {100 * a['positive_share']:5.1f}%, mean P(positive) {b['mean_p_positive']:.3f} -> {a['mean_p_positive']:.3f}"
+            f"{mode:8s} positive share {100 * b['positive_share']:5.1f}% -> "
+            f"{100 * a['positive_share']:5.1f}%, mean P(positive) {b['mean_p_positive']:.3f} -> "
+            f"{a['mean_p_positive']:.3f}"
         )
     print(
-        f"KL(policy || reference) on held-out prompts: {result['kl_sampled']:.2f} nats per answer (sampled), {result['kl_chosen_tokens']:.3f} per token"
+        f"KL(policy || reference) on held-out prompts: {result['kl_sampled']:.2f} nats per answer "
+        f"(sampled), {result['kl_chosen_tokens']:.3f} per token"
     )
     for s in result["samples"]:
         print(f"- {s['prompt']}\n    before: {s['before']}\n    after:  {s['after']}")

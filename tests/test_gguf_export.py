@@ -31,7 +31,9 @@ def _smollm2_folder() -> Path:
 
 @pytest.fixture(scope="module")
 def smol_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, tied embeddings, random weights) with SmolLM2's tokenizer."""
+    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, tied embeddings, random weights) with SmolLM2's
+    tokenizer.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-smol-llama")
@@ -57,7 +59,9 @@ def smol_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _peft_adapter(base_dir: Path, out: Path, *, scale: float = 0.3, **lora: object) -> Path:
-    """A LoRA adapter written by plain peft with non-zero B (so it moves the logits), imported into lorakit."""
+    """A LoRA adapter written by plain peft with non-zero B (so it moves the logits), imported into
+    lorakit.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -132,7 +136,8 @@ def test_gguf_f16_reads_back_with_the_adapters_logits_and_tokens(
     )
     assert check["lora_max_abs_delta_diff"] < 1e-3  # float16 A and B
 
-    # llama.cpp's layout, as its loader expects it: names, metadata, f16 matrices, f32 norms, no output.weight (tied).
+    # llama.cpp's layout, as its loader expects it: names, metadata, f16 matrices, f32 norms, no
+    # output.weight (tied).
     reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model-f16.gguf"))
     field = lambda key: reader.fields[key].contents()  # noqa: E731
     assert (

@@ -36,7 +36,9 @@ def _newest_step(run: Path) -> int:
 
 
 def _train_until_killed(config: Path, run: Path, *, after_step: int | None, delay: float | None) -> int:
-    """Start `lorakit train --resume-or-start`; SIGKILL it once a checkpoint past `after_step` exists (or after `delay` s)."""
+    """Start `lorakit train --resume-or-start`; SIGKILL it once a checkpoint past `after_step` exists
+    (or after `delay` s).
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", "lorakit", "train", str(config), "--resume-or-start", "--no-progress"],
         stdout=subprocess.DEVNULL,

@@ -1,4 +1,6 @@
-"""A clean stop: the first SIGTERM / SIGINT is remembered for the training loop, a second one stops at once."""
+"""A clean stop: the first SIGTERM / SIGINT is remembered for the training loop, a second one stops
+at once.
+"""
 
 from __future__ import annotations
 

@@ -227,7 +227,8 @@ def find_adapter_dir(path: str | Path) -> Path:
                 )
             if not (candidate / METADATA_FILE).is_file():
                 raise AdapterError(
-                    f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so its task and labels are unknown"
+                    f"'{candidate}' has no {METADATA_FILE}; it was not written by lorakit, so its "
+                    "task and labels are unknown"
                 )
             _check_adapter_files(candidate)
             return candidate
@@ -242,12 +243,14 @@ def _check_adapter_files(adapter_dir: Path) -> None:
     problem = adapter_config_problem(adapter_dir / ADAPTER_CONFIG)
     if problem:
         raise AdapterError(
-            f"'{adapter_dir / ADAPTER_CONFIG}' {problem}; the adapter folder is damaged: copy it again from where it came from, or retrain"
+            f"'{adapter_dir / ADAPTER_CONFIG}' {problem}; the adapter folder is damaged: copy it "
+            "again from where it came from, or retrain"
         )
     problem = safetensors_problem(adapter_dir / ADAPTER_WEIGHTS)
     if problem:
         raise AdapterError(
-            f"'{adapter_dir / ADAPTER_WEIGHTS}' is damaged ({problem}): an interrupted copy or a full disk? copy the adapter again, or retrain"
+            f"'{adapter_dir / ADAPTER_WEIGHTS}' is damaged ({problem}): an interrupted copy or a "
+            "full disk? copy the adapter again, or retrain"
         )
 
 
@@ -277,6 +280,7 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
         missing = ["base_model.name_or_path"]
     if missing:
         raise AdapterError(
-            f"'{path}' lacks {', '.join(missing)}; the adapter's lorakit metadata is damaged (edited by hand?): copy the adapter again, or retrain"
+            f"'{path}' lacks {', '.join(missing)}; the adapter's lorakit metadata is damaged "
+            "(edited by hand?): copy the adapter again, or retrain"
         )
     return meta

@@ -30,7 +30,8 @@ def model_card(meta: dict[str, Any]) -> str:
         f"# LoRA adapter for {meta['task']}",
         "",
         (
-            f"Trained elsewhere with peft; imported by lorakit {meta['versions'].get('lorakit', '?')} on {meta['created_at']} (`lorakit import`)."
+            "Trained elsewhere with peft; imported by lorakit "
+            f"{meta['versions'].get('lorakit', '?')} on {meta['created_at']} (`lorakit import`)."
             if meta.get("imported")
             else f"Trained with lorakit {meta['versions'].get('lorakit', '?')} on {meta['created_at']}."
         ),

@@ -140,7 +140,8 @@ def train(
     _setup_logging()
     if (resume or resume_or_start) and overwrite:
         raise LorakitError(
-            f"{'--resume' if resume else '--resume-or-start'} and --overwrite exclude each other: resume continues a run, overwrite starts it again"
+            f"{'--resume' if resume else '--resume-or-start'} and --overwrite exclude each other: "
+            "resume continues a run, overwrite starts it again"
         )
     mode = "auto" if resume_or_start else resume
     result = run_train(
@@ -170,12 +171,16 @@ def train(
         typer.echo(f"report:  {result.run_dir / 'report' / 'index.html'}")
 
 
-@app.command()
+@app.command(
+    help=(
+        "Search hyperparameters with Optuna (the config's tune: section); each trial is a "
+        "`lorakit train` run. Run it again to continue."
+    )
+)
 def tune(
     config: Annotated[Path, typer.Argument(help="Run config (YAML) with a tune: section.")],
     set_: SetOpt = None,
 ) -> None:
-    """Search hyperparameters with Optuna (the config's tune: section); each trial is a `lorakit train` run. Run it again to continue."""
     from lorakit.study_report import table
     from lorakit.tuning import tune as run_tune
 
@@ -189,7 +194,8 @@ def tune(
         )
     test = f", held-out test {best['test_value']:.4f}" if best.get("test_value") is not None else ""
     typer.echo(
-        f"best: trial {best['number']}, validation {summary['metric']} {best['value']:.4f}{test} ({best['run_dir']})"
+        f"best: trial {best['number']}, validation {summary['metric']} {best['value']:.4f}{test} "
+        f"({best['run_dir']})"
     )
     typer.echo(f"best config: {folder / 'best.yaml'}")
     typer.echo(f"report:      {folder / 'report' / 'index.html'}")
@@ -289,7 +295,12 @@ def generate(
         typer.echo(json.dumps(r, ensure_ascii=False) if as_json else r["output"])
 
 
-@app.command()
+@app.command(
+    help=(
+        "Merge an adapter into its base model (Hugging Face folder, ONNX, GGUF), and prove it: "
+        "same logits before and after."
+    )
+)
 def export(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
     merge: Annotated[
@@ -321,7 +332,8 @@ def export(
         Path | None,
         typer.Option(
             "--gguf",
-            help="Write the merged model as GGUF (llama.cpp, Ollama) to this folder, with a llama.cpp LoRA file and a Modelfile (Llama-family causal LMs).",
+            help="Write the merged model as GGUF (llama.cpp, Ollama) to this folder, with a "
+            "llama.cpp LoRA file and a Modelfile (Llama-family causal LMs).",
             metavar="OUT_DIR",
         ),
     ] = None,
@@ -339,7 +351,8 @@ def export(
         Path | None,
         typer.Option(
             "--vllm",
-            help="Lay out the base model and the adapter for `vllm serve` in this folder, after checking what vLLM refuses (causal LMs).",
+            help="Lay out the base model and the adapter for `vllm serve` in this folder, after "
+            "checking what vLLM refuses (causal LMs).",
             metavar="OUT_DIR",
         ),
     ] = None,
@@ -347,17 +360,18 @@ def export(
         int | None,
         typer.Option(
             "--max-lora-rank",
-            help="With --vllm: the server's --max-lora-rank (default: the smallest vLLM accepts for the adapter).",
+            help="With --vllm: the server's --max-lora-rank (default: the smallest vLLM accepts "
+            "for the adapter).",
         ),
     ] = None,
 ) -> None:
-    """Merge an adapter into its base model (Hugging Face folder, ONNX, GGUF), and prove it: same logits before and after."""
     from lorakit.errors import LorakitError as _Err
 
     _setup_logging()
     if merge is None and gguf is None and vllm is None:
         raise _Err(
-            "export needs --merge OUT_DIR (Hugging Face folder; --onnx adds model.onnx to it), --gguf OUT_DIR (llama.cpp / Ollama) and/or --vllm OUT_DIR"
+            "export needs --merge OUT_DIR (Hugging Face folder; --onnx adds model.onnx to it), "
+            "--gguf OUT_DIR (llama.cpp / Ollama) and/or --vllm OUT_DIR"
         )
     if onnx and merge is None:
         raise _Err("--onnx adds model.onnx to the --merge OUT_DIR folder; pass --merge too")
@@ -400,12 +414,15 @@ def _export_gguf(path: Path, out: Path, **options: object) -> None:
     )
     typer.echo(f"gguf model: {r.model_file}")
     typer.echo(
-        f"  largest |unmerged - GGUF {r.gguf_type}| logit difference on {r.checked} inputs, read back by transformers: {r.logit_diff:.3g} "
-        f"(largest |logit| {r.logit_scale:.3g}; {bound}); same next token at {100 * r.top1_agreement:.1f}% of positions; tokenizer: same ids"
+        f"  largest |unmerged - GGUF {r.gguf_type}| logit difference on {r.checked} inputs, "
+        f"read back by transformers: {r.logit_diff:.3g} (largest |logit| {r.logit_scale:.3g}; "
+        f"{bound}); same next token at {100 * r.top1_agreement:.1f}% of positions; "
+        "tokenizer: same ids"
     )
     if r.lora_file:
         typer.echo(
-            f"gguf lora:  {r.lora_file} (llama.cpp --lora on the base model's GGUF; largest |delta W read back - adapter's| {r.lora_diff:.3g})"
+            f"gguf lora:  {r.lora_file} (llama.cpp --lora on the base model's GGUF; "
+            f"largest |delta W read back - adapter's| {r.lora_diff:.3g})"
         )
     else:
         typer.echo(f"gguf lora:  not written: {r.lora_skipped}")
@@ -422,7 +439,13 @@ def _export_vllm(path: Path, out: Path, **options: object) -> None:
     typer.echo(f"  serve (vLLM's own environment: make vllm-env): {shlex.join(v.command)}")
 
 
-@app.command("import")
+@app.command(
+    "import",
+    help=(
+        "Make a peft adapter trained elsewhere a lorakit adapter: task, labels, base and its hash, "
+        "checked against the base."
+    ),
+)
 def import_(
     path: Annotated[
         Path,
@@ -462,7 +485,6 @@ def import_(
         typer.Option("--max-length", min=8, help="Tokens per input at prediction time (text tasks)."),
     ] = None,
 ) -> None:
-    """Make a peft adapter trained elsewhere a lorakit adapter: task, labels, base and its hash, checked against the base."""
     from lorakit.importing import import_adapter
 
     _setup_logging()
@@ -476,7 +498,8 @@ def import_(
     from lorakit.tasks import get_task
 
     typer.echo(
-        f"  checked: every saved tensor loads into the base; next: lorakit {get_task(r.task).cli_command} {r.adapter_dir} ..."
+        "  checked: every saved tensor loads into the base; next: lorakit "
+        f"{get_task(r.task).cli_command} {r.adapter_dir} ..."
     )
 
 
@@ -750,7 +773,8 @@ def ui(
     _setup_logging()
     if not is_loopback(host) and not token:
         raise LorakitError(
-            f"--host {host} makes the UI reachable from other machines; give a --token (or LORAKIT_UI_TOKEN), or use --host 127.0.0.1"
+            f"--host {host} makes the UI reachable from other machines; give a --token (or "
+            "LORAKIT_UI_TOKEN), or use --host 127.0.0.1"
         )
     if not workspace.is_dir():
         raise LorakitError(f"--workspace: '{workspace}' is not a folder")
@@ -759,7 +783,8 @@ def ui(
     )  # relative paths in run configs (data, base model) are read from the workspace, as train read them
     suffix = f"/?token={token}" if token else "/"
     typer.echo(
-        f"lorakit ui on http://{'localhost' if is_loopback(host) else host}:{port}{suffix} (workspace {Path.cwd()})",
+        f"lorakit ui on http://{'localhost' if is_loopback(host) else host}:{port}{suffix} "
+        f"(workspace {Path.cwd()})",
         err=True,
     )
     uvicorn.run(
@@ -798,7 +823,8 @@ def main(argv: list[str] | None = None) -> None:
         if not is_no_space(exc):
             raise
         typer.echo(
-            f"error: no space left on the device ({exc.filename or 'while writing'}); finished artifacts are intact: free some space and run again",
+            f"error: no space left on the device ({exc.filename or 'while writing'}); finished "
+            "artifacts are intact: free some space and run again",
             err=True,
         )
         sys.exit(2)

@@ -307,7 +307,11 @@ class OutputConfig(Section):
     report: bool = Field(True, description="Write an HTML report with plots under <dir>/report.")
     report_to: list[TrackerName] | None = Field(
         None,
-        description="Experiment trackers, the words transformers uses: tensorboard (files under <dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder), wandb (offline without WANDB_API_KEY); [] = none; unset = [tensorboard] when `tensorboard` is true. mlflow and wandb need `pip install 'lorakit[track]'`.",
+        description="Experiment trackers, the words transformers uses: tensorboard (files under "
+        "<dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+        "working folder), wandb (offline without WANDB_API_KEY); [] = none; unset = "
+        "[tensorboard] when `tensorboard` is true. mlflow and wandb need `pip install "
+        "'lorakit[track]'`.",
     )
     experiment: str = Field(
         "lorakit",
@@ -329,13 +333,17 @@ class OutputConfig(Section):
         ]
         if missing:
             raise ValueError(
-                f"output.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; pip install 'lorakit[track]' or remove {'it' if len(missing) == 1 else 'them'} from report_to"
+                f"output.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                "not installed; pip install 'lorakit[track]' or remove "
+                f"{'it' if len(missing) == 1 else 'them'} from report_to"
             )
         return self
 
     @property
     def trackers(self) -> list[str]:
-        """The trackers in use: ``report_to``, or TensorBoard alone when that is unset and ``tensorboard`` is on."""
+        """The trackers in use: ``report_to``, or TensorBoard alone when that is unset and
+        ``tensorboard`` is on.
+        """
         return (
             list(dict.fromkeys(self.report_to))
             if self.report_to is not None
@@ -359,7 +367,8 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     tune: dict[str, Any] | None = Field(
         None,
-        description="The search of `lorakit tune` (search space, metric, trials; lorakit.tuning.TuneConfig checks it); `lorakit train` ignores it.",
+        description="The search of `lorakit tune` (search space, metric, trials; "
+        "lorakit.tuning.TuneConfig checks it); `lorakit train` ignores it.",
     )
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -45,7 +45,10 @@ EXPORT_METADATA = "lorakit-export.json"
 # Byte-level BPE pre-tokenizers (tokenizer.json) and llama.cpp's name for the same split
 # (tokenizer.ggml.pre); a vocabulary split any other way is refused rather than written wrong.
 _GPT2_SPLIT = {"type": "ByteLevel", "use_regex": True}
-_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass
@@ -110,13 +113,16 @@ def gguf_tensor_name(hf_name: str, name_map: Any) -> str:
     name = name_map.get_name(stem)
     if name is None:
         raise ExportError(
-            f"--gguf: the merged model has a tensor llama.cpp's llama architecture does not know ({hf_name}); this model cannot be written as a llama GGUF"
+            "--gguf: the merged model has a tensor llama.cpp's llama architecture does not know "
+            f"({hf_name}); this model cannot be written as a llama GGUF"
         )
     return f"{name}.{suffix}"
 
 
 def _stored(data: np.ndarray, gguf_type: str) -> tuple[np.ndarray, Any]:
-    """(array to write, raw GGML type or None): norms and biases (1-D) stay float32, as llama.cpp's converter keeps them."""
+    """(array to write, raw GGML type or None): norms and biases (1-D) stay float32, as llama.cpp's
+    converter keeps them.
+    """
     import gguf
 
     if data.ndim == 1:
@@ -132,12 +138,15 @@ def _check_architecture(model: Any) -> None:
     config = model.config
     if config.model_type not in LLAMA_FAMILY or not type(model).__name__.endswith("ForCausalLM"):
         raise ExportError(
-            f"--gguf: writes Llama-family causal language models ({', '.join(LLAMA_FAMILY)}); this adapter's model is a {type(model).__name__} ({config.model_type}); export with --merge instead"
+            f"--gguf: writes Llama-family causal language models ({', '.join(LLAMA_FAMILY)}); this "
+            f"adapter's model is a {type(model).__name__} ({config.model_type}); export with "
+            "--merge instead"
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ExportError(
-            f"--gguf: rope scaling '{rope.get('rope_type')}' is not written by lorakit's GGUF writer; convert the --merge folder with llama.cpp's convert_hf_to_gguf.py"
+            f"--gguf: rope scaling '{rope.get('rope_type')}' is not written by lorakit's GGUF "
+            "writer; convert the --merge folder with llama.cpp's convert_hf_to_gguf.py"
         )
 
 
@@ -147,7 +156,9 @@ def _rope_theta(config: Any) -> float:
 
 
 def _add_llama_metadata(writer: Any, config: Any, name: str) -> None:
-    """The hyperparameters llama.cpp reads for its "llama" architecture (what convert_hf_to_gguf.py writes)."""
+    """The hyperparameters llama.cpp reads for its "llama" architecture (what convert_hf_to_gguf.py
+    writes).
+    """
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -189,7 +200,8 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX:
         return "llama-bpe"
     raise ExportError(
-        f"--gguf: the tokenizer's pre-tokenizer ({json.dumps(spec)[:120]}) has no llama.cpp name lorakit knows; convert the --merge folder with llama.cpp's convert_hf_to_gguf.py"
+        f"--gguf: the tokenizer's pre-tokenizer ({json.dumps(spec)[:120]}) has no llama.cpp name "
+        "lorakit knows; convert the --merge folder with llama.cpp's convert_hf_to_gguf.py"
     )
 
 
@@ -213,7 +225,9 @@ def _add_tokenizer_metadata(writer: Any, tokenizer: Any, folder: Path, vocab_siz
         or (spec.get("decoder") or {}).get("type") != "ByteLevel"
     ):
         raise ExportError(
-            "--gguf: lorakit writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2); this one is not; convert the --merge folder with llama.cpp's convert_hf_to_gguf.py"
+            "--gguf: lorakit writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, "
+            "Qwen2); this one is not; convert the --merge folder with llama.cpp's "
+            "convert_hf_to_gguf.py"
         )
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
@@ -320,7 +334,8 @@ def lora_pairs(
     if lora.get("modules_to_save"):
         return (
             {},
-            f"modules trained in full ({', '.join(lora['modules_to_save'])}) have no place in a llama.cpp LoRA file (the merged model carries them)",
+            f"modules trained in full ({', '.join(lora['modules_to_save'])}) have no place in a "
+            "llama.cpp LoRA file (the merged model carries them)",
         )
     pairs = {}
     for name, module in peft_model.named_modules():
@@ -335,7 +350,8 @@ def lora_pairs(
     if len(ranks) != 1:
         return (
             {},
-            f"ranks differ between modules ({sorted(ranks)}); llama.cpp's LoRA scaling takes one alpha per file",
+            f"ranks differ between modules ({sorted(ranks)}); llama.cpp's LoRA scaling takes one "
+            "alpha per file",
         )
     return pairs, None
 
@@ -435,7 +451,8 @@ def modelfile_text(model_file: str, tokenizer: Any, stops: list[int], system: st
         ]
     else:
         lines.append(
-            "# no TEMPLATE: Ollama uses the chat template stored in the GGUF file (tokenizer.chat_template) where it recognises it"
+            "# no TEMPLATE: Ollama uses the chat template stored in the GGUF file "
+            "(tokenizer.chat_template) where it recognises it"
         )
     if system:
         lines.append(f'SYSTEM """{system}"""')
@@ -462,7 +479,9 @@ def _top1_agreement(
 
 
 def _same_tokens(adapter_tok: Any, gguf_tok: Any, batches: list[dict[str, torch.Tensor]]) -> bool:
-    """The GGUF file's tokenizer (as transformers rebuilds it) encodes every check prompt to the adapter's ids."""
+    """The GGUF file's tokenizer (as transformers rebuilds it) encodes every check prompt to the
+    adapter's ids.
+    """
     for b in batches:
         for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True):
             want = ids[mask.bool()].tolist()
@@ -482,15 +501,18 @@ def export_gguf(
     relative_tolerance: float = F16_RELATIVE_TOLERANCE,
     lora: bool = True,
 ) -> GGUFResult:
-    """Write a causal-LM adapter as a merged GGUF model (+ a llama.cpp LoRA file and an Ollama Modelfile), verified.
+    """Write a causal-LM adapter as a merged GGUF model (+ a llama.cpp LoRA file and an Ollama
+    Modelfile), verified.
 
     Args:
         adapter: Adapter directory or run directory of a Llama-family causal-LM adapter.
         out_dir: Folder to write; replaced atomically once the checks passed.
-        gguf_type: ``f16`` (checked against ``relative_tolerance``) or ``q8_0`` (difference measured and reported).
+        gguf_type: ``f16`` (checked against ``relative_tolerance``) or ``q8_0`` (difference measured
+            and reported).
         overwrite: Replace an existing non-empty ``out_dir``.
         base_model: Load this base model instead of the recorded one (same content hash).
-        relative_tolerance: Largest accepted |unmerged - GGUF| logit difference, relative to the largest |logit| (f16).
+        relative_tolerance: Largest accepted |unmerged - GGUF| logit difference, relative to the
+            largest |logit| (f16).
         lora: Also write the adapter as a llama.cpp LoRA GGUF where llama.cpp can take it.
 
     Returns:
@@ -516,7 +538,8 @@ def export_gguf(
     quant = loaded.meta.get("config", {}).get("model", {}).get("quantization", "none")
     if quant not in (None, "none"):
         raise ExportError(
-            f"this adapter was trained on a {quant}-quantised base; export with --base-model pointing at the unquantised model"
+            f"this adapter was trained on a {quant}-quantised base; export with --base-model "
+            "pointing at the unquantised model"
         )
     data_cfg = loaded.config.data
     batches = loaded.task.export_batches(
@@ -546,12 +569,14 @@ def export_gguf(
         tolerance = relative_tolerance if gguf_type == "f16" else None
         if tolerance is not None and not diff <= tolerance * scale:
             raise ExportError(
-                f"GGUF check failed: largest |unmerged - GGUF {gguf_type}| logit difference is {diff:.3g} > {tolerance:g} x {scale:.3g} (largest |logit|); nothing was written"
+                f"GGUF check failed: largest |unmerged - GGUF {gguf_type}| logit difference is "
+                f"{diff:.3g} > {tolerance:g} x {scale:.3g} (largest |logit|); nothing was written"
             )
         tokens_equal = _same_tokens(tokenizer, gguf_tok, batches)
         if not tokens_equal:
             raise ExportError(
-                "GGUF check failed: the tokenizer read back from the GGUF file does not give the adapter's token ids (or its chat template differs); nothing was written"
+                "GGUF check failed: the tokenizer read back from the GGUF file does not give the "
+                "adapter's token ids (or its chat template differs); nothing was written"
             )
         lora_file = lora_diff = None
         if pairs:
@@ -561,7 +586,8 @@ def export_gguf(
             want = {m: b @ a for m, (a, b) in pairs.items()}
             if set(deltas) != set(want):
                 raise ExportError(
-                    f"LoRA GGUF check failed: it holds {len(deltas)} adapted weights, the adapter {len(want)}; nothing was written"
+                    f"LoRA GGUF check failed: it holds {len(deltas)} adapted weights, the adapter "
+                    f"{len(want)}; nothing was written"
                 )
             lora_diff = max(float(np.abs(deltas[m] - want[m]).max()) for m in want)
             lora_file = out / lora_file.name

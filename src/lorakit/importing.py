@@ -60,7 +60,8 @@ def read_peft_folder(folder: str | Path) -> dict[str, Any]:
     if not (p / artifacts.ADAPTER_WEIGHTS).is_file():
         if (p / "adapter_model.bin").is_file():
             raise AdapterError(
-                f"'{p}' holds pickled adapter_model.bin weights; re-save the adapter with save_pretrained(..., safe_serialization=True)"
+                f"'{p}' holds pickled adapter_model.bin weights; re-save the adapter with "
+                "save_pretrained(..., safe_serialization=True)"
             )
         raise AdapterError(f"'{p}' has no {artifacts.ADAPTER_WEIGHTS}: the adapter is incomplete")
     if (p / artifacts.METADATA_FILE).is_file():
@@ -94,7 +95,8 @@ def _pick_task(peft_cfg: dict[str, Any], task: str | None) -> Task:
     if len(matches) != 1:
         found = f"peft task_type {task_type}" if task_type else "no peft task_type"
         raise LorakitError(
-            f"import: the adapter says {found}, which does not name one lorakit task; pass --task ({', '.join(task_names())})"
+            f"import: the adapter says {found}, which does not name one lorakit task; pass --task "
+            f"({', '.join(task_names())})"
         )
     return matches[0]
 
@@ -128,12 +130,14 @@ def _label_space(labels: list[str] | None, base_config: Any, rows: int | None) -
     id2label = {int(k): str(v) for k, v in (getattr(base_config, "id2label", None) or {}).items()}
     if rows is None:
         raise LorakitError(
-            "import: cannot tell how many classes the adapter's head has; name them in class-id order with --labels a,b,..."
+            "import: cannot tell how many classes the adapter's head has; name them in class-id "
+            "order with --labels a,b,..."
         )
     if sorted(id2label) == list(range(rows)):
         return LabelSpace(tuple(id2label[i] for i in range(rows))), "the base config's id2label"
     raise LorakitError(
-        f"import: the adapter's head has {rows} outputs but the base config names {len(id2label)} labels; name them in class-id order with --labels a,b,..."
+        f"import: the adapter's head has {rows} outputs but the base config names {len(id2label)} "
+        "labels; name them in class-id order with --labels a,b,..."
     )
 
 
@@ -271,7 +275,9 @@ def _load_checked(
     unused = sorted(set(shapes) - set(_saved_state(model)))
     if unused:
         raise AdapterError(
-            f"adapter '{folder}' does not fit base model '{model_path}': {len(unused)} saved tensor(s) have no module in it (e.g. {unused[0]}); pass the task (--task) and base (--base) it was trained with"
+            f"adapter '{folder}' does not fit base model '{model_path}': {len(unused)} saved "
+            f"tensor(s) have no module in it (e.g. {unused[0]}); pass the task (--task) and base "
+            "(--base) it was trained with"
         )
     return base, model.eval()
 

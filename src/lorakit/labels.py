@@ -133,7 +133,8 @@ def label_notes(padded: set[str], labels: set[Any], *, key: str) -> list[str]:
     if padded:
         shown = ", ".join(repr(v) for v in sorted(padded)[:3])
         out.append(
-            f"{key}: {len(padded)} label spelling(s) had surrounding whitespace ({shown}); it was stripped, so each is one class with its stripped name"
+            f"{key}: {len(padded)} label spelling(s) had surrounding whitespace ({shown}); it was "
+            "stripped, so each is one class with its stripped name"
         )
     by_case: dict[str, list[str]] = {}
     for v in labels:
@@ -143,6 +144,7 @@ def label_notes(padded: set[str], labels: set[Any], *, key: str) -> list[str]:
     if clashes:
         shown = "; ".join(" and ".join(repr(v) for v in group) for group in sorted(clashes)[:3])
         out.append(
-            f"{key}: labels {shown} differ only by case and are trained as separate classes; if they mean the same, make them one spelling in the data"
+            f"{key}: labels {shown} differ only by case and are trained as separate classes; if "
+            "they mean the same, make them one spelling in the data"
         )
     return out

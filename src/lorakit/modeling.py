@@ -100,7 +100,8 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     if p.exists():
         if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
             raise ModelError(
-                f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face model folder"
+                f"model.name_or_path: folder '{path}' has no config.json; point to a Hugging Face "
+                "model folder"
             )
         check_weight_files(p)
         return str(p.resolve())
@@ -123,7 +124,8 @@ def check_weight_files(folder: Path) -> None:
         problem = safetensors_problem(f)
         if problem:
             raise ModelError(
-                f"model.name_or_path: '{f}' is damaged ({problem}): an interrupted download or copy? fetch the model again"
+                f"model.name_or_path: '{f}' is damaged ({problem}): an interrupted download or "
+                "copy? fetch the model again"
             )
 
 
@@ -433,9 +435,10 @@ def check_rank(model: nn.Module, r: int) -> None:
         return
     smallest_saving = min((i * o - 1) // (i + o) for _, i, o in widths)  # r * (in + out) < in * out
     raise ModelError(
-        f"lora.r = {r} is not below the width of '{name.removeprefix('base_model.model.')}' ({n_in} in, {n_out} out): "
-        f"the update would be full rank with more parameters than the layer; use lora.r <= {max(1, smallest_saving)}, "
-        "the largest rank whose two LoRA matrices are smaller than every layer they adapt"
+        f"lora.r = {r} is not below the width of '{name.removeprefix('base_model.model.')}' "
+        f"({n_in} in, {n_out} out): the update would be full rank with more parameters than the "
+        f"layer; use lora.r <= {max(1, smallest_saving)}, the largest rank whose two LoRA matrices "
+        "are smaller than every layer they adapt"
     )
 
 

@@ -61,8 +61,10 @@ class Plan:
             + (" DoRA" if c.lora.use_dora else ""),
             f"  targets   {self.target_modules}",
             f"  trained   {some(self.modules_to_save)} (fully, saved with the adapter)",
-            f"  params    {self.trainable:,} trainable / {self.total:,} total ({100 * self.trainable / max(1, self.total):.2f}%)",
-            f"train       {self.steps:,} optimizer steps at lr {c.train.learning_rate:g} on {self.device} in {self.precision}; output to {c.output.dir}",
+            f"  params    {self.trainable:,} trainable / {self.total:,} total "
+            f"({100 * self.trainable / max(1, self.total):.2f}%)",
+            f"train       {self.steps:,} optimizer steps at lr {c.train.learning_rate:g} on "
+            f"{self.device} in {self.precision}; output to {c.output.dir}",
         ]
         return out
 

@@ -329,13 +329,15 @@ class Registry:
             except (OSError, sqlite3.OperationalError) as exc:
                 if is_no_space(exc):
                     raise DiskFullError(
-                        f"no space left on the device while publishing '{src}' to the registry at '{self.root}'; "
-                        "its index and earlier versions are intact: free some space and publish again"
+                        f"no space left on the device while publishing '{src}' to the registry at "
+                        f"'{self.root}'; its index and earlier versions are intact: free some space and "
+                        "publish again"
                     ) from None
                 if not isinstance(exc, OSError):
                     raise
                 raise RegistryError(
-                    f"cannot store '{src}' in the registry at '{self.root}' ({exc.strerror or exc}); pass a writable --registry folder"
+                    f"cannot store '{src}' in the registry at '{self.root}' "
+                    f"({exc.strerror or exc}); pass a writable --registry folder"
                 ) from None
             finally:
                 _remove(staging)

@@ -44,16 +44,19 @@ def resume_state(run: Path, resume: Resume) -> dict[str, Any] | None:
         return state
     if (run / "metrics.json").is_file():
         raise RunDirError(
-            f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to train again)"
+            f"--resume: the run in '{run}' already finished; nothing to resume (use --overwrite to "
+            "train again)"
         )
     if resume == "auto":
         return None
     if not run.is_dir() or not any(run.iterdir()):
         raise RunDirError(
-            f"--resume: no run to resume in '{run}'; leave out --resume to start it, or pass --resume-or-start to continue when possible and start otherwise"
+            f"--resume: no run to resume in '{run}'; leave out --resume to start it, or pass "
+            "--resume-or-start to continue when possible and start otherwise"
         )
     raise RunDirError(
-        f"--resume: '{run}' has no checkpoint yet (the run stopped before its first one); start again with --overwrite, or pass --resume-or-start"
+        f"--resume: '{run}' has no checkpoint yet (the run stopped before its first one); start "
+        "again with --overwrite, or pass --resume-or-start"
     )
 
 
@@ -84,7 +87,8 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise RunDirError(
-                f"output.dir: '{self.run}' is in use by another lorakit train that is still running; wait for it to end, or choose another output.dir"
+                f"output.dir: '{self.run}' is in use by another lorakit train that is still "
+                "running; wait for it to end, or choose another output.dir"
             ) from None
         self._fd = fd
 

@@ -69,7 +69,8 @@ def write_study_outputs(
         study_dir: The study folder.
 
     Returns:
-        ``{"study", "study_dir", "metric", "direction", "best", "trials"}``; ``best`` is None until a trial completed.
+        ``{"study", "study_dir", "metric", "direction", "best", "trials"}``; ``best`` is None until a
+        trial completed.
     """
     rows = trial_rows(study, tune)
     complete = [r for r in rows if r["state"] == "COMPLETE"]
@@ -173,8 +174,10 @@ def write_html(study: Any, summary: dict[str, Any], out: Path) -> Path:
         if best
         else "no trial has completed yet"
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lorakit tune: {html.escape(summary["study"])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} pre{{background:#f5f5f5;padding:1em;overflow-x:auto}} .note{{color:#777}}</style></head>
+    page = f"""<!doctype html><html><head><meta charset="utf-8">\
+<title>lorakit tune: {html.escape(summary["study"])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} \
+pre{{background:#f5f5f5;padding:1em;overflow-x:auto}} .note{{color:#777}}</style></head>
 <body><h1>lorakit tune: {html.escape(summary["study"])}</h1>
 <p>{html.escape(best_line)} ({summary["direction"]}; {len(summary["trials"])} trials)</p>
 <pre>{html.escape(chr(10).join(table(summary)))}</pre>

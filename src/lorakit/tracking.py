@@ -83,7 +83,9 @@ def check_reachable(report_to: list[str], timeout: float = 5.0) -> None:
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise TrackerError(
-                    f"output.report_to: mlflow: the tracking server {uri} (MLFLOW_TRACKING_URI) cannot be reached ({reason}); start it, fix the URI, or unset it to log to {DEFAULT_MLFLOW_URI}"
+                    f"output.report_to: mlflow: the tracking server {uri} (MLFLOW_TRACKING_URI) "
+                    f"cannot be reached ({reason}); start it, fix the URI, or unset it to log to "
+                    f"{DEFAULT_MLFLOW_URI}"
                 ) from None
     if "wandb" in report_to and wandb_mode() == "online":
         base = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
@@ -92,7 +94,9 @@ def check_reachable(report_to: list[str], timeout: float = 5.0) -> None:
             socket.create_connection((base.hostname or "", port), timeout=timeout).close()
         except OSError as exc:
             raise TrackerError(
-                f"output.report_to: wandb: {base.geturl()} cannot be reached ({exc.strerror or exc}); set WANDB_MODE=offline to log locally and `wandb sync` later"
+                f"output.report_to: wandb: {base.geturl()} cannot be reached "
+                f"({exc.strerror or exc}); set WANDB_MODE=offline to log locally and `wandb sync` "
+                "later"
             ) from None
 
 
@@ -124,7 +128,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _guarded(method: Any) -> Any:
-    """A tracker that fails mid-run (server gone, disk full) warns once and stops logging; training goes on."""
+    """A tracker that fails mid-run (server gone, disk full) warns once and stops logging; training
+    goes on.
+    """
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -172,7 +178,9 @@ def mlflow_client() -> tuple[Any, str]:
 
 
 def mlflow_experiment(client: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created when missing (a local store keeps artifacts in ./mlartifacts)."""
+    """The id of experiment ``name``, created when missing (a local store keeps artifacts in
+    ./mlartifacts).
+    """
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
@@ -251,7 +259,10 @@ def end_child_runs(parent_run_id: str, run_dir: Path, status: str) -> None:
     tagged with ``run_dir``) with ``status``, e.g. KILLED for a pruned trial."""
     client, _ = mlflow_client()
     experiment = client.get_run(parent_run_id).info.experiment_id
-    where = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`lorakit.run_dir` = '{Path(run_dir).resolve()}' and attributes.status = 'RUNNING'"
+    where = (
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+        f"tags.`lorakit.run_dir` = '{Path(run_dir).resolve()}' and attributes.status = 'RUNNING'"
+    )
     for run in client.search_runs([experiment], filter_string=where):
         client.set_terminated(run.info.run_id, status)
 
@@ -262,7 +273,9 @@ def end_child_runs(parent_run_id: str, run_dir: Path, status: str) -> None:
 
 
 class WandbTracker(Callback):
-    """Logs a run to W&B (offline without an API key): config, curves, summary, adapter and report artifacts."""
+    """Logs a run to W&B (offline without an API key): config, curves, summary, adapter and report
+    artifacts.
+    """
 
     name, broken = "wandb", False
 

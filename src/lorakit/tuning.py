@@ -63,7 +63,8 @@ class SearchDim(_Strict):
     choices: list[Any] | None = Field(
         None,
         min_length=1,
-        description="The values to choose from (anything a config key takes: numbers, strings, lists such as target-module sets or lora.layers).",
+        description="The values to choose from (anything a config key takes: numbers, strings, lists "
+        "such as target-module sets or lora.layers).",
     )
 
     @model_validator(mode="after")
@@ -85,11 +86,13 @@ class TuneConfig(_Strict):
 
     space: dict[str, SearchDim] = Field(
         min_length=1,
-        description="Dotted config keys and their ranges or choices, e.g. {train.learning_rate: {low: 1e-4, high: 1e-2, log: true}, lora.r: {choices: [4, 8, 16]}}.",
+        description="Dotted config keys and their ranges or choices, e.g. "
+        "{train.learning_rate: {low: 1e-4, high: 1e-2, log: true}, lora.r: {choices: [4, 8, 16]}}.",
     )
     metric: str | None = Field(
         None,
-        description="Validation metric to optimise; unset = train.metric_for_best (else the task's default). Trials select their best adapter on it too.",
+        description="Validation metric to optimise; unset = train.metric_for_best (else the task's "
+        "default). Trials select their best adapter on it too.",
     )
     direction: Literal["maximize", "minimize"] | None = Field(
         None, description="Unset = train.greater_is_better, else minimize for losses and maximize otherwise."
@@ -97,16 +100,20 @@ class TuneConfig(_Strict):
     n_trials: int | None = Field(
         None,
         ge=1,
-        description="Trials in the whole study, over every run and process (finished, pruned and failed ones count; interrupted ones do not).",
+        description="Trials in the whole study, over every run and process (finished, pruned and failed "
+        "ones count; interrupted ones do not).",
     )
     timeout_minutes: float | None = Field(
         None,
         gt=0,
-        description="Stop starting trials after this many minutes of this process; at least one of n_trials and timeout_minutes is needed.",
+        description="Stop starting trials after this many minutes of this process; at least one of "
+        "n_trials and timeout_minutes is needed.",
     )
     pruner: Literal["median", "successive-halving", "none"] = Field(
         "median",
-        description="Stop poor trials early from their intermediate validations (train.eval_every_steps gives more of them): `median` stops a trial worse than the median of earlier trials at the same step, `successive-halving` keeps the top 1/reduction_factor at each rung.",
+        description="Stop poor trials early from their intermediate validations (train.eval_every_steps "
+        "gives more of them): `median` stops a trial worse than the median of earlier trials at the "
+        "same step, `successive-halving` keeps the top 1/reduction_factor at each rung.",
     )
     startup_trials: int = Field(
         4, ge=0, description="Median pruner: trials that run to the end before any is pruned."
@@ -119,11 +126,14 @@ class TuneConfig(_Strict):
     )
     seed: int | None = Field(
         42,
-        description="Seed of the TPE sampler; trial n samples with seed + n, so processes sharing a study propose different values and a study can be repeated (null = random).",
+        description="Seed of the TPE sampler; trial n samples with seed + n, so processes sharing a "
+        "study propose different values and a study can be repeated (null = random).",
     )
     storage: str | None = Field(
         None,
-        description="Where the study is stored: a database URL (sqlite:///study.db, postgresql://user@host/db) shared by processes on several machines, or a journal file path; unset = <output.dir>/study.journal.",
+        description="Where the study is stored: a database URL (sqlite:///study.db, "
+        "postgresql://user@host/db) shared by processes on several machines, or a journal "
+        "file path; unset = <output.dir>/study.journal.",
     )
     study_name: str | None = Field(
         None, description="Name of the study in the storage; unset = the last part of output.dir."
@@ -149,7 +159,8 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
     if not cfg.tune:
         raise ConfigError(
             [
-                "tune: missing; add a tune: section with space and n_trials (see README, Hyperparameter search)"
+                "tune: missing; add a tune: section with space and n_trials (see README, "
+                "Hyperparameter search)"
             ],
             str(path),
         )
@@ -289,7 +300,9 @@ def decode_params(tune: TuneConfig, params: dict[str, Any]) -> dict[str, Any]:
 
 
 class TrialFailed(Exception):
-    """The trial's process failed (crash, NaN loss, bad sampled value): the trial is FAILED, the study goes on."""
+    """The trial's process failed (crash, NaN loss, bad sampled value): the trial is FAILED, the study
+    goes on.
+    """
 
 
 class _Follower:
@@ -517,7 +530,8 @@ def tune(
     )
     if study.user_attrs.get("metric", metric) != metric:
         raise LorakitError(
-            f"tune.metric: the study in {study_dir} optimises {study.user_attrs['metric']}, not {metric}; keep the metric or choose another output.dir"
+            f"tune.metric: the study in {study_dir} optimises {study.user_attrs['metric']}, not "
+            f"{metric}; keep the metric or choose another output.dir"
         )
     study.set_user_attr("metric", metric)
     env = dict(os.environ)

@@ -5,7 +5,8 @@ and pipeline parallelism), and refuses, or silently ignores, what those kernels 
 checks below say so before anything is handed over, each as a problem with its fix::
 
     adapters ─► vLLM's limits? (causal LM, no modules_to_save, no DoRA, rank <= max, supported targets)
-             ─► OUT/base/              plain Hugging Face folder of the base (a GGUF base converted), chat template
+             ─► OUT/base/              plain Hugging Face folder of the base (a GGUF base converted),
+                                       chat template
                 OUT/adapters/NAME/     peft files of each adapter
                 OUT/serve.sh           the `vllm serve` command
 """
@@ -56,44 +57,52 @@ def vllm_problems(loaded: LoadedAdapter, max_lora_rank: int) -> list[str]:
     meta, name = loaded.meta, loaded.adapter_dir.name
     if not loaded.task.generates:
         return [
-            f"{name}: vLLM serves causal language models; this is a {loaded.task.name} adapter (serve it with lorakit serve)"
+            f"{name}: vLLM serves causal language models; this is a {loaded.task.name} adapter "
+            "(serve it with lorakit serve)"
         ]
     lora = meta.get("lora", {})
     peft_cfg = json.loads((loaded.adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     problems = []
     if lora.get("modules_to_save"):
         problems.append(
-            f"{name}: modules trained in full ({', '.join(lora['modules_to_save'])}, in modules_to_save) are not loaded by vLLM's LoRA; "
+            f"{name}: modules trained in full ({', '.join(lora['modules_to_save'])}, in "
+            "modules_to_save) are not loaded by vLLM's LoRA; "
             "train with lora.modules_to_save: [] or use export --merge / lorakit serve"
         )
     if lora.get("use_dora"):
         problems.append(
-            f"{name}: vLLM does not serve DoRA adapters; train with lora.use_dora: false or use export --merge"
+            f"{name}: vLLM does not serve DoRA adapters; train with lora.use_dora: false or use "
+            "export --merge"
         )
     ranks = [peft_cfg.get("r", 8), *(peft_cfg.get("rank_pattern") or {}).values()]
     if max(ranks) > max_lora_rank:
         problems.append(
-            f"{name}: rank {max(ranks)} is above the server's --max-lora-rank {max_lora_rank}; raise it to {_rank_slot(max(ranks)) or max(ranks)}"
+            f"{name}: rank {max(ranks)} is above the server's --max-lora-rank {max_lora_rank}; "
+            f"raise it to {_rank_slot(max(ranks)) or max(ranks)}"
         )
     if peft_cfg.get("rank_pattern") or peft_cfg.get("alpha_pattern"):
         problems.append(
-            f"{name}: per-module ranks or alphas (rank_pattern / alpha_pattern) are not read by vLLM; train with one r and alpha"
+            f"{name}: per-module ranks or alphas (rank_pattern / alpha_pattern) are not read by "
+            "vLLM; train with one r and alpha"
         )
     if peft_cfg.get("bias", "none") != "none":
         problems.append(
-            f"{name}: trained biases (lora.bias: {peft_cfg.get('bias')}) are not loaded by vLLM; train with lora.bias: none"
+            f"{name}: trained biases (lora.bias: {peft_cfg.get('bias')}) are not loaded by vLLM; "
+            "train with lora.bias: none"
         )
     model_type = meta["base_model"].get("model_type")
     supported = VLLM_TARGETS.get(model_type or "")
     if supported is None:
         problems.append(
-            f"{name}: lorakit knows vLLM's LoRA targets for {', '.join(VLLM_TARGETS)}, not {model_type}; use lorakit serve"
+            f"{name}: lorakit knows vLLM's LoRA targets for {', '.join(VLLM_TARGETS)}, not "
+            f"{model_type}; use lorakit serve"
         )
     else:
         bad = sorted(_adapter_targets(loaded) - set(supported))
         if bad:
             problems.append(
-                f"{name}: vLLM's LoRA does not adapt {', '.join(bad)} of a {model_type} model (it adapts {', '.join(supported)}); train with those lora.target_modules"
+                f"{name}: vLLM's LoRA does not adapt {', '.join(bad)} of a {model_type} model (it "
+                f"adapts {', '.join(supported)}); train with those lora.target_modules"
             )
     return problems
 
@@ -165,14 +174,16 @@ def export_vllm(
     fingerprints = {a.meta["base_model"].get("fingerprint") for a in loaded}
     if len(fingerprints) > 1:
         raise ExportError(
-            "--vllm: the adapters were trained on different base models; one vLLM server serves adapters of one base"
+            "--vllm: the adapters were trained on different base models; one vLLM server serves "
+            "adapters of one base"
         )
     ranks = [
         json.loads((a.adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("r", 8) for a in loaded
     ]
     if max_lora_rank is None and _rank_slot(max(ranks)) is None:
         raise ExportError(
-            f"--vllm: rank {max(ranks)} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}); train with a smaller lora.r"
+            f"--vllm: rank {max(ranks)} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}); "
+            "train with a smaller lora.r"
         )
     rank = max_lora_rank or _rank_slot(max(ranks)) or max(ranks)
     if rank not in VLLM_LORA_RANKS:

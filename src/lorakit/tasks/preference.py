@@ -6,7 +6,8 @@ frozen starting adapter) and log-probabilities summed over the answer tokens, lo
 
     h(y)  = log pi(y|x) - log pi_ref(y|x)              the implicit reward is beta * h(y)
     dpo   = -log sigmoid(beta * (h(y_w) - h(y_l)))      Rafailov et al. 2023, eq. 7
-    ipo   = (h'(y_w) - h'(y_l) - 1 / (2 beta))^2         Azar et al. 2023, eq. 17; h' averages per token (as TRL)
+    ipo   = (h'(y_w) - h'(y_l) - 1 / (2 beta))^2         Azar et al. 2023, eq. 17; h' averages per
+                                                         token (as TRL)
     simpo = -log sigmoid(beta * (a(y_w) - a(y_l)) - gamma)   Meng et al. 2024; a = log pi / |y|, no reference
 
 Shapes: a batch of B pairs is one model batch of 2B rows, the B chosen answers first, then the B
@@ -51,11 +52,14 @@ class PreferenceDataConfig(CausalLMData):
 
     prompt_column: str = Field(
         "prompt",
-        description="preference: column with the prompt: a string (one user message) or a list of chat messages. May be absent when chosen / rejected are whole conversations: the prompt is then the messages before their last answer.",
+        description="preference: column with the prompt: a string (one user message) or a list of chat "
+        "messages. May be absent when chosen / rejected are whole conversations: the prompt "
+        "is then the messages before their last answer.",
     )
     chosen_column: str = Field(
         "chosen",
-        description="preference: column with the preferred answer: a string, or chat messages ending with the assistant's answer.",
+        description="preference: column with the preferred answer: a string, or chat messages ending "
+        "with the assistant's answer.",
     )
     rejected_column: str = Field(
         "rejected", description="preference: column with the other answer, in the shape of the chosen one."
@@ -67,22 +71,28 @@ class PreferenceTrainConfig(CausalLMTrain):
 
     loss: Literal["dpo", "ipo", "simpo"] = Field(
         "dpo",
-        description="preference: `dpo` (sigmoid), `ipo` (squared, per-token log-ratios) or `simpo` (reference-free, length-normalised, margin `simpo_gamma`).",
+        description="preference: `dpo` (sigmoid), `ipo` (squared, per-token log-ratios) or `simpo` "
+        "(reference-free, length-normalised, margin `simpo_gamma`).",
     )
     beta: float = Field(
         0.1,
         gt=0,
-        description="preference: strength of the pull toward the reference (DPO / IPO: the KL weight; SimPO: the reward scale, 2-2.5 in the paper).",
+        description="preference: strength of the pull toward the reference (DPO / IPO: the KL weight; "
+        "SimPO: the reward scale, 2-2.5 in the paper).",
     )
     simpo_gamma: float = Field(0.5, ge=0, description="preference, simpo: the target reward margin.")
     reference_adapter: str | None = Field(
         None,
-        description="preference: a lorakit causal-LM adapter (folder or run folder) to start from: it is the frozen reference and the trained adapter starts from its weights (and its LoRA settings); unset = a new adapter on the bare base, which is the reference.",
+        description="preference: a lorakit causal-LM adapter (folder or run folder) to start from: it is "
+        "the frozen reference and the trained adapter starts from its weights (and its LoRA "
+        "settings); unset = a new adapter on the bare base, which is the reference.",
     )
     generation_samples: int = Field(
         16,
         ge=0,
-        description="preference: validation / test prompts answered at each evaluation (sampled at temperature 1 for the KL estimate; the first 8 also greedily, by policy and reference, for the report).",
+        description="preference: validation / test prompts answered at each evaluation (sampled at "
+        "temperature 1 for the KL estimate; the first 8 also greedily, by policy and "
+        "reference, for the report).",
     )
 
 
@@ -119,7 +129,9 @@ def pair_messages(
     chosen, rejected = sides
     if chosen and rejected and chosen[:-1] != rejected[:-1]:
         raise DataError(
-            f"{key}: row {index}: '{d.chosen_column}' and '{d.rejected_column}' continue different prompts; give both the same messages before their answers, or put the prompt in '{d.prompt_column}'"
+            f"{key}: row {index}: '{d.chosen_column}' and '{d.rejected_column}' continue different "
+            "prompts; give both the same messages before their answers, or put the prompt in "
+            f"'{d.prompt_column}'"
         )
     return chosen, rejected
 
@@ -262,8 +274,10 @@ class Preference(CausalLM):
         for name, ds in raw.items():
             splits[name], counts[name] = self._encode_split(ds, processor, d, key=f"data.{name}")
         warnings = [
-            f"data.{split}: {c['skipped_identical']} pair(s) with chosen == rejected and {c['skipped_empty']} with an empty answer skipped; "
-            f"{c['prompt_cut']} lost the start of their prompt, {c['answer_cut']} the end of an answer, {c['dropped']} dropped (an answer beyond data.max_length={d.max_length})"
+            f"data.{split}: {c['skipped_identical']} pair(s) with chosen == rejected and "
+            f"{c['skipped_empty']} with an empty answer skipped; "
+            f"{c['prompt_cut']} lost the start of their prompt, {c['answer_cut']} the end of an "
+            f"answer, {c['dropped']} dropped (an answer beyond data.max_length={d.max_length})"
             for split, c in counts.items()
             if any(c.values())
         ]
@@ -286,7 +300,8 @@ class Preference(CausalLM):
         has_prompt = d.prompt_column in ds.column_names
         if not has_prompt and len(ds) and not isinstance(ds[0][d.chosen_column], list):
             raise DataError(
-                f"{key}: no column '{d.prompt_column}' (columns: {', '.join(ds.column_names)}); add it, set data.prompt_column, or give chosen / rejected as whole conversations"
+                f"{key}: no column '{d.prompt_column}' (columns: {', '.join(ds.column_names)}); "
+                "add it, set data.prompt_column, or give chosen / rejected as whole conversations"
             )
         counts = {"skipped_identical": 0, "skipped_empty": 0, "prompt_cut": 0, "answer_cut": 0, "dropped": 0}
         rows = []
@@ -314,7 +329,9 @@ class Preference(CausalLM):
             rows.append(ex)
         if not rows:
             raise DataError(
-                f"{key}: no usable pair among {len(ds)} rows ({', '.join(f'{k}: {v}' for k, v in counts.items() if v)}); check the chosen / rejected columns or raise data.max_length"
+                f"{key}: no usable pair among {len(ds)} rows "
+                f"({', '.join(f'{k}: {v}' for k, v in counts.items() if v)}); check the chosen / "
+                "rejected columns or raise data.max_length"
             )
         return Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0] if k != "cut"}), counts
 
@@ -358,7 +375,8 @@ class Preference(CausalLM):
         meta = read_metadata(folder)
         if not get_task(meta.get("task", "")).generates:
             raise AdapterError(
-                f"train.reference_adapter: '{folder}' is a {meta.get('task')} adapter; start from a causal-LM adapter of the same base model"
+                f"train.reference_adapter: '{folder}' is a {meta.get('task')} adapter; start from "
+                "a causal-LM adapter of the same base model"
             )
         expected, found = (
             meta["base_model"].get("fingerprint"),
@@ -366,10 +384,12 @@ class Preference(CausalLM):
         )
         if expected and found and "unknown" not in (expected, found) and expected != found:
             raise AdapterError(
-                f"train.reference_adapter: '{folder}' was trained on another base model ({meta['base_model']['name_or_path']}); use its base model in model.name_or_path"
+                f"train.reference_adapter: '{folder}' was trained on another base model "
+                f"({meta['base_model']['name_or_path']}); use its base model in model.name_or_path"
             )
         log.info(
-            "starting from adapter %s (its LoRA settings; lora: is not used); it is also the frozen reference",
+            "starting from adapter %s (its LoRA settings; lora: is not used); it is also the "
+            "frozen reference",
             folder,
         )
         with modeling.mutated_base_warnings_off():

@@ -111,7 +111,8 @@ def train(
     try:
         device = device or modeling.pick_device(cfg.train.device)
         cfg = resolve_config(cfg, get_task(cfg.task), device)  # complete before anything is built
-        # SIGTERM / SIGINT: finish the step, write a checkpoint, exit (single process; ranks would have to agree).
+        # SIGTERM / SIGINT: finish the step, write a checkpoint, exit (single process; ranks would
+        # have to agree).
         with StopRequest() if not world.distributed else contextlib.nullcontext() as stop_request:
             recipe = Recipe(
                 cfg,

@@ -227,6 +227,7 @@ def paths_outside(raw: dict[str, Any], root: Path) -> dict[str, str]:
             continue
         if target != root and root not in target.parents:
             problems[key] = (
-                f"{key}: '{value}' is outside the workspace {root}; copy or link it into the workspace (or use a pkg:// path or a Hub name)"
+                f"{key}: '{value}' is outside the workspace {root}; copy or link it into the "
+                "workspace (or use a pkg:// path or a Hub name)"
             )
     return problems

@@ -125,7 +125,8 @@ def stop_run(ws: Workspace, name: str) -> None:
     pid = _running(ws, name)
     if pid is None:
         raise WorkspaceError(
-            f"run '{name}' has no training process started by this UI; a CLI run stops with Ctrl-C in its terminal"
+            f"run '{name}' has no training process started by this UI; a CLI run stops with Ctrl-C "
+            "in its terminal"
         )
     with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
         os.killpg(pid, signal.SIGTERM)

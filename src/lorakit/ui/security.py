@@ -66,7 +66,8 @@ class Guard:
                 await _deny(
                     send,
                     401,
-                    "a token is required: open the UI with ?token=<token> or send Authorization: Bearer <token>",
+                    "a token is required: open the UI with ?token=<token> or send Authorization: "
+                    "Bearer <token>",
                 )
                 return
             if COOKIE not in SimpleCookie(headers.get("cookie", "")):

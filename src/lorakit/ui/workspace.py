@@ -39,7 +39,8 @@ def check_name(name: str, what: str = "run name") -> str:
     """
     if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
         raise WorkspaceError(
-            f"{what} '{str(name)[:80]}': use letters, digits, '.', '_' and '-' (at most 80, starting with a letter or digit)"
+            f"{what} '{str(name)[:80]}': use letters, digits, '.', '_' and '-' (at most 80, "
+            "starting with a letter or digit)"
         )
     return name
 
