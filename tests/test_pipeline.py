@@ -97,10 +97,7 @@ def test_the_most_confident_mistakes_are_listed_in_metrics_and_report(trained_on
     for m in mistakes:
         row = m["row"]
         assert (
-            m["true"]
-            == "neg pos".split()[labels[row]]
-            != m["predicted"]
-            == "neg pos".split()[logits[row].argmax()]
+            m["true"] == ["neg", "pos"][labels[row]] != m["predicted"] == ["neg", "pos"][logits[row].argmax()]
         )
         assert m["probability"] >= 0.5 and np.isclose(
             m["probability"], np.exp(logits[row]).max() / np.exp(logits[row]).sum(), atol=0.02

@@ -91,7 +91,9 @@ def _pick_task(peft_cfg: dict[str, Any], task: str | None) -> Task:
     matches = [t for t in map(get_task, task_names()) if t.peft_task_type and t.peft_task_type == task_type]
     # A task built on another (preference tuning on causal LM) trains that kind of adapter further: the
     # plainer task is the one an adapter from elsewhere is.
-    matches = [t for t in matches if not any(isinstance(t, type(o)) and type(t) is not type(o) for o in matches)]
+    matches = [
+        t for t in matches if not any(isinstance(t, type(o)) and type(t) is not type(o) for o in matches)
+    ]
     if len(matches) != 1:
         found = f"peft task_type {task_type}" if task_type else "no peft task_type"
         raise LorakitError(
