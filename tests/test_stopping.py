@@ -12,7 +12,16 @@ from lorakit.stopping import StopRequest, TrainingStopped
 
 
 def test_first_signal_is_a_request_second_stops_at_once() -> None:
+    # Python's own SIGINT handler, as in a terminal (a pytest-xdist worker may have replaced it)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGINT)
+    try:
+        _first_requests_second_stops(before)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _first_requests_second_stops(before: object) -> None:
     with StopRequest() as stop:
         assert stop.requested is None
         signal.raise_signal(signal.SIGTERM)

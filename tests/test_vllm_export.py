@@ -121,8 +121,8 @@ def test_vllm_serves_smollm2_adapters_with_lorakit_generates_answers(tmp_path: P
     if not VLLM_PYTHON.is_file():
         pytest.fail("vLLM's environment is missing: run `make vllm-env` first")
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    from lorakit.build import load_adapter
     from lorakit.config import ModelConfig
-    from lorakit.loader import load_adapter
     from lorakit.prediction import generate
     from lorakit.tasks.causal_lm import gguf_converted, gguf_parts
     from test_gguf_export import SMOLLM2_GGUF, _smollm2_folder
