@@ -121,7 +121,8 @@ class Task(ABC):
         amp: torch.dtype | None = None,
         progress: Any = None,
     ) -> dict[str, Any]:
-        """Metrics of ``model`` on a preprocessed split: the loss plus :meth:`compute_metrics`."""
+        """Metrics of ``model`` on a preprocessed split: the loss, :meth:`compute_metrics` and
+        :meth:`example_metrics`."""
         from lorakit.batching import evaluate_model
 
         logits, labels, loss = evaluate_model(
@@ -133,7 +134,14 @@ class Task(ABC):
             amp=amp,
             progress=progress,
         )
-        return {"loss": loss, **self.compute_metrics(logits, labels, label_space)}
+        metrics = {"loss": loss, **self.compute_metrics(logits, labels, label_space)}
+        return metrics | self.example_metrics(ds, processor, logits, labels, label_space)
+
+    def example_metrics(
+        self, ds: Dataset, processor: Any, logits: np.ndarray, labels: np.ndarray, label_space: Any
+    ) -> dict[str, Any]:
+        """What an evaluation shows of single examples (e.g. the worst mistakes); nothing by default."""
+        return {}
 
     @abstractmethod
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:

@@ -75,29 +75,10 @@ class ClassificationTask(Task):
     #: How many of the most confident mistakes an evaluation keeps (report and UI).
     mistakes_kept: ClassVar[int] = 12
 
-    def evaluate(
-        self,
-        model: torch.nn.Module,
-        ds: Dataset,
-        processor: Any,
-        cfg: Any,
-        label_space: LabelSpace,
-        *,
-        batch_size: int,
-        device: torch.device,
-        amp: torch.dtype | None = None,
-        progress: Any = None,
+    def example_metrics(
+        self, ds: Dataset, processor: Any, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace
     ) -> dict[str, Any]:
-        """The loss, the classification metrics, and the examples the adapter got most confidently wrong."""
-        from lorakit.batching import evaluate_model
-
-        collate = self.collate(processor, cfg.data)
-        logits, labels, loss = evaluate_model(
-            model, ds, collate, batch_size=batch_size, device=device, amp=amp, progress=progress
-        )
-        metrics = {"loss": loss, **self.compute_metrics(logits, labels, label_space)}
-        metrics["mistakes"] = self.mistakes(ds, processor, logits, labels, label_space)
-        return metrics
+        return {"mistakes": self.mistakes(ds, processor, logits, labels, label_space)}
 
     def mistakes(
         self, ds: Dataset, processor: Any, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace
