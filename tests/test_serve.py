@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import socket
 import subprocess
@@ -476,5 +477,25 @@ def test_models_that_cannot_mix_heads_run_one_pass_per_adapter(adapters, monkeyp
         assert not e.mixed_ok
         for name in ("alpha", "beta"):
             assert torch.allclose(got[name], _single(adapters[name], TEXTS), atol=1e-5), name
+    finally:
+        e.close()
+
+
+def test_the_idle_engine_gives_freed_heap_pages_back(adapters, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resident memory stays flat under traffic (bench/soak.py) because the worker trims glibc's heap
+    when no request waits, at most once a second; never while requests queue."""
+    import lorakit.serving.engine as engine_module
+
+    calls: list[float] = []
+    monkeypatch.setattr(engine_module, "trim_heap", lambda: calls.append(time.monotonic()) or True)
+    monkeypatch.setattr(engine_module, "TRIM_EVERY_S", 0.2)
+    e = Engine([f"alpha={adapters['alpha']}"], window_ms=5)
+    try:
+        for _ in range(3):
+            e.submit("alpha", e.encode("alpha", ["a fine film"])).result(timeout=60)
+            time.sleep(0.3)
+        e.submit("alpha", e.encode("alpha", ["a fine film"])).result(timeout=60)  # wakes the worker
+        assert len(calls) >= 2
+        assert all(b - a >= 0.2 for a, b in itertools.pairwise(calls))
     finally:
         e.close()

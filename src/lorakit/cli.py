@@ -709,7 +709,9 @@ def serve(
 
     _setup_logging()
     from lorakit.registry import default_root
+    from lorakit.training import release_freed_memory
 
+    release_freed_memory(arenas=2)  # a long-lived server: keep resident memory from creeping
     reg = registry or (default_root() if default_root().joinpath("index.sqlite").is_file() else None)
     engine = Engine(
         adapters,

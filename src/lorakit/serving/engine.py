@@ -34,11 +34,13 @@ from lorakit.labels import LabelSpace
 from lorakit.registry import Registry, check_name, parse_ref
 from lorakit.serving import mixed
 from lorakit.tasks import Task
+from lorakit.training.memory import trim_heap
 
 log = logging.getLogger("lorakit")
 
 #: Requests naming this adapter run on the bare base model (when the engine allows it).
 BASE = "base"
+TRIM_EVERY_S = 1.0  # at most this often, and only when no request waits
 
 
 class UnknownAdapter(LorakitError):
@@ -373,7 +375,11 @@ class Engine:
 
     # ---- the worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        trimmed = time.monotonic()
         while True:
+            if self._queue.empty() and time.monotonic() - trimmed > TRIM_EVERY_S:
+                trim_heap()  # idle: return the freed batches' pages (resident memory stays flat)
+                trimmed = time.monotonic()
             job = self._queue.get()
             if job is None:
                 return
