@@ -169,6 +169,7 @@ def main() -> None:
         action="store_true",
         help="a handful of prompts and steps: checks the script, measures nothing",
     )
+    ap.add_argument("--work", type=Path, help="write everything here (default: runs/dpo-demo[-quick]/)")
     args = ap.parse_args()
     import warnings
 
@@ -180,7 +181,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     n_train, n_test, n_judge, new_tokens = (16, 8, 64, 12) if args.quick else (256, 64, 1500, 24)
     t0 = time.perf_counter()
-    work = WORK.with_name(WORK.name + "-quick") if args.quick else WORK
+    work = args.work or (WORK.with_name(WORK.name + "-quick") if args.quick else WORK)
     work.mkdir(parents=True, exist_ok=True)
     judge_rows, reviews = imdb_halves()
     judge = Judge(train_judge(work, judge_rows, n_judge, args.quick))
@@ -207,15 +208,17 @@ def main() -> None:
 
     import lorakit
 
-    overrides = ["output.overwrite=true"]
+    overrides = ["output.overwrite=true", f"data.train={work / 'pairs.jsonl'}"]
+    if args.work:
+        overrides.append(f"output.dir={work / 'dpo'}")
+    elif args.quick:
+        overrides.append(f"output.dir={ROOT / 'runs' / 'imdb-dpo-smollm2-quick'}")
     if args.quick:
         overrides += [
-            f"data.train={work / 'pairs.jsonl'}",
             "data.validation_size=2",
             "data.test_size=2",
             "train.max_steps=2",
             "train.generation_samples=2",
-            f"output.dir={ROOT / 'runs' / 'imdb-dpo-smollm2-quick'}",
         ]
     run = lorakit.train(CONFIG, overrides=overrides, progress=False)
     print(f"DPO trained in {run.seconds:.0f} s  [{time.perf_counter() - t0:.0f} s]", flush=True)
