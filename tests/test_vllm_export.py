@@ -1,6 +1,7 @@
 """`lorakit export --vllm`: what vLLM refuses is said before anything is handed over, each problem with its
-fix; a servable adapter is laid out as base folder + peft adapters + the `vllm serve` command. The slow
-test serves SmolLM2 with two adapters in vLLM itself (`make vllm-env`) and compares greedy answers."""
+fix; a servable adapter is laid out as base folder + peft adapters + the command that starts vLLM's server.
+The slow test serves SmolLM2 with two adapters in vLLM itself (`make vllm-env`), compares greedy answers,
+and starts the written serve.sh."""
 
 from __future__ import annotations
 
@@ -177,3 +178,46 @@ def test_vllm_serves_smollm2_adapters_with_lorakit_generates_answers(tmp_path: P
     print(f"vLLM vs lorakit generate: {same}/{len(ours)} greedy answers identical")
     assert answers[:20] != answers[20:]  # the two adapters answered differently within one batch
     assert same >= 0.9 * len(ours), list(zip(answers, ours, strict=True))[:5]
+    _serve_sh_answers_chat(v.out_dir / "serve.sh", tmp_path, env)
+
+
+def _serve_sh_answers_chat(serve_sh: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """The written serve.sh, run as a user would (vLLM's environment first on PATH), starts vLLM's OpenAI
+    server and answers a chat request naming an adapter (the `vllm` command of the CPU build did not)."""
+    import http.client
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = f"{VLLM_PYTHON.parent}{os.pathsep}{env['PATH']}"
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        ["sh", str(serve_sh), "--port", str(port), "--max-model-len", "1024"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env, PATH=path),
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        body = {"model": "two", "messages": [{"role": "user", "content": "Name one fruit."}], "max_tokens": 8}
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        c.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
+        r = c.getresponse()
+        answer = json.loads(r.read())
+        assert r.status == 200 and answer["model"] == "two", answer
+        assert answer["choices"][0]["message"]["content"].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()

