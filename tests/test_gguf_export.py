@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from lorakit.export import ExportError
 from lorakit.gguf_export import _pre_tokenizer_name, export_gguf, lora_pairs, permute_qk
 from lorakit.importing import import_adapter
 
+ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,7 +93,7 @@ def test_qk_permutation_is_the_one_transformers_reader_undoes() -> None:
 
 
 def test_pre_tokenizer_names_and_refusal() -> None:
-    assert _pre_tokenizer_name({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt2"
+    assert _pre_tokenizer_name({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
     assert (
         _pre_tokenizer_name(
             {
@@ -147,7 +149,7 @@ def test_gguf_f16_reads_back_with_the_adapters_logits_and_tokens(
     )
     assert (
         field("tokenizer.ggml.model") == "gpt2"
-        and field("tokenizer.ggml.pre") == "gpt2"
+        and field("tokenizer.ggml.pre") == "gpt-2"
         and "<|im_start|>" in field("tokenizer.chat_template")
     )
     types = {t.name: t.tensor_type for t in reader.tensors}
@@ -247,4 +249,42 @@ def test_smollm2_135m_adapter_as_gguf_f16_and_q8_0(tmp_path: Path, monkeypatch, 
     assert (tmp_path / "q8_0" / "model-q8_0.gguf").stat().st_size < 0.6 * (
         tmp_path / "f16" / "model-f16.gguf"
     ).stat().st_size
+    _llama_cpp_answers_as_lorakit(adapter, tmp_path / "f16" / "model-f16.gguf", tmp_path)
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def _llama_cpp_answers_as_lorakit(adapter: Path, gguf: Path, tmp_path: Path) -> None:
+    """llama.cpp itself (prebuilt, from node-llama-cpp: make llama-cpp-env) loads the merged f16 file and
+    answers 4 chat prompts greedily as `lorakit generate` does with the unmerged adapter (the prompts' token
+    ids rendered by lorakit)."""
+    from lorakit.build import load_adapter
+    from lorakit.prediction import generate
+
+    module = ROOT / ".node-llama-cpp" / "node_modules" / "node-llama-cpp" / "dist" / "index.js"
+    if not module.is_file():
+        pytest.fail("llama.cpp is missing: run `make llama-cpp-env` first")
+    prompts = ["Name one fruit.", "What colour is the sky?", "Say hello.", "Count to three."]
+    loaded = load_adapter(adapter, device="cpu")
+    ids = [loaded.task.prompt_ids(loaded.processor, loaded.data_cfg, p) for p in prompts]
+    job = {"module": str(module), "model": str(gguf), "lora": None, "prompt_ids": ids, "max_new_tokens": 12}
+    (tmp_path / "llama-job.json").write_text(json.dumps(job))
+    r = subprocess.run(
+        [
+            "node",
+            str(ROOT / "tests" / "llama_cpp_greedy.mjs"),
+            str(tmp_path / "llama-job.json"),
+            str(tmp_path / "a.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = [
+        loaded.processor.decode(t, skip_special_tokens=True).strip()
+        for t in json.loads((tmp_path / "a.json").read_text())
+    ]
+    ours = [o["output"] for o in generate(adapter, prompts, max_new_tokens=12, device="cpu")]
+    same = sum(a == b for a, b in zip(theirs, ours, strict=True))
+    print(f"llama.cpp (merged f16 GGUF) vs lorakit generate: {same}/{len(ours)} greedy answers identical")
+    assert same >= len(ours) - 1, list(zip(theirs, ours, strict=True))

@@ -188,7 +188,7 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
         ExportError: A split llama.cpp would not reproduce by any name lorakit knows.
     """
     if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (its loader refuses "gpt2")
     steps = (spec or {}).get("pretokenizers") or []
     kinds = [s.get("type") for s in steps]
     if (
