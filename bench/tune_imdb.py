@@ -10,11 +10,15 @@ or selects on. Three runs, one after the other:
   unpruned   the same search without pruning (pruner: none): the wall time pruning saves
 
     .venv/bin/python bench/tune_imdb.py --out bench/out/tune_imdb.json     # hours on 2 cores
+    .venv/bin/python bench/tune_imdb.py --work bench/out/tune_imdb          # resumable: stop it any
+        # time and run the same command again; finished parts are kept, each study continues
     .venv/bin/python bench/tune_imdb.py --quick                            \
 # 64 reviews, 2 trials: a smoke test
 
-Reported: each run's wall time, the best trial's validation and held-out test accuracy beside the
-defaults', and how many trials were pruned.
+Reported: each run's time, the best trial's validation and held-out test accuracy beside the
+defaults', and how many trials were pruned. A search's time is the sum of its trials' times as the study
+recorded them (trials cut short by stopping the script are marked interrupted by `lorakit tune`, not
+counted, and run again), so a search spread over several sittings is timed like one.
 """
 
 from __future__ import annotations
@@ -64,13 +68,14 @@ def search(base: Path, work: Path, name: str, pruner: str, trials: int, eval_eve
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    seconds = lorakit(["tune", str(path)])
+    lorakit(["tune", str(path)])  # continues the study when an earlier sitting left it unfinished
     summary = json.loads((work / name / "study.json").read_text())
     best = summary["best"]
+    counted = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
     states = [t["state"] for t in summary["trials"]]
     return {
         "name": name,
-        "seconds": seconds,
+        "seconds": sum(t["seconds"] or 0.0 for t in counted),
         "trials": len(states),
         "pruned": states.count("PRUNED"),
         "failed": states.count("FAIL"),
@@ -78,6 +83,26 @@ def search(base: Path, work: Path, name: str, pruner: str, trials: int, eval_eve
         "test_accuracy": best["test_value"],
         "best_params": best["params"],
     }
+
+
+def defaults_run(work: Path, sizes: tuple[int, int, int]) -> dict[str, Any]:
+    """The shipped defaults on the same data (kept from an earlier sitting in ``work``)."""
+    done = work / "defaults.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    base = common.lorakit_config(common.write_slices(work / "data", *sizes), work)
+    if base != work / "base.yaml":
+        base.replace(work / "base.yaml")
+    seconds = lorakit(["train", str(work / "base.yaml"), "--no-progress", "--overwrite"])
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    result = {
+        "name": "defaults",
+        "seconds": seconds,
+        "validation_accuracy": metrics["validation"]["accuracy"],
+        "test_accuracy": metrics["test"]["accuracy"],
+    }
+    done.write_text(json.dumps(result))
+    return result
 
 
 def main() -> None:
@@ -89,6 +114,9 @@ def main() -> None:
     )
     ap.add_argument("--trials", type=int, help="trials per search (default 16; 2 with --quick)")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
+    ap.add_argument(
+        "--work", type=Path, help="keep the data, runs and studies here (resumable); default: a temp folder"
+    )
     args = ap.parse_args()
     trials = args.trials or (2 if args.quick else 16)
     sizes, eval_every = ((64, 16, 32), 2) if args.quick else ((N_TRAIN, N_VAL, N_TEST), 25)
@@ -99,20 +127,11 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="lorakit-tune-imdb-") as tmp:
-        work = Path(tmp)
-        base = common.lorakit_config(common.write_slices(work / "data", *sizes), work)
-        seconds = lorakit(["train", str(base), "--no-progress"])
-        defaults = json.loads((work / "run" / "metrics.json").read_text())
-        results = [
-            {
-                "name": "defaults",
-                "seconds": seconds,
-                "validation_accuracy": defaults["validation"]["accuracy"],
-                "test_accuracy": defaults["test"]["accuracy"],
-            }
-        ]
-        results.append(search(base, work, "pruned", "median", trials, eval_every))
-        results.append(search(base, work, "unpruned", "none", trials, eval_every))
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = [defaults_run(work, sizes)]
+        results.append(search(work / "base.yaml", work, "pruned", "median", trials, eval_every))
+        results.append(search(work / "base.yaml", work, "unpruned", "none", trials, eval_every))
     for r in results:
         extra = (
             f"  {r['trials']} trials, {r['pruned']} pruned, {r['failed']} failed; best "
