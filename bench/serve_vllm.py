@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import free_port, reviews
+from serve import Server, reviews
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM = ROOT / ".venv-vllm" / "bin" / "python"
@@ -73,42 +71,6 @@ def make_adapters(base: Path, root: Path, n: int) -> list[Path]:
         model.save_pretrained(root / f"peft-{i}")
         out.append(import_adapter(root / f"peft-{i}", base_model=str(base)).adapter_dir)
     return out
-
-
-class Process:
-    """A server process on a free port; ready once ``health`` answers 200."""
-
-    def __init__(self, args: list[str], health: str, log: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc = subprocess.Popen(
-            [*args, "--port", str(self.port)],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, **env},
-        )
-        self.started = time.monotonic()
-        while time.monotonic() - self.started < 1200:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                c.request("GET", health)
-                if c.getresponse().status == 200:
-                    self.start_seconds = time.monotonic() - self.started
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("server did not start within 20 minutes")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def chat(conn: http.client.HTTPConnection, adapter: str, text: str, max_tokens: int) -> int:
@@ -176,7 +138,7 @@ def load(
     }
 
 
-def measure(server: Process, adapters: list[str], texts: list[str], args: argparse.Namespace) -> dict:
+def measure(server: Server, adapters: list[str], texts: list[str], args: argparse.Namespace) -> dict:
     out = {"start_s": round(server.start_seconds, 1)}
     for label, names in (("1 adapter", adapters[:1]), (f"{len(adapters)} adapters", adapters)):
         for name in names:  # warm-up: every adapter answers once (vLLM loads adapters on first use)
@@ -212,7 +174,7 @@ def main() -> None:
         print("lorakit serve (float32):", flush=True)
         specs = [f"{n}={p}" for n, p in zip(names, adapters, strict=True)]
         cmd = [sys.executable, "-m", "lorakit", "serve", *specs, "--no-on-demand"]
-        server = Process(cmd, "/healthz", work / "lorakit.log", {"TOKENIZERS_PARALLELISM": "false"})
+        server = Server(cmd, work / "lorakit.log")
         try:
             result["lorakit"] = measure(server, names, texts, args)
         finally:
@@ -221,7 +183,7 @@ def main() -> None:
         print("vLLM (bfloat16):", flush=True)
         cmd = [str(VLLM), *layout.command[1:-2], "--max-model-len", "1024"]  # python -m ...; its own --port
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
-        server = Process(cmd, "/health", work / "vllm.log", env)
+        server = Server(cmd, work / "vllm.log", health="/health", env=env)
         try:
             result["vllm"] = measure(server, names, texts, args)
         finally:
