@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 MMAP_THRESHOLD = 8 << 20
-
-
 M_ARENA_MAX = -8
 M_MMAP_THRESHOLD = -3
+
+
+def _glibc() -> Any | None:
+    """The C library when it is glibc (whose allocator the settings below tune), else None."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def release_freed_memory(threshold: int = MMAP_THRESHOLD, arenas: int | None = None) -> bool:
@@ -18,19 +31,13 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD, arenas: int | None = N
     glibc's per-thread arenas (a server's worker threads each grow one otherwise). Returns whether
     it was set (only on glibc).
     """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        done = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-        if arenas is not None:
-            done = bool(libc.mallopt(M_ARENA_MAX, arenas)) and done
-        return done
-    except (OSError, AttributeError):
-        return False
+    done = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    if arenas is not None:
+        done = bool(libc.mallopt(M_ARENA_MAX, arenas)) and done
+    return done
 
 
 def trim_heap() -> bool:
@@ -39,12 +46,5 @@ def trim_heap() -> bool:
     A long-lived server frees batches of every shape; the holes they leave stay resident until trimmed.
     Cheap (about a millisecond); call it when idle. Returns whether anything was released.
     """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
