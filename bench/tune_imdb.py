@@ -85,15 +85,12 @@ def search(base: Path, work: Path, name: str, pruner: str, trials: int, eval_eve
     }
 
 
-def defaults_run(work: Path, sizes: tuple[int, int, int]) -> dict[str, Any]:
-    """The shipped defaults on the same data (kept from an earlier sitting in ``work``)."""
+def defaults_run(base: Path, work: Path) -> dict[str, Any]:
+    """The shipped defaults (config ``base``) on the same data, kept from an earlier sitting in ``work``."""
     done = work / "defaults.json"
     if done.is_file():
         return json.loads(done.read_text())
-    base = common.lorakit_config(common.write_slices(work / "data", *sizes), work)
-    if base != work / "base.yaml":
-        base.replace(work / "base.yaml")
-    seconds = lorakit(["train", str(work / "base.yaml"), "--no-progress", "--overwrite"])
+    seconds = lorakit(["train", str(base), "--no-progress", "--overwrite"])
     metrics = json.loads((work / "run" / "metrics.json").read_text())
     result = {
         "name": "defaults",
@@ -129,9 +126,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorakit-tune-imdb-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = [defaults_run(work, sizes)]
-        results.append(search(work / "base.yaml", work, "pruned", "median", trials, eval_every))
-        results.append(search(work / "base.yaml", work, "unpruned", "none", trials, eval_every))
+        # The seeded slices and the config are written again on every sitting: the same files each time.
+        base = common.lorakit_config(common.write_slices(work / "data", *sizes), work)
+        results = [defaults_run(base, work)]
+        results.append(search(base, work, "pruned", "median", trials, eval_every))
+        results.append(search(base, work, "unpruned", "none", trials, eval_every))
     for r in results:
         extra = (
             f"  {r['trials']} trials, {r['pruned']} pruned, {r['failed']} failed; best "
