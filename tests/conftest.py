@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ def make_texts(n: int, seed: int = 0) -> list[tuple[str, str]]:
         rng.shuffle(words)
         rows.append((" ".join(words), label))
     return rows
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for a server under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_csv(path: Path, rows: list[tuple[Any, ...]], header: tuple[str, ...] = ("text", "label")) -> Path:

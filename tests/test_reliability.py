@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import lorakit
-from conftest import make_config, make_texts, write_csv
+from conftest import free_port, make_config, make_texts, write_csv
 from lorakit.artifacts import read_metadata
 from lorakit.cli import main
 
@@ -274,13 +274,10 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def test_sigterm_to_serve_finishes_the_requests_in_flight_then_exits(finished) -> None:
     import json
     import signal
-    import socket
     import threading
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # A long batching window keeps the requests waiting inside the server when the signal comes.
     proc = subprocess.Popen(
         [

@@ -7,7 +7,6 @@ import base64
 import io
 import itertools
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 
 import lorakit
 from conftest import (
+    free_port,
     make_chat_rows,
     make_config,
     make_image_config,
@@ -345,14 +345,8 @@ def test_chat_completions_mixed_adapters_equal_single(tmp_path: Path, tiny_llama
         e.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_uvicorn_process_over_http(adapters) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_texts, write_csv
+from conftest import free_port, make_texts, write_csv
 from lorakit.ui import create_app, forms
 from lorakit.ui.progress import read_progress
 from lorakit.ui.workspace import Workspace, WorkspaceError, check_name, run_status
@@ -179,12 +178,6 @@ def test_cli_refuses_a_public_host_without_token(
 # ==================================================================================================
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """uvicorn serving the UI app in a thread."""
 
@@ -235,7 +228,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> 
 def server(workspace: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workspace)  # as `lorakit ui --workspace` does: relative paths in configs are read from there
-        s = Server(create_app(workspace), _free_port())
+        s = Server(create_app(workspace), free_port())
         yield s
         s.stop()
 
@@ -478,7 +471,7 @@ def test_registry_publish_card_delete(page, server: Server) -> None:
 
 @pytest.mark.slow
 def test_token_protected_ui_refuses_requests_without_it(browser, workspace: Path) -> None:
-    s = Server(create_app(workspace, token="s3cret"), _free_port())
+    s = Server(create_app(workspace, token="s3cret"), free_port())
     try:
         context = browser.new_context()
         page = context.new_page()

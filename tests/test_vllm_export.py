@@ -185,12 +185,11 @@ def _serve_sh_answers_chat(serve_sh: Path, tmp_path: Path, env: dict[str, str]) 
     """The written serve.sh, run as a user would (vLLM's environment first on PATH), starts vLLM's OpenAI
     server and answers a chat request naming an adapter (the `vllm` command of the CPU build did not)."""
     import http.client
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from conftest import free_port
+
+    port = free_port()
     path = f"{VLLM_PYTHON.parent}{os.pathsep}{env['PATH']}"
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
