@@ -17,6 +17,7 @@ from lorakit.tasks.causal_lm import (
     IGNORE,
     CausalLM,
     CausalLMData,
+    answer_logits,
     block_causal_mask,
     encode_example,
     pack,
@@ -147,6 +148,46 @@ def test_packing_keeps_examples_apart(tiny_llama_dir: Path, tok) -> None:
         [False, False, True, False],
         [False, False, False, True],
     ]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_head_runs_on_answer_positions_only_and_the_loss_is_unchanged(
+    tiny_llama_dir: Path, tok, monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    """The training loss (vocabulary projection on the answer positions only) equals transformers'
+    own loss over full logits, through peft, for every way a model can take ``logits_to_keep``; and
+    the head really sees only the answer positions."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.tasks import causal_lm
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    rows = [encode_example(tok, m["messages"], 64) for m in make_chat_rows(5)]
+    data = CausalLMData(train="x", packing=packed)
+    examples = [{k: v[0] for k, v in pack(rows, 64).items()}] if packed else rows
+    batch = CausalLM().collate(tok, data)(examples)
+    answers = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert 0 < answers < batch["labels"].numel() // 3  # prompts dominate: the head is skipped there
+    expected = model(**batch).loss
+    seen: list[int] = []
+    hook = base.lm_head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[-2]))
+    for mode in ("mask", "window", "none"):
+        monkeypatch.setattr(causal_lm, "_keep_mode", lambda m, mode=mode: mode)
+        seen.clear()
+        loss = CausalLM().loss(model, batch)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        logits, targets, rows_of = answer_logits(model, batch)
+        assert logits.shape[0] == len(targets) == len(rows_of) == answers
+        if mode == "mask":
+            assert seen[0] == answers  # [N, H] into the head, not [B, T, H]
+    hook.remove()
+    monkeypatch.undo()
+    assert causal_lm._keep_mode(model) == "mask"  # what transformers' Llama supports today
 
 
 def test_training_learns_answers_and_generation_stops_at_end_of_turn(

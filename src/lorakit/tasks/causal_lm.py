@@ -415,6 +415,52 @@ def block_causal_mask(seq_lens: list[list[int]], width: int, dtype: torch.dtype)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _keep_mode(model: torch.nn.Module) -> str:
+    """How ``model``'s forward can limit its vocabulary projection to the positions a loss needs:
+    "mask" (transformers' ``slice_logits_to_keep``: a 2-D boolean mask, any positions per row),
+    "window" (``logits_to_keep`` as 1-D positions, shared by every row) or "none"."""
+    import inspect
+    import sys
+
+    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP / compile wrappers
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return "none"
+    return "mask" if hasattr(sys.modules[type(model).__module__], "slice_logits_to_keep") else "window"
+
+
+def answer_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [N, V], target tokens [N], row of each [N]) at the N positions that predict a labelled
+    token, in row-major order. The head runs on those positions only (``logits_to_keep``), not on the
+    prompts: on SmolLM2 the vocabulary projection is a fifth of a forward pass and the full logits the
+    largest tensor of a step. ``model`` is called as a whole, so DDP / FSDP wrappers see the call."""
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    mask = targets != IGNORE
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mode = _keep_mode(model)
+    if mode == "mask":
+        logits = model(**inputs, logits_to_keep=torch.nn.functional.pad(mask, (0, 1))).logits
+    elif mode == "window":
+        cols = mask.any(0).nonzero().squeeze(-1)
+        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+        keep = torch.arange(lo, hi, device=mask.device)
+        logits = model(**inputs, logits_to_keep=keep).logits[mask[:, lo:hi]]
+    else:
+        logits = model(**inputs).logits[:, :-1][mask]
+    return logits, targets[mask], mask.nonzero()[:, 0]
+
+
+def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed negative log-likelihood of the labelled tokens, their count)."""
+    logits, targets, _ = answer_logits(model, batch)
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, torch.tensor(len(targets))
+
+
 def normalise_answer(s: str) -> str:
     return " ".join(s.strip().casefold().split()).rstrip(".!")
 
@@ -664,8 +710,13 @@ class CausalLM(Task):
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:
         return {}
 
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean loss per answer token, with the vocabulary projection on the answer positions only."""
+        nll, tokens = answer_nll(model, batch)
+        return nll / tokens.clamp(min=1)
+
     def loss_units(self, batch: dict[str, Any]) -> int:
-        # The labels are shifted by one inside the forward: the first position is never a target.
+        # Position t predicts token t + 1: the first position is never a target.
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     @torch.no_grad()
@@ -696,13 +747,16 @@ class CausalLM(Task):
         }
         n = min(cfg.train.generation_samples, len(ds)) if "reference" in ds.column_names else 0
         if n:
-            metrics |= self._answer_metrics(
-                model,
-                ds.select(range(n)),
-                processor,
-                max_new_tokens=cfg.train.max_new_tokens,
-                batch_size=batch_size,
-            )
+            from lorakit.batching import autocast
+
+            with autocast(device, amp):  # the answers in the run's precision, as the loss
+                metrics |= self._answer_metrics(
+                    model,
+                    ds.select(range(n)),
+                    processor,
+                    max_new_tokens=cfg.train.max_new_tokens,
+                    batch_size=batch_size,
+                )
         model.train(was_training)
         return metrics
 
@@ -727,19 +781,9 @@ class CausalLM(Task):
         batches = eval_batches(ds["length"], batch_size)
         for idx in distributed.shard(batches, world):  # each rank its share
             batch = to_device(collate(take(ds, idx)), device)
-            labels = batch.pop("labels")
             with autocast(device, amp):
-                logits = model(**batch).logits
-            shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-            nll += float(
-                torch.nn.functional.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.shape[-1]),
-                    shift_labels.reshape(-1),
-                    ignore_index=IGNORE,
-                    reduction="sum",
-                )
-            )
-            tokens += int((shift_labels != IGNORE).sum())
+                batch_nll, batch_tokens = answer_nll(model, batch)
+            nll, tokens = nll + float(batch_nll), tokens + int(batch_tokens)
             if progress is not None:
                 progress.update(len(idx) * world.size)
         if progress is not None:

@@ -41,7 +41,15 @@ from lorakit.config import DataConfig, RunConfig, TrainConfig
 from lorakit.data import build_splits
 from lorakit.errors import AdapterError, DataError
 from lorakit.tasks.base import PreparedData
-from lorakit.tasks.causal_lm import IGNORE, CausalLM, CausalLMData, CausalLMTrain, encode_example, to_messages
+from lorakit.tasks.causal_lm import (
+    IGNORE,
+    CausalLM,
+    CausalLMData,
+    CausalLMTrain,
+    answer_logits,
+    encode_example,
+    to_messages,
+)
 
 log = logging.getLogger("lorakit")
 REFERENCE = "reference"  # peft adapter name of a frozen starting adapter
@@ -171,30 +179,20 @@ def encode_pair(
 # ---- log-probabilities and losses ---------------------------------------------------------------
 
 
-def answer_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [2B, W, V], their target tokens [2B, W]) over the window of positions that predict an
-    answer token in some row: the model's head runs on that window only (``logits_to_keep``), not on
-    the prompts -- on SmolLM2 the vocabulary projection is a fifth of the weights, and the logits the
-    largest tensors of a step."""
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    cols = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-    keep = torch.arange(lo, hi, device=targets.device)
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-    ).logits
-    return logits, targets[:, lo:hi]
-
-
 def answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's answer tokens [2B], answer token counts [2B])."""
-    logits, targets = answer_logits(model, batch)
-    nll = F.cross_entropy(
-        logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-    )  # [2B, W], 0 off the answers
-    return -nll.sum(-1), (targets != IGNORE).sum(-1)
+    logits, targets, rows = answer_logits(model, batch)
+    return row_logps(logits, targets, rows, len(batch["input_ids"]))
+
+
+def row_logps(
+    logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of the targets' log-probabilities [n] and per-row token counts [n], from the flat
+    answer positions that :func:`answer_logits` returns."""
+    logp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    sums = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    return sums, torch.bincount(rows, minlength=n)
 
 
 def pair_losses(
@@ -448,25 +446,19 @@ class Preference(CausalLM):
         for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):
             batch = to_device(collate(take(ds, idx)), device)
             with autocast(device, amp):
-                pol_logits, labels = answer_logits(model, batch)
+                pol_logits, targets, rows = answer_logits(model, batch)
                 with as_reference(model) as ref_model:
-                    ref_logits, _ = answer_logits(ref_model, batch)
-            mask = labels != IGNORE
+                    ref_logits, _, _ = answer_logits(ref_model, batch)
             b = len(idx)
-            policy, reference = (
-                -F.cross_entropy(
-                    x.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
-                ).sum(-1)
-                for x in (pol_logits, ref_logits)
+            (policy, tokens), (reference, _) = (
+                row_logps(x, targets, rows, 2 * b) for x in (pol_logits, ref_logits)
             )
             losses, rc, rr = pair_losses(
-                t.loss, t.beta, t.simpo_gamma, policy, reference, mask.sum(-1).clamp(min=1)
+                t.loss, t.beta, t.simpo_gamma, policy, reference, tokens.clamp(min=1)
             )
-            # KL over the vocabulary at the chosen answers' tokens only: [tokens, V], not [2B, W, V]
-            pol_lp, ref_lp = (
-                pol_logits[:b][mask[:b]].float().log_softmax(-1),
-                ref_logits[:b][mask[:b]].float().log_softmax(-1),
-            )
+            # KL over the vocabulary at the chosen answers' tokens only ([tokens, V]; rows < b are chosen)
+            chosen = rows < b
+            pol_lp, ref_lp = (x[chosen].float().log_softmax(-1) for x in (pol_logits, ref_logits))
             kl = (pol_lp.exp() * (pol_lp - ref_lp)).sum(-1)
             del pol_logits, ref_logits, pol_lp, ref_lp
             for k, v in zip(
@@ -480,7 +472,7 @@ class Preference(CausalLM):
                     policy[:b].sum(),
                     policy[b:].sum(),
                     kl.sum(),
-                    mask[:b].sum(),
+                    chosen.sum(),
                 ),
                 strict=True,
             ):
