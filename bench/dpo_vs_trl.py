@@ -3,9 +3,11 @@
 1. anchor: one batch, one LoRA adapter with seeded non-zero B matrices (so that the policy differs
    from the reference), fp32: TRL's ``compute_loss`` and lorakit's ``Preference.loss`` must give the
    same loss and rewards, and both must put the loss on the same completion tokens.
-2. one epoch of DPO training in each (a fresh adapter, the same hyperparameters, fp32, no evaluation,
-   no gradient checkpointing), each in a child process of its own: time of the training loop and the
-   process's peak RSS side by side.
+2. one epoch of DPO training in each (a fresh adapter, the same hyperparameters, no evaluation), each
+   in a child process of its own: time of the training loop and the process's peak RSS side by side,
+   twice: like for like (fp32, no gradient checkpointing, batches in the same order), and each tool as
+   its documentation leaves it (TRL's DPOConfig: bf16 autocast and gradient checkpointing on; lorakit:
+   bf16 autocast on CPUs with native bf16, batches grouped by length).
 
     python bench/dpo_vs_trl.py                      # tiny random Llama with SmolLM2's tokenizer (seconds)
     python bench/dpo_vs_trl.py --model smollm2      # the packaged SmolLM2-135M-Instruct
@@ -117,6 +119,7 @@ def trainer_for(folder: str, pairs: Path, work: Path, **extra: Any) -> Any:
 def trl_args(work: Path, **extra: Any) -> Any:
     from trl import DPOConfig
 
+    settings: dict[str, Any] = {"bf16": False, "gradient_checkpointing": False, **extra}
     return DPOConfig(
         output_dir=str(work / "trl"),
         beta=BETA,
@@ -124,8 +127,6 @@ def trl_args(work: Path, **extra: Any) -> Any:
         per_device_train_batch_size=BATCH,
         max_length=MAX_LENGTH,
         num_train_epochs=1,
-        bf16=False,
-        gradient_checkpointing=False,
         weight_decay=0.01,
         lr_scheduler_type="linear",
         max_grad_norm=1.0,
@@ -136,7 +137,7 @@ def trl_args(work: Path, **extra: Any) -> Any:
         seed=42,
         use_cpu=True,
         dataloader_num_workers=0,
-        **extra,
+        **settings,
     )
 
 
@@ -220,15 +221,20 @@ def child_anchor(folder: str, pairs: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def child_trl(folder: str, pairs: Path, work: Path) -> dict[str, Any]:
+def child_trl(folder: str, pairs: Path, work: Path, defaults: bool = False) -> dict[str, Any]:
+    """One epoch in TRL: fp32 without gradient checkpointing, or (``defaults``) DPOConfig's documented
+    defaults for both (bf16 autocast, gradient checkpointing on)."""
     steps = math.ceil(sum(1 for _ in pairs.open()) / BATCH)
-    trainer = trainer_for(folder, pairs, work, warmup_steps=round(0.06 * steps))
+    extra = {"bf16": True, "gradient_checkpointing": True} if defaults else {}
+    trainer = trainer_for(folder, pairs, work, warmup_steps=round(0.06 * steps), **extra)
     started = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - started
     logs = [r for r in trainer.state.log_history if "loss" in r]
+    args = trainer.args
     return {
         "name": "trl",
+        "precision": f"bf16={args.bf16}, gradient_checkpointing={args.gradient_checkpointing}",
         "epoch_seconds": seconds,
         "peak_rss_mb": peak_rss_mb(),
         "steps": out.global_step,
@@ -237,7 +243,9 @@ def child_trl(folder: str, pairs: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def child_lorakit(folder: str, pairs: Path, work: Path) -> dict[str, Any]:
+def child_lorakit(folder: str, pairs: Path, work: Path, defaults: bool = False) -> dict[str, Any]:
+    """One epoch in lorakit: fp32 in the given batch order, or (``defaults``) its own defaults
+    (bf16 autocast on CPUs with native bf16, batches grouped by length)."""
     import yaml
 
     import lorakit
@@ -258,8 +266,7 @@ def child_lorakit(folder: str, pairs: Path, work: Path) -> dict[str, Any]:
             "batch_size": BATCH,
             "learning_rate": LR,
             "beta": BETA,
-            "mixed_precision": "no",
-            "group_by_length": False,
+            **({} if defaults else {"mixed_precision": "no", "group_by_length": False}),
             "logging_steps": 1,
             "generation_samples": 0,
             "save_every_steps": None,
@@ -279,6 +286,7 @@ def child_lorakit(folder: str, pairs: Path, work: Path) -> dict[str, Any]:
     logs = [h for h in r.history if h["split"] == "train"]
     return {
         "name": "lorakit",
+        "precision": metrics["precision"],
         "epoch_seconds": metrics["train_seconds"],
         "peak_rss_mb": peak_rss_mb(),
         "steps": metrics["steps"],
@@ -287,7 +295,13 @@ def child_lorakit(folder: str, pairs: Path, work: Path) -> dict[str, Any]:
     }
 
 
-CHILDREN = {"anchor": child_anchor, "trl": child_trl, "lorakit": child_lorakit}
+CHILDREN = {
+    "anchor": child_anchor,
+    "trl": child_trl,
+    "lorakit": child_lorakit,
+    "trl:defaults": lambda *a: child_trl(*a, defaults=True),
+    "lorakit:defaults": lambda *a: child_lorakit(*a, defaults=True),
+}
 
 
 def main() -> None:
@@ -308,7 +322,7 @@ def main() -> None:
         folder = model_folder(args.model, work)
         pairs = write_pairs(work / "pairs.jsonl", args.pairs)
         extra = ["--folder", folder, "--data", str(pairs), "--work", str(work)]
-        results = {name: run_child(Path(__file__), name, extra) for name in ("anchor", "trl", "lorakit")}
+        results = {name: run_child(Path(__file__), name, extra) for name in CHILDREN}
     a = results["anchor"]
     print(
         f"model {args.model}, {args.pairs} pairs, batch {BATCH}, beta {BETA}, lr {LR}, LoRA r={R} "
@@ -320,17 +334,21 @@ def main() -> None:
             f"  {k:17s} TRL {a['trl'][k]: .8f}   lorakit {a['lorakit'][k]: .8f}   |diff| "
             f"{a['abs_diff'][k]:.2e}"
         )
-    t, o = results["trl"], results["lorakit"]
-    print(
-        f"one epoch ({t['steps']} steps): TRL {t['epoch_seconds']:.1f} s, peak RSS "
-        f"{t['peak_rss_mb']:.0f} MB; "
-        f"lorakit {o['epoch_seconds']:.1f} s ({o['epoch_seconds'] / t['epoch_seconds']:.2f}x), "
-        f"peak RSS {o['peak_rss_mb']:.0f} MB ({o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x)"
-    )
-    print(
-        f"  training loss first / last step: TRL {t['first_loss']:.4f} / {t['last_loss']:.4f}; "
-        f"lorakit {o['first_loss']:.4f} / {o['last_loss']:.4f}"
-    )
+    for mode, label in (
+        ("", "fp32, no gradient checkpointing, batches in order"),
+        (":defaults", "each tool's defaults"),
+    ):
+        t, o = results["trl" + mode], results["lorakit" + mode]
+        print(
+            f"one epoch ({t['steps']} steps), {label}: TRL ({t['precision']}) {t['epoch_seconds']:.1f} s, "
+            f"peak RSS {t['peak_rss_mb']:.0f} MB; lorakit ({o['precision']}) {o['epoch_seconds']:.1f} s "
+            f"({o['epoch_seconds'] / t['epoch_seconds']:.2f}x), peak RSS {o['peak_rss_mb']:.0f} MB "
+            f"({o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x)"
+        )
+        print(
+            f"  training loss first / last step: TRL {t['first_loss']:.4f} / {t['last_loss']:.4f}; "
+            f"lorakit {o['first_loss']:.4f} / {o['last_loss']:.4f}"
+        )
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "pairs": args.pairs, **results}, indent=2))
 
