@@ -171,6 +171,54 @@ def test_gguf_f16_reads_back_with_the_adapters_logits_and_tokens(
     assert "FROM ./model-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+def test_score_test_prints_what_quantisation_costs_on_the_runs_test_split(
+    tmp_path: Path, smol_llama_dir: Path, capsys
+) -> None:
+    """--score-test answers the run's own test split with the unmerged adapter and with the q8_0 file
+    read back: the adapter's score is the one training measured on that split (same rows, same
+    float32 greedy answers)."""
+    import lorakit
+    from conftest import make_chat_rows, make_lm_config
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(64)))
+    cfg = make_lm_config(tmp_path, smol_llama_dir, data, train={"mixed_precision": "no", "epochs": 3})
+    run = lorakit.train(cfg, progress=False)
+    trained = json.loads((run.run_dir / "metrics.json").read_text())["test"]["exact_match"]
+    assert trained > 0.5  # the tiny model learnt the colours: the score below is not a trivial 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "export",
+                str(run.run_dir),
+                "--gguf",
+                str(tmp_path / "q8"),
+                "--gguf-type",
+                "q8_0",
+                "--score-test",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert e.value.code in (0, None), out
+    scored = json.loads((tmp_path / "q8" / "lorakit-export.json").read_text())["verification"][
+        "test_exact_match"
+    ]
+    assert scored["examples"] == 8 and scored["adapter"] == trained
+    assert 0.0 <= scored["gguf"] <= 1.0 and 0.0 <= scored["identical_answers"] <= 1.0
+    assert (
+        f"exact match on the run's 8 test examples (greedy, float32): adapter {100 * trained:.2f}%, "
+        f"GGUF q8_0 {100 * scored['gguf']:.2f}%" in out
+    )
+    # An imported adapter carries no test data: a one-line error, nothing written.
+    imported = _peft_adapter(smol_llama_dir, tmp_path / "imported")
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(imported), "--gguf", str(tmp_path / "none"), "--score-test"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--score-test: this adapter was imported" in err
+    assert not (tmp_path / "none").exists()
+
+
 def test_what_gguf_cannot_hold_is_refused_or_skipped(
     tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path, capsys
 ) -> None:

@@ -347,6 +347,14 @@ def export(
     no_lora: Annotated[
         bool, typer.Option("--no-lora", help="With --gguf: skip the llama.cpp LoRA adapter file.")
     ] = False,
+    score_test: Annotated[
+        bool,
+        typer.Option(
+            "--score-test",
+            help="With --gguf: also answer the run's test split with the adapter and with the file "
+            "read back, and print both exact matches (minutes: it generates twice).",
+        ),
+    ] = False,
     vllm: Annotated[
         Path | None,
         typer.Option(
@@ -373,6 +381,8 @@ def export(
             "export needs --merge OUT_DIR (Hugging Face folder; --onnx adds model.onnx to it), "
             "--gguf OUT_DIR (llama.cpp / Ollama) and/or --vllm OUT_DIR"
         )
+    if score_test and gguf is None:
+        raise _Err("--score-test scores the GGUF file written by --gguf OUT_DIR; pass --gguf too")
     if onnx and merge is None:
         raise _Err("--onnx adds model.onnx to the --merge OUT_DIR folder; pass --merge too")
     if merge is not None:
@@ -381,7 +391,13 @@ def export(
         )
     if gguf is not None:
         _export_gguf(
-            path, gguf, gguf_type=gguf_type, overwrite=overwrite, base_model=base_model, lora=not no_lora
+            path,
+            gguf,
+            gguf_type=gguf_type,
+            overwrite=overwrite,
+            base_model=base_model,
+            lora=not no_lora,
+            score_test=score_test,
         )
     if vllm is not None:
         _export_vllm(path, vllm, max_lora_rank=max_lora_rank, overwrite=overwrite)
@@ -419,6 +435,14 @@ def _export_gguf(path: Path, out: Path, **options: object) -> None:
         f"{bound}); same next token at {100 * r.top1_agreement:.1f}% of positions; "
         "tokenizer: same ids"
     )
+    if r.scored:
+        sc = r.scored
+        typer.echo(
+            f"  exact match on the run's {sc['examples']} test examples (greedy, float32): adapter "
+            f"{100 * sc['adapter']:.2f}%, GGUF {r.gguf_type} {100 * sc['gguf']:.2f}% "
+            f"({100 * (sc['gguf'] - sc['adapter']):+.2f} points); identical answers "
+            f"{100 * sc['identical_answers']:.1f}%"
+        )
     if r.lora_file:
         typer.echo(
             f"gguf lora:  {r.lora_file} (llama.cpp --lora on the base model's GGUF; "

@@ -67,6 +67,8 @@ class GGUFResult:
     lora_diff: float | None  # largest |delta W from the LoRA GGUF - delta W of the adapter|
     lora_skipped: str | None  # why no LoRA GGUF was written
     checked: int
+    # With score_test: exact match on the run's test split of the adapter and of the file read back
+    scored: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class GGUFResult:
             "lora_max_abs_delta_diff": self.lora_diff,
             "lora_skipped": self.lora_skipped,
             "checked_inputs": self.checked,
+            "test_exact_match": self.scored,
         }
 
 
@@ -491,6 +494,46 @@ def _same_tokens(adapter_tok: Any, gguf_tok: Any, batches: list[dict[str, torch.
     return gguf_tok.chat_template == adapter_tok.chat_template
 
 
+def _held_out(loaded: Any) -> tuple[list[list[int]], list[str]]:
+    """The run's test split as (prompt ids, reference answers), prepared as training prepared it."""
+    from lorakit.importing import UNKNOWN_DATA
+
+    if loaded.config.data.train == UNKNOWN_DATA:
+        raise ExportError(
+            "--score-test: this adapter was imported, so lorakit does not know its test data; "
+            "score it with `lorakit eval` on a file instead, or leave out --score-test"
+        )
+    split = loaded.task.prepare(loaded.config, loaded.processor).splits.get("test")
+    if split is None or "reference" not in split.column_names or not any(split["reference"]):
+        raise ExportError(
+            "--score-test: this run has no test split with reference answers to score; train with "
+            "data.test or data.test_size, or leave out --score-test"
+        )
+    return split["prompt_ids"], split["reference"]
+
+
+def _answers(loaded: Any, model: torch.nn.Module, held_out: tuple[list[list[int]], list[str]]) -> list[str]:
+    return loaded.task.generate_ids(
+        model.eval(), loaded.processor, held_out[0], max_new_tokens=loaded.config.train.max_new_tokens
+    )
+
+
+def _scores(refs: list[str], adapter: list[str], gguf_answers: list[str]) -> dict[str, Any]:
+    from lorakit.tasks.causal_lm import normalise_answer
+
+    def em(outs: list[str]) -> float:
+        return sum(normalise_answer(r) == normalise_answer(o) for r, o in zip(refs, outs, strict=True)) / len(
+            refs
+        )
+
+    return {
+        "examples": len(refs),
+        "adapter": em(adapter),
+        "gguf": em(gguf_answers),
+        "identical_answers": sum(a == b for a, b in zip(adapter, gguf_answers, strict=True)) / len(refs),
+    }
+
+
 def export_gguf(
     adapter: str | Path,
     out_dir: str | Path,
@@ -500,6 +543,7 @@ def export_gguf(
     base_model: str | None = None,
     relative_tolerance: float = F16_RELATIVE_TOLERANCE,
     lora: bool = True,
+    score_test: bool = False,
 ) -> GGUFResult:
     """Write a causal-LM adapter as a merged GGUF model (+ a llama.cpp LoRA file and an Ollama
     Modelfile), verified.
@@ -514,6 +558,8 @@ def export_gguf(
         relative_tolerance: Largest accepted |unmerged - GGUF| logit difference, relative to the
             largest |logit| (f16).
         lora: Also write the adapter as a llama.cpp LoRA GGUF where llama.cpp can take it.
+        score_test: Also answer the run's test split greedily (float32) with the unmerged adapter and
+            with the file read back, and report both exact matches (what quantisation costs).
 
     Returns:
         The files written and the measured differences.
@@ -547,6 +593,8 @@ def export_gguf(
     )  # chat prompts, left-padded, of different lengths
     checked = sum(len(b["input_ids"]) for b in batches)
     reference = [_logits(loaded.model, b) for b in batches]
+    held_out = _held_out(loaded) if score_test else None
+    adapter_answers = _answers(loaded, loaded.model, held_out) if held_out else None
     pairs, skipped = lora_pairs(loaded.model, loaded.meta) if lora else ({}, "not asked for (--no-lora)")
     merged = loaded.model.merge_and_unload().eval()
     name = f"{Path(loaded.meta['base_model']['name_or_path']).name} + lorakit adapter"
@@ -578,6 +626,9 @@ def export_gguf(
                 "GGUF check failed: the tokenizer read back from the GGUF file does not give the "
                 "adapter's token ids (or its chat template differs); nothing was written"
             )
+        scored = None
+        if held_out is not None and adapter_answers is not None:
+            scored = _scores(held_out[1], adapter_answers, _answers(loaded, reread, held_out))
         lora_file = lora_diff = None
         if pairs:
             lora_file = tmp / f"lora-{gguf_type}.gguf"
@@ -609,6 +660,7 @@ def export_gguf(
             lora_diff,
             None if pairs else skipped,
             checked,
+            scored,
         )
         from lorakit.registry import hash_tree
 
