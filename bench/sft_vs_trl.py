@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import random
 import sys
 import tempfile
@@ -165,7 +166,7 @@ def child_trl(folder: str, work: Path) -> dict[str, Any]:
         learning_rate=LR,
         per_device_train_batch_size=BATCH,
         num_train_epochs=1,
-        warmup_ratio=WARMUP,
+        warmup_steps=round(WARMUP * math.ceil(len(train) / BATCH)),  # lorakit's warmup_ratio, in steps
         max_length=MAX_LENGTH,
         save_strategy="no",
         report_to=[],

@@ -177,7 +177,7 @@ def test_the_head_runs_on_answer_positions_only_and_the_loss_is_unchanged(
     seen: list[int] = []
     hook = base.lm_head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[-2]))
     for mode in ("mask", "window", "none"):
-        monkeypatch.setattr(causal_lm, "_keep_mode", lambda m, mode=mode: mode)
+        monkeypatch.setattr(causal_lm, "logits_keep_mode", lambda m, mode=mode: mode)
         seen.clear()
         loss = CausalLM().loss(model, batch)
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -187,7 +187,7 @@ def test_the_head_runs_on_answer_positions_only_and_the_loss_is_unchanged(
             assert seen[0] == answers  # [N, H] into the head, not [B, T, H]
     hook.remove()
     monkeypatch.undo()
-    assert causal_lm._keep_mode(model) == "mask"  # what transformers' Llama supports today
+    assert causal_lm.logits_keep_mode(model) == "mask"  # what transformers' Llama supports today
 
 
 def test_training_learns_answers_and_generation_stops_at_end_of_turn(

@@ -297,6 +297,57 @@ def test_loss_equals_a_hand_computation(kind: str, tiny_llama_dir: Path, tok) ->
     assert abs(got - math.log(2)) > 1e-3 or kind == "ipo"  # the adapter really moved the policy
 
 
+def test_each_prompt_runs_once_with_the_two_row_logits_and_gradients(tiny_llama_dir: Path, tok) -> None:
+    """Pairs share their prompt: it runs once and both answers continue from its cache. The answer
+    log-probabilities and the LoRA gradients are the plain two-row pass's; a pair whose sides were
+    truncated to different prompts takes the plain pass."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.modeling import apply_lora
+    from lorakit.tasks.causal_lm import answer_logits
+    from lorakit.tasks.preference import _shared_prompt_logits, pair_logps, row_logps
+
+    torch.manual_seed(0)
+    model = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64),
+        LoraSettings(r=4),
+        task_type="CAUSAL_LM",
+        new_modules=[],
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    d = PreferenceDataConfig(train="x")
+    rows = [*make_pairs(3), {"prompt": "say a word", "chosen": "good film please", "rejected": "bad"}]
+    pairs, _ = Preference()._encode_split(Dataset.from_list(rows), tok, d, key="k")
+    batch = Preference().collate(tok, d)([pairs[i] for i in range(len(pairs))])
+    widths: list[int] = []
+    hook = model.get_base_model().model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+
+    def logps_and_grads(fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logps, _ = fn()
+        (logps * torch.linspace(-1, 1, len(logps), dtype=logps.dtype)).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    shared, g_shared = logps_and_grads(lambda: pair_logps(model, batch))
+    assert widths == [4, 8]  # the 4 prompts once, then the 8 answers on their cache
+    plain, g_plain = logps_and_grads(lambda: row_logps(*answer_logits(model, batch), 8))
+    # A float64 model; the log-softmax runs in float32 (as in training), so the gradients agree to
+    # float32 rounding of the largest entry. A wrong or missing path through the cache is O(1).
+    torch.testing.assert_close(shared, plain, rtol=1e-7, atol=1e-7)
+    for a, b in zip(g_shared, g_plain, strict=True):
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    hook.remove()
+
+    cut = {k: v.clone() for k, v in batch.items()}
+    cut["input_ids"][4, 1] = cut["input_ids"][0, 1] + 1  # the rejected side's prompt differs in one token
+    assert _shared_prompt_logits(model, cut) is None
+
+
 # ---- training and the other stages ---------------------------------------------------------------
 
 

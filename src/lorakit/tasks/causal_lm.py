@@ -415,7 +415,7 @@ def block_causal_mask(seq_lens: list[list[int]], width: int, dtype: torch.dtype)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _keep_mode(model: torch.nn.Module) -> str:
+def logits_keep_mode(model: torch.nn.Module) -> str:
     """How ``model``'s forward can limit its vocabulary projection to the positions a loss needs:
     "mask" (transformers' ``slice_logits_to_keep``: a 2-D boolean mask, any positions per row),
     "window" (``logits_to_keep`` as 1-D positions, shared by every row) or "none"."""
@@ -441,7 +441,7 @@ def answer_logits(
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     mask = targets != IGNORE
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    mode = _keep_mode(model)
+    mode = logits_keep_mode(model)
     if mode == "mask":
         logits = model(**inputs, logits_to_keep=torch.nn.functional.pad(mask, (0, 1))).logits
     elif mode == "window":

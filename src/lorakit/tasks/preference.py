@@ -48,6 +48,7 @@ from lorakit.tasks.causal_lm import (
     CausalLMTrain,
     answer_logits,
     encode_example,
+    logits_keep_mode,
     to_messages,
 )
 
@@ -183,6 +184,83 @@ def answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     """(summed log-probability of each row's answer tokens [2B], answer token counts [2B])."""
     logits, targets, rows = answer_logits(model, batch)
     return row_logps(logits, targets, rows, len(batch["input_ids"]))
+
+
+def pair_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`answer_logits` for a batch of pairs (B chosen rows, then B rejected): each pair's prompt
+    runs through the model once, not twice, where the batch and the model allow it."""
+    shared = _shared_prompt_logits(model, batch)
+    return shared if shared is not None else answer_logits(model, batch)
+
+
+def _shared_prompt_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The prompt of each pair once (left-padded, its keys and values kept with their gradients), then
+    both answers on top of it from that cache. Chosen and rejected share their prompt token for token, so
+    the logits are the two-row pass's; with prompts longer than answers (the usual case) this is close
+    to half the work. None, for the plain path, when: the model is wrapped for DDP / FSDP (they expect
+    one forward per backward), it cannot take a 2-D ``logits_to_keep``, the batch carries more than ids,
+    mask and labels (packing), or truncation left the two sides of a pair with different prompts."""
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if hasattr(model, "module") or set(batch) != {"input_ids", "attention_mask", "labels"}:
+        return None
+    if logits_keep_mode(model) != "mask":
+        return None
+    b, width = ids.shape[0] // 2, ids.shape[1]
+    labelled = labels != IGNORE
+    if not labelled.any(1).all():
+        return None
+    starts = labelled.int().argmax(1)  # each row's first answer token: the prompt is what comes before
+    lengths = attn.sum(1)
+    p = int(starts.max())
+    cols = torch.arange(p, device=ids.device)
+    if p == 0 or not torch.equal(starts[:b], starts[b:]):
+        return None
+    if not ((ids[:b, :p] == ids[b:, :p]) | (cols >= starts[:b, None])).all():
+        return None
+    # 1. prompts, left-padded to p; the last position predicts each answer's first token
+    src = cols[None, :] - (p - starts[:b])[:, None]
+    real = src >= 0
+    prompt = model(
+        input_ids=torch.where(real, ids[:b].gather(1, src.clamp(min=0)), 0),
+        attention_mask=real.long(),
+        position_ids=src.clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = prompt.cache if hasattr(prompt, "cache") else prompt.past_key_values  # transformers >= 5.x: cache
+    cache.batch_repeat_interleave(2)  # row 2i: pair i's chosen answer, row 2i + 1: its rejected one
+    # 2. the answers (right-padded) on the cached prompts, in that interleaved order
+    order = torch.stack([torch.arange(b), torch.arange(b) + b], 1).reshape(-1).to(ids.device)
+    n_ans = int((lengths - starts).max())
+    pos = starts[order, None] + torch.arange(n_ans, device=ids.device)[None, :]
+    inside = pos < lengths[order, None]
+    nxt = pos + 1
+    targets = torch.where(nxt < width, labels[order].gather(1, nxt.clamp(max=width - 1)), IGNORE)
+    targets = torch.where(inside, targets, IGNORE)
+    keep = targets != IGNORE
+    answers = model(
+        input_ids=torch.where(inside, ids[order].gather(1, pos.clamp(max=width - 1)), 0),
+        attention_mask=torch.cat([real.repeat_interleave(2, 0), inside], 1).long(),
+        position_ids=pos,
+        logits_to_keep=keep,
+        **{"cache" if hasattr(prompt, "cache") else "past_key_values": cache},
+    )
+    rows = torch.arange(2 * b, device=ids.device)
+    first_targets = labels[rows, starts]
+    return (
+        torch.cat([prompt.logits[:, -1][rows % b], answers.logits]),
+        torch.cat([first_targets, targets[keep]]),
+        torch.cat([rows, order[keep.nonzero()[:, 0]]]),
+    )
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`answer_logps` of a batch of pairs, through :func:`pair_logits`."""
+    return row_logps(*pair_logits(model, batch), len(batch["input_ids"]))
 
 
 def row_logps(
@@ -400,11 +478,11 @@ class Preference(CausalLM):
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Mean preference loss of the batch's pairs."""
         t = self.train_cfg or PreferenceTrainConfig()
-        policy, tokens = answer_logps(model, batch)
+        policy, tokens = pair_logps(model, batch)
         reference = None
         if t.loss != "simpo":
             with torch.no_grad(), as_reference(model) as ref_model:
-                reference, _ = answer_logps(ref_model, batch)
+                reference, _ = pair_logps(ref_model, batch)
         losses, _, _ = pair_losses(t.loss, t.beta, t.simpo_gamma, policy, reference, tokens.clamp(min=1))
         return losses.mean()
 
@@ -446,9 +524,9 @@ class Preference(CausalLM):
         for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):
             batch = to_device(collate(take(ds, idx)), device)
             with autocast(device, amp):
-                pol_logits, targets, rows = answer_logits(model, batch)
+                pol_logits, targets, rows = pair_logits(model, batch)
                 with as_reference(model) as ref_model:
-                    ref_logits, _, _ = answer_logits(ref_model, batch)
+                    ref_logits, _, _ = pair_logits(ref_model, batch)
             b = len(idx)
             (policy, tokens), (reference, _) = (
                 row_logps(x, targets, rows, 2 * b) for x in (pol_logits, ref_logits)
