@@ -241,15 +241,16 @@ def _hand_logp(model: torch.nn.Module, ids: list[int], labels: list[int]) -> flo
     return total
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ipo", "simpo"])
-def test_loss_equals_a_hand_computation(kind: str, tiny_llama_dir: Path, tok) -> None:
+def _moved_adapter(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The tiny Llama with a LoRA adapter whose B matrices are random (B starts at zero, and then the
+    policy would equal the reference)."""
     from transformers import AutoModelForCausalLM
 
     from lorakit.modeling import apply_lora
 
     torch.manual_seed(0)
     model = apply_lora(
-        AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
         LoraSettings(r=4),
         task_type="CAUSAL_LM",
         new_modules=[],
@@ -257,8 +258,14 @@ def test_loss_equals_a_hand_computation(kind: str, tiny_llama_dir: Path, tok) ->
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.3)  # B starts at zero: make the policy differ from the reference
-    model.eval()
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "simpo"])
+def test_loss_equals_a_hand_computation(kind: str, tiny_llama_dir: Path, tok) -> None:
+
+    model = _moved_adapter(tiny_llama_dir).eval()
     task = Preference()
     task.train_cfg = PreferenceTrainConfig(loss=kind, beta=0.3, simpo_gamma=0.2)
     d = PreferenceDataConfig(train="x")
@@ -301,23 +308,11 @@ def test_each_prompt_runs_once_with_the_two_row_logits_and_gradients(tiny_llama_
     """Pairs share their prompt: it runs once and both answers continue from its cache. The answer
     log-probabilities and the LoRA gradients are the plain two-row pass's; a pair whose sides were
     truncated to different prompts takes the plain pass."""
-    from transformers import AutoModelForCausalLM
 
-    from lorakit.modeling import apply_lora
     from lorakit.tasks.causal_lm import answer_logits
     from lorakit.tasks.preference import _shared_prompt_logits, pair_logps, row_logps
 
-    torch.manual_seed(0)
-    model = apply_lora(
-        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64),
-        LoraSettings(r=4),
-        task_type="CAUSAL_LM",
-        new_modules=[],
-    )
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    model = _moved_adapter(tiny_llama_dir, torch.float64)
     d = PreferenceDataConfig(train="x")
     rows = [*make_pairs(3), {"prompt": "say a word", "chosen": "good film please", "rejected": "bad"}]
     pairs, _ = Preference()._encode_split(Dataset.from_list(rows), tok, d, key="k")
