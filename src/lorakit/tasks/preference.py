@@ -195,6 +195,24 @@ def pair_logits(
     return shared if shared is not None else answer_logits(model, batch)
 
 
+def _shared_prompt_starts(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Where each row's answer starts [2B], when every pair's two rows hold the same prompt before it
+    (and the batch is plain ids / mask / labels, not packed); else None."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    if set(batch) != {"input_ids", "attention_mask", "labels"}:
+        return None
+    b, labelled = ids.shape[0] // 2, labels != IGNORE
+    if not labelled.any(1).all():
+        return None
+    starts = labelled.int().argmax(1)  # each row's first answer token: the prompt is what comes before
+    p = int(starts.max())
+    if p == 0 or not torch.equal(starts[:b], starts[b:]):
+        return None
+    cols = torch.arange(p, device=ids.device)
+    same = (ids[:b, :p] == ids[b:, :p]) | (cols >= starts[:b, None])
+    return starts if bool(same.all()) else None
+
+
 def _shared_prompt_logits(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -204,23 +222,14 @@ def _shared_prompt_logits(
     to half the work. None, for the plain path, when: the model is wrapped for DDP / FSDP (they expect
     one forward per backward), it cannot take a 2-D ``logits_to_keep``, the batch carries more than ids,
     mask and labels (packing), or truncation left the two sides of a pair with different prompts."""
+    if hasattr(model, "module") or logits_keep_mode(model) != "mask":
+        return None
+    starts = _shared_prompt_starts(batch)
+    if starts is None:
+        return None
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    if hasattr(model, "module") or set(batch) != {"input_ids", "attention_mask", "labels"}:
-        return None
-    if logits_keep_mode(model) != "mask":
-        return None
-    b, width = ids.shape[0] // 2, ids.shape[1]
-    labelled = labels != IGNORE
-    if not labelled.any(1).all():
-        return None
-    starts = labelled.int().argmax(1)  # each row's first answer token: the prompt is what comes before
-    lengths = attn.sum(1)
-    p = int(starts.max())
-    cols = torch.arange(p, device=ids.device)
-    if p == 0 or not torch.equal(starts[:b], starts[b:]):
-        return None
-    if not ((ids[:b, :p] == ids[b:, :p]) | (cols >= starts[:b, None])).all():
-        return None
+    b, width, p = ids.shape[0] // 2, ids.shape[1], int(starts.max())
+    lengths, cols = attn.sum(1), torch.arange(p, device=ids.device)
     # 1. prompts, left-padded to p; the last position predicts each answer's first token
     src = cols[None, :] - (p - starts[:b])[:, None]
     real = src >= 0
