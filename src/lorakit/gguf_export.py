@@ -519,17 +519,13 @@ def _answers(loaded: Any, model: torch.nn.Module, held_out: tuple[list[list[int]
 
 
 def _scores(refs: list[str], adapter: list[str], gguf_answers: list[str]) -> dict[str, Any]:
-    from lorakit.tasks.causal_lm import normalise_answer
-
-    def em(outs: list[str]) -> float:
-        return sum(normalise_answer(r) == normalise_answer(o) for r, o in zip(refs, outs, strict=True)) / len(
-            refs
-        )
+    """Exact match of both sets of answers, counted as training's evaluation counts it."""
+    from lorakit.tasks.causal_lm import exact_match
 
     return {
         "examples": len(refs),
-        "adapter": em(adapter),
-        "gguf": em(gguf_answers),
+        "adapter": exact_match(refs, adapter),
+        "gguf": exact_match(refs, gguf_answers),
         "identical_answers": sum(a == b for a, b in zip(adapter, gguf_answers, strict=True)) / len(refs),
     }
 

@@ -465,6 +465,15 @@ def normalise_answer(s: str) -> str:
     return " ".join(s.strip().casefold().split()).rstrip(".!")
 
 
+def exact_match(refs: list[str], outs: list[str]) -> float | None:
+    """Share of answers equal to their reference after :func:`normalise_answer`, over the rows that
+    have a reference; None when none has."""
+    scored = [(r, o) for r, o in zip(refs, outs, strict=True) if r]
+    if not scored:
+        return None
+    return float(np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored]))
+
+
 class CausalLM(Task):
     name = "causal-lm"
     data_config = CausalLMData
@@ -822,11 +831,9 @@ class CausalLM(Task):
         for rank, answers in enumerate(distributed.gather(mine, world)):
             outs[rank :: world.size] = answers
         metrics: dict[str, Any] = {}
-        scored = [(r, o) for r, o in zip(refs, outs, strict=True) if r]
-        if scored:
-            metrics["exact_match"] = float(
-                np.mean([normalise_answer(r) == normalise_answer(o) for r, o in scored])
-            )
+        em = exact_match(refs, outs)
+        if em is not None:
+            metrics["exact_match"] = em
         metrics["samples"] = [
             {"prompt": processor.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
             for p, r, o in list(zip(prompts, refs, outs, strict=True))[:8]
