@@ -5,9 +5,10 @@
    same loss and rewards, and both must put the loss on the same completion tokens.
 2. one epoch of DPO training in each (a fresh adapter, the same hyperparameters, no evaluation), each
    in a child process of its own: time of the training loop and the process's peak RSS side by side,
-   twice: like for like (fp32, no gradient checkpointing, batches in the same order), and each tool as
+   three times: like for like (fp32, no gradient checkpointing, batches in the same order); each tool as
    its documentation leaves it (TRL's DPOConfig: bf16 autocast and gradient checkpointing on; lorakit:
-   bf16 autocast on CPUs with native bf16, batches grouped by length).
+   bf16 autocast on CPUs with native bf16, batches grouped by length, no checkpointing); and TRL's
+   defaults against lorakit's with ``train.gradient_checkpointing: true``.
 
     python bench/dpo_vs_trl.py                      # tiny random Llama with SmolLM2's tokenizer (seconds)
     python bench/dpo_vs_trl.py --model smollm2      # the packaged SmolLM2-135M-Instruct
@@ -244,9 +245,12 @@ def child_trl(folder: str, pairs: Path, work: Path, defaults: bool = False) -> d
     }
 
 
-def child_lorakit(folder: str, pairs: Path, work: Path, defaults: bool = False) -> dict[str, Any]:
+def child_lorakit(
+    folder: str, pairs: Path, work: Path, defaults: bool = False, checkpointing: bool = False
+) -> dict[str, Any]:
     """One epoch in lorakit: fp32 in the given batch order, or (``defaults``) its own defaults
-    (bf16 autocast on CPUs with native bf16, batches grouped by length)."""
+    (bf16 autocast on CPUs with native bf16, batches grouped by length); ``checkpointing`` adds
+    ``train.gradient_checkpointing`` (off by default), to set against TRL's defaults, which have it on."""
     import yaml
 
     import lorakit
@@ -268,6 +272,7 @@ def child_lorakit(folder: str, pairs: Path, work: Path, defaults: bool = False) 
             "learning_rate": LR,
             "beta": BETA,
             **({} if defaults else {"mixed_precision": "no", "group_by_length": False}),
+            "gradient_checkpointing": checkpointing,
             "logging_steps": 1,
             "generation_samples": 0,
             "save_every_steps": None,
@@ -287,7 +292,7 @@ def child_lorakit(folder: str, pairs: Path, work: Path, defaults: bool = False) 
     logs = [h for h in r.history if h["split"] == "train"]
     return {
         "name": "lorakit",
-        "precision": metrics["precision"],
+        "precision": metrics["precision"] + (", gradient_checkpointing=True" if checkpointing else ""),
         "epoch_seconds": metrics["train_seconds"],
         "peak_rss_mb": peak_rss_mb(),
         "steps": metrics["steps"],
@@ -302,7 +307,13 @@ CHILDREN = {
     "lorakit": child_lorakit,
     "trl:defaults": lambda *a: child_trl(*a, defaults=True),
     "lorakit:defaults": lambda *a: child_lorakit(*a, defaults=True),
+    "lorakit:checkpointing": lambda *a: child_lorakit(*a, defaults=True, checkpointing=True),
 }
+PAIRS = (  # (TRL child, lorakit child, what the two have in common)
+    ("trl", "lorakit", "fp32, no gradient checkpointing, batches in order"),
+    ("trl:defaults", "lorakit:defaults", "each tool's defaults"),
+    ("trl:defaults", "lorakit:checkpointing", "bf16, both with gradient checkpointing"),
+)
 
 
 def main() -> None:
@@ -347,11 +358,8 @@ def main() -> None:
             f"  {k:17s} TRL {a['trl'][k]: .8f}   lorakit {a['lorakit'][k]: .8f}   |diff| "
             f"{a['abs_diff'][k]:.2e}"
         )
-    for mode, label in (
-        ("", "fp32, no gradient checkpointing, batches in order"),
-        (":defaults", "each tool's defaults"),
-    ):
-        t, o = results["trl" + mode], results["lorakit" + mode]
+    for trl, ours, label in PAIRS:
+        t, o = results[trl], results[ours]
         print(
             f"one epoch ({t['steps']} steps), {label}: TRL ({t['precision']}) {t['epoch_seconds']:.1f} s, "
             f"peak RSS {t['peak_rss_mb']:.0f} MB; lorakit ({o['precision']}) {o['epoch_seconds']:.1f} s "
@@ -365,11 +373,11 @@ def main() -> None:
     if args.repeat > 1:
         import statistics
 
-        for mode in ("", ":defaults"):
-            ratios = [x["lorakit" + mode]["epoch_seconds"] / x["trl" + mode]["epoch_seconds"] for x in rounds]
-            memory = [x["lorakit" + mode]["peak_rss_mb"] / x["trl" + mode]["peak_rss_mb"] for x in rounds]
+        for trl, ours, label in PAIRS:
+            ratios = [x[ours]["epoch_seconds"] / x[trl]["epoch_seconds"] for x in rounds]
+            memory = [x[ours]["peak_rss_mb"] / x[trl]["peak_rss_mb"] for x in rounds]
             print(
-                f"{args.repeat} rounds{mode or ' (fp32)'}: lorakit / TRL time "
+                f"{args.repeat} rounds, {label}: lorakit / TRL time "
                 f"{', '.join(f'{v:.2f}x' for v in ratios)} (median {statistics.median(ratios):.2f}x); "
                 f"peak RSS median {statistics.median(memory):.2f}x"
             )

@@ -319,6 +319,11 @@ CASES = [
     ),
     Case("corrupt images", lambda ws, w, run: _corrupt_images(ws), "4 of 4 images (100.0%) cannot be read"),
     Case(
+        "gradient checkpointing on a CNN",
+        lambda ws, w, run: _checkpointed_cnn(ws),
+        "train.gradient_checkpointing: zoo:efficientnet-lite0 does not support gradient checkpointing",
+    ),
+    Case(
         "exact match without generation",
         lambda ws, w, run: [
             "check",
@@ -508,6 +513,24 @@ def _corrupt_images(ws: Path) -> list[str]:
         "task": "image-classification",
         "data": {"train": str(ws / "imgs")},
         "model": {"name_or_path": "zoo:efficientnet-lite0"},
+        "output": {"dir": str(ws / "run")},
+    }
+    (ws / "img.yaml").write_text(yaml.safe_dump(cfg))
+    return ["check", str(ws / "img.yaml")]
+
+
+def _checkpointed_cnn(ws: Path) -> list[str]:
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (ws / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(ws / "imgs" / cls / f"{i}.png")
+    cfg = {
+        "task": "image-classification",
+        "data": {"train": str(ws / "imgs"), "validation_size": 0.5, "image_size": 32},
+        "model": {"name_or_path": "zoo:efficientnet-lite0"},
+        "train": {"gradient_checkpointing": True},
         "output": {"dir": str(ws / "run")},
     }
     (ws / "img.yaml").write_text(yaml.safe_dump(cfg))

@@ -343,6 +343,44 @@ def test_each_prompt_runs_once_with_the_two_row_logits_and_gradients(tiny_llama_
     assert _shared_prompt_logits(model, cut) is None
 
 
+def test_gradient_checkpointing_keeps_the_loss_and_gradients(tiny_llama_dir: Path, tok) -> None:
+    """``train.gradient_checkpointing``: the DPO loss and the LoRA gradients are those without it. The
+    policy pass then takes the plain two-row path (transformers keeps no cache under checkpointing);
+    the reference pass, without gradients, still shares each prompt."""
+    from lorakit.modeling import enable_gradient_checkpointing
+
+    model = _moved_adapter(tiny_llama_dir, torch.float64).train()
+    d = PreferenceDataConfig(train="x")
+    pairs, _ = Preference()._encode_split(Dataset.from_list(make_pairs(4)), tok, d, key="k")
+    batch = Preference().collate(tok, d)([pairs[i] for i in range(len(pairs))])
+    task = Preference()
+    task.train_cfg = PreferenceTrainConfig(loss="dpo", beta=0.5)
+    widths: list[int] = []
+    model.get_base_model().model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain, g_plain = loss_and_grads()
+    assert widths == [4, 8, 4, 8]  # policy and reference: prompts once, then the answers
+    widths.clear()
+    enable_gradient_checkpointing(model, "tiny llama")
+    layer = model.get_base_model().model.layers[0]
+    replayable, calls = layer._gradient_checkpointing_func, []
+    layer._gradient_checkpointing_func = lambda *a, **kw: (calls.append(1), replayable(*a, **kw))[1]
+    checkpointed, g_checkpointed = loss_and_grads()
+    assert widths == [8, 4, 8]  # policy: two rows per pair; reference: each prompt once
+    assert len(calls) == 1  # the policy pass ran through the checkpoint; the reference, without grad, not
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g_checkpointed, g_plain, strict=True):
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+
 # ---- training and the other stages ---------------------------------------------------------------
 
 

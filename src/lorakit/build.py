@@ -73,7 +73,10 @@ def build_model(task: Task, cfg: RunConfig, base: Base, label_space: LabelSpace 
         ModelError: The model does not fit the task, or the LoRA settings do not fit the model.
     """
     model, new_modules = task.load_model(cfg.model, base.path, label_space, cfg.data)
-    return task.prepare_model(task.apply_adapter(model, cfg, new_modules))
+    model = task.prepare_model(task.apply_adapter(model, cfg, new_modules))
+    if cfg.train.gradient_checkpointing:
+        modeling.enable_gradient_checkpointing(model, cfg.model.name_or_path)
+    return model
 
 
 # ---- from an adapter directory ----------------------------------------------------------------------

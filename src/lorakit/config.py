@@ -256,6 +256,11 @@ class TrainConfig(Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding)."
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward pass instead of "
+        "keeping them (transformers models): less memory, slower steps (measured: BENCHMARKS.md, DPO).",
+    )
     eval_every_steps: int | None = Field(
         None, ge=1, description="Evaluate every N optimizer steps; unset = at the end of each epoch."
     )

@@ -409,6 +409,26 @@ def apply_lora(
     return wrapped
 
 
+def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
+    """``train.gradient_checkpointing``: transformers' own, non-reentrant (it needs no input that
+    requires grad, which a frozen embedding under LoRA would not give).
+
+    Raises:
+        ModelError: The model has no gradient checkpointing (zoo CNNs, some remote-code models).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ModelError(
+            f"train.gradient_checkpointing: {name} does not support gradient checkpointing (transformers "
+            "models that do: Llama, Qwen, Mistral, BERT, ViT, ...); set it to false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x: the new name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def check_rank(model: nn.Module, r: int) -> None:
     """Refuse a LoRA rank that is not below the width of every layer it adapts.
 

@@ -440,7 +440,7 @@ def answer_logits(
     largest tensor of a step. ``model`` is called as a whole, so DDP / FSDP wrappers see the call."""
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     mask = targets != IGNORE
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
     mode = logits_keep_mode(model)
     if mode == "mask":
         logits = model(**inputs, logits_to_keep=torch.nn.functional.pad(mask, (0, 1))).logits

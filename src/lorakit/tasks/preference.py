@@ -221,9 +221,12 @@ def _shared_prompt_logits(
     the logits are the two-row pass's; with prompts longer than answers (the usual case) this is close
     to half the work. None, for the plain path, when: the model is wrapped for DDP / FSDP (they expect
     one forward per backward), it cannot take a 2-D ``logits_to_keep``, the batch carries more than ids,
-    mask and labels (packing), or truncation left the two sides of a pair with different prompts."""
+    mask and labels (packing), truncation left the two sides of a pair with different prompts, or
+    gradient checkpointing is on (transformers keeps no cache then)."""
     if hasattr(model, "module") or logits_keep_mode(model) != "mask":
         return None
+    if model.training and torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+        return None  # transformers turns the cache off where gradient checkpointing will replay a layer
     starts = _shared_prompt_starts(batch)
     if starts is None:
         return None
