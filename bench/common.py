@@ -306,15 +306,23 @@ def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def run_configs(
-    script: Path, configs: list[tuple[str, list[str]]], tmp: Path, quick: bool
+    script: Path, configs: list[tuple[str, list[str]]], tmp: Path, quick: bool, *, lines: bool = True
 ) -> list[dict[str, Any]]:
-    """Each configuration in its own child process, one after the other."""
+    """Each configuration in its own child process, one after the other; each result line is printed
+    as soon as it is known (``lines``: a quality benchmark's). A configuration that fails is reported (its error on stderr) and the others
+    still run."""
     results = []
     for name, overrides in configs:
         extra = ["--work", str(tmp / name.replace(":", "-")), *(["--quick"] if quick else [])] + [
             a for o in overrides for a in ("--set", o)
         ]
-        results.append(run_child(script, name, extra))
+        try:
+            results.append(run_child(script, name, extra))
+        except SystemExit as failed:
+            print(f"{name:28s} FAILED: {failed}  {' '.join(overrides)}", flush=True)
+            continue
+        if lines:
+            print_results(results[-1:])
     return results
 
 
@@ -351,5 +359,4 @@ def run_main(
     print(quick_header if args.quick else header, flush=True)
     with tempfile.TemporaryDirectory(prefix=f"lorakit-{script.stem}-") as tmp:
         results = run_configs(script, configs, Path(tmp), args.quick)
-    print_results(results)
     return args, results

@@ -125,7 +125,7 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
         model,
         data.splits["test"],
         task.collate(processor, cfg.data),
-        batch_size=t.eval_batch_size,
+        batch_size=t.eval_batch_size or t.batch_size,  # unset = batch_size on CPUs, as in lorakit
         device=torch.device("cpu"),
     )
     total = sum(p.numel() for p in model.parameters())

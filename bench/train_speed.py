@@ -129,7 +129,7 @@ def main() -> None:
             Path(tmp) / "data", *((64, 16, 48) if args.quick else (N_TRAIN, 200, N_TEST))
         )
         epoch_flops = training_flops(slices)
-        results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick)
+        results = common.run_configs(SCRIPT, configs, Path(tmp), args.quick, lines=False)
     peaks = {k: max(v, common.matmul_flops(k)) for k, v in before.items()}
     print(
         "dense matmul: "
