@@ -309,8 +309,8 @@ def run_configs(
     script: Path, configs: list[tuple[str, list[str]]], tmp: Path, quick: bool, *, lines: bool = True
 ) -> list[dict[str, Any]]:
     """Each configuration in its own child process, one after the other; each result line is printed
-    as soon as it is known (``lines``: a quality benchmark's). A configuration that fails is reported (its error on stderr) and the others
-    still run."""
+    as soon as it is known (``lines``: a quality benchmark's). A configuration that fails is reported
+    (its error on stderr) and the others still run."""
     results = []
     for name, overrides in configs:
         extra = ["--work", str(tmp / name.replace(":", "-")), *(["--quick"] if quick else [])] + [
