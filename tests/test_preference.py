@@ -344,9 +344,9 @@ def test_each_prompt_runs_once_with_the_two_row_logits_and_gradients(tiny_llama_
 
 
 def test_gradient_checkpointing_keeps_the_loss_and_gradients(tiny_llama_dir: Path, tok) -> None:
-    """``train.gradient_checkpointing``: the DPO loss and the LoRA gradients are those without it. The
-    policy pass then takes the plain two-row path (transformers keeps no cache under checkpointing);
-    the reference pass, without gradients, still shares each prompt."""
+    """``train.gradient_checkpointing``: the DPO loss and the LoRA gradients are those without it. Both
+    passes then take the plain two-row path (transformers keeps no cache under checkpointing, and the
+    reference must carry the policy's rounding: in bf16 two paths would make them differ at step 0)."""
     from lorakit.modeling import enable_gradient_checkpointing
 
     model = _moved_adapter(tiny_llama_dir, torch.float64).train()
@@ -374,11 +374,18 @@ def test_gradient_checkpointing_keeps_the_loss_and_gradients(tiny_llama_dir: Pat
     replayable, calls = layer._gradient_checkpointing_func, []
     layer._gradient_checkpointing_func = lambda *a, **kw: (calls.append(1), replayable(*a, **kw))[1]
     checkpointed, g_checkpointed = loss_and_grads()
-    assert widths == [8, 4, 8]  # policy: two rows per pair; reference: each prompt once
+    assert widths == [8, 8]  # policy and reference: two rows per pair
     assert len(calls) == 1  # the policy pass ran through the checkpoint; the reference, without grad, not
     torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-7)
     for a, b in zip(g_checkpointed, g_plain, strict=True):
         assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+    with torch.no_grad():  # a fresh adapter (B = 0): in bf16 the policy still equals the reference
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert float(task.loss(model, batch).detach()) == pytest.approx(math.log(2), abs=1e-6)
 
 
 # ---- training and the other stages ---------------------------------------------------------------

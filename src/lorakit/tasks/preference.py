@@ -225,8 +225,10 @@ def _shared_prompt_logits(
     gradient checkpointing is on (transformers keeps no cache then)."""
     if hasattr(model, "module") or logits_keep_mode(model) != "mask":
         return None
-    if model.training and torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
-        return None  # transformers turns the cache off where gradient checkpointing will replay a layer
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        # Transformers keeps no cache where checkpointing will replay a layer; the reference pass (no
+        # gradient) takes the same path as the policy's so that in bf16 both carry the same rounding.
+        return None
     starts = _shared_prompt_starts(batch)
     if starts is None:
         return None
