@@ -63,7 +63,7 @@ def main() -> None:
     )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     real = sum(int(b["attention_mask"].sum()) for b in batches)
-    starts = [preference._shared_prompt_starts(b) for b in batches]
+    starts = [preference.shared_prompt_starts(model, b) for b in batches]
     prompts = sum(int(s[: len(s) // 2].sum()) for s in starts if s is not None)
     print(
         f"# SmolLM2-135M-Instruct, {args.batches} batches of {BATCH} pairs; tokens per pass: whole rows "
@@ -71,10 +71,10 @@ def main() -> None:
         f"{torch.__version__}, {torch.get_num_threads()} threads",
         flush=True,
     )
-    shared_fn = preference._shared_prompt_logits
+    shared_fn = preference.shared_prompt_starts
 
     def set_mode(mode: str) -> None:
-        preference._shared_prompt_logits = shared_fn if mode == "shared" else (lambda m, b: None)
+        preference.shared_prompt_starts = shared_fn if mode == "shared" else (lambda m, b: None)
 
     def steps(mode: str, amp: torch.dtype | None) -> float:
         set_mode(mode)

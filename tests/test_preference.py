@@ -310,7 +310,7 @@ def test_each_prompt_runs_once_with_the_two_row_logits_and_gradients(tiny_llama_
     truncated to different prompts takes the plain pass."""
 
     from lorakit.tasks.causal_lm import answer_logits
-    from lorakit.tasks.preference import _shared_prompt_logits, pair_logps, row_logps
+    from lorakit.tasks.preference import pair_logps, row_logps, shared_prompt_starts
 
     model = _moved_adapter(tiny_llama_dir, torch.float64)
     d = PreferenceDataConfig(train="x")
@@ -328,7 +328,7 @@ def test_each_prompt_runs_once_with_the_two_row_logits_and_gradients(tiny_llama_
         (logps * torch.linspace(-1, 1, len(logps), dtype=logps.dtype)).sum().backward()
         return logps.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    shared, g_shared = logps_and_grads(lambda: pair_logps(model, batch))
+    shared, g_shared = logps_and_grads(lambda: pair_logps(model, batch, shared_prompt_starts(model, batch)))
     assert widths == [4, 8]  # the 4 prompts once, then the 8 answers on their cache
     plain, g_plain = logps_and_grads(lambda: row_logps(*answer_logits(model, batch), 8))
     # A float64 model; the log-softmax runs in float32 (as in training), so the gradients agree to
@@ -340,7 +340,7 @@ def test_each_prompt_runs_once_with_the_two_row_logits_and_gradients(tiny_llama_
 
     cut = {k: v.clone() for k, v in batch.items()}
     cut["input_ids"][4, 1] = cut["input_ids"][0, 1] + 1  # the rejected side's prompt differs in one token
-    assert _shared_prompt_logits(model, cut) is None
+    assert shared_prompt_starts(model, cut) is None
 
 
 def test_gradient_checkpointing_keeps_the_loss_and_gradients(tiny_llama_dir: Path, tok) -> None:

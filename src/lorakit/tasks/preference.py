@@ -187,15 +187,30 @@ def answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 
 def pair_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], starts: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`answer_logits` for a batch of pairs (B chosen rows, then B rejected): each pair's prompt
-    runs through the model once, not twice, where the batch and the model allow it."""
-    shared = _shared_prompt_logits(model, batch)
-    return shared if shared is not None else answer_logits(model, batch)
+    runs through the model once, not twice, when ``starts`` (:func:`shared_prompt_starts`) says where
+    the answers begin; with None, the plain two-row pass. A step's policy and reference passes take the
+    path decided from the policy model, so that in bf16 both carry the same rounding (at B = 0 the loss
+    is then exactly log 2)."""
+    return _shared_prompt_logits(model, batch, starts) if starts is not None else answer_logits(model, batch)
 
 
-def _shared_prompt_starts(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+def shared_prompt_starts(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Where each row's answer starts [2B] when each pair's prompt can run through ``model`` once; None
+    for the plain path, when: the model is wrapped for DDP / FSDP (they expect one forward per
+    backward), it cannot take a 2-D ``logits_to_keep``, it trains with gradient checkpointing
+    (transformers keeps no cache where a layer will be replayed), the batch carries more than ids, mask
+    and labels (packing), or truncation left the two sides of a pair with different prompts."""
+    if hasattr(model, "module") or logits_keep_mode(model) != "mask":
+        return None
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        return None
+    return _prompt_starts(batch)
+
+
+def _prompt_starts(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Where each row's answer starts [2B], when every pair's two rows hold the same prompt before it
     (and the batch is plain ids / mask / labels, not packed); else None."""
     ids, labels = batch["input_ids"], batch["labels"]
@@ -214,24 +229,12 @@ def _shared_prompt_starts(batch: dict[str, torch.Tensor]) -> torch.Tensor | None
 
 
 def _shared_prompt_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The prompt of each pair once (left-padded, its keys and values kept with their gradients), then
     both answers on top of it from that cache. Chosen and rejected share their prompt token for token, so
     the logits are the two-row pass's; with prompts longer than answers (the usual case) this is close
-    to half the work. None, for the plain path, when: the model is wrapped for DDP / FSDP (they expect
-    one forward per backward), it cannot take a 2-D ``logits_to_keep``, the batch carries more than ids,
-    mask and labels (packing), truncation left the two sides of a pair with different prompts, or
-    gradient checkpointing is on (transformers keeps no cache then)."""
-    if hasattr(model, "module") or logits_keep_mode(model) != "mask":
-        return None
-    if model.training and getattr(model, "is_gradient_checkpointing", False):
-        # Transformers keeps no cache where checkpointing will replay a layer; the reference pass (no
-        # gradient) takes the same path as the policy's so that in bf16 both carry the same rounding.
-        return None
-    starts = _shared_prompt_starts(batch)
-    if starts is None:
-        return None
+    to half the work."""
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     b, width, p = ids.shape[0] // 2, ids.shape[1], int(starts.max())
     lengths, cols = attn.sum(1), torch.arange(p, device=ids.device)
@@ -272,9 +275,11 @@ def _shared_prompt_logits(
     )
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], starts: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`answer_logps` of a batch of pairs, through :func:`pair_logits`."""
-    return row_logps(*pair_logits(model, batch), len(batch["input_ids"]))
+    return row_logps(*pair_logits(model, batch, starts), len(batch["input_ids"]))
 
 
 def row_logps(
@@ -492,11 +497,12 @@ class Preference(CausalLM):
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Mean preference loss of the batch's pairs."""
         t = self.train_cfg or PreferenceTrainConfig()
-        policy, tokens = pair_logps(model, batch)
+        starts = shared_prompt_starts(model, batch)
+        policy, tokens = pair_logps(model, batch, starts)
         reference = None
         if t.loss != "simpo":
             with torch.no_grad(), as_reference(model) as ref_model:
-                reference, _ = pair_logps(ref_model, batch)
+                reference, _ = pair_logps(ref_model, batch, starts)
         losses, _, _ = pair_losses(t.loss, t.beta, t.simpo_gamma, policy, reference, tokens.clamp(min=1))
         return losses.mean()
 
@@ -538,9 +544,10 @@ class Preference(CausalLM):
         for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):
             batch = to_device(collate(take(ds, idx)), device)
             with autocast(device, amp):
-                pol_logits, targets, rows = pair_logits(model, batch)
+                starts = shared_prompt_starts(model, batch)
+                pol_logits, targets, rows = pair_logits(model, batch, starts)
                 with as_reference(model) as ref_model:
-                    ref_logits, _, _ = pair_logits(ref_model, batch)
+                    ref_logits, _, _ = pair_logits(ref_model, batch, starts)
             b = len(idx)
             (policy, tokens), (reference, _) = (
                 row_logps(x, targets, rows, 2 * b) for x in (pol_logits, ref_logits)
