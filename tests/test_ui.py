@@ -271,8 +271,9 @@ def fill_form(page, server: Server, name: str, **values: str) -> None:
 
 
 def wait_status(page, status: str, timeout: float = 180) -> None:
+    # the run page reloads itself when the run ends: while the new page loads, #status may not exist
     page.wait_for_function(
-        f"document.getElementById('status').textContent === {status!r}", timeout=timeout * 1000
+        f"document.getElementById('status')?.textContent === {status!r}", timeout=timeout * 1000
     )
 
 
@@ -350,7 +351,7 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(page, server: Server, 
     page.click("#start")
     page.wait_for_url("**/runs/stopped-run")
     page.wait_for_function(
-        "parseInt(document.getElementById('steps').textContent.split(' ')[1]) > 0", timeout=180_000
+        "parseInt(document.getElementById('steps')?.textContent.split(' ')[1]) > 0", timeout=180_000
     )
     page.click("#stop")
     wait_status(page, "interrupted")
