@@ -25,6 +25,8 @@ model loading and tokenisation included, scoring excluded), training samples/s, 
   measured against the same work)
 
     .venv/bin/python bench/sft_vs_trl.py             # ~20 min on 2 CPU cores
+    .venv/bin/python bench/sft_vs_trl.py --seeds 7 1234        # two more training seeds (~35 min)
+    .venv/bin/python bench/sft_vs_trl.py --only lorakit --set data.packing=true   # a lorakit lever
     .venv/bin/python bench/sft_vs_trl.py --quick     # 64 reviews: a smoke test of the script
 """
 
@@ -149,7 +151,7 @@ def adapter_score(folder: str, adapter: Path, rows: list[dict[str, Any]]) -> dic
 # ---- the children -----------------------------------------------------------------------------------
 
 
-def child_trl(folder: str, work: Path) -> dict[str, Any]:
+def child_trl(folder: str, work: Path, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     import torch
     from datasets import load_dataset
@@ -157,7 +159,7 @@ def child_trl(folder: str, work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     train = load_dataset(
         "json", data_files=str(work.parent / "data" / "train-completion.jsonl"), split="train"
     )
@@ -170,7 +172,7 @@ def child_trl(folder: str, work: Path) -> dict[str, Any]:
         max_length=MAX_LENGTH,
         save_strategy="no",
         report_to=[],
-        seed=SEED,
+        seed=seed,
         use_cpu=True,
         dataloader_num_workers=0,
     )
@@ -201,7 +203,7 @@ def child_trl(folder: str, work: Path) -> dict[str, Any]:
     }
 
 
-def child_lorakit(folder: str, work: Path) -> dict[str, Any]:
+def child_lorakit(folder: str, work: Path, seed: int, overrides: list[str]) -> dict[str, Any]:
     import yaml
 
     import lorakit
@@ -227,14 +229,14 @@ def child_lorakit(folder: str, work: Path) -> dict[str, Any]:
             "metric_for_best": "exact_match",
             "eval_every_steps": EVAL_EVERY,
             "save_every_steps": None,
-            "seed": SEED,
+            "seed": seed,
         },
         "output": {"dir": str(work / "run"), "report": False, "tensorboard": False, "overwrite": True},
     }
     path = work / "lorakit.yaml"
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
-    res = lorakit.train(path, progress=False)
+    res = lorakit.train(path, overrides=overrides, progress=False)
     metrics = json.loads((res.run_dir / "metrics.json").read_text())
     return {
         "name": "lorakit",
@@ -253,8 +255,9 @@ def child_lorakit(folder: str, work: Path) -> dict[str, Any]:
     }
 
 
-def child(name: str, folder: str, work: Path) -> dict[str, Any]:
-    r = child_trl(folder, work) if name == "trl" else child_lorakit(folder, work)
+def child(name: str, folder: str, work: Path, seed: int, overrides: list[str]) -> dict[str, Any]:
+    r = child_trl(folder, work, seed) if name == "trl" else child_lorakit(folder, work, seed, overrides)
+    r |= {"name": name, "seed": seed}
     r |= adapter_score(folder, Path(r["adapter"]), read_jsonl(work.parent / "data" / "test-completion.jsonl"))
     return r
 
@@ -274,16 +277,92 @@ def epoch_flops(folder: str, rows: list[dict[str, Any]]) -> float:
     return total
 
 
+def summarise(results: list[dict[str, Any]], flops: float, peak: float) -> None:
+    """Per run: exact match, loss, time to TRL's exact match (of the same seed), samples/s, MFU, RSS."""
+    print(
+        "| recipe | seed | precision | held-out exact match | answer loss | time to TRL's exact match | "
+        "training samples/s | MFU (bf16 peak) | peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    refs = {r["seed"]: r for r in results if r["name"] == "trl"}
+    for r in results:
+        ref = refs.get(r["seed"])
+        r["samples_per_s"] = r["examples"] / r["train_seconds"]
+        r["mfu"] = flops / r["train_seconds"] / peak
+        r["time_to_target"] = time_to(r, ref["exact_match"]) if ref else None
+        when = f"{r['time_to_target']:.0f} s" if r["time_to_target"] else "not reached"
+        print(
+            f"| {r['name']} | {r['seed']} | {r['precision']} | {100 * r['exact_match']:.1f}% | "
+            f"{r['answer_loss']:.3f} | {when} | {r['samples_per_s']:.2f} | {100 * r['mfu']:.0f}% | "
+            f"{r['peak_rss_mb']:.0f} MB |",
+            flush=True,
+        )
+    for r in results:
+        if r["curve"]:
+            print(
+                f"{r['name']} seed {r['seed']}, held-out exact match by step (seconds from the start, "
+                "scoring excluded): "
+                + ", ".join(
+                    f"{c['step']}: {100 * c['exact_match']:.1f}% at {c['seconds']:.0f} s" for c in r["curve"]
+                )
+            )
+
+
+def time_to(r: dict[str, Any], target: float) -> float | None:
+    """TRL's whole run; lorakit's first evaluation at or above ``target``."""
+    if r["name"] == "trl":
+        return r["seconds"]
+    return next((c["seconds"] for c in r["curve"] if c["exact_match"] >= target), None)
+
+
+def pooled(results: list[dict[str, Any]]) -> None:
+    """Over the seeds: mean exact match of each recipe, and when lorakit's mean curve reaches TRL's mean."""
+    trl = [r for r in results if r["name"] == "trl"]
+    ours = [r for r in results if r["name"] != "trl" and r["curve"]]
+    if not trl or not ours:
+        return
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    target = mean([r["exact_match"] for r in trl])
+    trl_s = mean([r["seconds"] for r in trl])
+    steps = [c["step"] for c in ours[0]["curve"]]
+    curve = [
+        (
+            step,
+            mean([r["curve"][i]["exact_match"] for r in ours]),
+            mean([r["curve"][i]["seconds"] for r in ours]),
+        )
+        for i, step in enumerate(steps)
+    ]
+    print(
+        f"\nover {len(trl)} TRL and {len(ours)} lorakit seed(s): TRL {100 * target:.1f}% mean exact match "
+        f"(final adapters, {trl_s:.0f} s mean); lorakit final "
+        f"{100 * mean([r['exact_match'] for r in ours]):.1f}%; lorakit's mean by step: "
+        + ", ".join(f"{step}: {100 * em:.1f}% at {sec:.0f} s" for step, em, sec in curve)
+    )
+    reached = next(((step, sec) for step, em, sec in curve if em >= target), None)
+    t = f"{reached[1] / trl_s:.2f}x (step {reached[0]})" if reached else "not reached"
+    rss = mean([r["peak_rss_mb"] for r in ours]) / mean([r["peak_rss_mb"] for r in trl])
+    sps = mean([r["samples_per_s"] for r in ours]) / mean([r["samples_per_s"] for r in trl])
+    print(
+        f"lorakit against TRL (targets: time to TRL's exact match <= 0.33x, memory <= 1.0x): time {t}, "
+        f"samples/s {sps:.2f}x, peak RSS {rss:.2f}x"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="64 training and 32 test reviews: a smoke test")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[SEED], help="training seeds (the split stays)")
+    ap.add_argument("--only", nargs="+", default=["trl", "lorakit"], choices=["trl", "lorakit"])
+    ap.add_argument("--set", action="append", default=[], help="a lorakit override, key=value")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        common.emit(child(args.child, args.folder, args.work))
+        common.emit(child(args.child, args.folder, args.work, args.seed, args.set))
         return
 
     import torch
@@ -293,58 +372,30 @@ def main() -> None:
     print(
         f"# bench/sft_vs_trl.py: SmolLM2-135M-Instruct, {n_train} Rotten Tomatoes reviews as chat turns, "
         f"exact match on {n_test} held-out; LoRA r={R} alpha {ALPHA} on 7 projections, lr {LR}, "
-        f"batch {BATCH}, 1 epoch; torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"batch {BATCH}, 1 epoch; seeds {args.seeds}; lorakit overrides {args.set}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         flush=True,
     )
     peak = common.matmul_flops("bf16")
+    results = []
     with tempfile.TemporaryDirectory(prefix="lorakit-sft-bench-") as tmp:
         work = Path(tmp)
         folder = model_folder("smollm2", work)
         paths = write_rows(work / "data", n_train, n_test)
         flops = epoch_flops(folder, read_jsonl(paths["train-messages"]))
-        results = [
-            common.run_child(SCRIPT, name, ["--folder", folder, "--work", str(work / name)], timeout=7200)
-            for name in ("trl", "lorakit")
-        ]
+        for seed in args.seeds:
+            for name in args.only:
+                extra = ["--folder", folder, "--work", str(work / f"{name}-{seed}"), "--seed", str(seed)]
+                extra += [f"--set={o}" for o in args.set] if name == "lorakit" else []
+                results.append(common.run_child(SCRIPT, name, extra, timeout=7200))
+                r = results[-1]
+                print(
+                    f"  {name} seed {seed}: {100 * r['exact_match']:.1f}% in {r['seconds']:.0f} s", flush=True
+                )
     peak = max(peak, common.matmul_flops("bf16"))
-    ref = results[0]
-    target = ref["exact_match"]
     print(f"dense bf16 matmul {peak / 1e9:.0f} GFLOP/s; model FLOPs of the epoch {flops / 1e12:.2f} TFLOP\n")
-    print(
-        f"| recipe | precision | held-out exact match | answer loss | time to {100 * target:.1f}% | "
-        "training samples/s | MFU (bf16 peak) | peak RSS |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if r["name"] == "trl":
-            r["time_to_target"] = r["seconds"]
-        else:
-            reached = next((c for c in r["curve"] if c["exact_match"] >= target), None)
-            r["time_to_target"] = reached["seconds"] if reached else None
-        r["samples_per_s"] = r["examples"] / r["train_seconds"]
-        r["mfu"] = flops / r["train_seconds"] / peak
-        when = f"{r['time_to_target']:.0f} s" if r["time_to_target"] else "not reached"
-        print(
-            f"| {r['name']} | {r['precision']} | {100 * r['exact_match']:.1f}% | {r['answer_loss']:.3f} | "
-            f"{when} | "
-            f"{r['samples_per_s']:.2f} | {100 * r['mfu']:.0f}% | {r['peak_rss_mb']:.0f} MB |",
-            flush=True,
-        )
-    o = results[1]
-    t = f"{o['time_to_target'] / ref['time_to_target']:.2f}x" if o["time_to_target"] else "not reached"
-    print(
-        f"\nlorakit against TRL (targets: time to TRL's exact match <= 0.33x, memory <= 1.0x): time {t}, "
-        f"whole run {o['seconds'] / ref['seconds']:.2f}x, "
-        f"samples/s {o['samples_per_s'] / ref['samples_per_s']:.2f}x, "
-        f"peak RSS {o['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
-    )
-    if o["curve"]:
-        print(
-            "lorakit held-out exact match by step (seconds from the start, scoring excluded): "
-            + ", ".join(
-                f"{c['step']}: {100 * c['exact_match']:.1f}% at {c['seconds']:.0f} s" for c in o["curve"]
-            )
-        )
+    summarise(results, flops, peak)
+    pooled(results)
     if args.out:
         args.out.write_text(
             json.dumps({"matmul_bf16": peak, "epoch_flops": flops, "results": results}, indent=1)
