@@ -11,6 +11,7 @@ official test split (1,000 further training images are lorakit's validation spli
              decay 0.01 except biases / norms, gradient clipping 1.0: lorakit's optimiser settings),
              written as a plain PyTorch loop over lorakit's data pipeline and model construction, so
              that only the training method differs
+  full-bf16:LR the same under bf16 autocast (as lorakit trains on a CPU with native bf16)
   lorakit    `lorakit train` with a config naming only data, model and budget (its defaults)
 
     .venv/bin/python bench/quality_images.py  # full at 3e-4 and 1e-3, lorakit (~15 min on 2 cores)
@@ -75,14 +76,16 @@ def run_config(work: Path, quick: bool) -> Path:
     return path
 
 
-def full_fine_tuning(config: Path, lr: float) -> dict:
-    """Every weight trained, with lorakit's data, model construction and optimiser settings."""
+def full_fine_tuning(config: Path, lr: float, bf16: bool = False) -> dict:
+    """Every weight trained, with lorakit's data, model construction and optimiser settings; with
+    ``bf16``, forward passes (training and evaluation) under bf16 autocast, as lorakit's on a CPU with
+    native bf16, so that the precision is the same on both sides."""
     import torch
     from transformers import get_scheduler
 
     import lorakit
     from lorakit import modeling
-    from lorakit.batching import evaluate_model, take, train_batches
+    from lorakit.batching import autocast, evaluate_model, take, train_batches
     from lorakit.tasks import get_task
     from lorakit.training import optimizer_steps, param_groups, set_seed
 
@@ -110,11 +113,13 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
     )
     collate = task.collate(processor, cfg.data, train=True)
     model.train()
+    cpu, amp = torch.device("cpu"), (torch.bfloat16 if bf16 else None)
     t_train = time.perf_counter()
     for idx in train_batches([1] * len(train_ds), t.batch_size, seed=t.seed, epoch=0, group_by_length=False)[
         :total_steps
     ]:
-        loss = model(**collate(take(train_ds, idx))).loss
+        with autocast(cpu, amp):
+            loss = model(**collate(take(train_ds, idx))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
@@ -126,7 +131,8 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
         data.splits["test"],
         task.collate(processor, cfg.data),
         batch_size=t.eval_batch_size or t.batch_size,  # unset = batch_size on CPUs, as in lorakit
-        device=torch.device("cpu"),
+        device=cpu,
+        amp=amp,
     )
     total = sum(p.numel() for p in model.parameters())
     return {
@@ -142,8 +148,9 @@ def full_fine_tuning(config: Path, lr: float) -> dict:
 
 def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
     config = run_config(work, quick)
-    if name.startswith("full:"):
-        r = full_fine_tuning(config, float(name.split(":", 1)[1]))
+    if name.startswith(("full:", "full-bf16:")):
+        kind, lr = name.split(":", 1)
+        r = full_fine_tuning(config, float(lr), bf16=kind == "full-bf16")
     else:
         import lorakit
 
@@ -166,7 +173,8 @@ def main() -> None:
         __doc__,
         child,
         only=["full:3e-4", "full:1e-3", "lorakit"],
-        only_help="which configurations to run: full:LR (full fine-tuning at that learning rate), lorakit",
+        only_help="which configurations to run: full:LR (full fine-tuning at that learning rate, fp32), "
+        "full-bf16:LR (the same under bf16 autocast), lorakit",
         header=f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, "
         f"EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images",
         quick_header="# bench/quality_images.py --quick: 256 training images, a smoke "
@@ -175,7 +183,7 @@ def main() -> None:
     if ran is None:
         return
     args, results = ran
-    full = [r for r in results if r["name"].startswith("full:")]
+    full = [r for r in results if r["name"].startswith(("full:", "full-bf16:"))]
     if full:
         best = max(full, key=lambda r: r["accuracy"])
         print(f"\ngaps to the best full fine-tuning ({best['name']}; accuracy points; time as a ratio):")
