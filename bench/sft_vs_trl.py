@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -321,29 +322,25 @@ def pooled(results: list[dict[str, Any]]) -> None:
     ours = [r for r in results if r["name"] != "trl" and r["curve"]]
     if not trl or not ours:
         return
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    target = mean([r["exact_match"] for r in trl])
-    trl_s = mean([r["seconds"] for r in trl])
-    steps = [c["step"] for c in ours[0]["curve"]]
-    curve = [
-        (
-            step,
-            mean([r["curve"][i]["exact_match"] for r in ours]),
-            mean([r["curve"][i]["seconds"] for r in ours]),
-        )
-        for i, step in enumerate(steps)
+    target = fmean(r["exact_match"] for r in trl)
+    trl_s = fmean(r["seconds"] for r in trl)
+    curve = [  # (step, mean exact match, mean seconds) over the seeds, evaluation by evaluation
+        (evals[0]["step"], fmean(c["exact_match"] for c in evals), fmean(c["seconds"] for c in evals))
+        for evals in zip(*(r["curve"] for r in ours), strict=True)
     ]
     print(
         f"\nover {len(trl)} TRL and {len(ours)} lorakit seed(s): TRL {100 * target:.1f}% mean exact match "
         f"(final adapters, {trl_s:.0f} s mean); lorakit's kept adapters (the best of its evaluations, "
-        f"chosen on these same reviews) {100 * mean([r['exact_match'] for r in ours]):.1f}%, its last "
-        f"evaluations {100 * mean([r['curve'][-1]['exact_match'] for r in ours]):.1f}%; its mean by step: "
+        f"chosen on these same reviews) {100 * fmean(r['exact_match'] for r in ours):.1f}%, its last "
+        f"evaluations {100 * curve[-1][1]:.1f}%; its mean by step: "
         + ", ".join(f"{step}: {100 * em:.1f}% at {sec:.0f} s" for step, em, sec in curve)
     )
     reached = next(((step, sec) for step, em, sec in curve if em >= target), None)
     t = f"{reached[1] / trl_s:.2f}x (step {reached[0]})" if reached else "not reached"
-    rss = mean([r["peak_rss_mb"] for r in ours]) / mean([r["peak_rss_mb"] for r in trl])
-    sps = mean([r["samples_per_s"] for r in ours]) / mean([r["samples_per_s"] for r in trl])
+    rss = fmean(r["peak_rss_mb"] for r in ours) / fmean(r["peak_rss_mb"] for r in trl)
+    sps = fmean(r["examples"] / r["train_seconds"] for r in ours) / fmean(
+        r["examples"] / r["train_seconds"] for r in trl
+    )
     print(
         f"lorakit against TRL (targets: time to TRL's exact match <= 0.33x, memory <= 1.0x): time {t}, "
         f"samples/s {sps:.2f}x, peak RSS {rss:.2f}x"
