@@ -5,8 +5,12 @@ seven projections, batches of 16 reviews in chat form), built by lorakit itself.
 
   head      a training step (forward, backward, AdamW step; bf16 autocast) with the vocabulary
             projection over every position (transformers' own loss) against lorakit's loss, which
-            runs it on the answer positions only (``logits_to_keep``); the same 4 batches,
+            runs it on the answer positions only (``logits_to_keep``); the same 8 batches,
             interleaved, best of ``--rounds``; the two losses on one batch
+  attention a training step with transformers' SDPA in bf16 (PyTorch's CPU flash-attention kernel)
+            against lorakit's training attention (the same kernel in fp32 for passes that will be
+            differentiated: ``modeling.use_fp32_training_attention``); the same 8 batches, interleaved,
+            best of ``--rounds``; each one's bf16 loss against the fp32 loss on 8 batches
   generate  greedy answers (4 new tokens) to 64 held-out prompts in batches of 32: fp32 against
             bf16 autocast, and the share of identical answers
 
@@ -20,6 +24,8 @@ import time
 
 import torch
 
+CPU = torch.device("cpu")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,67 +33,126 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
-    from lorakit.batching import autocast, take
+    from lorakit.batching import take
     from lorakit.build import build_model, open_base, resolve_config
     from lorakit.config import load_config
     from lorakit.tasks import get_task
 
-    cpu = torch.device("cpu")
     cfg = load_config(args.config)
     task = get_task(cfg.task)
-    cfg = resolve_config(cfg, task, cpu)
+    cfg = resolve_config(cfg, task, CPU)
     base = open_base(task, cfg.model)
     data = task.prepare(cfg, base.processor)
     torch.manual_seed(0)
     model = build_model(task, cfg, base, data.label_space)
     collate = task.collate(base.processor, cfg.data, train=True)
-    batches = [collate(take(data.splits["train"], list(range(i * 16, i * 16 + 16)))) for i in range(4)]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batches = [collate(take(data.splits["train"], list(range(i * 16, i * 16 + 16)))) for i in range(8)]
     print(
         f"# {args.config}: batches of 16, widths {[b['input_ids'].shape[1] for b in batches]}, answer tokens "
         f"{[int((b['labels'][:, 1:] != -100).sum()) for b in batches]}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         flush=True,
     )
+    head_lever(task, model, batches, args.rounds)
+    attention_lever(task, model, batches, args.rounds)
+    generation_lever(task, model, base.processor, data.splits["test"])
+
+
+def steps(model, batches, loss_fn) -> float:
+    """Seconds per training step (bf16 autocast, AdamW) over ``batches``."""
+    from lorakit.batching import autocast
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    t0 = time.perf_counter()
+    for batch in batches:
+        with autocast(CPU, torch.bfloat16):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def best_of(rounds: int, variants: dict) -> dict[str, float]:
+    """Best seconds per step of each variant (a function that sets it up and returns its loss
+    function), the variants interleaved round by round."""
+    best = dict.fromkeys(variants, float("inf"))
+    for r in range(rounds):
+        for name, variant in variants.items():
+            loss_fn, model, batches = variant()
+            best[name] = min(best[name], steps(model, batches, loss_fn))
+            print(f"  round {r}: {name}: {best[name]:.2f} s/step (best so far)", flush=True)
+    return best
+
+
+def head_lever(task, model, batches, rounds: int) -> None:
+    from lorakit.batching import autocast
 
     def full(m, b):
         return m(**b).loss
 
-    def answers_only(m, b):
-        return task.loss(m, b)
-
-    with torch.no_grad(), autocast(cpu, torch.bfloat16):
-        a, b = float(full(model, batches[0])), float(answers_only(model, batches[0]))
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):
+        a, b = float(full(model, batches[0])), float(task.loss(model, batches[0]))
     print(f"loss on batch 0 (bf16): every position {a:.7f}, answer positions only {b:.7f}")
-
-    def steps(fn) -> float:
-        t0 = time.perf_counter()
-        for batch in batches:
-            with autocast(cpu, torch.bfloat16):
-                loss = fn(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        return (time.perf_counter() - t0) / len(batches)
-
-    best = {"every position": float("inf"), "answer positions only": float("inf")}
-    for r in range(args.rounds):
-        for name, fn in (("every position", full), ("answer positions only", answers_only)):
-            best[name] = min(best[name], steps(fn))
-            print(f"  round {r}: {name}: {best[name]:.2f} s/step (best so far)", flush=True)
+    best = best_of(
+        rounds,
+        {
+            "every position": lambda: (full, model, batches),
+            "answer positions only": lambda: (task.loss, model, batches),
+        },
+    )
     every, only = best["every position"], best["answer positions only"]
     print(
         f"training step, head on every position {every:.2f} s, on answer positions only "
         f"{only:.2f} s ({only / every:.2f}x)"
     )
 
+
+def attention_lever(task, model, batches, rounds: int) -> None:
+    from lorakit import modeling
+    from lorakit.batching import autocast
+
+    inner = model.get_base_model()
+
+    def bf16_sdpa():
+        inner.set_attn_implementation("sdpa")
+        return task.loss, model, batches
+
+    def fp32_training_attention():
+        modeling.use_fp32_training_attention(model, CPU, torch.bfloat16)
+        return task.loss, model, batches
+
+    variants = {"bf16 SDPA": bf16_sdpa, "fp32 training attention": fp32_training_attention}
+    with torch.no_grad():
+        exact = [float(task.loss(model, b)) for b in batches]
+        bias = {}
+        for name, variant in variants.items():
+            variant()
+            with autocast(CPU, torch.bfloat16), torch.enable_grad():  # grad on: the training path
+                got = [float(task.loss(model, b).detach()) for b in batches]
+            bias[name] = sum(g - e for g, e in zip(got, exact, strict=True)) / len(got)
+    print(
+        "bf16 loss minus fp32 loss, mean of 8 batches: " + ", ".join(f"{k} {v:+.4f}" for k, v in bias.items())
+    )
+    best = best_of(rounds, variants)
+    sdpa, fp32 = best["bf16 SDPA"], best["fp32 training attention"]
+    print(
+        f"training step, attention bf16 {sdpa:.2f} s, fp32 when differentiated {fp32:.2f} s "
+        f"({fp32 / sdpa:.2f}x)"
+    )
+    inner.set_attn_implementation("sdpa")
+
+
+def generation_lever(task, model, processor, test) -> None:
+    from lorakit.batching import autocast
+
     model.eval()
-    prompts = data.splits["test"].select(range(64))["prompt_ids"]
+    prompts = test.select(range(64))["prompt_ids"]
     outs, times = {}, {}
     for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
         t0 = time.perf_counter()
-        with autocast(cpu, amp):
-            outs[name] = task.generate_ids(model, base.processor, prompts, max_new_tokens=4, batch_size=32)
+        with autocast(CPU, amp):
+            outs[name] = task.generate_ids(model, processor, prompts, max_new_tokens=4, batch_size=32)
         times[name] = time.perf_counter() - t0
     same = sum(x == y for x, y in zip(outs["fp32"], outs["bf16"], strict=True)) / len(prompts)
     print(

@@ -285,3 +285,55 @@ def test_eval_on_a_new_file_reports_perplexity_and_exact_match(lm_run, tmp_path:
     m = lorakit.evaluate(lm_run.run_dir, str(data), out_dir=tmp_path / "eval")
     assert m["examples"] == 12 and m["exact_match"] == 1.0 and m["perplexity"] >= 1.0
     assert (tmp_path / "eval" / "report" / "index.html").is_file()
+
+
+def test_cpu_bf16_training_attention_runs_in_fp32_with_sdpa_masks(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under CPU bf16 autocast, attention that will be differentiated runs PyTorch's SDPA kernel in fp32
+    (faster there), evaluation stays in bf16, and the masks are SDPA's: a left-padded row gives the
+    logits of full precision."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import modeling
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    cpu = torch.device("cpu")
+    assert not modeling.use_fp32_training_attention(model, cpu, None)  # fp32 runs are left alone
+    assert base.config._attn_implementation == "sdpa"
+    batch = {
+        "input_ids": torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9], [5, 6, 7, 8, 9, 10, 11, 12]]),
+        "attention_mask": torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8]),
+    }
+    exact = model(**batch).logits.detach()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_eval = model(**batch).logits
+
+    assert modeling.use_fp32_training_attention(model, cpu, torch.bfloat16)
+    calls: list[tuple[torch.dtype, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        calls.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train = model(**batch).logits
+        assert calls and all(c == (torch.float32, False) for c in calls)  # fp32 kernel, no autocast
+        calls.clear()
+        with torch.no_grad():
+            evaluation = model(**batch).logits
+        assert calls and all(autocast_on for _, autocast_on in calls)  # bf16 kernel
+    train.float().sum().backward()  # gradients flow through the fp32 attention
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(evaluation, plain_eval, rtol=0, atol=0)  # evaluation: SDPA as before
+    real = batch["attention_mask"].bool()
+    err = (train.float() - exact)[real].abs().max()
+    unmasked = model(input_ids=batch["input_ids"]).logits.detach()  # row 0 attends to its padding
+    assert err < 0.1 * (unmasked - exact)[real].abs().max()

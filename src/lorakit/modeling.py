@@ -429,6 +429,54 @@ def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+TRAINING_ATTENTION = "lorakit_sdpa"  # transformers' SDPA, with the differentiated CPU bf16 passes in fp32
+
+
+def _sdpa_with_fp32_training(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """transformers' SDPA attention, except that a bf16 pass on the CPU that will be differentiated runs
+    in fp32: PyTorch's CPU flash-attention kernel takes 1.3-2.7x as long forward + backward in bf16 as in
+    fp32, while forward alone it is 2x faster in bf16, so evaluation and generation stay in bf16
+    (BENCHMARKS.md, causal LM levers)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cpu_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if not (cpu_bf16 and query.requires_grad and query.device.type == "cpu"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(torch.bfloat16), weights  # what SDPA returns under bf16 autocast
+
+
+def use_fp32_training_attention(model: nn.Module, device: torch.device, amp: torch.dtype | None) -> bool:
+    """Switch a transformers model that attends with SDPA to :func:`_sdpa_with_fp32_training` when it
+    trains under bf16 autocast on the CPU; True if it was switched. The attention masks are built as for
+    SDPA; nothing is saved with the model (an adapter never carries it, a merged export loads with
+    transformers' default)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if device.type != "cpu" or amp is not torch.bfloat16:
+        return False
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa":
+        return False  # zoo CNNs, eager-only models, or one the user configured otherwise
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TRAINING_ATTENTION, _sdpa_with_fp32_training)
+    AttentionMaskInterface.register(TRAINING_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(TRAINING_ATTENTION)
+    return True
+
+
 def check_rank(model: nn.Module, r: int) -> None:
     """Refuse a LoRA rank that is not below the width of every layer it adapts.
 

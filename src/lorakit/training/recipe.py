@@ -217,6 +217,7 @@ class Recipe:
         cfg = self.cfg
         set_seed(cfg.train.seed)
         self.model = build_model(self.task, cfg, self.base, self.data.label_space)
+        modeling.use_fp32_training_attention(self.model, self.device, self.amp)
         self.trainable, self.total = modeling.count_parameters(self.model)
         self.lora_cfg = self.model.peft_config["default"]
         self.head_modules = sorted(set(self.lora_cfg.modules_to_save or []))
