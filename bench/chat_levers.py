@@ -11,6 +11,9 @@ seven projections, batches of 16 reviews in chat form), built by lorakit itself.
             against lorakit's training attention (the same kernel in fp32 for passes that will be
             differentiated: ``modeling.use_fp32_training_attention``); the same 8 batches, interleaved,
             best of ``--rounds``; each one's bf16 loss against the fp32 loss on 8 batches
+  kernel    PyTorch's CPU SDPA kernel alone, bf16 against fp32 inputs, forward + backward and forward
+            alone, at the chat demo's shape (16 x 9 heads x 96 tokens x 64, causal) and MiniLM's
+            (16 x 12 x 256 x 32, padding mask); best of 3 rounds of 5
   generate  greedy answers (4 new tokens) to 64 held-out prompts in batches of 32: fp32 against
             bf16 autocast, and the share of identical answers
 
@@ -53,6 +56,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         flush=True,
     )
+    kernel_lever()
     head_lever(task, model, batches, args.rounds)
     attention_lever(task, model, batches, args.rounds)
     generation_lever(task, model, base.processor, data.splits["test"])
@@ -83,6 +87,37 @@ def best_of(rounds: int, variants: dict) -> dict[str, float]:
             best[name] = min(best[name], steps(model, batches, loss_fn))
             print(f"  round {r}: {name}: {best[name]:.2f} s/step (best so far)", flush=True)
     return best
+
+
+def kernel_ms(qkv: list, mask, causal: bool, dtype: torch.dtype, backward: bool) -> float:
+    """Best milliseconds of one SDPA call (and its backward) over 3 rounds of 5."""
+    import torch.nn.functional as F
+
+    q, k, v = (t.to(dtype).requires_grad_(backward) for t in qkv)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            if backward:
+                out.sum().backward()
+        best = min(best, (time.perf_counter() - t0) / 5 * 1000)
+    return best
+
+
+def kernel_lever() -> None:
+    torch.manual_seed(0)
+    for name, (b, h, n, d), causal in (("chat", (16, 9, 96, 64), True), ("MiniLM", (16, 12, 256, 32), False)):
+        qkv = [torch.randn(b, h, n, d).bfloat16() for _ in range(3)]
+        mask = None if causal else (torch.rand(b, 1, 1, n) > 0.2).expand(b, 1, n, n)
+        both = [kernel_ms(qkv, mask, causal, dt, True) for dt in (torch.bfloat16, torch.float32)]
+        fwd = [kernel_ms(qkv, mask, causal, dt, False) for dt in (torch.bfloat16, torch.float32)]
+        print(
+            f"SDPA kernel, {name} shape: forward + backward bf16 {both[0]:.1f} ms, fp32 {both[1]:.1f} ms "
+            f"({both[1] / both[0]:.2f}x); forward alone bf16 {fwd[0]:.1f} ms, fp32 {fwd[1]:.1f} ms "
+            f"({fwd[1] / fwd[0]:.2f}x)",
+            flush=True,
+        )
 
 
 def head_lever(task, model, batches, rounds: int) -> None:

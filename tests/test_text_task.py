@@ -88,3 +88,45 @@ def test_batches_are_padded_to_a_multiple_of_the_setting(
     ]
     batch = collate(rows)
     assert batch["input_ids"].shape == (2, width) and batch["attention_mask"].sum().item() == 8
+
+
+def test_cpu_bf16_training_attention_keeps_the_padding_mask_of_an_encoder(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BERT classifier trained under CPU bf16 autocast runs its attention in fp32 (the training path)
+    and still masks padding: a padded row's hidden states are those it has alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit import modeling
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
+    )
+    assert modeling.use_fp32_training_attention(model, torch.device("cpu"), torch.bfloat16)
+    fp32_calls: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fp32_calls.append(query.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    short, long = [2, 7, 8, 9, 3], [2, 7, 8, 9, 10, 11, 12, 13, 14, 3]
+    padded = {
+        "input_ids": torch.tensor([short + [0] * 5, long]),
+        "attention_mask": torch.tensor([[1] * 5 + [0] * 5, [1] * 10]),
+    }
+    def last_hidden(**inputs: torch.Tensor) -> torch.Tensor:
+        return model(**inputs, output_hidden_states=True).hidden_states[-1][0, :5].float()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = last_hidden(**padded)
+        alone = last_hidden(input_ids=torch.tensor([short]))
+        unmasked = last_hidden(input_ids=padded["input_ids"])  # the short row sees padding
+    assert fp32_calls and all(fp32_calls)
+    err, without_mask = (batch - alone).abs().max(), (unmasked - alone).abs().max()
+    assert err < 0.1 * without_mask, (err, without_mask)

@@ -468,6 +468,8 @@ def use_fp32_training_attention(model: nn.Module, device: torch.device, amp: tor
         return False
     if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa":
         return False  # zoo CNNs, eager-only models, or one the user configured otherwise
+    if not getattr(base, "is_backend_compatible", lambda: False)():
+        return False  # SDPA written into the model's own code: no attention function to swap
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
