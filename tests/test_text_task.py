@@ -103,9 +103,7 @@ def test_cpu_bf16_training_attention_keeps_the_padding_mask_of_an_encoder(
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    model = get_peft_model(
-        base, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
-    )
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
     assert modeling.use_fp32_training_attention(model, torch.device("cpu"), torch.bfloat16)
     fp32_calls: list[bool] = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -120,6 +118,7 @@ def test_cpu_bf16_training_attention_keeps_the_padding_mask_of_an_encoder(
         "input_ids": torch.tensor([short + [0] * 5, long]),
         "attention_mask": torch.tensor([[1] * 5 + [0] * 5, [1] * 10]),
     }
+
     def last_hidden(**inputs: torch.Tensor) -> torch.Tensor:
         return model(**inputs, output_hidden_states=True).hidden_states[-1][0, :5].float()
 
