@@ -77,14 +77,13 @@ def steps(model, batches, loss_fn) -> float:
     return (time.perf_counter() - t0) / len(batches)
 
 
-def best_of(rounds: int, variants: dict) -> dict[str, float]:
+def best_of(rounds: int, model, batches, variants: dict) -> dict[str, float]:
     """Best seconds per step of each variant (a function that sets it up and returns its loss
     function), the variants interleaved round by round."""
     best = dict.fromkeys(variants, float("inf"))
     for r in range(rounds):
         for name, variant in variants.items():
-            loss_fn, model, batches = variant()
-            best[name] = min(best[name], steps(model, batches, loss_fn))
+            best[name] = min(best[name], steps(model, batches, variant()))
             print(f"  round {r}: {name}: {best[name]:.2f} s/step (best so far)", flush=True)
     return best
 
@@ -130,11 +129,7 @@ def head_lever(task, model, batches, rounds: int) -> None:
         a, b = float(full(model, batches[0])), float(task.loss(model, batches[0]))
     print(f"loss on batch 0 (bf16): every position {a:.7f}, answer positions only {b:.7f}")
     best = best_of(
-        rounds,
-        {
-            "every position": lambda: (full, model, batches),
-            "answer positions only": lambda: (task.loss, model, batches),
-        },
+        rounds, model, batches, {"every position": lambda: full, "answer positions only": lambda: task.loss}
     )
     every, only = best["every position"], best["answer positions only"]
     print(
@@ -151,11 +146,11 @@ def attention_lever(task, model, batches, rounds: int) -> None:
 
     def bf16_sdpa():
         inner.set_attn_implementation("sdpa")
-        return task.loss, model, batches
+        return task.loss
 
     def fp32_training_attention():
         modeling.use_fp32_training_attention(model, CPU, torch.bfloat16)
-        return task.loss, model, batches
+        return task.loss
 
     variants = {"bf16 SDPA": bf16_sdpa, "fp32 training attention": fp32_training_attention}
     with torch.no_grad():
@@ -169,7 +164,7 @@ def attention_lever(task, model, batches, rounds: int) -> None:
     print(
         "bf16 loss minus fp32 loss, mean of 8 batches: " + ", ".join(f"{k} {v:+.4f}" for k, v in bias.items())
     )
-    best = best_of(rounds, variants)
+    best = best_of(rounds, model, batches, variants)
     sdpa, fp32 = best["bf16 SDPA"], best["fp32 training attention"]
     print(
         f"training step, attention bf16 {sdpa:.2f} s, fp32 when differentiated {fp32:.2f} s "

@@ -72,6 +72,22 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
+def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, bool]]:
+    """(query dtype, CPU autocast on) of every call to torch's scaled_dot_product_attention from now on."""
+    import torch
+
+    calls: list[tuple[Any, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.fixture()
 def sentiment_csv(tmp_path: Path) -> Path:
     return write_csv(tmp_path / "reviews.csv", make_texts(160))
 

@@ -288,7 +288,7 @@ def test_eval_on_a_new_file_reports_perplexity_and_exact_match(lm_run, tmp_path:
 
 
 def test_cpu_bf16_training_attention_runs_in_fp32_with_sdpa_masks(
-    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path, sdpa_calls: list
 ) -> None:
     """Under CPU bf16 autocast, attention that will be differentiated runs PyTorch's SDPA kernel in fp32
     (faster there), evaluation stays in bf16, and the masks are SDPA's: a left-padded row gives the
@@ -315,21 +315,14 @@ def test_cpu_bf16_training_attention_runs_in_fp32_with_sdpa_masks(
         plain_eval = model(**batch).logits
 
     assert modeling.use_fp32_training_attention(model, cpu, torch.bfloat16)
-    calls: list[tuple[torch.dtype, bool]] = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        calls.append((query.dtype, torch.is_autocast_enabled("cpu")))
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    sdpa_calls.clear()  # the reference passes above
     with torch.autocast("cpu", dtype=torch.bfloat16):
         train = model(**batch).logits
-        assert calls and all(c == (torch.float32, False) for c in calls)  # fp32 kernel, no autocast
-        calls.clear()
+        assert sdpa_calls and all(c == (torch.float32, False) for c in sdpa_calls)  # fp32, no autocast
+        sdpa_calls.clear()
         with torch.no_grad():
             evaluation = model(**batch).logits
-        assert calls and all(autocast_on for _, autocast_on in calls)  # bf16 kernel
+        assert sdpa_calls and all(autocast_on for _, autocast_on in sdpa_calls)  # bf16 kernel
     train.float().sum().backward()  # gradients flow through the fp32 attention
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
     torch.testing.assert_close(evaluation, plain_eval, rtol=0, atol=0)  # evaluation: SDPA as before

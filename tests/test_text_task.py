@@ -91,7 +91,7 @@ def test_batches_are_padded_to_a_multiple_of_the_setting(
 
 
 def test_cpu_bf16_training_attention_keeps_the_padding_mask_of_an_encoder(
-    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_bert_dir: Path, sdpa_calls: list
 ) -> None:
     """A BERT classifier trained under CPU bf16 autocast runs its attention in fp32 (the training path)
     and still masks padding: a padded row's hidden states are those it has alone."""
@@ -105,14 +105,6 @@ def test_cpu_bf16_training_attention_keeps_the_padding_mask_of_an_encoder(
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
     assert modeling.use_fp32_training_attention(model, torch.device("cpu"), torch.bfloat16)
-    fp32_calls: list[bool] = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        fp32_calls.append(query.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     short, long = [2, 7, 8, 9, 3], [2, 7, 8, 9, 10, 11, 12, 13, 14, 3]
     padded = {
         "input_ids": torch.tensor([short + [0] * 5, long]),
@@ -126,6 +118,6 @@ def test_cpu_bf16_training_attention_keeps_the_padding_mask_of_an_encoder(
         batch = last_hidden(**padded)
         alone = last_hidden(input_ids=torch.tensor([short]))
         unmasked = last_hidden(input_ids=padded["input_ids"])  # the short row sees padding
-    assert fp32_calls and all(fp32_calls)
+    assert sdpa_calls and all(c == (torch.float32, False) for c in sdpa_calls)  # fp32 kernel, no autocast
     err, without_mask = (batch - alone).abs().max(), (unmasked - alone).abs().max()
     assert err < 0.1 * without_mask, (err, without_mask)

@@ -441,9 +441,9 @@ def _sdpa_with_fp32_training(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
     """transformers' SDPA attention, except that a bf16 pass on the CPU that will be differentiated runs
-    in fp32: PyTorch's CPU flash-attention kernel takes 1.3-2.7x as long forward + backward in bf16 as in
-    fp32, while forward alone it is 2x faster in bf16, so evaluation and generation stay in bf16
-    (BENCHMARKS.md, causal LM levers)."""
+    in fp32: PyTorch's CPU flash-attention kernel takes 1.75-2.6x as long forward + backward in bf16 as in
+    fp32, while forward alone it is 1.65-1.8x faster in bf16, so evaluation and generation stay in bf16
+    (bench/chat_levers-2026-12-01.txt; BENCHMARKS.md, causal LM levers)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cpu_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
