@@ -287,6 +287,58 @@ def test_eval_on_a_new_file_reports_perplexity_and_exact_match(lm_run, tmp_path:
     assert (tmp_path / "eval" / "report" / "index.html").is_file()
 
 
+def test_bf16_runs_store_the_frozen_linear_weights_in_bf16_with_the_same_numbers(
+    tiny_llama_dir: Path,
+) -> None:
+    """Under bf16 autocast the frozen Linear weights are stored in bf16, so autocast does not copy them:
+    logits and LoRA gradients are bit for bit those of fp32 storage. LoRA matrices, norms, the tied
+    embedding / lm_head and DoRA's base layers stay fp32; fp32 runs are left alone."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit import modeling
+
+    def lora(**kw):  # random weights, the lm_head tied to the input embedding (as in SmolLM2)
+        config = AutoConfig.from_pretrained(tiny_llama_dir, tie_word_embeddings=True)
+        base = AutoModelForCausalLM.from_config(config)
+        return get_peft_model(base, LoraConfig(r=4, init_lora_weights=False, **kw))
+
+    torch.manual_seed(0)
+    model = lora(target_modules=["q_proj", "v_proj"])
+    stored = copy.deepcopy(model)
+    assert modeling.store_frozen_linears_in(stored, None) == 0
+    assert modeling.store_frozen_linears_in(stored, torch.bfloat16) == 2 * 7  # 2 layers x 7 projections
+    dtypes = {n: p.dtype for n, p in stored.named_parameters()}
+    low = {n for n, d in dtypes.items() if d == torch.bfloat16}
+    assert low and all(n.endswith(("base_layer.weight", "proj.weight")) and "lora_" not in n for n in low)
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "norm" in n or "embed" in n)
+    assert stored.get_output_embeddings().weight is stored.get_input_embeddings().weight  # still tied
+
+    batch = {
+        "input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10]]),
+        "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]),
+    }
+    runs = []
+    for m in (model, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(**batch).logits
+        logits.float().pow(2).mean().backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (fp32_logits, fp32_grads), (low_logits, low_grads) = runs
+    torch.testing.assert_close(low_logits, fp32_logits, rtol=0, atol=0)
+    assert fp32_grads.keys() == low_grads.keys() and len(fp32_grads) == 2 * 2 * 2
+    for n, g in fp32_grads.items():
+        torch.testing.assert_close(low_grads[n], g, rtol=0, atol=0)
+
+    dora = lora(target_modules=["q_proj"], use_dora=True)
+    assert modeling.store_frozen_linears_in(dora, torch.bfloat16) == 2 * 6
+    attention = dora.get_base_model().model.layers[0].self_attn
+    assert attention.q_proj.base_layer.weight.dtype == torch.float32  # DoRA's norm reads it outside a matmul
+    assert attention.k_proj.weight.dtype == torch.bfloat16
+
+
 def test_cpu_bf16_training_attention_runs_in_fp32_with_sdpa_masks(
     tiny_llama_dir: Path, sdpa_calls: list
 ) -> None:

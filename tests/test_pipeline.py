@@ -66,6 +66,10 @@ def test_train_writes_a_complete_run(trained_once) -> None:
     assert set(meta["metrics"]) == {"validation", "test"}
     assert meta["versions"]["peft"] and meta["config"]["lora"]["r"] == 4
     assert json.loads((run / "metrics.json").read_text())["precision"] == "bf16 autocast"
+    assert re.search(
+        r"precision: bf16 autocast \([1-9]\d* frozen Linear layers stored in bf16\)",
+        (run / "train.log").read_text(),
+    )
     card = (adapter / "README.md").read_text()
     assert "base_model:" in card and "| 0 | neg |" in card and "PeftModel.from_pretrained" in card
     evals = [r for r in trained_once.history if r["split"] == "validation"]

@@ -479,6 +479,33 @@ def use_fp32_training_attention(model: nn.Module, device: torch.device, amp: tor
     return True
 
 
+def store_frozen_linears_in(model: nn.Module, amp: torch.dtype | None) -> int:
+    """Keep the frozen weights of the model's ``nn.Linear`` layers in bf16 when it trains under bf16
+    autocast; the number of layers cast. Autocast would cast them to bf16 in every forward pass anyway,
+    and keep the copies for the backward: stored in bf16 they take half the memory, are not copied, and
+    every matmul sees the same numbers. Left in fp32: trainable layers (LoRA, heads), weights a
+    non-Linear module shares (tied input embeddings), DoRA's base layers (their weight norm is taken
+    outside a matmul) and anything not plain fp32 (quantized layers). Only for a model that runs under
+    autocast wherever it runs in the training process: the recipe's training, evaluation and scoring."""
+    if amp is not torch.bfloat16:
+        return 0
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
+    dora = {
+        id(m.get_base_layer())
+        for m in model.modules()
+        if any(getattr(m, "use_dora", {}).values()) and hasattr(m, "get_base_layer")
+    }
+    cast = 0
+    for m in model.modules():
+        params = [p for p in (m.weight, m.bias) if p is not None] if type(m) is nn.Linear else []
+        if not params or id(m) in dora or any(id(p) in shared for p in params):
+            continue
+        if all(not p.requires_grad and p.dtype == torch.float32 for p in params):
+            m.to(torch.bfloat16)
+            cast += 1
+    return cast
+
+
 def check_rank(model: nn.Module, r: int) -> None:
     """Refuse a LoRA rank that is not below the width of every layer it adapts.
 

@@ -594,14 +594,15 @@ class Preference(CausalLM):
             "pairs": len(ds),
         }
         if n_gen and "prompt_ids" in ds.column_names:
-            metrics |= self._generations(
-                model,
-                processor,
-                ds["prompt_ids"][:n_gen],
-                max_new_tokens=t.max_new_tokens,
-                batch_size=batch_size,
-                seed=t.seed,
-            )
+            with autocast(device, amp):  # sampled in the run's precision, as the losses
+                metrics |= self._generations(
+                    model,
+                    processor,
+                    ds["prompt_ids"][:n_gen],
+                    max_new_tokens=t.max_new_tokens,
+                    batch_size=batch_size,
+                    seed=t.seed,
+                )
         model.train(was_training)
         return metrics
 

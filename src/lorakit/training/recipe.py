@@ -218,6 +218,8 @@ class Recipe:
         set_seed(cfg.train.seed)
         self.model = build_model(self.task, cfg, self.base, self.data.label_space)
         modeling.use_fp32_training_attention(self.model, self.device, self.amp)
+        # FSDP flattens each unit's weights into one tensor of one dtype: it keeps them as they are
+        self.stored_low = 0 if self.world.sharded else modeling.store_frozen_linears_in(self.model, self.amp)
         self.trainable, self.total = modeling.count_parameters(self.model)
         self.lora_cfg = self.model.peft_config["default"]
         self.head_modules = sorted(set(self.lora_cfg.modules_to_save or []))
@@ -295,10 +297,12 @@ class Recipe:
             if self.world.distributed
             else ""
         )
+        stored = f" ({self.stored_low} frozen Linear layers stored in bf16)" if self.stored_low else ""
         log.info(
-            "device: %s, precision: %s, threads: %d%s",
+            "device: %s, precision: %s%s, threads: %d%s",
             self.device,
             modeling.precision_name(self.amp),
+            stored,
             torch.get_num_threads(),
             processes,
         )
