@@ -324,6 +324,11 @@ CASES = [
         "train.gradient_checkpointing: zoo:efficientnet-lite0 does not support gradient checkpointing",
     ),
     Case(
+        "gradient checkpointing share out of range",
+        lambda ws, w, run: ["check", _cfg(ws, w, train={"gradient_checkpointing": 1.5})],
+        "a share of the blocks must be above 0 and at most 1",
+    ),
+    Case(
         "exact match without generation",
         lambda ws, w, run: [
             "check",

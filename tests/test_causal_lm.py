@@ -339,6 +339,53 @@ def test_bf16_runs_store_the_frozen_linear_weights_in_bf16_with_the_same_numbers
     assert attention.k_proj.weight.dtype == torch.bfloat16
 
 
+def test_gradient_checkpointing_a_share_of_the_blocks_recomputes_those_only(tiny_llama_dir: Path) -> None:
+    """``train.gradient_checkpointing: 0.5`` on four blocks replays blocks 0 and 2 in the backward pass,
+    with the gradients of no checkpointing; a task's default is skipped on a model that cannot, the
+    user's setting is an error there."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.modeling import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_llama_dir, num_hidden_layers=4)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    ).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [6, 7, 8, 9, 10, 11]])
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    with torch.no_grad():  # B != 0, so every LoRA matrix gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    plain = grads()
+    assert enable_gradient_checkpointing(model, "tiny llama", 0.5) == 2
+    layers, replayed = model.get_base_model().model.layers, []
+    for i, layer in enumerate(layers):
+        if layer.gradient_checkpointing:
+            replay = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, i=i, f=replay, **kw: (
+                replayed.append(i),
+                f(*a, **kw),
+            )[1]
+    for a, b in zip(grads(), plain, strict=True):
+        torch.testing.assert_close(a, b)
+    assert replayed == [0, 2]
+    assert enable_gradient_checkpointing(model, "tiny llama", True) == 4
+    assert all(layer.gradient_checkpointing for layer in layers)
+
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))
+    assert enable_gradient_checkpointing(cnn, "cnn", 0.5, required=False) == 0
+    with pytest.raises(ModelError, match="does not support gradient checkpointing"):
+        enable_gradient_checkpointing(cnn, "cnn", 0.5)
+
+
 def test_cpu_bf16_training_attention_runs_in_fp32_with_sdpa_masks(
     tiny_llama_dir: Path, sdpa_calls: list
 ) -> None:

@@ -74,8 +74,11 @@ def build_model(task: Task, cfg: RunConfig, base: Base, label_space: LabelSpace 
     """
     model, new_modules = task.load_model(cfg.model, base.path, label_space, cfg.data)
     model = task.prepare_model(task.apply_adapter(model, cfg, new_modules))
-    if cfg.train.gradient_checkpointing:
-        modeling.enable_gradient_checkpointing(model, cfg.model.name_or_path)
+    if cfg.train.gradient_checkpointing:  # a task's default is skipped where the model cannot
+        required = "gradient_checkpointing" in cfg.train.model_fields_set
+        modeling.enable_gradient_checkpointing(
+            model, cfg.model.name_or_path, cfg.train.gradient_checkpointing, required=required
+        )
     return model
 
 

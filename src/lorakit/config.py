@@ -256,11 +256,21 @@ class TrainConfig(Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding)."
     )
-    gradient_checkpointing: bool = Field(
+    gradient_checkpointing: bool | float = Field(
         False,
-        description="Recompute each transformer block's activations in the backward pass instead of "
-        "keeping them (transformers models): less memory, slower steps (measured: BENCHMARKS.md, DPO).",
+        description="Recompute transformer blocks' activations in the backward pass instead of keeping "
+        "them (transformers models): true = every block; a share between 0 and 1 = that share of the "
+        "blocks, spread evenly (memory and time in between). Less memory, slower steps (measured: "
+        "BENCHMARKS.md, causal LM and DPO).",
     )
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _checkpointing_share(cls, v: bool | float) -> bool | float:
+        if not isinstance(v, bool) and not 0 < v <= 1:
+            raise ValueError("a share of the blocks must be above 0 and at most 1 (or true / false)")
+        return v
+
     eval_every_steps: int | None = Field(
         None, ge=1, description="Evaluate every N optimizer steps; unset = at the end of each epoch."
     )

@@ -409,15 +409,21 @@ def apply_lora(
     return wrapped
 
 
-def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
+def enable_gradient_checkpointing(
+    model: nn.Module, name: str, share: bool | float = True, *, required: bool = True
+) -> int:
     """``train.gradient_checkpointing``: transformers' own, non-reentrant (it needs no input that
-    requires grad, which a frozen embedding under LoRA would not give).
+    requires grad, which a frozen embedding under LoRA would not give), on every block (``share`` True)
+    or on that share of the blocks, spread evenly. The number of blocks that recompute; 0 when the model
+    cannot and checkpointing was not ``required`` (a task's default rather than the user's setting).
 
     Raises:
         ModelError: The model has no gradient checkpointing (zoo CNNs, some remote-code models).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
+        if not required:
+            return 0
         raise ModelError(
             f"train.gradient_checkpointing: {name} does not support gradient checkpointing (transformers "
             "models that do: Llama, Qwen, Mistral, BERT, ViT, ...); set it to false"
@@ -427,6 +433,14 @@ def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    n = len(blocks) if share is True else max(1, round(float(share) * len(blocks)))
+    keep = {int(i * len(blocks) / n) for i in range(n)}  # evenly spread, the lowest block first
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i in keep
+    return len(keep) if blocks else 0
 
 
 TRAINING_ATTENTION = "lorakit_sdpa"  # transformers' SDPA, with the differentiated CPU bf16 passes in fp32

@@ -112,6 +112,13 @@ class CausalLMTrain(TrainConfig):
         "for exact match and the report's samples; 0 = loss only.",
     )
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in evaluations.")
+    gradient_checkpointing: bool | float = Field(
+        0.25,
+        description="Recompute transformer blocks' activations in the backward pass instead of keeping "
+        "them: true = every block; a share between 0 and 1 = that share of the blocks, spread evenly; "
+        "false = none. The default, a quarter of the blocks, keeps the chat demo's peak memory under "
+        "TRL's (which checkpoints every block) for 1.12x the step time (BENCHMARKS.md, causal LM).",
+    )
 
     @model_validator(mode="after")
     def _exact_match_needs_answers(self) -> CausalLMTrain:

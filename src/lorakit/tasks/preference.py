@@ -78,6 +78,13 @@ class PreferenceDataConfig(CausalLMData):
 class PreferenceTrainConfig(CausalLMTrain):
     """Optimisation plus the preference loss."""
 
+    gradient_checkpointing: bool | float = Field(
+        False,
+        description="Recompute transformer blocks' activations in the backward pass instead of keeping "
+        "them: true = every block, a share between 0 and 1 = that share of the blocks. Off by default: "
+        "checkpointed passes cannot run each pair's prompt once (BENCHMARKS.md, DPO).",
+    )
+
     loss: Literal["dpo", "ipo", "simpo"] = Field(
         "dpo",
         description="preference: `dpo` (sigmoid), `ipo` (squared, per-token log-ratios) or `simpo` "
