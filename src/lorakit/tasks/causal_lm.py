@@ -114,10 +114,9 @@ class CausalLMTrain(TrainConfig):
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in evaluations.")
     gradient_checkpointing: bool | float = Field(
         0.25,
-        description="Recompute transformer blocks' activations in the backward pass instead of keeping "
-        "them: true = every block; a share between 0 and 1 = that share of the blocks, spread evenly; "
-        "false = none. The default, a quarter of the blocks, keeps the chat demo's peak memory under "
-        "TRL's (which checkpoints every block) for 1.12x the step time (BENCHMARKS.md, causal LM).",
+        description=TrainConfig.model_fields["gradient_checkpointing"].description
+        + " Causal LMs: a quarter of the blocks by default, which keeps the chat demo's peak memory "
+        "under TRL's (which checkpoints every block) for 1.12x the step time.",
     )
 
     @model_validator(mode="after")

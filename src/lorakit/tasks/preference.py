@@ -80,9 +80,8 @@ class PreferenceTrainConfig(CausalLMTrain):
 
     gradient_checkpointing: bool | float = Field(
         False,
-        description="Recompute transformer blocks' activations in the backward pass instead of keeping "
-        "them: true = every block, a share between 0 and 1 = that share of the blocks. Off by default: "
-        "checkpointed passes cannot run each pair's prompt once (BENCHMARKS.md, DPO).",
+        description=TrainConfig.model_fields["gradient_checkpointing"].description
+        + " Preference: off by default, as checkpointed passes cannot run each pair's prompt once.",
     )
 
     loss: Literal["dpo", "ipo", "simpo"] = Field(
