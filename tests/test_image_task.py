@@ -315,6 +315,47 @@ def test_zoo_conv_swap_is_exact_and_freeze_keeps_batchnorm_statistics() -> None:
     assert not any("_bn" in m for m in peft_model.peft_config["default"].modules_to_save)
 
 
+def test_zoo_strided_depthwise_convolutions_run_in_fp32_under_cpu_autocast() -> None:
+    """PyTorch's bf16 backward of a strided depthwise convolution is ~10x its fp32 time on CPUs: the zoo
+    runs those four in fp32 under autocast, and leaves them exactly as they were outside it."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from lorakit import zoo
+
+    model, _ = zoo.build_classifier(
+        "zoo:efficientnet-lite0",
+        num_labels=2,
+        id2label={0: "a", 1: "b"},
+        label2id={"a": 0, "b": 1},
+        image_size=32,
+    )
+    swapped = [m for m in model.modules() if isinstance(m, zoo.Fp32OnCpuConv)]
+    assert len(swapped) == 4 and all(m.stride == (2, 2) and m.groups == m.in_channels > 1 for m in swapped)
+    original = EfficientNet.from_name("efficientnet-lite0", num_classes=2, image_size=32)
+    assert original.load_state_dict(model.backbone.state_dict()).missing_keys == []  # same keys
+    model.eval(), original.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, original(x))
+        conv, h = swapped[0], torch.randn(2, swapped[0].in_channels, 16, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(h.bfloat16())
+        assert y.dtype == torch.float32
+        assert torch.equal(y, conv(h.bfloat16().float()))  # the fp32 convolution of the same input
+
+
+def test_image_runs_keep_freed_memory_in_the_heap_unless_asked(
+    tmp_path: Path, image_folder: Path, tiny_vit_dir: Path, write_config
+) -> None:
+    """Fixed-shape image batches do not fragment the heap: the image task leaves glibc's thresholds
+    alone by default (no page faults per step); text tasks keep giving large freed tensors back."""
+    images = lorakit.load_config(make_image_config(tmp_path, tiny_vit_dir, image_folder))
+    assert images.train.release_memory is False
+    asked = make_image_config(tmp_path, tiny_vit_dir, image_folder, train={"release_memory": True})
+    assert lorakit.load_config(asked).train.release_memory is True
+    assert lorakit.load_config(write_config()).train.release_memory is True
+
+
 def test_zoo_model_for_a_text_task_and_unknown_entries_are_one_line_errors(
     write_config, capsys: pytest.CaptureFixture
 ) -> None:

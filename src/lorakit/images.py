@@ -103,10 +103,15 @@ def _open_maybe_gz(path: Path) -> bytes:
     return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
 
 
+#: ``Dataset.info.description`` of rows made by :func:`read_idx`: PNGs lorakit wrote from valid pixels,
+#: which need no decoding check.
+IDX_ROWS = "lorakit: images decoded from an idx file"
+
+
 def read_idx(images_file: str | Path, *, key: str) -> Any:
     """MNIST-style idx files (MNIST, Fashion-MNIST, KMNIST ...): ``*-images-idx3-ubyte[.gz]`` plus the
     ``*-labels-idx1-ubyte[.gz]`` beside it -> rows ``{image: PNG bytes, label: int}``."""
-    from datasets import Dataset, Features, Image, Value
+    from datasets import Dataset, DatasetInfo, Features, Image, Value
     from PIL import Image as PILImage
 
     images_file = Path(images_file)
@@ -137,9 +142,11 @@ def read_idx(images_file: str | Path, *, key: str) -> Any:
         return buf.getvalue()
 
     records = [{"bytes": png(a), "path": None} for a in pixels]
+    features = Features({"image": Image(decode=False), "label": Value("int64")})
     return Dataset.from_dict(
         {"image": records, "label": labels.tolist()},
-        features=Features({"image": Image(decode=False), "label": Value("int64")}),
+        features=features,
+        info=DatasetInfo(description=IDX_ROWS, features=features),
     )
 
 

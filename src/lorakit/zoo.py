@@ -97,6 +97,55 @@ def plain_pointwise_convs(model: nn.Module) -> int:
     return swapped
 
 
+class Fp32OnCpuConv(nn.Conv2d):
+    """A TF-'same'-padded strided depthwise convolution that runs in fp32 under CPU autocast.
+
+    PyTorch 2.13's bf16 kernel for the backward pass of a strided depthwise convolution on CPU takes about
+    10x its fp32 time (EfficientNet-Lite0's four at batch 64: 0.21 s of a 0.43 s training step;
+    BENCHMARKS.md, images), while the stride-1 ones cost the same in both. Outside CPU autocast the
+    convolution is unchanged; the module keeps the original's parameters and state-dict keys.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=conv.bias is not None,
+        )
+        self.weight, self.bias = conv.weight, conv.bias
+        self.static_padding = getattr(conv, "static_padding", None) or nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.static_padding(x)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                bias = None if self.bias is None else self.bias.float()
+                return self._conv_forward(x.float(), self.weight.float(), bias)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+def strided_depthwise_in_fp32(model: nn.Module) -> int:
+    """Swap the strided depthwise convolutions for :class:`Fp32OnCpuConv` (outputs exactly equal
+    outside CPU autocast); returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (
+                isinstance(child, nn.Conv2d)
+                and child.groups > 1
+                and child.groups == child.in_channels == child.out_channels
+                and tuple(child.stride) != (1, 1)
+            ):
+                setattr(parent, name, Fp32OnCpuConv(child))
+                swapped += 1
+    return swapped
+
+
 def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -118,6 +167,7 @@ def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.
             f"({(result.unexpected_keys or result.missing_keys)[:3]})"
         )
     plain_pointwise_convs(net)
+    strided_depthwise_in_fp32(net)
     return net
 
 
