@@ -26,6 +26,19 @@ from lorakit.errors import DataError
 from lorakit.images import AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image, read_idx
 
 
+def lite0_classifier(*labels: str) -> tuple[torch.nn.Module, list[str]]:
+    """The zoo's EfficientNet-Lite0 with a new head for ``labels``, at 32 px."""
+    from lorakit import zoo
+
+    return zoo.build_classifier(
+        "zoo:efficientnet-lite0",
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        image_size=32,
+    )
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = make_images(tmp_path_factory.mktemp("images") / "train")
@@ -265,13 +278,7 @@ def test_zoo_efficientnet_trains_and_reloads_in_plain_peft(tmp_path: Path) -> No
     assert meta["base_model"]["fingerprint"] == zoo.fingerprint("zoo:efficientnet-lite0")
 
     # Plain peft on the zoo model: the BatchNorm statistics learned in training come with the adapter.
-    base, _ = zoo.build_classifier(
-        "zoo:efficientnet-lite0",
-        num_labels=2,
-        id2label={0: "blue", 1: "red"},
-        label2id={"blue": 0, "red": 1},
-        image_size=32,
-    )
+    base, _ = lite0_classifier("blue", "red")
     plain = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
     ours = lorakit.Predictor.from_adapter(result.adapter_dir)
     x = torch.randn(3, 3, 32, 32)
@@ -288,16 +295,10 @@ def test_zoo_efficientnet_trains_and_reloads_in_plain_peft(tmp_path: Path) -> No
 def test_zoo_conv_swap_is_exact_and_freeze_keeps_batchnorm_statistics() -> None:
     from efficientnet_lite_pytorch import EfficientNet
 
-    from lorakit import modeling, zoo
+    from lorakit import modeling
     from lorakit.config import LoraSettings
 
-    model, new = zoo.build_classifier(
-        "zoo:efficientnet-lite0",
-        num_labels=3,
-        id2label={0: "a", 1: "b", 2: "c"},
-        label2id={"a": 0, "b": 1, "c": 2},
-        image_size=32,
-    )
+    model, new = lite0_classifier("a", "b", "c")
     original = EfficientNet.from_name("efficientnet-lite0", num_classes=3, image_size=32)
     original.load_state_dict(model.backbone.state_dict())
     model.eval(), original.eval()
@@ -316,19 +317,13 @@ def test_zoo_conv_swap_is_exact_and_freeze_keeps_batchnorm_statistics() -> None:
 
 
 def test_zoo_strided_depthwise_convolutions_run_in_fp32_under_cpu_autocast() -> None:
-    """PyTorch's bf16 backward of a strided depthwise convolution is ~10x its fp32 time on CPUs: the zoo
+    """PyTorch's bf16 backward of a strided depthwise convolution is 6-19x its fp32 time on CPUs: the zoo
     runs those four in fp32 under autocast, and leaves them exactly as they were outside it."""
     from efficientnet_lite_pytorch import EfficientNet
 
     from lorakit import zoo
 
-    model, _ = zoo.build_classifier(
-        "zoo:efficientnet-lite0",
-        num_labels=2,
-        id2label={0: "a", 1: "b"},
-        label2id={"a": 0, "b": 1},
-        image_size=32,
-    )
+    model, _ = lite0_classifier("a", "b")
     swapped = [m for m in model.modules() if isinstance(m, zoo.Fp32OnCpuConv)]
     assert len(swapped) == 4 and all(m.stride == (2, 2) and m.groups == m.in_channels > 1 for m in swapped)
     original = EfficientNet.from_name("efficientnet-lite0", num_classes=2, image_size=32)

@@ -100,9 +100,9 @@ def plain_pointwise_convs(model: nn.Module) -> int:
 class Fp32OnCpuConv(nn.Conv2d):
     """A TF-'same'-padded strided depthwise convolution that runs in fp32 under CPU autocast.
 
-    PyTorch 2.13's bf16 kernel for the backward pass of a strided depthwise convolution on CPU takes about
-    10x its fp32 time (EfficientNet-Lite0's four at batch 64: 0.21 s of a 0.43 s training step;
-    BENCHMARKS.md, images), while the stride-1 ones cost the same in both. Outside CPU autocast the
+    PyTorch 2.13's bf16 kernel for the backward pass of a strided depthwise convolution on CPU takes 6-19x
+    its fp32 time (EfficientNet-Lite0's four at batch 64: about half of a training step; BENCHMARKS.md,
+    images), while the stride-1 ones cost the same in both. Outside CPU autocast the
     convolution is unchanged; the module keeps the original's parameters and state-dict keys.
     """
 
