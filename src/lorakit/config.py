@@ -231,7 +231,11 @@ class TrainConfig(Section):
         "5e-3 for the zoo's EfficientNet-Lite0 (measured: BENCHMARKS.md, quality).",
     )
     head_learning_rate: float | None = Field(
-        None, gt=0, lt=1, description="Learning rate of the task head; unset = learning_rate."
+        None,
+        gt=0,
+        lt=1,
+        description="Learning rate of the modules trained in full (the task head, and BatchNorm "
+        "layers and lora.modules_to_save where there are any); unset = learning_rate.",
     )
     lora_plus_ratio: float | None = Field(
         None,
