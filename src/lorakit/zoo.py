@@ -71,30 +71,43 @@ def _lite0_weights() -> Path:
     )
 
 
-def plain_pointwise_convs(model: nn.Module) -> int:
-    """Swap the TF-'same'-padded 1x1 stride-1 convolutions for plain ``nn.Conv2d`` (their padding is
-    empty, so outputs are exactly equal). peft wraps plain convolutions only; returns how many."""
+def _swap_convs(
+    model: nn.Module, wanted: Callable[[nn.Conv2d], bool], replace: Callable[[nn.Conv2d], nn.Module]
+) -> int:
+    """Put ``replace(conv)`` in place of every convolution ``wanted`` selects; returns how many."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (
-                type(child) is not nn.Conv2d
-                and isinstance(child, nn.Conv2d)
-                and child.kernel_size == (1, 1)
-                and tuple(child.stride) == (1, 1)
-            ):
-                pad = getattr(child, "static_padding", None)
-                if pad is not None and not isinstance(pad, nn.Identity) and type(pad).__name__ != "Identity":
-                    continue
-                plain = nn.Conv2d(
-                    child.in_channels, child.out_channels, 1, bias=child.bias is not None, groups=child.groups
-                )
-                plain.weight = child.weight
-                if child.bias is not None:
-                    plain.bias = child.bias
-                setattr(parent, name, plain)
+            if isinstance(child, nn.Conv2d) and wanted(child):
+                setattr(parent, name, replace(child))
                 swapped += 1
     return swapped
+
+
+def _is_unpadded_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 stride-1 convolution of another class than ``nn.Conv2d`` whose 'same' padding is empty."""
+    pad = getattr(conv, "static_padding", None)
+    unpadded = pad is None or isinstance(pad, nn.Identity) or type(pad).__name__ == "Identity"
+    return (
+        type(conv) is not nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and tuple(conv.stride) == (1, 1)
+        and unpadded
+    )
+
+
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, groups=conv.groups)
+    plain.weight = conv.weight
+    if conv.bias is not None:
+        plain.bias = conv.bias
+    return plain
+
+
+def plain_pointwise_convs(model: nn.Module) -> int:
+    """Swap the TF-'same'-padded 1x1 stride-1 convolutions for plain ``nn.Conv2d`` (their padding is
+    empty, so outputs are exactly equal). peft wraps plain convolutions only; returns how many."""
+    return _swap_convs(model, _is_unpadded_pointwise, _plain_conv)
 
 
 class Fp32OnCpuConv(nn.Conv2d):
@@ -132,18 +145,11 @@ class Fp32OnCpuConv(nn.Conv2d):
 def strided_depthwise_in_fp32(model: nn.Module) -> int:
     """Swap the strided depthwise convolutions for :class:`Fp32OnCpuConv` (outputs exactly equal
     outside CPU autocast); returns how many."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (
-                isinstance(child, nn.Conv2d)
-                and child.groups > 1
-                and child.groups == child.in_channels == child.out_channels
-                and tuple(child.stride) != (1, 1)
-            ):
-                setattr(parent, name, Fp32OnCpuConv(child))
-                swapped += 1
-    return swapped
+    return _swap_convs(
+        model,
+        lambda c: c.groups > 1 and c.groups == c.in_channels == c.out_channels and tuple(c.stride) != (1, 1),
+        Fp32OnCpuConv,
+    )
 
 
 def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.Module:

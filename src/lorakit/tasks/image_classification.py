@@ -90,11 +90,14 @@ def check_images(
     notes: list[str] | None = None,
 ) -> Dataset:
     """Decode every image once; drop the unreadable ones (a line for the run log goes to ``notes``)
-    or stop when more than ``max_bad`` of them are bad. Relative paths become absolute.
+    or stop when more than ``max_bad`` of them are bad. Relative paths become absolute. Rows read from
+    idx files (``images.IDX_ROWS``) are PNGs lorakit wrote itself and are returned unchecked.
 
     Raises:
         DataError: Too many bad images (the first reason is named).
     """
+    if ds.info.description == IDX_ROWS:  # PNGs lorakit just wrote from valid pixels
+        return ds
     values = ds[column]
     fixed: list[Any] = []
     bad: list[tuple[int, str]] = []
@@ -192,15 +195,14 @@ class ImageClassification(ClassificationTask):
 
         def encode(ds: Dataset, key: str) -> Dataset:
             ds = self._as_references(ds, d.image_column)
-            if ds.info.description != IDX_ROWS:  # idx rows: PNGs just written from valid pixels
-                ds = check_images(
-                    ds,
-                    d.image_column,
-                    base_dir=_source_dir(locations.get(key)),
-                    max_bad=d.max_bad_images,
-                    key=key,
-                    notes=notes,
-                )
+            ds = check_images(
+                ds,
+                d.image_column,
+                base_dir=_source_dir(locations.get(key)),
+                max_bad=d.max_bad_images,
+                key=key,
+                notes=notes,
+            )
             if "space" not in space_box:  # the first source read is train: it defines the label space
                 space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key, notes=notes)
             return self.encode_labels(ds, d, space_box["space"], key=key)
