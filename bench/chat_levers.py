@@ -36,9 +36,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
-    from lorakit.batching import take
-    from lorakit.build import build_model, open_base, resolve_config
-    from lorakit.config import load_config
+    from lorakit.adapters.build import build_model, open_base, resolve_config
+    from lorakit.config.loading import load_config
+    from lorakit.data.batching import take
     from lorakit.tasks import get_task
 
     cfg = load_config(args.config)
@@ -64,7 +64,7 @@ def main() -> None:
 
 def steps(model, batches, loss_fn) -> float:
     """Seconds per training step (bf16 autocast, AdamW) over ``batches``."""
-    from lorakit.batching import autocast
+    from lorakit.data.batching import autocast
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def kernel_lever() -> None:
 
 
 def head_lever(task, model, batches, rounds: int) -> None:
-    from lorakit.batching import autocast
+    from lorakit.data.batching import autocast
 
     def full(m, b):
         return m(**b).loss
@@ -139,8 +139,8 @@ def head_lever(task, model, batches, rounds: int) -> None:
 
 
 def attention_lever(task, model, batches, rounds: int) -> None:
-    from lorakit import modeling
-    from lorakit.batching import autocast
+    from lorakit.data.batching import autocast
+    from lorakit.models import modeling
 
     inner = model.get_base_model()
 
@@ -174,7 +174,7 @@ def attention_lever(task, model, batches, rounds: int) -> None:
 
 
 def generation_lever(task, model, processor, test) -> None:
-    from lorakit.batching import autocast
+    from lorakit.data.batching import autocast
 
     model.eval()
     prompts = test.select(range(64))["prompt_ids"]

@@ -36,9 +36,9 @@ def main() -> None:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorakit.batching import autocast
-    from lorakit.config import LoraSettings
-    from lorakit.modeling import apply_lora
+    from lorakit.config.schema import LoraSettings
+    from lorakit.data.batching import autocast
+    from lorakit.models.modeling import apply_lora
     from lorakit.tasks import preference
     from lorakit.tasks.preference import Preference, PreferenceDataConfig, PreferenceTrainConfig
 

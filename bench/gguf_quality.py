@@ -31,7 +31,7 @@ def main() -> None:
     if not (args.run / "lorakit.json").is_file() and not (args.run / "adapter" / "lorakit.json").is_file():
         sys.exit(f"{args.run}: no trained run here; run `make demo-chat` first")
 
-    from lorakit.gguf_export import export_gguf
+    from lorakit.export.gguf import export_gguf
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorakit-gguf-quality-") as tmp:

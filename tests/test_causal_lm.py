@@ -211,7 +211,7 @@ def test_training_learns_answers_and_generation_stops_at_end_of_turn(
     assert metrics["test_base_model"]["exact_match"] < 0.5  # a random base model does not know the colours
     assert "Sample generations" in (lm_run.run_dir / "report" / "index.html").read_text()
 
-    from lorakit.prediction import generate
+    from lorakit.serving.prediction import generate
 
     out = generate(
         lm_run.run_dir, ["what colour is the snow ?", "what colour is the blood ?"], max_new_tokens=20
@@ -298,7 +298,7 @@ def test_bf16_runs_store_the_frozen_linear_weights_in_bf16_with_the_same_numbers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorakit import modeling
+    from lorakit.models import modeling
 
     def lora(**kw):  # random weights, the lm_head tied to the input embedding (as in SmolLM2)
         config = AutoConfig.from_pretrained(tiny_llama_dir, tie_word_embeddings=True)
@@ -346,7 +346,7 @@ def test_gradient_checkpointing_a_share_of_the_blocks_recomputes_those_only(tiny
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorakit.modeling import enable_gradient_checkpointing
+    from lorakit.models.modeling import enable_gradient_checkpointing
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(tiny_llama_dir, num_hidden_layers=4)
@@ -395,7 +395,7 @@ def test_cpu_bf16_training_attention_runs_in_fp32_with_sdpa_masks(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorakit import modeling
+    from lorakit.models import modeling
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

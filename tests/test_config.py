@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorakit.config import RunConfig, apply_overrides, load_config, validate_config
+from lorakit.config.loading import apply_overrides, load_config, validate_config
+from lorakit.config.schema import RunConfig
 from lorakit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +35,8 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     # the learning rate is the architecture's, resolved before any model is built (and saved so)
     import torch
 
-    from lorakit import modeling
-    from lorakit.build import resolve_config
+    from lorakit.adapters.build import resolve_config
+    from lorakit.models import modeling
     from lorakit.tasks import get_task
 
     def resolved_lr(c, model: str) -> float:

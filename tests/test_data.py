@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 from conftest import make_texts, write_csv
-from lorakit.config import DataConfig
-from lorakit.data import build_splits, read_source
+from lorakit.config.schema import DataConfig
+from lorakit.data.labels import LabelSpace
+from lorakit.data.sources import build_splits, read_source
 from lorakit.errors import DataError
-from lorakit.labels import LabelSpace
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet", "tsv"])
@@ -66,7 +66,7 @@ def _cfg(train: Path, **kw) -> DataConfig:
 
 
 def test_missing_column_lists_the_real_ones(tmp_path: Path) -> None:
-    from lorakit.config import validate_config
+    from lorakit.config.loading import validate_config
     from lorakit.tasks import get_task
 
     path = write_csv(tmp_path / "d.csv", [("a b", "x"), ("c d", "y")], header=("review", "label"))

@@ -294,8 +294,8 @@ def test_fsdp_block_classes_and_a_wrong_one(tiny_bert_dir: Path, monkeypatch: py
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from lorakit import distributed
     from lorakit.errors import LorakitError
+    from lorakit.runtime import distributed
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     assert "BertLayer" in distributed.block_classes(model)
@@ -307,7 +307,7 @@ def test_fsdp_block_classes_and_a_wrong_one(tiny_bert_dir: Path, monkeypatch: py
 
 
 def test_fsdp_padding_gives_every_rank_as_many_forward_passes() -> None:
-    from lorakit.distributed import World, padding, shard
+    from lorakit.runtime.distributed import World, padding, shard
 
     for n in range(0, 12):
         for size in (2, 3, 4):
@@ -325,8 +325,8 @@ def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tiny_bert_dir:
     """FSDP checkpoints hold the optimizer state gathered by parameter name; DDP ones by position."""
     import torch
 
-    from lorakit import distributed
     from lorakit.errors import LorakitError
+    from lorakit.runtime import distributed
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())

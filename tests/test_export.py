@@ -20,10 +20,10 @@ from conftest import (
     make_texts,
     write_csv,
 )
-from lorakit.build import load_adapter
+from lorakit.adapters.build import load_adapter
 from lorakit.cli import main
-from lorakit.export import ExportError, export
-from lorakit.prediction import generate
+from lorakit.export.merge import ExportError, export
+from lorakit.serving.prediction import generate
 
 
 def _assert_adapter_moves_outputs(run_dir: Path) -> list[dict[str, torch.Tensor]]:
@@ -181,7 +181,7 @@ def test_image_vit_merge_and_onnx(tmp_path: Path, tiny_vit_dir: Path) -> None:
 
 
 def test_zoo_efficientnet_merge_and_onnx(tmp_path: Path) -> None:
-    from lorakit import zoo
+    from lorakit.models import zoo
 
     images = make_images(tmp_path / "img", per_class=12)
     cfg = make_image_config(

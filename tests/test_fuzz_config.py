@@ -9,7 +9,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorakit.config import RunConfig, load_config, validate_config
+from lorakit.config.loading import load_config, validate_config
+from lorakit.config.schema import RunConfig
 from lorakit.errors import ConfigError
 
 KEYS = [

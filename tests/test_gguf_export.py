@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from lorakit.adapters.importing import import_adapter
 from lorakit.cli import main
-from lorakit.export import ExportError
-from lorakit.gguf_export import _pre_tokenizer_name, export_gguf, lora_pairs, permute_qk
-from lorakit.importing import import_adapter
+from lorakit.export.gguf import _pre_tokenizer_name, export_gguf, lora_pairs, permute_qk
+from lorakit.export.merge import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -268,7 +268,7 @@ def test_what_gguf_cannot_hold_is_refused_or_skipped(
 def test_gguf_check_catches_a_wrong_layout(tmp_path: Path, smol_llama_dir: Path, monkeypatch) -> None:
     """Without llama.cpp's q / k row permutation the file is well formed but wrong: the check must say so
     and leave nothing behind (the proof that the check can fail)."""
-    import lorakit.gguf_export as ge
+    import lorakit.export.gguf as ge
 
     adapter = _peft_adapter(smol_llama_dir, tmp_path / "adapter")
     monkeypatch.setattr(ge, "permute_qk", lambda w, n_head, n_head_kv=None: w)
@@ -280,7 +280,7 @@ def test_gguf_check_catches_a_wrong_layout(tmp_path: Path, smol_llama_dir: Path,
 @pytest.mark.slow
 def test_smollm2_135m_adapter_as_gguf_f16_and_q8_0(tmp_path: Path, monkeypatch, capsys) -> None:
     """The packaged SmolLM2-135M-Instruct with a LoRA adapter: f16 GGUF within tolerance, q8_0 measured."""
-    from lorakit.config import ModelConfig
+    from lorakit.config.schema import ModelConfig
     from lorakit.tasks.causal_lm import gguf_converted, gguf_parts
 
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
@@ -311,8 +311,8 @@ def _llama_cpp_answers_as_lorakit(adapter: Path, gguf: Path, tmp_path: Path) -> 
     """llama.cpp itself (prebuilt, from node-llama-cpp: make llama-cpp-env) loads the merged f16 file and
     answers 4 chat prompts greedily as `lorakit generate` does with the unmerged adapter (the prompts' token
     ids rendered by lorakit)."""
-    from lorakit.build import load_adapter
-    from lorakit.prediction import generate
+    from lorakit.adapters.build import load_adapter
+    from lorakit.serving.prediction import generate
 
     module = ROOT / ".node-llama-cpp" / "node_modules" / "node-llama-cpp" / "dist" / "index.js"
     if not module.is_file():

@@ -22,13 +22,13 @@ import torch
 import lorakit
 from conftest import make_image_config, make_images
 from lorakit.cli import main
+from lorakit.data.images import AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image, read_idx
 from lorakit.errors import DataError
-from lorakit.images import AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image, read_idx
 
 
 def lite0_classifier(*labels: str) -> tuple[torch.nn.Module, list[str]]:
     """The zoo's EfficientNet-Lite0 with a new head for ``labels``, at 32 px."""
-    from lorakit import zoo
+    from lorakit.models import zoo
 
     return zoo.build_classifier(
         "zoo:efficientnet-lite0",
@@ -259,7 +259,7 @@ def test_load_image_converts_modes(tmp_path: Path) -> None:
 def test_zoo_efficientnet_trains_and_reloads_in_plain_peft(tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from lorakit import zoo
+    from lorakit.models import zoo
 
     folder = make_images(tmp_path / "imgs", per_class=12)
     cfg = make_image_config(
@@ -295,8 +295,8 @@ def test_zoo_efficientnet_trains_and_reloads_in_plain_peft(tmp_path: Path) -> No
 def test_zoo_conv_swap_is_exact_and_freeze_keeps_batchnorm_statistics() -> None:
     from efficientnet_lite_pytorch import EfficientNet
 
-    from lorakit import modeling
-    from lorakit.config import LoraSettings
+    from lorakit.config.schema import LoraSettings
+    from lorakit.models import modeling
 
     model, new = lite0_classifier("a", "b", "c")
     original = EfficientNet.from_name("efficientnet-lite0", num_classes=3, image_size=32)
@@ -321,7 +321,7 @@ def test_zoo_strided_depthwise_convolutions_run_in_fp32_under_cpu_autocast() -> 
     runs those four in fp32 under autocast, and leaves them exactly as they were outside it."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from lorakit import zoo
+    from lorakit.models import zoo
 
     model, _ = lite0_classifier("a", "b")
     swapped = [m for m in model.modules() if isinstance(m, zoo.Fp32OnCpuConv)]
@@ -368,7 +368,7 @@ def test_zoo_model_for_a_text_task_and_unknown_entries_are_one_line_errors(
 def test_image_mistakes_are_shown_as_thumbnails(tmp_path: Path) -> None:
     from PIL import Image
 
-    from lorakit.report import _mistakes_table
+    from lorakit.evaluation.report import _mistakes_table
     from lorakit.tasks import get_task
 
     path = tmp_path / "shirt.png"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorakit.adapters.importing import import_adapter
 from lorakit.cli import main
 from lorakit.errors import AdapterError, LorakitError
-from lorakit.importing import import_adapter
 
 
 def _randomise_lora(model: torch.nn.Module, seed: int = 0) -> None:
@@ -83,7 +83,7 @@ def test_classifier_from_plain_peft_predicts_like_peft(tmp_path: Path, tiny_bert
     assert "imported by lorakit" in (tmp_path / "peft" / "README.md").read_text()
 
     texts = ["the film was great and moving", "boring dull plot"]
-    from lorakit.prediction import predict
+    from lorakit.serving.prediction import predict
 
     got = predict(tmp_path / "peft", texts, top_k=2, device="cpu")
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -95,8 +95,8 @@ def test_classifier_from_plain_peft_predicts_like_peft(tmp_path: Path, tiny_bert
         )
 
     # The imported adapter merges and publishes like a trained one.
-    from lorakit.export import export
-    from lorakit.registry import Registry
+    from lorakit.adapters.registry import Registry
+    from lorakit.export.merge import export
 
     assert export(tmp_path / "peft", tmp_path / "merged").merged_diff <= 1e-4
     version, new = Registry(tmp_path / "registry").publish(tmp_path / "peft", "imported-clf")
@@ -181,7 +181,7 @@ def test_causal_lm_from_plain_peft_generates_and_merges_like_peft(
     r = import_adapter(tmp_path / "peft")  # task from peft's CAUSAL_LM, base from base_model_name_or_path
     assert r.task == "causal-lm" and r.labels is None and r.base_model == str(tiny_llama_dir)
 
-    from lorakit.prediction import generate
+    from lorakit.serving.prediction import generate
 
     prompt = "what colour is the sky ?"
     got = generate(tmp_path / "peft", [prompt], max_new_tokens=6, device="cpu")[0]["output"]
@@ -203,7 +203,7 @@ def test_causal_lm_from_plain_peft_generates_and_merges_like_peft(
     want = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert got and got == want
 
-    from lorakit.export import export
+    from lorakit.export.merge import export
 
     assert export(tmp_path / "peft", tmp_path / "merged").merged_diff <= 1e-4
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit import modeling
-from lorakit.config import LoraSettings, ModelConfig
+from lorakit.config.schema import LoraSettings, ModelConfig
+from lorakit.data.labels import LabelSpace
 from lorakit.errors import ModelError
-from lorakit.labels import LabelSpace
+from lorakit.models import modeling
 from lorakit.tasks import get_task
 
 SPACE = LabelSpace(("neg", "pos"))
@@ -132,7 +132,7 @@ def test_pissa_olora_start_at_the_base_model(tiny_bert_dir: Path, init: str) -> 
 
 
 def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tiny_bert_dir: Path) -> None:
-    from lorakit.config import RunConfig
+    from lorakit.config.schema import RunConfig
     from lorakit.training import param_groups
 
     model, new = _model(tiny_bert_dir)

@@ -84,8 +84,8 @@ def test_train_writes_a_complete_run(trained_once) -> None:
 def test_the_most_confident_mistakes_are_listed_in_metrics_and_report(trained_once) -> None:
     import numpy as np
 
-    from lorakit.batching import evaluate_model
-    from lorakit.build import load_adapter
+    from lorakit.adapters.build import load_adapter
+    from lorakit.data.batching import evaluate_model
 
     test = json.loads((trained_once.run_dir / "metrics.json").read_text())["test"]
     mistakes = test["mistakes"]
@@ -142,9 +142,9 @@ def test_plain_peft_loads_adapter_with_identical_logits(trained_once) -> None:
 
 def _rescore_test_split(result) -> tuple[float, float]:
     """(loss, accuracy) of the saved adapter, loaded afresh, on the run's test split."""
-    from lorakit import modeling
-    from lorakit.batching import evaluate_model
-    from lorakit.build import load_adapter
+    from lorakit.adapters.build import load_adapter
+    from lorakit.data.batching import evaluate_model
+    from lorakit.models import modeling
 
     loaded = load_adapter(result.adapter_dir, device="cpu")
     cfg = lorakit.load_config(result.run_dir / "config.yaml")
@@ -210,7 +210,7 @@ def test_existing_run_dir_is_refused_without_overwrite(trained, write_config) ->
 def test_adapter_on_a_different_base_is_refused(trained_once, tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    from lorakit.build import load_adapter
+    from lorakit.adapters.build import load_adapter
 
     other = tmp_path / "other"
     meta_path = trained_once.adapter_dir / "lorakit.json"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import lorakit
 from conftest import COLOURS_OF, make_chat_rows, make_lm_config, write_run_config
 from lorakit.cli import main
-from lorakit.config import LoraSettings, RunConfig
+from lorakit.config.schema import LoraSettings, RunConfig
 from lorakit.errors import ConfigError, DataError
 from lorakit.tasks.causal_lm import IGNORE
 from lorakit.tasks.preference import Preference, PreferenceDataConfig, PreferenceTrainConfig, as_reference
@@ -202,7 +202,7 @@ def test_collate_puts_chosen_then_rejected_in_one_batch(tok) -> None:
 
 def test_config_sections_are_the_tasks_own(tmp_path: Path, tiny_llama_dir: Path) -> None:
     data = _jsonl(tmp_path / "pairs.jsonl", make_pairs(8))
-    from lorakit.config import load_config
+    from lorakit.config.loading import load_config
 
     cfg = load_config(
         pref_config(tmp_path, tiny_llama_dir, data, data={"chosen_column": "good"}, train={"loss": "ipo"})
@@ -246,7 +246,7 @@ def _moved_adapter(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch
     policy would equal the reference)."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.modeling import apply_lora
+    from lorakit.models.modeling import apply_lora
 
     torch.manual_seed(0)
     model = apply_lora(
@@ -347,7 +347,7 @@ def test_gradient_checkpointing_keeps_the_loss_and_gradients(tiny_llama_dir: Pat
     """``train.gradient_checkpointing``: the DPO loss and the LoRA gradients are those without it. Both
     passes then take the plain two-row path (transformers keeps no cache under checkpointing, and the
     reference must carry the policy's rounding: in bf16 two paths would make them differ at step 0)."""
-    from lorakit.modeling import enable_gradient_checkpointing
+    from lorakit.models.modeling import enable_gradient_checkpointing
 
     model = _moved_adapter(tiny_llama_dir, torch.float64).train()
     d = PreferenceDataConfig(train="x")
@@ -416,7 +416,7 @@ def test_dpo_learns_the_toy_preference_and_reports_its_metrics(dpo_run) -> None:
 def test_generate_and_export_merge_work_for_preference_adapters(
     dpo_run, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from lorakit.prediction import generate
+    from lorakit.serving.prediction import generate
 
     out = generate(
         dpo_run.run_dir, ["what colour is the snow ?", "what colour is the sky ?"], max_new_tokens=4
@@ -469,10 +469,10 @@ def test_training_from_an_instruction_tuned_adapter_keeps_it_as_the_reference(
     from transformers import AutoModelForCausalLM
 
     task = Preference()
-    from lorakit.config import load_config
+    from lorakit.config.loading import load_config
 
     rc: RunConfig = load_config(cfg)
-    model = task.apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), rc, [])
+    model = task.apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), rc, [], sft.adapter_dir)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)
     plain_sft = PeftModel.from_pretrained(
@@ -543,8 +543,8 @@ def test_publish_then_serve_chat_answers_as_generate(dpo_run, tmp_path: Path, ca
     greedy answer is `generate`'s."""
     from fastapi.testclient import TestClient
 
-    from lorakit.prediction import generate
     from lorakit.serving import Engine, create_app
+    from lorakit.serving.prediction import generate
 
     registry = tmp_path / "registry"
     with pytest.raises(SystemExit) as exc:

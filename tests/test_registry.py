@@ -14,8 +14,8 @@ import pytest
 
 import lorakit
 from conftest import make_config, make_texts, write_csv
+from lorakit.adapters.registry import Registry, RegistryError, parse_ref
 from lorakit.cli import main
-from lorakit.registry import Registry, RegistryError, parse_ref
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_tampered_weights_are_refused_on_pull(adapter: Path, tmp_path: Path, cap
 
 _PUBLISHER = """
 import sys
-from lorakit.registry import Registry
+from lorakit.adapters.registry import Registry
 reg = Registry(sys.argv[1])
 for path in sys.argv[2:]:
     print(reg.publish(path, "shared")[0].version, flush=True)
@@ -176,7 +176,7 @@ def test_unknown_version_and_missing_registry(adapter: Path, tmp_path: Path, cap
 def test_hub_push_uploads_the_adapter_folder(adapter: Path, monkeypatch) -> None:
     import huggingface_hub
 
-    from lorakit.hub import push_to_hub
+    from lorakit.adapters.hub import push_to_hub
 
     calls: dict = {}
 

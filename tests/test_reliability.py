@@ -17,7 +17,7 @@ import pytest
 
 import lorakit
 from conftest import free_port, make_config, make_texts, write_csv
-from lorakit.artifacts import read_metadata
+from lorakit.adapters.folder import read_metadata
 from lorakit.cli import main
 
 # ---- 1. labels that differ only by surrounding whitespace or by case ----------------------------
@@ -88,7 +88,7 @@ def _one_error_line(args: list[str], capsys: pytest.CaptureFixture) -> str:
 def test_a_second_train_into_a_folder_in_use_is_refused_and_a_killed_run_frees_it(
     tmp_path, tiny_bert_dir, capsys
 ) -> None:
-    from lorakit.rundir import RunLock
+    from lorakit.training.rundir import RunLock
 
     config = make_config(
         tmp_path, tiny_bert_dir, write_csv(tmp_path / "r.csv", make_texts(160)), train={"epochs": 500}
@@ -142,7 +142,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one_and_the_run_resumes(
 ) -> None:
     import torch
 
-    from lorakit import checkpoint
+    from lorakit.training import checkpoint
 
     config = make_config(
         tmp_path, tiny_bert_dir, write_csv(tmp_path / "r.csv", make_texts(160)), train={"epochs": 3}
@@ -224,8 +224,8 @@ def test_disk_full_while_publishing_keeps_the_index_and_earlier_versions(
 ) -> None:
     import shutil
 
-    from lorakit import registry as registry_module
-    from lorakit.registry import Registry
+    from lorakit.adapters import registry as registry_module
+    from lorakit.adapters.registry import Registry
 
     reg = tmp_path / "reg"
     main_exit(["publish", str(finished), "--name", "demo", "--registry", str(reg)])
@@ -343,8 +343,8 @@ def test_sigterm_to_serve_finishes_the_requests_in_flight_then_exits(finished) -
 
 
 def test_check_names_a_few_of_many_fully_trained_modules_not_all(tmp_path, tiny_bert_dir) -> None:
-    from lorakit.config import load_config
-    from lorakit.preflight import Plan
+    from lorakit.config.loading import load_config
+    from lorakit.training.preflight import Plan
 
     norms = [f"_blocks.{i}._bn{j}" for i in range(16) for j in range(3)] + [
         "_bn1"

@@ -27,7 +27,7 @@ from conftest import (
     make_texts,
     write_csv,
 )
-from lorakit.registry import Registry
+from lorakit.adapters.registry import Registry
 from lorakit.serving import Engine, create_app
 
 TEXTS = [
@@ -85,7 +85,7 @@ def client(engine):
 
 def _single(adapter_dir: Path, texts: list[str]) -> torch.Tensor:
     """Logits of one adapter on its own (plain lorakit loading, no server)."""
-    from lorakit.build import load_adapter
+    from lorakit.adapters.build import load_adapter
     from lorakit.tasks.text_classification import encode_texts
 
     a = load_adapter(adapter_dir, device="cpu")
@@ -312,7 +312,7 @@ def test_chat_completions_mixed_adapters_equal_single(tmp_path: Path, tiny_llama
         body = r.json()
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
         assert body["usage"]["prompt_tokens"] > 0
-        from lorakit.prediction import generate
+        from lorakit.serving.prediction import generate
 
         assert (
             body["choices"][0]["message"]["content"]

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from lorakit.stopping import StopRequest, TrainingStopped
+from lorakit.runtime.stopping import StopRequest, TrainingStopped
 
 
 def test_first_signal_is_a_request_second_stops_at_once() -> None:

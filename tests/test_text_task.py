@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.config import ModelConfig
+from lorakit.config.schema import ModelConfig
 from lorakit.errors import ModelError
 from lorakit.tasks import get_task
 from lorakit.tasks.text_classification import TextClassificationData, encode_texts, head_tail
@@ -60,7 +60,7 @@ def test_unknown_hub_model_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPa
 
 
 def test_folder_without_config_is_refused(tmp_path: Path) -> None:
-    from lorakit.modeling import resolve_model_path
+    from lorakit.models.modeling import resolve_model_path
 
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_model_path(ModelConfig(name_or_path=str(tmp_path)))
@@ -99,7 +99,7 @@ def test_cpu_bf16_training_attention_keeps_the_padding_mask_of_an_encoder(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from lorakit import modeling
+    from lorakit.models import modeling
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import lorakit
-from lorakit.config import load_config
+from lorakit.config.loading import load_config
 from lorakit.errors import ConfigError
-from lorakit.tracking import TrackerError, check_reachable
 from lorakit.training.events import Callback
+from lorakit.training.tracking import TrackerError, check_reachable
 
 # Four evaluations (every 5 of 20 steps), a train row every 2 steps.
 SETTINGS = {
@@ -191,7 +191,7 @@ def test_unreachable_trackers_are_one_line_errors_before_anything_is_written(
 def test_a_tracker_that_fails_mid_run_warns_once_and_training_goes_on(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lorakit import tracking
+    from lorakit.training import tracking
 
     class Down:
         calls = 0

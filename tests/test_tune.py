@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from lorakit.errors import ConfigError
-from lorakit.tuning import JOURNAL, load_tune_config
+from lorakit.experiments.tuning import JOURNAL, load_tune_config
 
 QV = ["query", "value"]
 TUNE = {

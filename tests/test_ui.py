@@ -42,7 +42,7 @@ SLOW_TRAIN = {
 
 
 def test_form_is_generated_from_the_schema() -> None:
-    from lorakit.config import run_config_class
+    from lorakit.config.loading import run_config_class
 
     sections = forms.build_sections("text-classification")
     keys = {f.key for f in forms.iter_fields(sections)}

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorakit.adapters.importing import import_adapter
 from lorakit.cli import main
-from lorakit.export import ExportError
-from lorakit.importing import import_adapter
-from lorakit.vllm_export import export_vllm
+from lorakit.export.merge import ExportError
+from lorakit.export.vllm import export_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -122,9 +122,9 @@ def test_vllm_serves_smollm2_adapters_with_lorakit_generates_answers(tmp_path: P
     if not VLLM_PYTHON.is_file():
         pytest.fail("vLLM's environment is missing: run `make vllm-env` first")
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-    from lorakit.build import load_adapter
-    from lorakit.config import ModelConfig
-    from lorakit.prediction import generate
+    from lorakit.adapters.build import load_adapter
+    from lorakit.config.schema import ModelConfig
+    from lorakit.serving.prediction import generate
     from lorakit.tasks.causal_lm import gguf_converted, gguf_parts
     from test_gguf_export import SMOLLM2_GGUF, _smollm2_folder
 

@@ -13,23 +13,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lorakit.config import RunConfig, load_config
+from lorakit.config.loading import load_config
+from lorakit.config.schema import RunConfig
 from lorakit.errors import AdapterError, ConfigError, DataError, LorakitError, ModelError, RunDirError
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from lorakit.evaluation import evaluate
-    from lorakit.prediction import Predictor, predict
-    from lorakit.preflight import check
+    from lorakit.evaluation.scoring import evaluate
+    from lorakit.serving.prediction import Predictor, predict
     from lorakit.training import train
+    from lorakit.training.preflight import check
 
 _LAZY = {
     "train": "lorakit.training",
-    "evaluate": "lorakit.evaluation",
-    "predict": "lorakit.prediction",
-    "Predictor": "lorakit.prediction",
-    "check": "lorakit.preflight",
+    "evaluate": "lorakit.evaluation.scoring",
+    "predict": "lorakit.serving.prediction",
+    "Predictor": "lorakit.serving.prediction",
+    "check": "lorakit.training.preflight",
 }
 
 

@@ -104,7 +104,7 @@ def _lines(file: Path | None) -> list[str]:
 @app.command()
 def check(config: Annotated[Path, typer.Argument(help="Run config (YAML).")], set_: SetOpt = None) -> None:
     """Validate a config and dry-run it: data sizes and labels, model, LoRA targets, parameter counts."""
-    from lorakit.preflight import check as run_check
+    from lorakit.training.preflight import check as run_check
 
     _setup_logging()
     plan = run_check(config, overrides=set_ or [])
@@ -181,8 +181,8 @@ def tune(
     config: Annotated[Path, typer.Argument(help="Run config (YAML) with a tune: section.")],
     set_: SetOpt = None,
 ) -> None:
-    from lorakit.study_report import table
-    from lorakit.tuning import tune as run_tune
+    from lorakit.experiments.study_report import table
+    from lorakit.experiments.tuning import tune as run_tune
 
     _setup_logging()
     summary = run_tune(config, overrides=set_ or [])
@@ -212,7 +212,7 @@ def eval_(
     max_samples: Annotated[int | None, typer.Option(min=1, help="Score only the first N rows.")] = None,
 ) -> None:
     """Evaluate an adapter on a data file: accuracy, macro-F1, per-class scores, confusion matrix, report."""
-    from lorakit.evaluation import evaluate
+    from lorakit.evaluation.scoring import evaluate
 
     _setup_logging()
     m = evaluate(path, data, out_dir=out, batch_size=batch_size, max_samples=max_samples)
@@ -237,7 +237,7 @@ def predict(
 ) -> None:
     """Predict labels (with probabilities) for inputs (texts,
     or image files / URLs) given as arguments or in a file."""
-    from lorakit.prediction import predict as run_predict
+    from lorakit.serving.prediction import predict as run_predict
 
     _setup_logging()
     items = list(inputs or []) + _lines(file)
@@ -277,7 +277,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
 ) -> None:
     """Answer prompts with a causal-lm adapter; generation stops at the end-of-turn token."""
-    from lorakit.prediction import generate as run_generate
+    from lorakit.serving.prediction import generate as run_generate
 
     _setup_logging()
     items = list(prompts or []) + _lines(file)
@@ -404,7 +404,7 @@ def export(
 
 
 def _export_merged(path: Path, merge: Path, **options: object) -> None:
-    from lorakit.export import export as run_export
+    from lorakit.export.merge import export as run_export
 
     r = run_export(path, merge, **options)  # type: ignore[arg-type]
     typer.echo(f"merged model: {r.out_dir}")
@@ -422,7 +422,7 @@ def _export_merged(path: Path, merge: Path, **options: object) -> None:
 
 
 def _export_gguf(path: Path, out: Path, **options: object) -> None:
-    from lorakit.gguf_export import export_gguf
+    from lorakit.export.gguf import export_gguf
 
     r = export_gguf(path, out, **options)  # type: ignore[arg-type]
     bound = (
@@ -456,7 +456,7 @@ def _export_gguf(path: Path, out: Path, **options: object) -> None:
 def _export_vllm(path: Path, out: Path, **options: object) -> None:
     import shlex
 
-    from lorakit.vllm_export import export_vllm
+    from lorakit.export.vllm import export_vllm
 
     v = export_vllm([path], out, **options)  # type: ignore[arg-type]
     typer.echo(f"vllm: base {v.base_dir}, adapter(s) {', '.join(f'{n}={p}' for n, p in v.adapters.items())}")
@@ -509,7 +509,7 @@ def import_(
         typer.Option("--max-length", min=8, help="Tokens per input at prediction time (text tasks)."),
     ] = None,
 ) -> None:
-    from lorakit.importing import import_adapter
+    from lorakit.adapters.importing import import_adapter
 
     _setup_logging()
     names = [n.strip() for n in labels.split(",") if n.strip()] if labels else None
@@ -555,9 +555,9 @@ def publish(
     registry: RegistryOpt = None,
 ) -> None:
     """Publish an adapter: an immutable, hashed version in the local registry, and/or a push to the Hub."""
-    from lorakit.artifacts import find_adapter_dir
+    from lorakit.adapters.folder import find_adapter_dir
+    from lorakit.adapters.registry import Registry, check_name
     from lorakit.errors import LorakitError as _Err
-    from lorakit.registry import Registry, check_name
 
     _setup_logging()
     if not name and not hub:
@@ -570,7 +570,7 @@ def publish(
         state = "published" if new else "unchanged, already published as"
         typer.echo(f"{state} {v.ref}  {v.content_hash[:23]}…  {v.metric}  ({v.path})")
     if hub:
-        from lorakit.hub import push_to_hub
+        from lorakit.adapters.hub import push_to_hub
 
         typer.echo(f"pushed to the Hub: {push_to_hub(path, hub, private=private)}")
 
@@ -588,7 +588,7 @@ def registry_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version.")] = False,
 ) -> None:
     """Table of published versions with task, base model and headline metric."""
-    from lorakit.registry import Registry
+    from lorakit.adapters.registry import Registry
 
     versions = Registry(registry).list(name)
     if as_json:
@@ -624,7 +624,7 @@ def registry_show(
     registry: RegistryOpt = None,
 ) -> None:
     """Everything the index holds about a version (JSON), plus its model card location."""
-    from lorakit.registry import Registry
+    from lorakit.adapters.registry import Registry
 
     v = Registry(registry).get(ref)
     typer.echo(json.dumps(v.to_dict(), indent=2))
@@ -643,7 +643,7 @@ def registry_pull(
     registry: RegistryOpt = None,
 ) -> None:
     """Verify a version's files against their published hashes and hand out the adapter folder."""
-    from lorakit.registry import Registry
+    from lorakit.adapters.registry import Registry
 
     typer.echo(str(Registry(registry).pull(ref, to, overwrite=overwrite)))
 
@@ -655,7 +655,7 @@ def registry_delete(
     registry: RegistryOpt = None,
 ) -> None:
     """Delete a version (or all versions) from the index and from disk."""
-    from lorakit.registry import Registry
+    from lorakit.adapters.registry import Registry
 
     for v in Registry(registry).delete(ref, all_versions=all_versions):
         typer.echo(f"deleted {v.ref}")
@@ -732,7 +732,7 @@ def serve(
         ) from None
 
     _setup_logging()
-    from lorakit.registry import default_root
+    from lorakit.adapters.registry import default_root
     from lorakit.training import release_freed_memory
 
     release_freed_memory(arenas=2)  # a long-lived server: keep resident memory from creeping
@@ -844,7 +844,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("error: " + " ".join(str(exc).split()), err=True)  # always one line
         sys.exit(exc.exit_code)
     except OSError as exc:  # a full disk anywhere else (logs, caches): still one line
-        from lorakit.diskspace import is_no_space
+        from lorakit.files.diskspace import is_no_space
 
         if not is_no_space(exc):
             raise

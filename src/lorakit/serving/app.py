@@ -28,8 +28,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from lorakit.adapters.registry import RegistryError
 from lorakit.errors import AdapterError, LorakitError
-from lorakit.registry import RegistryError
 from lorakit.serving.engine import Engine, UnknownAdapter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -481,6 +481,6 @@ def _decode_inputs(inputs: list[str], binary: bool, error: Any) -> list[Any]:
 
 
 def _version() -> str:
-    from lorakit import __version__
+    from importlib.metadata import version
 
-    return __version__
+    return version("lorakit")

@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
-from lorakit.artifacts import find_adapter_dir, read_metadata
-from lorakit.build import adapter_config, load_adapter
-from lorakit.config import DataConfig
+from lorakit.adapters.build import adapter_config, load_adapter
+from lorakit.adapters.folder import find_adapter_dir, other_base, read_metadata
+from lorakit.adapters.registry import Registry, check_name, parse_ref
+from lorakit.config.schema import DataConfig
+from lorakit.data.labels import LabelSpace
 from lorakit.errors import AdapterError, LorakitError
-from lorakit.labels import LabelSpace
-from lorakit.registry import Registry, check_name, parse_ref
+from lorakit.runtime.memory import trim_heap
 from lorakit.serving import mixed
-from lorakit.tasks import Task
-from lorakit.training.memory import trim_heap
+from lorakit.tasks.base import Task
 
 log = logging.getLogger("lorakit")
 
@@ -220,12 +220,7 @@ class Engine:
                 f"serves {self.task.name}"
             )
         fp = info.meta["base_model"].get("fingerprint")
-        if (
-            fp
-            and self.base_fingerprint
-            and fp != self.base_fingerprint
-            and "unknown" not in (fp, self.base_fingerprint)
-        ):
+        if other_base(self.base_fingerprint, fp):
             raise AdapterError(
                 f"adapter '{info.name}' was trained on another base model "
                 f"({info.meta['base_model']['name_or_path']}); this server's base differs"

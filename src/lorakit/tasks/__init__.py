@@ -1,4 +1,14 @@
-"""Task registry: name -> Task class. Adding a task is one module in this folder and one line below."""
+"""The tasks, and their registry: name -> Task class. Adding a task is one module in this folder and one
+line in ``REGISTRY`` below.
+
+This module is a leaf: it names each task's module as a string and imports it on first use (as
+transformers' auto mappings do), so the config layer can ask for a task's config classes by name without
+depending on task code.
+
+May import: this module, ``lorakit.errors`` only. The task modules (``base`` and each task): the layers up
+to ``models`` (``errors``, ``files``, ``runtime``, ``config``, ``data``, ``models``) and each other, never
+a stage (``adapters``, ``training``, ``evaluation``, ``export``, ``serving``, ``ui``, ``cli``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,7 @@ from typing import TYPE_CHECKING
 from lorakit.errors import LorakitError
 
 if TYPE_CHECKING:
-    from lorakit.tasks.base import PreparedData, Task
+    from lorakit.tasks.base import Task
 
 # name: "module:Class" (imported on first use, so that `lorakit --help` does not pay for transformers)
 REGISTRY: dict[str, str] = {
@@ -45,13 +55,4 @@ def get_task(name: str) -> Task:
     return task_class(name)()
 
 
-def __getattr__(name: str) -> object:
-    # `from lorakit.tasks import Task, PreparedData` without importing torch at package import.
-    if name in ("Task", "PreparedData"):
-        from lorakit.tasks import base
-
-        return getattr(base, name)
-    raise AttributeError(name)
-
-
-__all__ = ["REGISTRY", "PreparedData", "Task", "get_task", "task_class", "task_names"]
+__all__ = ["REGISTRY", "get_task", "task_class", "task_names"]

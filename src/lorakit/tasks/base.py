@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
-from lorakit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lorakit.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 
 @dataclass
@@ -87,9 +87,21 @@ class Task(ABC):
         """Load the base model (shaped for ``data_cfg`` where inputs matter, e.g. image size); return it
         and the names of modules that are new (not in the checkpoint)."""
 
-    def apply_adapter(self, base: torch.nn.Module, cfg: RunConfig, new_modules: list[str]) -> Any:
-        """Wrap the base model with the trainable adapter (peft LoRA as ``cfg.lora`` says)."""
-        from lorakit.modeling import apply_lora
+    #: Tasks whose adapters :meth:`starting_adapter` may name (checked before :meth:`apply_adapter`).
+    starts_from: tuple[str, ...] = ()
+
+    def starting_adapter(self, cfg: RunConfig) -> tuple[str, str] | None:
+        """``(config key, location)`` of an adapter folder the run starts from instead of a new adapter,
+        or None (the default: a new adapter as ``lora:`` says). The build checks the folder (an adapter of
+        a task in :attr:`starts_from`, trained on this base) and hands it to :meth:`apply_adapter`."""
+        return None
+
+    def apply_adapter(
+        self, base: torch.nn.Module, cfg: RunConfig, new_modules: list[str], start: Path | None = None
+    ) -> Any:
+        """Wrap the base model with the trainable adapter: peft LoRA as ``cfg.lora`` says, or the checked
+        folder ``start`` (see :meth:`starting_adapter`) where the task starts from one."""
+        from lorakit.models.modeling import apply_lora
 
         return apply_lora(base, cfg.lora, task_type=self.peft_task_type, new_modules=new_modules)
 
@@ -123,7 +135,7 @@ class Task(ABC):
     ) -> dict[str, Any]:
         """Metrics of ``model`` on a preprocessed split: the loss, :meth:`compute_metrics` and
         :meth:`example_metrics`."""
-        from lorakit.batching import evaluate_model
+        from lorakit.data.batching import evaluate_model
 
         logits, labels, loss = evaluate_model(
             model,

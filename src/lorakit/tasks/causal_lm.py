@@ -20,14 +20,14 @@ import torch
 from datasets import Dataset, DatasetDict
 from pydantic import Field, model_validator
 
-from lorakit import distributed
-from lorakit.batching import eval_batches
-from lorakit.config import ModelConfig, RunConfig, TokenizedDataConfig, TrainConfig
-from lorakit.data import build_splits
+from lorakit.config.schema import ModelConfig, RunConfig, TokenizedDataConfig, TrainConfig
+from lorakit.data.batching import eval_batches
+from lorakit.data.sources import build_splits
 from lorakit.errors import DataError, ModelError
-from lorakit.paths import cache_root
+from lorakit.files.paths import cache_root
+from lorakit.models.modeling import new_module_names, quiet_transformers
+from lorakit.runtime import distributed
 from lorakit.tasks.base import PreparedData, Task
-from lorakit.tasks.text_classification import new_module_names, quiet_transformers
 
 log = logging.getLogger("lorakit")
 IGNORE = -100
@@ -495,7 +495,7 @@ class CausalLM(Task):
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
         from transformers import AutoTokenizer
 
-        from lorakit.modeling import reject_zoo
+        from lorakit.models.modeling import reject_zoo
 
         reject_zoo(model_path)
         where, gguf = gguf_converted(*gguf_parts(model_cfg, model_path))
@@ -551,7 +551,7 @@ class CausalLM(Task):
 
         def encode(ds: Dataset, key: str) -> Dataset:
             fmt = fmt_box.setdefault("fmt", detect_format(d, ds.column_names))
-            from lorakit.data import require_columns
+            from lorakit.data.sources import require_columns
 
             require_columns(ds, required_columns(d, fmt), key=key)
             return ds
@@ -665,7 +665,7 @@ class CausalLM(Task):
     ) -> tuple[torch.nn.Module, list[str]]:
         from transformers import AutoModelForCausalLM
 
-        from lorakit.modeling import reject_zoo
+        from lorakit.models.modeling import reject_zoo
 
         reject_zoo(model_path)
         where, gguf = gguf_converted(*gguf_parts(model_cfg, model_path))
@@ -696,7 +696,7 @@ class CausalLM(Task):
                 bnb_4bit_compute_dtype=torch.bfloat16,
             )
         if model_cfg.dropout is not None:
-            from lorakit.modeling import load_base_config
+            from lorakit.models.modeling import load_base_config
 
             kwargs["config"] = load_base_config(model_cfg, where, **({"gguf_file": gguf} if gguf else {}))
         try:
@@ -762,7 +762,7 @@ class CausalLM(Task):
         }
         n = min(cfg.train.generation_samples, len(ds)) if "reference" in ds.column_names else 0
         if n:
-            from lorakit.batching import autocast
+            from lorakit.data.batching import autocast
 
             with autocast(device, amp):  # the answers in the run's precision, as the loss
                 metrics |= self._answer_metrics(
@@ -788,7 +788,7 @@ class CausalLM(Task):
         progress: Any,
     ) -> tuple[float, int]:
         """(mean loss per answer token, answer tokens) over ``ds``, shared out over data-parallel ranks."""
-        from lorakit.batching import autocast, take, to_device
+        from lorakit.data.batching import autocast, take, to_device
 
         collate = self.collate(processor, data_cfg)
         world = distributed.current()

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 
-from lorakit.config import DataConfig
+from lorakit.config.schema import DataConfig
+from lorakit.data.labels import LabelSpace
 from lorakit.errors import DataError
-from lorakit.labels import LabelSpace
-from lorakit.metrics import classification_metrics
 from lorakit.tasks.base import Task
+from lorakit.tasks.metrics import classification_metrics
 
 
 def pad_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -19,17 +19,16 @@ import torch
 from datasets import Dataset, DatasetDict
 from pydantic import Field
 
-from lorakit import zoo
-from lorakit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from lorakit.data import build_splits
+from lorakit.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lorakit.data.images import IDX_ROWS, AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image
+from lorakit.data.labels import LabelSpace
+from lorakit.data.sources import build_splits
 from lorakit.errors import DataError, ModelError
-from lorakit.images import IDX_ROWS, AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image
-from lorakit.labels import LabelSpace
-from lorakit.modeling import load_base_config
-from lorakit.paths import resolve_location
+from lorakit.files.paths import resolve_location
+from lorakit.models import zoo
+from lorakit.models.modeling import load_base_config, new_module_names, quiet_transformers
 from lorakit.tasks.base import PreparedData
 from lorakit.tasks.classification import ClassificationTask
-from lorakit.tasks.text_classification import new_module_names, quiet_transformers
 
 log = logging.getLogger("lorakit")
 

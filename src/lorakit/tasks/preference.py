@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -36,10 +37,10 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 from pydantic import Field
 
-from lorakit import distributed
-from lorakit.config import DataConfig, RunConfig, TrainConfig
-from lorakit.data import build_splits
-from lorakit.errors import AdapterError, DataError
+from lorakit.config.schema import DataConfig, RunConfig, TrainConfig
+from lorakit.data.sources import build_splits
+from lorakit.errors import DataError
+from lorakit.runtime import distributed
 from lorakit.tasks.base import PreparedData
 from lorakit.tasks.causal_lm import (
     IGNORE,
@@ -456,38 +457,25 @@ class Preference(CausalLM):
         return collate_fn
 
     # ---- model ----------------------------------------------------------------------------------
-    def apply_adapter(self, base: torch.nn.Module, cfg: RunConfig, new_modules: list[str]) -> Any:
-        """A new LoRA adapter, or (``train.reference_adapter``) the starting adapter loaded twice:
-        trainable as ``default`` and frozen as ``reference``.
+    starts_from = ("causal-lm", "preference")
 
-        Raises:
-            AdapterError: The starting adapter is not a causal-LM adapter of this base model.
-        """
+    def starting_adapter(self, cfg: RunConfig) -> tuple[str, str] | None:
+        ref = getattr(cfg.train, "reference_adapter", None)
+        return ("train.reference_adapter", ref) if ref else None
+
+    def apply_adapter(
+        self, base: torch.nn.Module, cfg: RunConfig, new_modules: list[str], start: Path | None = None
+    ) -> Any:
+        """A new LoRA adapter, or (``train.reference_adapter``, checked by the build) the starting
+        adapter loaded twice: trainable as ``default`` and frozen as ``reference``."""
         self.train_cfg = cfg.train
-        if not cfg.train.reference_adapter:
+        if start is None:
             return super().apply_adapter(base, cfg, new_modules)
         from peft import PeftModel
 
-        from lorakit import modeling
-        from lorakit.artifacts import find_adapter_dir, read_metadata
-        from lorakit.tasks import get_task
+        from lorakit.models import modeling
 
-        folder = find_adapter_dir(cfg.train.reference_adapter)
-        meta = read_metadata(folder)
-        if not get_task(meta.get("task", "")).generates:
-            raise AdapterError(
-                f"train.reference_adapter: '{folder}' is a {meta.get('task')} adapter; start from "
-                "a causal-LM adapter of the same base model"
-            )
-        expected, found = (
-            meta["base_model"].get("fingerprint"),
-            modeling.model_fingerprint(modeling.resolve_model_path(cfg.model), base),
-        )
-        if expected and found and "unknown" not in (expected, found) and expected != found:
-            raise AdapterError(
-                f"train.reference_adapter: '{folder}' was trained on another base model "
-                f"({meta['base_model']['name_or_path']}); use its base model in model.name_or_path"
-            )
+        folder = start
         log.info(
             "starting from adapter %s (its LoRA settings; lora: is not used); it is also the "
             "frozen reference",
@@ -537,7 +525,7 @@ class Preference(CausalLM):
         KL(pi || pi_ref) estimated as the mean of log pi(y|x) - log pi_ref(y|x) over one answer sampled
         from the policy (temperature 1, no top-k / top-p) for each of ``generation_samples`` prompts.
         """
-        from lorakit.batching import autocast, eval_batches, take, to_device
+        from lorakit.data.batching import autocast, eval_batches, take, to_device
 
         d, t = cfg.data, cfg.train
         n_gen = t.generation_samples

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -11,32 +10,13 @@ import torch
 from datasets import Dataset
 from pydantic import Field, model_validator
 
-from lorakit.config import ModelConfig, RunConfig, TokenizedDataConfig
-from lorakit.data import build_splits
+from lorakit.config.schema import ModelConfig, RunConfig, TokenizedDataConfig
+from lorakit.data.labels import LabelSpace
+from lorakit.data.sources import build_splits
 from lorakit.errors import DataError, ModelError
-from lorakit.labels import LabelSpace
-from lorakit.modeling import load_base_config, reject_zoo
+from lorakit.models.modeling import load_base_config, new_module_names, quiet_transformers, reject_zoo
 from lorakit.tasks.base import PreparedData
 from lorakit.tasks.classification import ClassificationTask
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load-time chatter; lorakit reports new modules itself."""
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
-
-
-def new_module_names(missing_keys: list[str], mismatched_keys: list[Any]) -> list[str]:
-    """Module paths (``classifier``, ``pooler.dense``) whose weights the checkpoint did not provide."""
-    keys = list(missing_keys) + [k[0] if isinstance(k, (tuple, list)) else k for k in mismatched_keys]
-    return sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
 
 
 def head_tail(seq: list[int], max_len: int) -> list[int]:

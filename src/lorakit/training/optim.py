@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.config import TrainConfig
+from lorakit.config.schema import TrainConfig
 
 
 def set_seed(seed: int) -> None:

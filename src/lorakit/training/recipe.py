@@ -25,16 +25,21 @@ from typing import Any
 import torch
 import yaml
 
-from lorakit import artifacts, checkpoint, distributed, modeling, rundir, tracking
-from lorakit.batching import autocast, take, to_device, train_batches
-from lorakit.build import build_model, open_base, resolve_config
-from lorakit.card import model_card
-from lorakit.config import RunConfig, load_config, load_yaml
+from lorakit.adapters import folder as artifacts
+from lorakit.adapters.build import build_model, open_base, resolve_config
+from lorakit.adapters.card import model_card
+from lorakit.config.loading import load_config
+from lorakit.config.schema import RunConfig, load_yaml
+from lorakit.data.batching import autocast, take, to_device, train_batches
 from lorakit.errors import LorakitError, RunDirError
-from lorakit.stopping import StopRequest, TrainingStopped
+from lorakit.files import atomic
+from lorakit.models import modeling
+from lorakit.runtime import distributed
+from lorakit.runtime.memory import release_freed_memory
+from lorakit.runtime.stopping import StopRequest, TrainingStopped
 from lorakit.tasks import get_task
+from lorakit.training import checkpoint, rundir, tracking
 from lorakit.training.events import Callback, Events, ProgressBar, TensorBoard
-from lorakit.training.memory import release_freed_memory
 from lorakit.training.optim import make_optimizer, optimizer_steps, set_seed
 from lorakit.training.state import TrainState
 
@@ -89,7 +94,7 @@ def train(
 
     Under ``torchrun`` / ``accelerate launch`` every process calls this: training is data-parallel
     (``train.batch_size`` per process), evaluation is shared out and gathered, and only rank 0
-    writes (see :mod:`lorakit.distributed`).
+    writes (see :mod:`lorakit.runtime.distributed`).
 
     Returns:
         The run's :class:`TrainResult`; the adapter is in ``<output.dir>/adapter``.
@@ -263,12 +268,10 @@ class Recipe:
         overwrite = bool(self.resume) or (
             self.overwrite if self.overwrite is not None else cfg.output.overwrite
         )
-        fresh = artifacts.prepare_run_dir(run, overwrite=overwrite)
+        fresh = rundir.prepare_run_dir(run, overwrite=overwrite)
         self.lock.acquire()
-        artifacts.clear_run_dir(fresh)
-        artifacts.write_text_atomic(
-            fresh / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False)
-        )
+        rundir.clear_run_dir(fresh)
+        atomic.write_text_atomic(fresh / "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
         return fresh
 
     def _log_setup(self) -> None:
@@ -649,10 +652,10 @@ class Recipe:
         if cfg.output.report:
             self.write_report(meta, test_metrics, base_metrics)
         # metrics.json last: it marks the run finished, so a failed write above (a full disk) can be resumed.
-        artifacts.write_text_atomic(
+        atomic.write_text_atomic(
             self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in s.history)
         )
-        artifacts.write_json_atomic(self.run_dir / "metrics.json", final)
+        atomic.write_json_atomic(self.run_dir / "metrics.json", final)
         checkpoint.remove_all(self.run_dir)  # the run is complete; its adapter and metrics are in place
         self.events.on_end(self.run_dir, final)
         return self.result(test_metrics, seconds=elapsed)
@@ -707,13 +710,13 @@ class Recipe:
             "parameters": {"trainable": self.trainable, "total": self.total},
             "config": cfg.to_yaml_dict(),
             "versions": artifacts.library_versions(),
-            "created_at": artifacts.now_iso(),
+            "created_at": atomic.now_iso(),
         }
 
     def write_report(
         self, meta: dict[str, Any], test: dict[str, Any] | None, base: dict[str, Any] | None
     ) -> None:
-        from lorakit.report import write_report
+        from lorakit.evaluation.report import write_report
 
         evaluations = (
             {"validation (best)": self.state.best_eval}

@@ -1,6 +1,6 @@
 """The new-run form, generated from the config's pydantic models: one section per model, one input
 per field, with the field's description, default and allowed values. Nothing is written twice:
-adding a field to :mod:`lorakit.config` adds it to the form.
+adding a field to :mod:`lorakit.config.schema` adds it to the form.
 
 Form values come back as strings; :func:`form_to_config` turns them into the plain data a YAML
 file would hold and :func:`validate` runs the CLI's validator on it, each problem placed beside
@@ -20,9 +20,10 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from lorakit.config import RunConfig, load_yaml, run_config_class, validate_config
+from lorakit.config.loading import run_config_class, validate_config
+from lorakit.config.schema import RunConfig, load_yaml
 from lorakit.errors import ConfigError
-from lorakit.paths import PKG_SCHEME
+from lorakit.files.paths import PKG_SCHEME
 
 #: Set by the UI from the run name, not typed in.
 HIDDEN = {"output.dir", "output.overwrite"}

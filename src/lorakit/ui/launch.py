@@ -4,7 +4,7 @@ A run started here runs in its own session (``start_new_session``): closing the 
 server does not stop it, and the UI finds it again from ``.lorakit-ui/<name>.json`` (pid, start
 time, command; the exit code once the UI saw it end). Its console output goes to
 ``.lorakit-ui/<name>.out``. Stopping sends SIGTERM to the process group: training finishes the
-step, writes a checkpoint and exits with code 130 (:mod:`lorakit.stopping`).
+step, writes a checkpoint and exits with code 130 (:mod:`lorakit.runtime.stopping`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.artifacts import write_json_atomic, write_text_atomic
+from lorakit.files.atomic import write_json_atomic, write_text_atomic
 from lorakit.ui.workspace import Workspace, WorkspaceError, pid_alive, read_json, read_run
 
 

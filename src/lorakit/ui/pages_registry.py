@@ -9,8 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
+from lorakit.adapters.registry import Registry, parse_ref
 from lorakit.errors import LorakitError
-from lorakit.registry import Registry, parse_ref
 from lorakit.ui.workspace import Workspace, list_runs
 
 

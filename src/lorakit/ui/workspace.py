@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.config import load_yaml
+from lorakit.config.schema import load_yaml
 from lorakit.errors import LorakitError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -151,7 +151,7 @@ def read_written_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping that ``yaml.safe_dump`` wrote (a run's config.yaml), parsed by libyaml when present.
 
     ``safe_dump`` quotes every string YAML 1.1 would read as a boolean (``'no'``), so the C loader
-    reads these files exactly as :func:`~lorakit.config.load_yaml` does, ~10x faster.
+    reads these files exactly as :func:`~lorakit.config.schema.load_yaml` does, ~10x faster.
     """
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
