@@ -89,7 +89,7 @@ def test_vit_run_learns_and_writes_a_complete_adapter(vit_run) -> None:
     assert (vit_run.run_dir / "report" / "confusion_0.png").is_file()
     for j, m in enumerate(vit_run.test["mistakes"]):  # the report shows each mistake as a thumbnail
         assert Path(m["image"]).is_file() and m["true"] != m["predicted"]
-        assert (vit_run.run_dir / "report" / f"mistake_1_{j}.png").is_file()
+        assert (vit_run.run_dir / "report" / f"mistakes_1_{j}.png").is_file()
     card = (vit_run.adapter_dir / "README.md").read_text()
     assert "AutoModelForImageClassification" in card and "AutoTokenizer" not in card
 
@@ -368,7 +368,7 @@ def test_zoo_model_for_a_text_task_and_unknown_entries_are_one_line_errors(
 def test_image_mistakes_are_shown_as_thumbnails(tmp_path: Path) -> None:
     from PIL import Image
 
-    from lorakit.evaluation.report import _mistakes_table
+    from lorakit.evaluation.report import _section
     from lorakit.tasks import get_task
 
     path = tmp_path / "shirt.png"
@@ -387,7 +387,8 @@ def test_image_mistakes_are_shown_as_thumbnails(tmp_path: Path) -> None:
             "probability": 0.6,
         }
     )
-    page = _mistakes_table("test", rows, tmp_path, "m")
+    (section,) = task.report_sections("test", {"mistakes": rows}, None)
+    page = _section(section, tmp_path, "m")
     with Image.open(tmp_path / "m_0.png") as thumb:
         assert max(thumb.size) == 96
     assert '<img src="m_0.png"' in page and "gone.png" in page and not (tmp_path / "m_1.png").exists()

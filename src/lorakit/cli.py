@@ -237,17 +237,13 @@ def predict(
 ) -> None:
     """Predict labels (with probabilities) for inputs (texts,
     or image files / URLs) given as arguments or in a file."""
-    from lorakit.serving.prediction import predict as run_predict
+    from lorakit.serving.prediction import Predictor
 
     _setup_logging()
     items = list(inputs or []) + _lines(file)
-    for r in run_predict(path, items, top_k=top_k):
-        if as_json:
-            typer.echo(json.dumps(r, ensure_ascii=False))
-        else:
-            text = r["input"] if len(r["input"]) <= 60 else r["input"][:57] + "..."
-            alts = "  ".join(f"{a['label']} {a['score']:.3f}" for a in r["top_k"])
-            typer.echo(f"{alts}\t{text}")
+    predictor = Predictor.from_adapter(path)
+    for r in predictor(items, top_k=top_k):
+        typer.echo(json.dumps(r, ensure_ascii=False) if as_json else predictor.loaded.task.predict_line(r))
 
 
 @app.command()

@@ -39,7 +39,9 @@ def resolve_config(cfg: RunConfig, task: Task, device: torch.device) -> RunConfi
     resolved = {
         "learning_rate": t.learning_rate or modeling.default_learning_rate(cfg.model.name_or_path),
         "metric_for_best": metric,
-        "greater_is_better": t.greater_is_better if t.greater_is_better is not None else "loss" not in metric,
+        "greater_is_better": t.greater_is_better
+        if t.greater_is_better is not None
+        else task.greater_is_better(metric),
         # CPUs: larger evaluation batches only raise the memory peak; GPUs: 4x keeps them busy.
         "eval_batch_size": t.eval_batch_size or t.batch_size * (4 if device.type == "cuda" else 1),
     }

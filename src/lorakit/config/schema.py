@@ -276,7 +276,8 @@ class TrainConfig(Section):
     )
     greater_is_better: bool | None = Field(
         None,
-        description="Whether a higher `metric_for_best` is better; unset = False for losses, True otherwise.",
+        description="Whether a higher `metric_for_best` is better; unset = False for losses and perplexity, "
+        "True otherwise.",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improvement."

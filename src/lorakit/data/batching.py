@@ -77,14 +77,19 @@ def evaluate_model(
     device: torch.device,
     amp: torch.dtype | None = None,
     progress: Any = None,
-) -> tuple[np.ndarray, np.ndarray, float]:
+    per_token: bool = False,
+) -> tuple[Any, Any, float]:
     """Run ``model`` over ``ds`` and gather outputs in dataset order.
 
     Under data-parallel training each process scores its share of the batches and every process
     gets all outputs back: each example is scored exactly once.
 
+    Args:
+        per_token: The model answers per token (token classification): each example keeps its own
+            ``[T, C]`` logits and ``[T]`` labels, cut to its real length (the batch's attention mask).
+
     Returns:
-        (logits [N, C], labels [N], mean loss per example).
+        (logits [N, C], labels [N], mean loss per example); with ``per_token``, lists of N arrays.
     """
     was_training = model.training
     model.eval()
@@ -98,7 +103,14 @@ def evaluate_model(
         with autocast(device, amp):
             out = model(**batch)
         loss_sum += float(out.loss) * len(idx)
-        mine.append((idx, out.logits.float().cpu().numpy(), batch["labels"].cpu().numpy()))
+        logits, labels = out.logits.float().cpu().numpy(), batch["labels"].cpu().numpy()
+        if per_token:
+            real = batch["attention_mask"].sum(-1).tolist()
+            logits, labels = (
+                [x[:n] for x, n in zip(logits, real, strict=True)],
+                [y[:n] for y, n in zip(labels, real, strict=True)],
+            )
+        mine.append((idx, logits, labels))
         if progress is not None:
             progress.update(len(idx) * world.size)  # the other ranks score as many meanwhile
     for _ in range(
@@ -109,13 +121,15 @@ def evaluate_model(
     if progress is not None:
         progress.close()
     model.train(was_training)
-    logits_out: list[np.ndarray | None] = [None] * len(ds)
-    labels_out = np.zeros(len(ds), dtype=np.int64)
+    logits_out: list[Any] = [None] * len(ds)
+    labels_out: list[Any] = [None] * len(ds)
     total_loss = 0.0
     for part, part_loss in distributed.gather((mine, loss_sum), world):
         total_loss += part_loss
         for idx, logits, labels in part:
             for j, i in enumerate(idx):
-                logits_out[i] = logits[j]
-            labels_out[idx] = labels
-    return np.stack(logits_out), labels_out, total_loss / max(1, len(ds))
+                logits_out[i], labels_out[i] = logits[j], labels[j]
+    mean_loss = total_loss / max(1, len(ds))
+    if per_token:
+        return logits_out, labels_out, mean_loss
+    return np.stack(logits_out), np.asarray(labels_out, dtype=np.int64), mean_loss

@@ -183,6 +183,7 @@ def build_splits(
     columns: list[str],
     encode: Callable[[Dataset, str], Dataset] | None = None,
     stratify: str | None = None,
+    reader: Callable[[str, str], Dataset] | None = None,
 ) -> DatasetDict:
     """Read train / validation / test as the config says, filtered, checked, encoded and split.
 
@@ -192,6 +193,8 @@ def build_splits(
         encode: The task's ``(dataset, config_key) -> dataset`` step (e.g. labels to ids), applied to
             every source before splitting so that a split can be stratified on its output.
         stratify: A ClassLabel column (made by ``encode``) to stratify seeded splits on.
+        reader: The task's ``(location, config_key) -> dataset`` reader, for tasks that read formats of
+            their own (CoNLL files, say); default :func:`read_source` as ``cfg`` says.
 
     Returns:
         A DatasetDict with ``train``, ``validation`` and, when configured, ``test``.
@@ -201,7 +204,10 @@ def build_splits(
     """
 
     def load(location: str, key: str) -> Dataset:
-        ds = read_source(location, cfg.format, key=key, hub_split=cfg.hub_split)
+        if reader is not None:
+            ds = reader(location, key)
+        else:
+            ds = read_source(location, cfg.format, key=key, hub_split=cfg.hub_split)
         ds = filter_rows(ds, cfg.where, key=key)
         require_columns(ds, columns, key=key)
         return encode(ds, key) if encode else ds

@@ -1,4 +1,8 @@
-"""A report a person opens: ``report/index.html`` with PNG plots (loss curves, confusion matrix)."""
+"""A report a person opens: ``report/index.html`` with PNG plots (loss curves, confusion matrices).
+
+What a report shows beyond the scalar metrics is the task's: the validation metrics drawn as curves
+(``Task.curve_metrics``) and each split's sections (``Task.report_sections``: tables and matrices),
+rendered here without knowing which task made them."""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.files.atomic import atomic_dir
+from lorakit.tasks.base import ReportImage, ReportMatrix, ReportSection, Task
 
 
-def _plot_history(history: list[dict[str, Any]], out: Path) -> str | None:
+def _plot_history(history: list[dict[str, Any]], out: Path, curve_metrics: tuple[str, ...]) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +24,7 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> str | None:
     val = [r for r in history if r["split"] == "validation"]
     if not train and not val:
         return None
-    metric_keys = [k for k in ("accuracy", "f1_macro", "perplexity") if val and k in val[0]]
+    metric_keys = [k for k in curve_metrics if val and k in val[0]]
     fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(11 if metric_keys else 6, 4), squeeze=False)
     ax = axes[0][0]
     if train:
@@ -110,15 +115,6 @@ def _scalar_table(evaluations: dict[str, dict[str, Any] | None]) -> str:
     return f"<table><tr><th>split</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _per_class_table(per_class: dict[str, dict[str, float]]) -> str:
-    rows = "".join(
-        f"<tr><th>{html.escape(name)}</th><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td><td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
-        for name, v in per_class.items()
-    )
-    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-    return f"<table>{head}{rows}</table>"
-
-
 def _thumbnail(reference: str, out: Path, name: str) -> str | None:
     """A small PNG of an image example inside the report folder, or None when it cannot be read."""
     from lorakit.data.images import BadImage, load_image
@@ -132,23 +128,33 @@ def _thumbnail(reference: str, out: Path, name: str) -> str | None:
     return f"{name}.png"
 
 
-def _mistakes_table(split: str, mistakes: list[dict[str, Any]], out: Path, prefix: str) -> str:
-    """The examples the adapter got most confidently wrong: input (text, or image thumbnail), true and
-    predicted label, the predicted label's probability."""
-    rows = []
-    for j, m in enumerate(mistakes):
-        thumb = _thumbnail(m["image"], out, f"{prefix}_{j}") if m.get("image") else None
-        shown = f'<img src="{thumb}" alt="{html.escape(m["input"])}">' if thumb else html.escape(m["input"])
-        rows.append(
-            f"<tr><td class=example>{shown}</td><td>{html.escape(m['true'])}</td>"
-            f"<td>{html.escape(m['predicted'])}</td><td>{m['probability']:.3f}</td></tr>"
+def _cell(value: Any, out: Path, name: str) -> str:
+    """One table cell: a thumbnail for an image example, numbers to 3 decimals, long text as <pre>."""
+    if isinstance(value, ReportImage):
+        thumb = _thumbnail(value.reference, out, name)
+        return f'<img src="{thumb}" alt="{html.escape(value.text)}">' if thumb else html.escape(value.text)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = html.escape(str(value))
+    return f"<pre>{text}</pre>" if "\n" in text or len(text) > 120 else text
+
+
+def _section(section: ReportSection, out: Path, name: str) -> str:
+    """A task's report section as HTML (a matrix as a PNG plot, a table as a table)."""
+    title = html.escape(section.title)
+    if isinstance(section, ReportMatrix):
+        img = _plot_confusion(section.values, tuple(section.labels), out, f"{name}.png", section.title)
+        return f'<h2>{title}</h2><img src="{img}" alt="{title}">'
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in section.columns)
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{_cell(v, out, f'{name}_{i}' + (f'_{j}' if j else ''))}</td>" for j, v in enumerate(row)
         )
-    return (
-        f"<h2>Most confident mistakes: {html.escape(split)}</h2><table class=samples>"
-        "<tr><th>example</th><th>true</th><th>predicted</th><th>probability</th></tr>"
-        + "".join(rows)
-        + "</table>"
+        + "</tr>"
+        for i, row in enumerate(section.rows)
     )
+    return f'<h2>{title}</h2><table class="samples {section.kind}"><tr>{head}</tr>{rows}</table>'
 
 
 def write_report(
@@ -157,6 +163,7 @@ def write_report(
     title: str,
     history: list[dict[str, Any]],
     evaluations: dict[str, dict[str, Any] | None],
+    task: Task,
     label_space: Any,
     meta: dict[str, Any] | None = None,
 ) -> Path:
@@ -166,7 +173,8 @@ def write_report(
         out_dir: The report folder.
         title: Page title.
         history: Training history rows (``split`` train / validation, ``step``, ``loss``, metrics).
-        evaluations: Split name -> metrics dict (may hold ``confusion_matrix`` and ``per_class``).
+        evaluations: Split name -> metrics dict.
+        task: The adapter's task: its curve metrics and the sections of each split.
         label_space: The task's label space, or None.
         meta: Adapter metadata shown as a summary.
 
@@ -187,38 +195,15 @@ def write_report(
                 f"trainable {params.get('trainable', 0):,} of {params.get('total', 0):,} parameters.</p>"
             )
         parts.append("<h2>Metrics</h2>" + _scalar_table(evaluations))
-        curves = _plot_history(history, tmp)
+        curves = _plot_history(history, tmp, task.curve_metrics)
         if curves:
             parts.append(f'<h2>Training curves</h2><img src="{curves}" alt="loss and metric curves">')
         for i, (split, m) in enumerate(evaluations.items()):
-            if not m or "confusion_matrix" not in m or label_space is None:
-                continue
-            img = _plot_confusion(
-                m["confusion_matrix"],
-                label_space.labels,
-                tmp,
-                f"confusion_{i}.png",
-                f"Confusion matrix: {split}",
-            )
-            parts.append(
-                f'<h2>{html.escape(split)}</h2><img src="{img}" alt="confusion matrix {html.escape(split)}">'
-            )
-            if "per_class" in m:
-                parts.append(_per_class_table(m["per_class"]))
-        for i, (split, m) in enumerate(evaluations.items()):
-            if m and m.get("mistakes"):
-                parts.append(_mistakes_table(split, m["mistakes"], tmp, f"mistake_{i}"))
-        for split, m in evaluations.items():
-            if m and m.get("samples"):
-                rows = "".join(
-                    f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td>{html.escape(s['reference'])}</td><td>{html.escape(s['output'])}</td></tr>"
-                    for s in m["samples"]
-                )
-                parts.append(
-                    f"<h2>Sample generations: {html.escape(split)}</h2>"
-                    f"<table class=samples><tr><th>prompt</th><th>reference</th><th>output</th></tr>"
-                    f"{rows}</table>"
-                )
+            kinds: list[str] = []  # files are named <kind>_<split>[_<n>]: report/confusion_0.png
+            for section in task.report_sections(split, m or {}, label_space):
+                n = kinds.count(section.kind)
+                kinds.append(section.kind)
+                parts.append(_section(section, tmp, f"{section.kind}_{i}" + (f"_{n}" if n else "")))
         style = (
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
             "table{border-collapse:collapse;margin:1em 0}"

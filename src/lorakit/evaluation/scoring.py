@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.adapters.build import load_adapter
-from lorakit.data.sources import filter_rows, read_source, require_columns
+from lorakit.data.sources import filter_rows, require_columns
 from lorakit.evaluation.report import write_report
 from lorakit.files.atomic import write_json_atomic
 
@@ -47,7 +47,7 @@ def evaluate(
         }
     )
     data_cfg = cfg.data
-    ds = read_source(data, data_cfg.format, key="--data", hub_split=data_cfg.hub_split)
+    ds = loaded.task.read_data(data, data_cfg, key="--data")
     ds = filter_rows(ds, data_cfg.where, key="--data")
     require_columns(ds, loaded.task.columns(data_cfg), key="--data")
     if max_samples:
@@ -78,6 +78,7 @@ def evaluate(
         title=f"Evaluation of {loaded.adapter_dir} on {data}",
         history=history,
         evaluations={Path(data).name: metrics},
+        task=loaded.task,
         label_space=loaded.label_space,
         meta=loaded.meta,
     )

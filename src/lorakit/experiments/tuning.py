@@ -96,7 +96,9 @@ class TuneConfig(_Strict):
         "default). Trials select their best adapter on it too.",
     )
     direction: Literal["maximize", "minimize"] | None = Field(
-        None, description="Unset = train.greater_is_better, else minimize for losses and maximize otherwise."
+        None,
+        description="Unset = train.greater_is_better, else minimize for losses and perplexity and "
+        "maximize otherwise.",
     )
     n_trials: int | None = Field(
         None,
@@ -227,10 +229,12 @@ def resolve_metric(cfg: RunConfig, tune: TuneConfig) -> tuple[str, str]:
     """(metric, direction) of the study; defaults follow the run's metric_for_best."""
     from lorakit.tasks import get_task
 
-    metric = tune.metric or cfg.train.metric_for_best or get_task(cfg.task).default_metric
+    task = get_task(cfg.task)
+    metric = tune.metric or cfg.train.metric_for_best or task.default_metric
     if tune.direction:
         return metric, tune.direction
-    greater = cfg.train.greater_is_better if cfg.train.greater_is_better is not None else "loss" not in metric
+    given = cfg.train.greater_is_better
+    greater = given if given is not None else task.greater_is_better(metric)
     return metric, "maximize" if greater else "minimize"
 
 

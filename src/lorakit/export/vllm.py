@@ -56,7 +56,7 @@ def _adapter_targets(loaded: LoadedAdapter) -> set[str]:
 def vllm_problems(loaded: LoadedAdapter, max_lora_rank: int) -> list[str]:
     """What vLLM would refuse or ignore in this adapter, each with the fix; empty when it can serve it."""
     meta, name = loaded.meta, loaded.adapter_dir.name
-    if not loaded.task.generates:
+    if loaded.task.cli_command != "generate":  # vLLM answers with generated text only
         return [
             f"{name}: vLLM serves causal language models; this is a {loaded.task.name} adapter "
             "(serve it with lorakit serve)"

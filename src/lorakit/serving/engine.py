@@ -74,8 +74,9 @@ class AdapterInfo:
 class _Job:
     adapter: str
     rows: list[Any]  # what the task's serving_rows / chat_prompt_ids made (tensors, prompt ids)
-    # the same for every row of a pass (generation: max_new_tokens, do_sample, temperature, top_p)
-    options: tuple = ()
+    # what the request asked, the same for every row of a pass (GenerateOptions for generating tasks)
+    options: Any = None
+    control: Any = None  # a function the worker runs between passes (adapter loads and unloads)
     future: cf.Future = field(default_factory=cf.Future)
 
 
@@ -353,14 +354,20 @@ class Engine:
         with self._lock:
             return self.task.chat_prompt_ids(self.processor, info.data_cfg, messages)
 
-    def submit(self, adapter: str, rows: list[Any], options: tuple = ()) -> cf.Future:
+    def records(
+        self, adapter: str, inputs: list[Any], rows: list[Any], outputs: list[Any], top_k: int
+    ) -> list[Any]:
+        """Prediction records of the task for a predict request's outputs."""
+        return self.task.serving_records(inputs, rows, outputs, self.info(adapter).label_space, top_k=top_k)
+
+    def submit(self, adapter: str, rows: list[Any], options: Any = None) -> cf.Future:
         """Queue encoded rows for ``adapter``; the future gets the per-row outputs."""
         job = _Job(adapter, rows, options)
         self._queue.put(job)
         return job.future
 
     def _control(self, fn: Any) -> None:
-        job = _Job("", [], ("control", fn))
+        job = _Job("", [], control=fn)
         self._queue.put(job)
         job.future.result(timeout=300)
 
@@ -393,10 +400,10 @@ class Engine:
             self._process([j for j in jobs if j.future.set_running_or_notify_cancel()])
 
     def _process(self, jobs: list[_Job]) -> None:
-        controls = [j for j in jobs if j.options[:1] == ("control",)]
+        controls = [j for j in jobs if j.control is not None]
         for j in controls:
             try:
-                j.options[1]()
+                j.control()
                 self._sync_merge()
                 j.future.set_result(None)
             except Exception as exc:
@@ -404,7 +411,7 @@ class Engine:
         work = [j for j in jobs if j not in controls]
         if not work:
             return
-        groups: dict[tuple, list[_Job]] = {}  # one pass per set of options (e.g. generation settings)
+        groups: dict[Any, list[_Job]] = {}  # one pass per set of options (e.g. generation settings)
         for j in work:
             groups.setdefault(j.options, []).append(j)
         for batch in groups.values():

@@ -1,4 +1,6 @@
-"""`lorakit predict`: labels and probabilities for raw inputs, from an adapter directory alone."""
+"""`lorakit predict` and `lorakit generate`: the task's answers to raw inputs, from an adapter folder alone.
+
+Each task answers one of them (``Task.cli_command``); the other refuses its adapters in one line."""
 
 from __future__ import annotations
 
@@ -46,24 +48,17 @@ def generate(
         **options: max_new_tokens, do_sample, temperature, top_p, seed, system.
 
     Raises:
-        LorakitError: Not a causal-lm adapter, or no prompts.
+        LorakitError: An adapter that answers with ``predict``, or no prompts.
     """
-    from lorakit.errors import AdapterError
-
     loaded = load_adapter(path, device=device)
-    if not loaded.task.generates:
-        raise AdapterError(
-            f"'{loaded.adapter_dir}' is a {loaded.task.name} adapter, which answers with "
-            "labels; use lorakit predict"
-        )
     if not prompts:
         raise DataError("no prompts to answer; pass them as arguments or --file")
     data_cfg = loaded.config.data
     a = loaded
-    if use_adapter:
-        return a.task.predict(a.model, a.processor, prompts, a.label_space, data_cfg, **options)
+    if use_adapter:  # (a task that answers with `predict` refuses here, in one line)
+        return a.task.generate(a.model, a.processor, prompts, data_cfg, **options)
     with a.model.disable_adapter():
-        return a.task.predict(a.model, a.processor, prompts, a.label_space, data_cfg, **options)
+        return a.task.generate(a.model, a.processor, prompts, data_cfg, **options)
 
 
 def predict(

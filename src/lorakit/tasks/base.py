@@ -1,8 +1,12 @@
 """The task interface: the one extension point of lorakit.
 
-A task owns everything that depends on *what* is learned: the model class, preprocessing, the
-collator, metrics and post-processing of predictions. The training loop, export and serving code
-only talk to this interface and never branch on the task name.
+A task owns everything that depends on *what* is learned: its config sections, data preparation, the
+model class, the loss, metrics, what its answers look like (the prediction record of ``lorakit
+predict`` and ``/v1/predict``, or generated text), its "try it" widget in the UI, and the sections of
+its report. Every stage (training, check, eval, predict, export, serve, UI) asks this interface and
+never branches on the task name; everything a stage asks is declared here, with a default that either
+works for every task or raises a one-line :class:`~lorakit.errors.AdapterError` naming the task and
+the command that does answer for it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
+from pydantic import BaseModel
 
 from lorakit.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lorakit.errors import AdapterError
+
+#: The commands a task's adapters can answer (:attr:`Task.cli_command`).
+ANSWERS = ("predict", "generate")
 
 
 @dataclass
@@ -29,29 +38,81 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How a generating task answers one request (the same for every row of a served batch)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class ReportTable:
+    """A table of a report section: ``rows`` of cells (text, numbers, or :class:`ReportImage`)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    kind: str = "table"  # what the table is (its CSS class on pages): per-class, mistakes, samples, ...
+
+
+@dataclass
+class ReportImage:
+    """A cell showing an image example: ``reference`` is what :func:`lorakit.data.images.load_image`
+    reads (a path or URL); ``text`` is shown where the image cannot be."""
+
+    reference: str
+    text: str
+
+
+@dataclass
+class ReportMatrix:
+    """A matrix of counts with one label per row and column (a confusion matrix)."""
+
+    title: str
+    labels: list[str]
+    values: list[list[int]]
+    kind: str = "confusion"  # what the matrix is (its CSS class, its plot's file name)
+
+
+ReportSection = ReportTable | ReportMatrix
+
+
 class Task(ABC):
     """What a task must provide. Subclasses are registered in :mod:`lorakit.tasks`."""
 
-    name: str
+    #: The task's name in the registry and in configs (``task:``).
+    name: ClassVar[str] = ""
     #: The task's `data:` section: the common fields plus the task's own (columns, lengths, formats).
     data_config: ClassVar[type[DataConfig]] = DataConfig
     #: The task's `train:` section (a subclass of TrainConfig when the task has settings of its own).
     train_config: ClassVar[type[TrainConfig]] = TrainConfig
     #: peft's TaskType for get_peft_model (e.g. "SEQ_CLS"); None for models peft has no type for.
-    peft_task_type: str | None
+    peft_task_type: ClassVar[str | None] = None
     #: Metric used to pick the best adapter when the config does not say.
     default_metric: str = "loss"
+    #: Metrics of this task where lower is better, besides any ``*loss*`` (see :meth:`greater_is_better`).
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
     #: An input for `lorakit predict`, shown in model cards.
     example_input: str = '"your input"'
-    #: The lorakit command that answers with an adapter of this task (shown in model cards).
-    cli_command: str = "predict"
-    #: Answers are generated text (`lorakit generate`, /v1/chat/completions),
-    #: not labels (`predict`, /v1/predict).
-    generates: bool = False
+    #: The one `lorakit` command these adapters answer (one of :data:`ANSWERS`): ``predict`` (a record
+    #: per input: :meth:`predict`, ``/v1/predict``) or ``generate`` (text: :meth:`generate`,
+    #: ``/v1/chat/completions``). Every other command and route refuses them in one line naming it.
+    cli_command: ClassVar[str] = "predict"
+    #: One answer of :meth:`predict` as ``/v1/predict`` returns it (its OpenAPI schema); None for tasks
+    #: that answer with generated text.
+    prediction_model: ClassVar[type[BaseModel] | None] = None
+    #: What one input of ``/v1/predict`` is (its OpenAPI description).
+    input_description: ClassVar[str] = "Texts."
+    #: The UI's "try it" widget for these answers: ``text-labels``, ``image-labels``, ``text-spans``
+    #: (labelled spans of the input text) or ``chat``.
+    try_widget: ClassVar[str] = "text-labels"
+    #: Validation metrics drawn as curves in the report (beside the loss), when an evaluation has them.
+    curve_metrics: ClassVar[tuple[str, ...]] = ()
     #: Examples carry labels from a label space learned from the training data (classification).
     labelled: bool = False
-    #: Inputs are bytes (images): JSON requests carry them base64-encoded or as http(s) URLs.
-    binary_inputs: bool = False
     #: The transformers Auto classes of a merged model and its processor (model cards of exports).
     auto_classes: tuple[str, str] = ("AutoModel", "AutoProcessor")
 
@@ -69,6 +130,18 @@ class Task(ABC):
         self, ds: Dataset, processor: Any, data_cfg: DataConfig, label_space: Any, *, key: str
     ) -> Dataset:
         """Turn raw rows (already label-encoded where needed) into model inputs."""
+
+    def read_data(self, location: str, data_cfg: DataConfig, *, key: str) -> Dataset:
+        """One data source as rows (before :meth:`columns` are checked): every file format and packaged
+        or Hub data that :func:`lorakit.data.sources.read_source` reads; a task overrides it to read
+        formats of its own as well (CoNLL files, say).
+
+        Raises:
+            DataError: The source cannot be read.
+        """
+        from lorakit.data.sources import read_source
+
+        return read_source(location, data_cfg.format, key=key, hub_split=data_cfg.hub_split)
 
     @abstractmethod
     def columns(self, data_cfg: DataConfig) -> list[str]:
@@ -159,7 +232,6 @@ class Task(ABC):
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: Any) -> dict[str, Any]:
         """Metrics from gathered model outputs; scalar values are logged, others go in the report."""
 
-    @abstractmethod
     def predict(
         self,
         model: torch.nn.Module,
@@ -170,18 +242,95 @@ class Task(ABC):
         *,
         top_k: int = 1,
     ) -> list[dict[str, Any]]:
-        """Post-processed predictions for raw inputs."""
+        """Prediction records (:attr:`prediction_model`, plus the ``input``) for raw inputs, for tasks
+        whose :attr:`cli_command` is ``predict``.
+
+        Raises:
+            AdapterError: These adapters answer with :meth:`generate`.
+        """
+        raise self.refusal("lorakit predict", f"lorakit {self.cli_command}")
 
     def plan_lines(self, cfg: RunConfig, stats: dict[str, Any]) -> list[str]:
-        """Task-specific lines `lorakit check` shows about the prepared data (tokens, image sizes)."""
+        """Task-specific lines `lorakit check` shows about the prepared data: by default the training
+        tokens (``stats["train_tokens"]``: mean, max and, where the task counts them, ``truncated``)."""
         tok = stats.get("train_tokens")
         if not tok:
             return []
-        cut_at = getattr(cfg.data, "max_length", "max_length")
-        return [
-            f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}, {tok['truncated']:,} "
-            f"train examples cut at {cut_at}"
-        ]
+        line = f"  tokens    mean {tok['mean']:.0f}, max {tok['max']}"
+        if "truncated" in tok:
+            cut_at = getattr(cfg.data, "max_length", "max_length")
+            line += f", {tok['truncated']:,} train examples cut at {cut_at}"
+        return [line]
+
+    # ---- answers: the same contract for the CLI, the HTTP server and the UI ------------------------
+    def refusal(self, asked: str, instead: str) -> AdapterError:
+        """The one-line error of a command or route that these adapters do not answer."""
+        return AdapterError(f"{asked} does not answer with {self.name} adapters; use {instead}")
+
+    def generate(
+        self, model: torch.nn.Module, processor: Any, prompts: list[str], data_cfg: DataConfig, **options: Any
+    ) -> list[dict[str, Any]]:
+        """Answers (``{"input", "output"}``) to user messages, for tasks whose :attr:`cli_command` is
+        ``generate``; options: max_new_tokens, do_sample, temperature, top_p, seed, system.
+
+        Raises:
+            AdapterError: These adapters answer with :meth:`predict`.
+        """
+        raise self.refusal("lorakit generate", f"lorakit {self.cli_command}")
+
+    def predict_line(self, record: dict[str, Any]) -> str:
+        """One record of :meth:`predict` as `lorakit predict` prints it without ``--json``."""
+        import json
+
+        return json.dumps(record, ensure_ascii=False)
+
+    def decode_inputs(self, items: list[str]) -> list[Any]:
+        """``/v1/predict`` inputs (JSON strings) as :meth:`serving_rows` takes them; texts stay texts.
+
+        Raises:
+            DataError: An input cannot be read (named by its position).
+        """
+        return list(items)
+
+    def serving_records(
+        self, inputs: list[Any], rows: list[Any], outputs: list[Any], label_space: Any, *, top_k: int
+    ) -> list[dict[str, Any]]:
+        """Prediction records (:attr:`prediction_model`) from the server's outputs for ``rows``.
+
+        Raises:
+            AdapterError: These adapters answer with generated text.
+        """
+        raise self.refusal("/v1/predict", "/v1/chat/completions")
+
+    def chat_prompt_ids(
+        self, tokenizer: Any, data_cfg: DataConfig, messages: list[dict[str, str]]
+    ) -> list[int]:
+        """A conversation (OpenAI-style messages) as the token ids of the prompt for the next answer.
+
+        Raises:
+            AdapterError: These adapters answer with :meth:`predict`.
+        """
+        raise self.refusal("chat", "/v1/predict")
+
+    def generate_ids(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], **options: Any
+    ) -> list[str]:
+        """Greedy (or sampled) answers for tokenized prompts, stopping at the end of the turn.
+
+        Raises:
+            AdapterError: These adapters do not generate text.
+        """
+        raise self.refusal("text generation", f"lorakit {self.cli_command}")
+
+    def greater_is_better(self, metric: str) -> bool:
+        """Whether a higher ``metric`` is a better adapter (best-adapter selection, ``lorakit tune``)."""
+        return "loss" not in metric and metric not in self.lower_is_better
+
+    # ---- report -----------------------------------------------------------------------------------
+    def report_sections(self, split: str, metrics: dict[str, Any], label_space: Any) -> list[ReportSection]:
+        """What the report and the UI's run page show of one evaluated split beyond its scalar metrics
+        (matrices, per-class tables, mistakes, samples); nothing by default."""
+        return []
 
     # ---- serving --------------------------------------------------------------------------------
     def serving_rows(self, processor: Any, data_cfg: DataConfig, inputs: list[Any]) -> list[Any]:
@@ -191,13 +340,14 @@ class Task(ABC):
         Raises:
             DataError: An input cannot be used (named by its position).
         """
-        raise NotImplementedError(f"{self.name} adapters are not served from raw inputs")
+        raise self.refusal("/v1/predict", "/v1/chat/completions")
 
     def serve_batch(
-        self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any
+        self, model: torch.nn.Module, processor: Any, rows: list[Any], options: Any, **adapter_kwargs: Any
     ) -> list[Any]:
-        """One pass of the server's model over ``rows`` (of one or many adapters); one output per row."""
-        raise NotImplementedError(f"{self.name} adapters are not served")
+        """One pass of the server's model over ``rows`` (of one or many adapters); one output per row.
+        ``options`` is what the request asked (:class:`GenerateOptions` for generating tasks)."""
+        raise self.refusal("serving", f"lorakit {self.cli_command}")
 
     def usage(self, meta: dict[str, Any]) -> list[str]:
         """Python lines that load base model + adapter with plain peft (for the model card)."""

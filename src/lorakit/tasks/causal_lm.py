@@ -27,7 +27,7 @@ from lorakit.errors import DataError, ModelError
 from lorakit.files.paths import cache_root
 from lorakit.models.modeling import new_module_names, quiet_transformers
 from lorakit.runtime import distributed
-from lorakit.tasks.base import PreparedData, Task
+from lorakit.tasks.base import GenerateOptions, PreparedData, ReportSection, ReportTable, Task
 
 log = logging.getLogger("lorakit")
 IGNORE = -100
@@ -488,7 +488,9 @@ class CausalLM(Task):
     default_metric = "loss"
     example_input = '"Write a haiku about autumn."'
     cli_command = "generate"
-    generates = True
+    try_widget = "chat"
+    curve_metrics = ("perplexity", "exact_match")
+    lower_is_better = ("perplexity",)
     auto_classes = ("AutoModelForCausalLM", "AutoTokenizer")
 
     # ---- data -----------------------------------------------------------------------------------
@@ -938,32 +940,42 @@ class CausalLM(Task):
         ]
 
     def serve_batch(
-        self, model: torch.nn.Module, processor: Any, rows: list[Any], options: tuple, **adapter_kwargs: Any
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        rows: list[Any],
+        options: GenerateOptions,
+        **adapter_kwargs: Any,
     ) -> list[Any]:
-        """Answers to tokenized chat prompts; ``options`` = (max_new_tokens,
-        do_sample, temperature, top_p), the same for every row."""
-        max_new, do_sample, temperature, top_p = options
+        """Answers to tokenized chat prompts, with the request's options (the same for every row)."""
         return self.generate_ids(
             model,
             processor,
             rows,
-            max_new_tokens=max_new,
+            max_new_tokens=options.max_new_tokens,
             batch_size=len(rows),
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
+            do_sample=options.do_sample,
+            temperature=options.temperature,
+            top_p=options.top_p,
             **adapter_kwargs,
         )
 
-    def predict(
+    def report_sections(self, split: str, metrics: dict[str, Any], label_space: Any) -> list[ReportSection]:
+        """Sample generations: the prompt, the reference answer and the adapter's."""
+        if not metrics.get("samples"):
+            return []
+        rows = [[s["prompt"], s["reference"], s["output"]] for s in metrics["samples"]]
+        return [
+            ReportTable(f"Sample generations: {split}", ["prompt", "reference", "output"], rows, "samples")
+        ]
+
+    def generate(
         self,
         model: torch.nn.Module,
         processor: Any,
-        inputs: list[Any],
-        label_space: Any,
+        prompts: list[str],
         data_cfg: CausalLMData,
         *,
-        top_k: int = 1,
         max_new_tokens: int = 128,
         do_sample: bool = False,
         temperature: float = 0.7,
@@ -972,18 +984,18 @@ class CausalLM(Task):
         system: str | None = None,
     ) -> list[dict[str, Any]]:
         self._with_template(processor, data_cfg)
-        prompts = [self.prompt_ids(processor, data_cfg, str(t), system=system) for t in inputs]
+        ids = [self.prompt_ids(processor, data_cfg, str(t), system=system) for t in prompts]
         outs = self.generate_ids(
             model,
             processor,
-            prompts,
+            ids,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
         )
-        return [{"input": str(t), "output": o} for t, o in zip(inputs, outs, strict=True)]
+        return [{"input": str(t), "output": o} for t, o in zip(prompts, outs, strict=True)]
 
     # ---- export ---------------------------------------------------------------------------------
     def export_batches(self, processor: Any, data_cfg: CausalLMData) -> list[dict[str, torch.Tensor]]:

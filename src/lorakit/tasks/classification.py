@@ -8,11 +8,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
+from pydantic import BaseModel, Field
 
 from lorakit.config.schema import DataConfig
 from lorakit.data.labels import LabelSpace
 from lorakit.errors import DataError
-from lorakit.tasks.base import Task
+from lorakit.tasks.base import ReportImage, ReportMatrix, ReportSection, ReportTable, Task
 from lorakit.tasks.metrics import classification_metrics
 
 
@@ -34,11 +35,26 @@ def pad_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
     return out
 
 
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="The label's probability.")
+
+
+class Prediction(BaseModel):
+    """The most likely label of one input, its probability, and the ``top_k`` most likely labels."""
+
+    label: str
+    score: float = Field(description="The label's probability.")
+    top_k: list[LabelScore]
+
+
 class ClassificationTask(Task):
     """A task with one label per example, from a fixed label space learned from the training data."""
 
     default_metric = "accuracy"
     labelled = True
+    prediction_model = Prediction
+    curve_metrics = ("accuracy", "f1_macro")
 
     def check_rows(self, ds: Dataset, data_cfg: DataConfig, *, key: str) -> None:
         """Reject unusable inputs before labels are encoded (e.g. empty texts); nothing by default."""
@@ -115,6 +131,57 @@ class ClassificationTask(Task):
         batch = pad_rows(rows, getattr(processor, "pad_token_id", None) or 0)
         logits = model(**{k: v.to(device) for k, v in batch.items()}, **adapter_kwargs).logits
         return list(logits.float().cpu())
+
+    def serving_records(
+        self, inputs: list[Any], rows: list[Any], outputs: list[Any], label_space: LabelSpace, *, top_k: int
+    ) -> list[dict[str, Any]]:
+        return self.top_k(torch.stack(outputs), ["" for _ in outputs], label_space, top_k)
+
+    def predict_line(self, record: dict[str, Any]) -> str:
+        text = record["input"] if len(record["input"]) <= 60 else record["input"][:57] + "..."
+        return "  ".join(f"{a['label']} {a['score']:.3f}" for a in record["top_k"]) + f"\t{text}"
+
+    def report_sections(self, split: str, metrics: dict[str, Any], label_space: Any) -> list[ReportSection]:
+        """The confusion matrix, per-class precision / recall / F1, and the most confident mistakes."""
+        out: list[ReportSection] = []
+        if metrics.get("confusion_matrix") and label_space is not None:
+            out.append(
+                ReportMatrix(
+                    f"Confusion matrix: {split}", list(label_space.labels), metrics["confusion_matrix"]
+                )
+            )
+        if metrics.get("per_class"):
+            rows = [
+                [name, v["precision"], v["recall"], v["f1"], v["support"]]
+                for name, v in metrics["per_class"].items()
+            ]
+            out.append(
+                ReportTable(
+                    f"Per class: {split}",
+                    ["class", "precision", "recall", "F1", "support"],
+                    rows,
+                    "per-class",
+                )
+            )
+        if metrics.get("mistakes"):
+            rows = [
+                [
+                    ReportImage(m["image"], m["input"]) if m.get("image") else m["input"],
+                    m["true"],
+                    m["predicted"],
+                    m["probability"],
+                ]
+                for m in metrics["mistakes"]
+            ]
+            out.append(
+                ReportTable(
+                    f"Most confident mistakes: {split}",
+                    ["example", "true", "predicted", "probability"],
+                    rows,
+                    "mistakes",
+                )
+            )
+        return out
 
     @staticmethod
     def top_k(

@@ -153,7 +153,29 @@ class ImageClassification(ClassificationTask):
     data_config = ImageClassificationData
     train_config = ImageClassificationTrain
     peft_task_type = None  # peft has no image task type: the plain PeftModel wraps it
-    binary_inputs = True
+    try_widget = "image-labels"
+    input_description = "Images: base64-encoded bytes (a data: URL too) or http(s) URLs."
+
+    def decode_inputs(self, items: list[str]) -> list[Any]:
+        """Base64 strings (or data: URLs) become image bytes; http(s) URLs stay URLs."""
+        import base64
+        import binascii
+
+        out: list[Any] = []
+        for i, item in enumerate(items):
+            if item.startswith(("http://", "https://")):
+                out.append(item)
+                continue
+            try:
+                out.append(
+                    base64.b64decode(
+                        item.split(",", 1)[1] if item.startswith("data:") else item, validate=True
+                    )
+                )
+            except (binascii.Error, ValueError):
+                raise DataError(f"inputs[{i}]: not base64 image bytes or an http(s) URL") from None
+        return out
+
     auto_classes = ("AutoModelForImageClassification", "AutoImageProcessor")
 
     # ---- data -----------------------------------------------------------------------------------

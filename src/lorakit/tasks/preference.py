@@ -41,7 +41,7 @@ from lorakit.config.schema import DataConfig, RunConfig, TrainConfig
 from lorakit.data.sources import build_splits
 from lorakit.errors import DataError
 from lorakit.runtime import distributed
-from lorakit.tasks.base import PreparedData
+from lorakit.tasks.base import PreparedData, ReportSection, ReportTable
 from lorakit.tasks.causal_lm import (
     IGNORE,
     CausalLM,
@@ -351,6 +351,10 @@ def as_reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         )  # peft's set_adapter also sets requires_grad
 
 
+#: What an evaluation adds up over its batches (then over data-parallel ranks), by name.
+EVAL_SUMS = ("loss", "correct", "margin", "reward_c", "reward_r", "logp_c", "logp_r", "kl_tok", "tokens")
+
+
 class Preference(CausalLM):
     """Preference pairs -> a causal-LM adapter (DPO, IPO, SimPO)."""
 
@@ -358,6 +362,18 @@ class Preference(CausalLM):
     default_metric = "loss"
     data_config: ClassVar[type[DataConfig]] = PreferenceDataConfig
     train_config: ClassVar[type[TrainConfig]] = PreferenceTrainConfig
+    curve_metrics = ("reward_accuracy", "reward_margin")
+
+    def report_sections(self, split: str, metrics: dict[str, Any], label_space: Any) -> list[ReportSection]:
+        """Greedy answers of the frozen reference and of the adapter to the same prompts."""
+        if not metrics.get("samples"):
+            return []
+        rows = [[s["prompt"], s["reference"], s["output"]] for s in metrics["samples"]]
+        return [
+            ReportTable(
+                f"Sample generations: {split}", ["prompt", "reference model", "adapter"], rows, "samples"
+            )
+        ]
 
     def __init__(self) -> None:
         self.train_cfg: PreferenceTrainConfig | None = (
@@ -533,48 +549,16 @@ class Preference(CausalLM):
         model.eval()
         collate = self.collate(processor, d)
         world = distributed.current()
-        names = ["loss", "correct", "margin", "reward_c", "reward_r", "logp_c", "logp_r", "kl_tok", "tokens"]
-        sums = dict.fromkeys(names, 0.0)
+        sums = dict.fromkeys(EVAL_SUMS, 0.0)
         for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):
             batch = to_device(collate(take(ds, idx)), device)
-            with autocast(device, amp):
-                starts = shared_prompt_starts(model, batch)
-                pol_logits, targets, rows = pair_logits(model, batch, starts)
-                with as_reference(model) as ref_model:
-                    ref_logits, _, _ = pair_logits(ref_model, batch, starts)
-            b = len(idx)
-            (policy, tokens), (reference, _) = (
-                row_logps(x, targets, rows, 2 * b) for x in (pol_logits, ref_logits)
-            )
-            losses, rc, rr = pair_losses(
-                t.loss, t.beta, t.simpo_gamma, policy, reference, tokens.clamp(min=1)
-            )
-            # KL over the vocabulary at the chosen answers' tokens only ([tokens, V]; rows < b are chosen)
-            chosen = rows < b
-            pol_lp, ref_lp = (x[chosen].float().log_softmax(-1) for x in (pol_logits, ref_logits))
-            kl = (pol_lp.exp() * (pol_lp - ref_lp)).sum(-1)
-            del pol_logits, ref_logits, pol_lp, ref_lp
-            for k, v in zip(
-                names,
-                (
-                    losses.sum(),
-                    (rc > rr).sum(),
-                    (rc - rr).sum(),
-                    rc.sum(),
-                    rr.sum(),
-                    policy[:b].sum(),
-                    policy[b:].sum(),
-                    kl.sum(),
-                    chosen.sum(),
-                ),
-                strict=True,
-            ):
-                sums[k] += float(v)
+            for k, v in self._pair_sums(model, batch, len(idx), t, device, amp).items():
+                sums[k] += v
             if progress is not None:
-                progress.update(b * world.size)
+                progress.update(len(idx) * world.size)
         if progress is not None:
             progress.close()
-        totals = dict(zip(names, distributed.all_sum([sums[k] for k in names], device), strict=True))
+        totals = dict(zip(EVAL_SUMS, distributed.all_sum([sums[k] for k in EVAL_SUMS], device), strict=True))
         n = max(1, len(ds))
         metrics: dict[str, Any] = {
             "loss": totals["loss"] / n,
@@ -599,6 +583,43 @@ class Preference(CausalLM):
                 )
         model.train(was_training)
         return metrics
+
+    def _pair_sums(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        b: int,
+        t: PreferenceTrainConfig,
+        device: torch.device,
+        amp: torch.dtype | None,
+    ) -> dict[str, float]:
+        """The :data:`EVAL_SUMS` of one batch of ``b`` pairs (its rows: ``b`` chosen, then ``b`` rejected)."""
+        from lorakit.data.batching import autocast
+
+        with autocast(device, amp):
+            starts = shared_prompt_starts(model, batch)
+            pol_logits, targets, rows = pair_logits(model, batch, starts)
+            with as_reference(model) as ref_model:
+                ref_logits, _, _ = pair_logits(ref_model, batch, starts)
+        (policy, tokens), (reference, _) = (
+            row_logps(x, targets, rows, 2 * b) for x in (pol_logits, ref_logits)
+        )
+        losses, rc, rr = pair_losses(t.loss, t.beta, t.simpo_gamma, policy, reference, tokens.clamp(min=1))
+        # KL over the vocabulary at the chosen answers' tokens only ([tokens, V]; rows < b are chosen)
+        chosen = rows < b
+        pol_lp, ref_lp = (x[chosen].float().log_softmax(-1) for x in (pol_logits, ref_logits))
+        kl = (pol_lp.exp() * (pol_lp - ref_lp)).sum(-1)
+        return {
+            "loss": float(losses.sum()),
+            "correct": float((rc > rr).sum()),
+            "margin": float((rc - rr).sum()),
+            "reward_c": float(rc.sum()),
+            "reward_r": float(rr.sum()),
+            "logp_c": float(policy[:b].sum()),
+            "logp_r": float(policy[b:].sum()),
+            "kl_tok": float(kl.sum()),
+            "tokens": float(chosen.sum()),
+        }
 
     def _generations(
         self,

@@ -728,6 +728,7 @@ class Recipe:
             title=f"{self.cfg.task}: {Path(self.cfg.output.dir).name}",
             history=self.state.history,
             evaluations=evaluations,
+            task=self.task,
             label_space=self.data.label_space,
             meta=meta,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorakit.tasks import get_task, task_names
 from lorakit.ui.progress import read_progress
 from lorakit.ui.workspace import Workspace, read_run
 
@@ -31,7 +32,7 @@ def compare_runs(ws: Workspace, names: list[str]) -> dict[str, Any]:
     differences = [
         (k, [c.get(k) for c in configs]) for k in keys if len({repr(c.get(k)) for c in configs}) > 1
     ]
-    metric = next((r.best_metric for r in runs if r.best_metric), "") or "accuracy"
+    metric = next((r.best_metric for r in runs if r.best_metric), "") or _default_metric(runs[0].task)
     rows: list[tuple[str, list[Any]]] = [
         ("status", [r.status for r in runs]),
         ("duration", [r.duration_text for r in runs]),
@@ -58,3 +59,8 @@ def compare_runs(ws: Workspace, names: list[str]) -> dict[str, Any]:
             "validation": [[row["step"], row[metric]] for row in p["validation"] if metric in row],
         }
     return {"names": names, "differences": differences, "metrics": rows, "curves": curves, "metric": metric}
+
+
+def _default_metric(task: str) -> str:
+    """The headline metric of runs that name none: their task's default (the loss for an unknown task)."""
+    return get_task(task).default_metric if task in task_names() else "loss"

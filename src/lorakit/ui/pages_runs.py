@@ -4,6 +4,7 @@ report files and config, and the comparison of runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mimetypes
 from typing import Any
@@ -12,10 +13,16 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
+from lorakit.adapters.folder import read_metadata
+from lorakit.data.labels import LabelSpace
+from lorakit.errors import LorakitError
+from lorakit.tasks import get_task, task_names
+from lorakit.tasks.base import ReportSection
 from lorakit.ui import launch
 from lorakit.ui.compare import compare_runs
 from lorakit.ui.progress import read_progress, signature
 from lorakit.ui.workspace import (
+    RunInfo,
     Workspace,
     WorkspaceError,
     check_name,
@@ -31,8 +38,15 @@ POLL_SECONDS = 0.5  # how often an open run page's stream looks at the run folde
 
 def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
     """Register the runs pages on ``app``; ``page(request, template, status, **context)`` renders."""
+    _runs_pages(app, ws, page)
+    _live_progress(app, ws)
+    _run_actions_and_files(app, ws)
+    _compare_page(app, ws, page)
 
-    # ---- runs ---------------------------------------------------------------------------------------
+
+def _runs_pages(app: FastAPI, ws: Workspace, page: Any) -> None:
+    """The runs table, and a run's page (its metrics drawn as its task's report sections)."""
+
     @app.get("/", response_class=HTMLResponse)
     async def runs_page(request: Request, sort: str = "started", desc: int = 1) -> HTMLResponse:
         key = sort if sort in SORT_KEYS else "started"
@@ -52,17 +66,21 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
         console = (
             out.read_text(encoding="utf-8", errors="replace").splitlines()[-15:] if out.is_file() else []
         )
-        labels = _labels(info.metrics)
+        sections = await run_in_threadpool(_sections, info)
         return page(
             request,
             "run.html",
             run=info,
             progress=progress,
             console=console,
-            labels=labels,
+            sections=sections,
             report=(info.path / "report" / "index.html").is_file(),
             adapter=(info.path / "adapter").is_dir(),
         )
+
+
+def _live_progress(app: FastAPI, ws: Workspace) -> None:
+    """A run's progress as server-sent events, while it runs."""
 
     @app.get("/runs/{name}/events")
     async def run_events(request: Request, name: str) -> StreamingResponse:
@@ -93,6 +111,10 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+
+def _run_actions_and_files(app: FastAPI, ws: Workspace) -> None:
+    """Stop and resume a run; its report files and config."""
+
     @app.post("/runs/{name}/stop")
     async def stop(name: str) -> RedirectResponse:
         launch.stop_run(ws, name)
@@ -120,7 +142,10 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
             raise WorkspaceError(f"run '{name}' has no config.yaml")
         return Response(path.read_text(encoding="utf-8"), media_type="text/plain; charset=utf-8")
 
-    # ---- compare ------------------------------------------------------------------------------------
+
+def _compare_page(app: FastAPI, ws: Workspace, page: Any) -> None:
+    """Two or more runs side by side."""
+
     @app.get("/compare", response_class=HTMLResponse)
     async def compare(request: Request) -> HTMLResponse:
         names = [check_name(n) for n in request.query_params.getlist("run")]
@@ -131,9 +156,17 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
         return page(request, "compare.html", runs=runs, chosen=names, result=result)
 
 
-def _labels(metrics: dict[str, Any] | None) -> list[str]:
-    for split in ("test", "validation"):
-        m = (metrics or {}).get(split) or {}
-        if isinstance(m, dict) and isinstance(m.get("per_class"), dict):
-            return list(m["per_class"])
-    return []
+def _sections(info: RunInfo) -> list[ReportSection]:
+    """What the run's task shows of its validation and test metrics (as in its HTML report)."""
+    if info.task not in task_names() or not info.metrics:
+        return []
+    meta: dict[str, Any] = {}
+    with contextlib.suppress(LorakitError, OSError, ValueError):
+        meta = read_metadata(info.path / "adapter")
+    space = LabelSpace.from_dict(meta["label_space"]) if meta.get("label_space") else None
+    task = get_task(info.task)
+    return [
+        section
+        for split in ("validation", "test")
+        for section in task.report_sections(split, info.metrics.get(split) or {}, space)
+    ]

@@ -3,8 +3,6 @@ model's answers, from the engine of ``lorakit serve`` (:mod:`.tryit`)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +16,25 @@ from lorakit.ui.workspace import Workspace, WorkspaceError, read_run
 
 
 class PredictBody(BaseModel):
-    """Try-it request of a classification adapter."""
+    """Try-it request of an adapter that answers ``predict``."""
 
     inputs: list[str] = Field(
         min_length=1,
         max_length=16,
-        description="Texts, or base64 image bytes (data: URLs accepted) for image adapters.",
+        description="Texts, or images as data: URLs (base64 bytes), as the task reads them.",
     )
     top_k: int = Field(5, ge=1, le=50, description="Labels shown per input.")
 
 
 class ChatBody(BaseModel):
-    """Try-it request of a causal-LM adapter."""
+    """Try-it request of an adapter that answers ``generate``."""
 
     message: str = Field(min_length=1, max_length=8000, description="The user's message.")
     max_new_tokens: int = Field(64, ge=1, le=512, description="Longest answer in tokens.")
+
+
+#: The try-it API route of each command a task can answer (:data:`lorakit.tasks.base.ANSWERS`).
+ACTIONS = {"predict": "predict", "generate": "chat"}
 
 
 def add_routes(app: FastAPI, ws: Workspace, page: Any, playground: Playground) -> None:
@@ -47,27 +49,36 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any, playground: Playground) -
             raise WorkspaceError(
                 f"run '{name}' has no adapter yet (it is {info.status}); try it once it has finished"
             )
-        kind = await run_in_threadpool(playground.kind, adapter)
-        binary = playground.engine(adapter).task.binary_inputs
-        return page(request, "try.html", run=info, kind=kind, binary=binary)
+        widget = await run_in_threadpool(playground.widget, adapter)
+        return page(request, "try.html", run=info, widget=widget)
 
     @app.post("/api/runs/{name}/predict")
     async def api_predict(name: str, request: Request) -> JSONResponse:
         body = await _body(request, PredictBody)
-        adapter = _adapter_dir(ws, name)
-        engine = await run_in_threadpool(playground.engine, adapter)
-        inputs = _decode(body.inputs) if engine.task.binary_inputs else body.inputs
-        return JSONResponse(
-            {"predictions": await run_in_threadpool(playground.classify, adapter, inputs, body.top_k)}
-        )
+        adapter = await _answering(playground, ws, name, "predict")
+        records = await run_in_threadpool(playground.predict, adapter, body.inputs, body.top_k)
+        return JSONResponse({"predictions": records})
 
     @app.post("/api/runs/{name}/chat")
     async def api_chat(name: str, request: Request) -> JSONResponse:
         body = await _body(request, ChatBody)
-        answers = await run_in_threadpool(
-            playground.chat, _adapter_dir(ws, name), body.message, body.max_new_tokens
+        adapter = await _answering(playground, ws, name, "chat")
+        return JSONResponse(
+            await run_in_threadpool(playground.chat, adapter, body.message, body.max_new_tokens)
         )
-        return JSONResponse(answers)
+
+
+async def _answering(playground: Playground, ws: Workspace, name: str, action: str) -> Path:
+    """The run's adapter folder, when its task answers ``action``.
+
+    Raises:
+        AdapterError: The task answers with the other route (named in the one-line message).
+    """
+    adapter = _adapter_dir(ws, name)
+    task = (await run_in_threadpool(playground.engine, adapter)).task
+    if ACTIONS[task.cli_command] != action:
+        raise task.refusal(f"/api/runs/{name}/{action}", f"/api/runs/{name}/{ACTIONS[task.cli_command]}")
+    return adapter
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
@@ -78,15 +89,6 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
         raise WorkspaceError(
             "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         ) from None
-
-
-def _decode(items: list[str]) -> list[bytes]:
-    try:
-        return [
-            base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True) for s in items
-        ]
-    except (binascii.Error, ValueError):
-        raise WorkspaceError("inputs: an image must come as base64 bytes (a data: URL)") from None
 
 
 def _adapter_dir(ws: Workspace, name: str) -> Path:

@@ -1,9 +1,9 @@
 """The "try it" panel's model side: the engine of ``lorakit serve``, one per adapter tried, the most
 recently used few kept loaded.
 
-Classification adapters answer with their labels' probabilities; language-model adapters answer a
-chat message twice, with the adapter and with the bare base model (the engine's ``base``), so the
-page can show the before / after.
+Adapters that answer ``predict`` give their task's prediction records (labels with probabilities,
+labelled spans); adapters that answer ``generate`` answer a chat message twice, with the adapter and with
+the bare base model (the engine's ``base``), so the page can show the before / after.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError
+from lorakit.serving.engine import BASE
+from lorakit.tasks.base import GenerateOptions
 
 ANSWER_TIMEOUT = 300.0
 
@@ -48,24 +50,24 @@ class Playground:
                 old.close()
             return engine
 
-    def kind(self, adapter_dir: Path) -> str:
-        """``classify`` or ``generate``: which panel fits what the adapter's task answers with."""
-        return "generate" if self.engine(adapter_dir).task.generates else "classify"
+    def widget(self, adapter_dir: Path) -> str:
+        """The "try it" widget of the adapter's task (``Task.try_widget``)."""
+        return self.engine(adapter_dir).task.try_widget
 
-    def classify(self, adapter_dir: Path, inputs: list[Any], top_k: int = 5) -> list[dict[str, Any]]:
-        """Labels with probabilities for texts (or image bytes), best first.
+    def predict(self, adapter_dir: Path, items: list[str], top_k: int = 5) -> list[dict[str, Any]]:
+        """The task's prediction records for inputs as the page sends them (texts, or images as data:
+        URLs), through the serving engine.
 
         Raises:
             DataError: No inputs, or inputs the task cannot read.
         """
-        import torch
-
-        if not inputs:
-            raise DataError("nothing to classify: type a text (or drop an image)")
+        if not items:
+            raise DataError("nothing to predict: type a text (or drop an image)")
         engine = self.engine(adapter_dir)
-        logits = engine.submit("adapter", engine.encode("adapter", inputs)).result(timeout=ANSWER_TIMEOUT)
-        info = engine.info("adapter")
-        return engine.task.top_k(torch.stack(logits), ["" for _ in logits], info.label_space, top_k)
+        inputs = engine.task.decode_inputs(items)
+        rows = engine.encode("adapter", inputs)
+        outputs = engine.submit("adapter", rows).result(timeout=ANSWER_TIMEOUT)
+        return engine.records("adapter", inputs, rows, outputs, top_k)
 
     def chat(self, adapter_dir: Path, message: str, max_new_tokens: int = 64) -> dict[str, str]:
         """The adapter's and the base model's answers to one user message (greedy decoding)."""
@@ -73,9 +75,9 @@ class Playground:
             raise DataError("nothing to answer: type a message")
         engine = self.engine(adapter_dir)
         prompt = engine.encode_chat("adapter", [{"role": "user", "content": message}])
-        options = (max_new_tokens, False, 1.0, 1.0)  # max new tokens, sample, temperature, top_p
+        options = GenerateOptions(max_new_tokens=max_new_tokens)  # greedy
         adapted = engine.submit("adapter", [prompt], options)
-        base = engine.submit("base", [prompt], options)
+        base = engine.submit(BASE, [prompt], options)
         return {
             "adapter": adapted.result(timeout=ANSWER_TIMEOUT)[0],
             "base": base.result(timeout=ANSWER_TIMEOUT)[0],

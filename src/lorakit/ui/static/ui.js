@@ -95,7 +95,30 @@ lorakit.bars = function (predictions) {
   }
 };
 
-lorakit.tryPage = function (name, kind) {
+// Labelled spans of a text (token classification): the text with each entity marked and its label.
+lorakit.spans = function (text, predictions) {
+  const out = document.getElementById("result");
+  out.textContent = "";
+  const p = document.createElement("p");
+  let at = 0;
+  for (const e of (predictions[0] || {}).entities || []) {
+    if (e.start < at) continue;
+    p.append(document.createTextNode(text.slice(at, e.start)));
+    const mark = document.createElement("mark");
+    mark.className = "entity";
+    mark.title = e.label + " " + e.score.toFixed(3);
+    mark.textContent = text.slice(e.start, e.end);
+    const tag = document.createElement("small");
+    tag.textContent = " " + e.label;
+    mark.append(tag);
+    p.append(mark);
+    at = e.end;
+  }
+  p.append(document.createTextNode(text.slice(at)));
+  out.append(p);
+};
+
+lorakit.tryPage = function (name, widget) {
   const api = "/api/runs/" + encodeURIComponent(name);
   const fail = (e) => { document.getElementById("try-error").textContent = e.message; };
   const ok = () => { document.getElementById("try-error").textContent = ""; };
@@ -103,7 +126,11 @@ lorakit.tryPage = function (name, kind) {
     const textForm = document.getElementById("text-form");
     if (textForm) textForm.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      lorakit.post(api + "/predict", { inputs: [document.getElementById("text").value], top_k: 10 }).then((d) => { ok(); lorakit.bars(d.predictions); }, fail);
+      const text = document.getElementById("text").value;
+      lorakit.post(api + "/predict", { inputs: [text], top_k: 10 }).then((d) => {
+        ok();
+        if (widget === "text-spans") lorakit.spans(text, d.predictions); else lorakit.bars(d.predictions);
+      }, fail);
     });
     const chatForm = document.getElementById("chat-form");
     if (chatForm) chatForm.addEventListener("submit", (ev) => {
