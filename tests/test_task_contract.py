@@ -71,12 +71,29 @@ def _pairs(folder: Path, models: dict[str, Path]) -> Path:
     return path
 
 
+def _tags(folder: Path, models: dict[str, Path]) -> Path:
+    words = [text.split() for text, _ in make_texts(64)]
+    rows = [{"tokens": w, "tags": ["B-X", *["O"] * (len(w) - 1)]} for w in words]
+    data = _jsonl(folder / "tags.jsonl", rows)
+    path = make_config(
+        folder,
+        models["bert"],
+        data,
+        data={"validation_size": 8, "test_size": 8},
+        train={"epochs": 1, "max_steps": 2},
+        output={"report": False},
+    )
+    path.write_text(path.read_text().replace("text-classification", "token-classification"))
+    return path
+
+
 #: How to train a tiny adapter of each registered task.
 BUILDERS: dict[str, Callable[[Path, dict[str, Path]], Path]] = {
     "text-classification": _text,
     "image-classification": _image,
     "causal-lm": _chat,
     "preference": _pairs,
+    "token-classification": _tags,
 }
 
 
@@ -148,7 +165,9 @@ def test_cli_answers_or_refuses_in_one_line(adapters, name, command, capsys):
     capsys.readouterr()
     args = [command, str(adapters[name]), _input_for(task, adapters[name])]
     if command == task.cli_command:
-        main([*args, "--json"] if command == "predict" else [*args, "--max-new-tokens", "2", "--json"])
+        with pytest.raises(SystemExit) as done:
+            main([*args, "--json"] if command == "predict" else [*args, "--max-new-tokens", "2", "--json"])
+        assert done.value.code == 0
         record = json.loads(capsys.readouterr().out.strip().splitlines()[0])
         if task.prediction_model is not None:
             task.prediction_model.model_validate(record)

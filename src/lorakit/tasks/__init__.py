@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "image-classification": "lorakit.tasks.image_classification:ImageClassification",
     "causal-lm": "lorakit.tasks.causal_lm:CausalLM",
     "preference": "lorakit.tasks.preference:Preference",
+    "token-classification": "lorakit.tasks.token_classification:TokenClassification",
 }
 
 
