@@ -137,7 +137,7 @@ def headline_metric(meta: dict[str, Any]) -> str:
     from lorakit.tasks import get_task
 
     metrics = meta.get("metrics") or {}
-    name = (meta.get("config", {}).get("train", {}) or {}).get("metric")
+    name = (meta.get("config", {}).get("train", {}) or {}).get("metric_for_best")
     with contextlib.suppress(LorakitError):
         name = name or get_task(meta.get("task", "")).default_metric
     for split in ("test", "validation"):
