@@ -27,6 +27,7 @@ from lorakit.config.schema import RunConfig
 from lorakit.data.labels import LabelSpace
 from lorakit.errors import AdapterError, ConfigError, LorakitError
 from lorakit.files import atomic
+from lorakit.files.outputs import check_output_folder
 from lorakit.models import modeling
 from lorakit.tasks import get_task, task_names
 from lorakit.tasks.base import Task
@@ -308,16 +309,7 @@ def import_adapter(
         raise LorakitError(
             "import: adapter_config.json names no base model (base_model_name_or_path); pass --base"
         )
-    target = Path(out) if out is not None else src
-    if (
-        out is not None
-        and target.exists()
-        and (not target.is_dir() or any(target.iterdir()))
-        and not overwrite
-    ):
-        raise LorakitError(
-            f"--out: '{target}' already exists; pass --overwrite to replace it or choose another folder"
-        )
+    target = src if out is None else check_output_folder(out, overwrite=overwrite, key="--out")
     shapes = _weight_shapes(src)
 
     provisional = _run_config(the_task, base, peft_cfg, None, max_length)

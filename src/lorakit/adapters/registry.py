@@ -34,6 +34,7 @@ from lorakit.errors import DiskFullError, LorakitError
 from lorakit.files.atomic import atomic_dir, now_iso
 from lorakit.files.diskspace import is_no_space
 from lorakit.files.hashing import hash_tree
+from lorakit.files.outputs import check_output_folder
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SCHEMA = """
@@ -404,11 +405,7 @@ class Registry:
         v = self.verify(ref)
         if to is None:
             return v.path
-        dest = Path(to)
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
-            raise RegistryError(
-                f"'{dest}' already exists; pass --overwrite to replace it or choose another folder"
-            )
+        dest = check_output_folder(to, overwrite=overwrite, error=RegistryError)
         with atomic_dir(dest) as tmp:
             for rel in v.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

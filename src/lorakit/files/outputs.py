@@ -26,5 +26,7 @@ def check_output_folder(
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         prefix = f"{key}: " if key else ""
-        raise error(f"{prefix}'{out}' already exists; pass --overwrite to replace it or choose another folder")
+        raise error(
+            f"{prefix}'{out}' already exists; pass --overwrite to replace it or choose another folder"
+        )
     return out
