@@ -151,11 +151,11 @@ def merged_card(meta: dict[str, Any], provenance: dict[str, Any], *, zoo_format:
 
     Args:
         meta: The adapter's ``lorakit.json``.
-        provenance: The export's ``lorakit-export.json``.
+        provenance: The export's ``lorakit-export.json`` (:func:`lorakit.export.common.provenance`).
         zoo_format: The model is a zoo backbone (no Hugging Face format; lorakit's loader rebuilds it).
     """
     base = meta["base_model"]
-    adapter = provenance["adapter"]
+    adapter = next(iter(provenance["adapters"].values()))
     lines = [
         *_front_matter(
             meta, library="lorakit" if zoo_format else "transformers", tags=["lorakit", "merged-lora"]
