@@ -22,7 +22,8 @@ from conftest import (
 )
 from lorakit.adapters.build import load_adapter
 from lorakit.cli import main
-from lorakit.export.merge import ExportError, export
+from lorakit.export.common import ExportError
+from lorakit.export.merge import export
 from lorakit.serving.prediction import generate
 
 

@@ -19,8 +19,8 @@ import torch
 
 from lorakit.adapters.importing import import_adapter
 from lorakit.cli import main
+from lorakit.export.common import ExportError
 from lorakit.export.gguf import _pre_tokenizer_name, export_gguf, lora_pairs, permute_qk
-from lorakit.export.merge import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -146,6 +146,19 @@ def test_a_crash_between_rename_and_commit_is_repaired(adapter: Path, tmp_path: 
     reg.verify("sentiment:2")
 
 
+def test_the_headline_metric_is_the_one_the_run_selected_on(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        tiny_bert_dir,
+        write_csv(tmp_path / "r.csv", make_texts(96)),
+        train={"epochs": 1, "metric_for_best": "f1_macro"},  # not the task's default (accuracy)
+    )
+    run = lorakit.train(cfg, progress=False)
+    v, _ = Registry(tmp_path / "reg").publish(run.adapter_dir, "sentiment")
+    f1 = json.loads((run.adapter_dir / "lorakit.json").read_text())["metrics"]["test"]["f1_macro"]
+    assert v.metric == f"test f1_macro {f1:.4f}"
+
+
 @pytest.mark.parametrize(
     ("ref", "message"),
     [

@@ -15,7 +15,7 @@ import torch
 
 from lorakit.adapters.importing import import_adapter
 from lorakit.cli import main
-from lorakit.export.merge import ExportError
+from lorakit.export.common import ExportError
 from lorakit.export.vllm import export_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,13 @@ def test_a_servable_adapter_is_laid_out_for_vllm_serve(tmp_path: Path, tiny_llam
         f"--lora-modules colours={served.resolve()} --max-lora-rank 16" in out
     )  # rank 12 -> vLLM's next allowed value
     assert "--enable-lora" in (tmp_path / "vllm" / "serve.sh").read_text()
+    # Provenance beside it, as every export writes: the adapter served and its content hash.
+    from lorakit.export.common import read_provenance
+    from lorakit.files.hashing import hash_tree
+
+    record = read_provenance(tmp_path / "vllm")
+    assert record["kind"] == "vllm" and record["verification"]["max_lora_rank"] == 16
+    assert record["adapters"]["colours"]["content_hash"] == hash_tree(adapter)[0]
 
 
 def test_what_vllm_refuses_is_one_line_with_every_problem(

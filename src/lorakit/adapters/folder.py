@@ -5,6 +5,30 @@ An adapter directory is the standard PEFT layout (``adapter_config.json`` +
 ``lorakit.json`` (task, label space, base model and its hash, resolved config, metrics, versions)
 and a model card ``README.md``. Every artifact is written to a temporary path and renamed into
 place, so an interrupted run never leaves something that looks finished.
+
+``lorakit.json`` has one owner, this module, whichever route made the folder (``lorakit train``,
+``lorakit import``; ``registry pull`` copies it byte for byte)::
+
+    build_metadata(config, peft LoraConfig, base, data, parameters, metrics, trained | imported)
+        ─► write_metadata(folder, meta)          validated, atomic
+    read_metadata(folder) ─► meta                format and required keys checked, one-line errors
+
+Its keys, in this order::
+
+    format        "lorakit-adapter/2" (METADATA_FORMAT); "lorakit-adapter/1" files, and files without it, read
+    task          the lorakit task name
+    base_model    name_or_path, resolved, revision, model_type, fingerprint (content hash)
+    label_space   {"id2label": {...}} or null
+    data          sizes (examples per split), stats (what preparing the data counted)
+    lora          r, alpha, dropout, target_modules, modules_to_save, layers, use_rslora, use_dora,
+                  rank_pattern, alpha_pattern: from the peft config, as peft resolved it, sorted
+    parameters    trainable, total (modeling.count_parameters of the model as trained)
+    config        the resolved run config
+    versions      lorakit, torch, transformers, peft, datasets
+    created_at    ISO 8601, UTC
+    metrics       {split: {metric: value}}
+    trained       (train) step and epoch of the weights saved      | one of the two
+    imported      (import) the source folder and what peft recorded |
 """
 
 from __future__ import annotations
@@ -12,15 +36,28 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import AdapterError
-from lorakit.files.atomic import atomic_dir
+from lorakit.files.atomic import atomic_dir, now_iso, write_json_atomic
 from lorakit.files.integrity import adapter_config_problem, safetensors_problem
+
+if TYPE_CHECKING:
+    from lorakit.config.schema import RunConfig
+    from lorakit.data.labels import LabelSpace
 
 METADATA_FILE = "lorakit.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+#: ``lorakit.json``'s schema version (its ``format`` key). Version 1 had the same keys except that only
+#: imported adapters recorded ``lora.rank_pattern`` / ``lora.alpha_pattern`` (and an import wrote the
+#: target modules unsorted). Version 1 files are read as they are, and so is a file without ``format``
+#: (written by hand or by another tool): the keys of METADATA_KEYS are what is needed.
+METADATA_FORMAT = "lorakit-adapter/2"
+READABLE_FORMATS = ("lorakit-adapter/1", METADATA_FORMAT)
+#: What every later stage reads from lorakit.json (``base_model.name_or_path`` too).
+METADATA_KEYS = ("task", "base_model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,7 +117,7 @@ def save_adapter(
             _restore_saved_modules(peft_model, tmp / ADAPTER_WEIGHTS)
         # peft writes its own README.md stub; ours replaces it.
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+        write_metadata(tmp, metadata)
     return Path(target)
 
 
@@ -150,9 +187,6 @@ def _check_adapter_files(adapter_dir: Path) -> None:
         )
 
 
-METADATA_KEYS = ("task", "base_model")  # what every later stage reads from lorakit.json
-
-
 def other_base(expected: str | None, found: str | None) -> bool:
     """Whether two base-model fingerprints (``lorakit.json``'s ``base_model.fingerprint``, or
     :func:`lorakit.models.modeling.model_fingerprint` of a loaded base) name different models.
@@ -164,17 +198,151 @@ def other_base(expected: str | None, found: str | None) -> bool:
     return len(known) == 2
 
 
+# --------------------------------------------------------------------------------------------------
+# lorakit.json
+# --------------------------------------------------------------------------------------------------
+
+
+def lora_record(lora: Any) -> dict[str, Any]:
+    """``lorakit.json``'s ``lora`` block from the peft ``LoraConfig`` the adapter was made with.
+
+    The values are peft's, as it resolved them (the target module names, the heads it added to
+    ``modules_to_save``), not the run config's request; lists are sorted and de-duplicated, so an adapter
+    trained here and the same adapter imported from its peft files get the same block.
+    """
+    targets, layers = lora.target_modules, lora.layers_to_transform
+    return {
+        "r": lora.r,
+        "alpha": lora.lora_alpha,
+        "dropout": lora.lora_dropout,
+        "target_modules": targets if targets is None or isinstance(targets, str) else sorted(targets),
+        "modules_to_save": sorted(set(lora.modules_to_save or [])),
+        "layers": [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None),
+        "use_rslora": bool(lora.use_rslora),
+        "use_dora": bool(lora.use_dora),
+        "rank_pattern": dict(lora.rank_pattern or {}),
+        "alpha_pattern": dict(lora.alpha_pattern or {}),
+    }
+
+
+def build_metadata(
+    config: RunConfig,
+    lora: Any,
+    *,
+    resolved: str,
+    model_type: str | None,
+    fingerprint: str,
+    label_space: LabelSpace | None,
+    data_sizes: dict[str, int],
+    data_stats: dict[str, Any],
+    parameters: tuple[int, int],
+    metrics: dict[str, Any],
+    trained: dict[str, Any] | None = None,
+    imported: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The contents of ``lorakit.json`` (its keys: see the module docstring), for every route.
+
+    Args:
+        config: The resolved run config (of an import: the one :mod:`~lorakit.adapters.importing` makes).
+        lora: The peft ``LoraConfig`` of the adapter (``peft_model.peft_config["default"]``).
+        resolved: Where the base model was loaded from.
+        model_type: The base config's ``model_type``.
+        fingerprint: The base model's content hash (:func:`lorakit.models.modeling.model_fingerprint`).
+        label_space: The classes, for the tasks that have them.
+        data_sizes: Examples per split (empty for an import: the data is unknown).
+        data_stats: What preparing the data counted (empty for an import).
+        parameters: ``(trainable, total)`` as :func:`lorakit.models.modeling.count_parameters` counts
+            them on the model as trained.
+        metrics: ``{split: {metric: value}}`` of the saved weights.
+        trained: Training only: the step and epoch of the saved weights.
+        imported: Import only: the source folder and what peft recorded.
+
+    Returns:
+        The metadata, ready for :func:`write_metadata`.
+    """
+    trainable, total = parameters
+    meta: dict[str, Any] = {
+        "format": METADATA_FORMAT,
+        "task": config.task,
+        "base_model": {
+            "name_or_path": config.model.name_or_path,
+            "resolved": resolved,
+            "revision": config.model.revision,
+            "model_type": model_type,
+            "fingerprint": fingerprint,
+        },
+        "label_space": label_space.to_dict() if label_space else None,
+        "data": {"sizes": data_sizes, "stats": data_stats},
+        "lora": lora_record(lora),
+        "parameters": {"trainable": trainable, "total": total},
+        "config": config.to_yaml_dict(),
+        "versions": library_versions(),
+        "created_at": now_iso(),
+        "metrics": metrics,
+    }
+    if trained is not None:
+        meta["trained"] = trained
+    if imported is not None:
+        meta["imported"] = imported
+    return meta
+
+
+def _metadata_problem(meta: Any) -> str | None:
+    """What makes ``meta`` unusable as ``lorakit.json``, with the fix (words to follow the file name), or
+    None."""
+    damaged = (
+        "the adapter's lorakit metadata is damaged (edited by hand?): copy the adapter again, or retrain"
+    )
+    if not isinstance(meta, dict):
+        return f"lacks {', '.join(METADATA_KEYS)}; {damaged}"
+    fmt = meta.get("format")
+    if fmt is not None and fmt not in READABLE_FORMATS:
+        return (
+            f"has format {fmt!r}, which this lorakit does not read (it reads {', '.join(READABLE_FORMATS)}): "
+            "written by a newer lorakit? upgrade lorakit, or retrain"
+        )
+    missing = [k for k in METADATA_KEYS if k not in meta]
+    if not missing and not (isinstance(meta["base_model"], dict) and meta["base_model"].get("name_or_path")):
+        missing = ["base_model.name_or_path"]
+    return f"lacks {', '.join(missing)}; {damaged}" if missing else None
+
+
+def write_metadata(folder: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``lorakit.json`` into an adapter folder, atomically.
+
+    Args:
+        folder: The adapter folder (or the temporary folder that will become it).
+        meta: The metadata :func:`build_metadata` made.
+
+    Returns:
+        The file written.
+
+    Raises:
+        AdapterError: ``meta`` is not metadata this module would read back (nothing is written then).
+    """
+    path = Path(folder) / METADATA_FILE
+    if meta.get("format") != METADATA_FORMAT or _metadata_problem(meta):
+        # a bug, not a user's mistake: only build_metadata's output is written
+        raise AdapterError(
+            f"'{path}' not written: the metadata is not of format {METADATA_FORMAT} with "
+            f"{', '.join(METADATA_KEYS)} (built without build_metadata?)"
+        )
+    write_json_atomic(path, meta)
+    return path
+
+
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
-    """The adapter's ``lorakit.json`` (task, labels, base model, config, metrics).
+    """The adapter's ``lorakit.json`` (task, labels, base model, config, metrics), checked.
 
     Args:
         adapter_dir: An adapter directory or a run directory holding ``adapter/``.
 
     Returns:
-        The metadata.
+        The metadata, as written (a file of format 1, or of none, is returned as it is).
 
     Raises:
-        AdapterError: The folder is not a complete adapter, or its metadata is unreadable or lacks keys.
+        AdapterError: The folder is not a complete adapter, or its metadata is unreadable, of a format
+            this lorakit does not know, or lacks keys.
     """
     adapter_dir = find_adapter_dir(adapter_dir)
     path = adapter_dir / METADATA_FILE
@@ -182,12 +350,7 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"'{path}' is not valid JSON ({exc}); the adapter directory is damaged") from None
-    missing = [k for k in METADATA_KEYS if k not in meta] if isinstance(meta, dict) else list(METADATA_KEYS)
-    if not missing and not (isinstance(meta["base_model"], dict) and meta["base_model"].get("name_or_path")):
-        missing = ["base_model.name_or_path"]
-    if missing:
-        raise AdapterError(
-            f"'{path}' lacks {', '.join(missing)}; the adapter's lorakit metadata is damaged "
-            "(edited by hand?): copy the adapter again, or retrain"
-        )
+    problem = _metadata_problem(meta)
+    if problem:
+        raise AdapterError(f"'{path}' {problem}")
     return meta

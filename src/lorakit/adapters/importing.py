@@ -27,6 +27,7 @@ from lorakit.config.schema import RunConfig
 from lorakit.data.labels import LabelSpace
 from lorakit.errors import AdapterError, ConfigError, LorakitError
 from lorakit.files import atomic
+from lorakit.files.outputs import check_output_folder
 from lorakit.models import modeling
 from lorakit.tasks import get_task, task_names
 from lorakit.tasks.base import Task
@@ -190,54 +191,35 @@ def _run_config(
 
 
 def _metadata(
-    task: Task,
     cfg: RunConfig,
     model_path: str,
-    base: Any,
     peft_model: Any,
     peft_cfg: dict[str, Any],
     space: LabelSpace | None,
     src: Path,
 ) -> dict[str, Any]:
-    """``lorakit.json`` with the keys training writes (training.py's base_metadata) plus ``imported``."""
-    trainable = sum(v.numel() for v in _saved_state(peft_model).values())
-    total = sum(p.numel() for p in peft_model.parameters())
-    return {
-        "format": "lorakit-adapter/1",
-        "task": task.name,
-        "base_model": {
-            "name_or_path": cfg.model.name_or_path,
-            "resolved": model_path,
-            "revision": cfg.model.revision,
-            "model_type": getattr(base.config, "model_type", None),
-            "fingerprint": modeling.model_fingerprint(model_path, base),
-        },
-        "label_space": space.to_dict() if space else None,
-        "data": {"sizes": {}, "stats": {}},
-        "lora": {
-            "r": cfg.lora.r,
-            "alpha": cfg.lora.alpha,
-            "dropout": cfg.lora.dropout,
-            "target_modules": cfg.lora.target_modules,
-            "modules_to_save": cfg.lora.modules_to_save,
-            "layers": cfg.lora.layers,
-            "use_rslora": cfg.lora.use_rslora,
-            "use_dora": cfg.lora.use_dora,
-            "rank_pattern": peft_cfg.get("rank_pattern") or {},
-            "alpha_pattern": peft_cfg.get("alpha_pattern") or {},
-        },
-        "parameters": {"trainable": trainable, "total": total},
-        "config": cfg.to_yaml_dict(),
-        "versions": artifacts.library_versions(),
-        "created_at": atomic.now_iso(),
-        "metrics": {},
-        "imported": {
+    """``lorakit.json`` of the imported adapter, built as training builds it (``folder.build_metadata``,
+    from the peft config as loaded): no data sizes or metrics (lorakit never saw the data), and
+    ``imported``: where it came from."""
+    base = peft_model.get_base_model()
+    return artifacts.build_metadata(
+        cfg,
+        peft_model.peft_config["default"],
+        resolved=model_path,
+        model_type=getattr(base.config, "model_type", None),
+        fingerprint=modeling.model_fingerprint(model_path, base),
+        label_space=space,
+        data_sizes={},
+        data_stats={},
+        parameters=modeling.count_parameters(peft_model),
+        metrics={},
+        imported={
             "from": str(src.resolve()),
             "peft_task_type": peft_cfg.get("task_type"),
             "base_model_name_or_path": peft_cfg.get("base_model_name_or_path"),
             "peft_version": peft_cfg.get("peft_version"),
         },
-    }
+    )
 
 
 def _saved_state(peft_model: Any) -> dict[str, Any]:
@@ -258,8 +240,8 @@ def _load_checked(
     space: LabelSpace | None,
     folder: Path,
     shapes: dict[str, tuple[int, ...]],
-) -> tuple[Any, Any]:
-    """(base, peft model): the base loaded as lorakit loads it, the adapter applied and checked.
+) -> Any:
+    """The peft model: the base loaded as lorakit loads it, the adapter applied and checked.
 
     Raises:
         AdapterError: peft refuses the adapter (missing targets, shape mismatch) or saved tensors have
@@ -269,7 +251,9 @@ def _load_checked(
 
     base, _ = task.load_model(cfg.model, model_path, space, cfg.data)
     try:
-        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+        # is_trainable: peft marks what training trained (LoRA matrices, modules_to_save copies), so the
+        # trainable parameters are counted as a run counts them; nothing here trains
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = (
             next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
@@ -285,7 +269,7 @@ def _load_checked(
             f"tensor(s) have no module in it (e.g. {unused[0]}); pass the task (--task) and base "
             "(--base) it was trained with"
         )
-    return base, model.eval()
+    return model.eval()
 
 
 def import_adapter(
@@ -325,16 +309,7 @@ def import_adapter(
         raise LorakitError(
             "import: adapter_config.json names no base model (base_model_name_or_path); pass --base"
         )
-    target = Path(out) if out is not None else src
-    if (
-        out is not None
-        and target.exists()
-        and (not target.is_dir() or any(target.iterdir()))
-        and not overwrite
-    ):
-        raise LorakitError(
-            f"--out: '{target}' already exists; pass --overwrite to replace it or choose another folder"
-        )
+    target = src if out is None else check_output_folder(out, overwrite=overwrite, key="--out")
     shapes = _weight_shapes(src)
 
     provisional = _run_config(the_task, base, peft_cfg, None, max_length)
@@ -349,8 +324,8 @@ def import_adapter(
     elif labels:
         raise LorakitError(f"--labels: a {the_task.name} adapter has no classes; leave --labels out")
     cfg = _run_config(the_task, base, peft_cfg, space, max_length)
-    base_module, peft_model = _load_checked(the_task, cfg, model_path, space, src, shapes)
-    meta = _metadata(the_task, cfg, model_path, base_module, peft_model, peft_cfg, space, src)
+    peft_model = _load_checked(the_task, cfg, model_path, space, src, shapes)
+    meta = _metadata(cfg, model_path, peft_model, peft_cfg, space, src)
     _write(src, target, meta)
     return ImportResult(target, the_task.name, base, list(space.labels) if space else None, labels_from, meta)
 
@@ -367,14 +342,10 @@ def _write(src: Path, target: Path, meta: dict[str, Any]) -> None:
             encoding="utf-8", errors="replace"
         ):
             atomic.write_text_atomic(readme, card)
-        atomic.write_json_atomic(
-            src / artifacts.METADATA_FILE, meta
-        )  # last: its presence marks the folder imported
+        artifacts.write_metadata(src, meta)  # last: its presence marks the folder imported
         return
     with atomic.atomic_dir(target) as tmp:
         for name in (artifacts.ADAPTER_CONFIG, artifacts.ADAPTER_WEIGHTS):
             shutil.copy2(src / name, tmp / name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        (tmp / artifacts.METADATA_FILE).write_text(
-            json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8"
-        )
+        artifacts.write_metadata(tmp, meta)

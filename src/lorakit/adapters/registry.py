@@ -34,6 +34,7 @@ from lorakit.errors import DiskFullError, LorakitError
 from lorakit.files.atomic import atomic_dir, now_iso
 from lorakit.files.diskspace import is_no_space
 from lorakit.files.hashing import hash_tree
+from lorakit.files.outputs import check_output_folder
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SCHEMA = """
@@ -137,7 +138,7 @@ def headline_metric(meta: dict[str, Any]) -> str:
     from lorakit.tasks import get_task
 
     metrics = meta.get("metrics") or {}
-    name = (meta.get("config", {}).get("train", {}) or {}).get("metric")
+    name = (meta.get("config", {}).get("train", {}) or {}).get("metric_for_best")
     with contextlib.suppress(LorakitError):
         name = name or get_task(meta.get("task", "")).default_metric
     for split in ("test", "validation"):
@@ -163,6 +164,70 @@ def _remove(folder: Path) -> None:
     if folder.exists():
         _writable(folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _removed_at_exit(folder: Path) -> Iterator[Path]:
+    """``folder``, removed on the way out whatever happened (once renamed into place it is gone)."""
+    try:
+        yield folder
+    finally:
+        _remove(folder)
+
+
+def _stage(src: Path, staging: Path) -> tuple[str, dict[str, tuple[str, int]]]:
+    """Copy an adapter folder (hidden files left out) to ``staging``, read-only; its content hash and
+    files, as :func:`hash_tree` gives them."""
+    shutil.copytree(src, staging, ignore=shutil.ignore_patterns(".*"))
+    content_hash, files = hash_tree(staging)
+    _read_only(staging)
+    return content_hash, files
+
+
+@contextlib.contextmanager
+def _immediate(con: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction taken at its start (``BEGIN IMMEDIATE``, which SQLite serialises across
+    processes): committed when the block ends, rolled back when it raises."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
+        raise
+
+
+def _insert_version(
+    con: sqlite3.Connection,
+    name: str,
+    version: int,
+    meta: dict[str, Any],
+    src: Path,
+    content_hash: str,
+    files: dict[str, tuple[str, int]],
+) -> None:
+    """The index rows of a new version: one in ``versions``, one per stored file in ``files``."""
+    base = meta.get("base_model", {})
+    con.execute(
+        "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            name,
+            version,
+            content_hash,
+            meta.get("task"),
+            base.get("name_or_path"),
+            base.get("fingerprint"),
+            headline_metric(meta),
+            json.dumps(meta.get("metrics") or {}),
+            now_iso(),
+            sum(s for _, s in files.values()),
+            str(src.resolve()),
+        ),
+    )
+    con.executemany(
+        "INSERT INTO files VALUES (?,?,?,?,?)", [(name, version, rel, h, s) for rel, (h, s) in files.items()]
+    )
 
 
 class Registry:
@@ -247,79 +312,52 @@ class Registry:
 
         Raises:
             RegistryError: Bad name or unusable registry folder.
+            DiskFullError: The device filled up (the index and earlier versions are intact).
             AdapterError: Not a complete lorakit adapter (from :func:`find_adapter_dir`).
         """
         check_name(name)
         src = find_adapter_dir(adapter)
         meta = read_metadata(src)
-        with self._db(create=True) as con:
-            staging = self.root / "adapters" / f".incoming-{uuid.uuid4().hex[:12]}"
-            try:
-                shutil.copytree(src, staging, ignore=shutil.ignore_patterns(".*"))
-                content_hash, files = hash_tree(staging)
-                _read_only(staging)
-                con.execute("BEGIN IMMEDIATE")  # one publisher at a time picks a version number
-                try:
-                    same = con.execute(
-                        "SELECT * FROM versions WHERE name=? AND content_hash=? ORDER BY version DESC",
-                        (name, content_hash),
-                    ).fetchone()
-                    if same is not None:
-                        con.execute("ROLLBACK")
-                        return self._row_to_version(con, same), False
-                    version = (
-                        con.execute("SELECT MAX(version) FROM versions WHERE name=?", (name,)).fetchone()[0]
-                        or 0
-                    ) + 1
-                    target = self._version_dir(name, version)
-                    _remove(target)  # left by a publish that crashed before its commit
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staging, target)
-                    base = meta.get("base_model", {})
-                    con.execute(
-                        "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        (
-                            name,
-                            version,
-                            content_hash,
-                            meta.get("task"),
-                            base.get("name_or_path"),
-                            base.get("fingerprint"),
-                            headline_metric(meta),
-                            json.dumps(meta.get("metrics") or {}),
-                            now_iso(),
-                            sum(s for _, s in files.values()),
-                            str(src.resolve()),
-                        ),
-                    )
-                    con.executemany(
-                        "INSERT INTO files VALUES (?,?,?,?,?)",
-                        [(name, version, rel, h, s) for rel, (h, s) in files.items()],
-                    )
-                    con.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        con.execute("ROLLBACK")
-                    raise
-                row = con.execute(
-                    "SELECT * FROM versions WHERE name=? AND version=?", (name, version)
+        staging = self.root / "adapters" / f".incoming-{uuid.uuid4().hex[:12]}"
+        with self._db(create=True) as con, self._storage_errors(src), _removed_at_exit(staging):
+            content_hash, files = _stage(src, staging)
+            with _immediate(con):  # one publisher at a time picks a version number
+                same = con.execute(
+                    "SELECT * FROM versions WHERE name=? AND content_hash=? ORDER BY version DESC",
+                    (name, content_hash),
                 ).fetchone()
-                return self._row_to_version(con, row), True
-            except (OSError, sqlite3.OperationalError) as exc:
-                if is_no_space(exc):
-                    raise DiskFullError(
-                        f"no space left on the device while publishing '{src}' to the registry at "
-                        f"'{self.root}'; its index and earlier versions are intact: free some space and "
-                        "publish again"
-                    ) from None
-                if not isinstance(exc, OSError):
-                    raise
-                raise RegistryError(
-                    f"cannot store '{src}' in the registry at '{self.root}' "
-                    f"({exc.strerror or exc}); pass a writable --registry folder"
+                if same is not None:
+                    return self._row_to_version(con, same), False
+                version = (
+                    con.execute("SELECT MAX(version) FROM versions WHERE name=?", (name,)).fetchone()[0] or 0
+                ) + 1
+                target = self._version_dir(name, version)
+                _remove(target)  # left by a publish that crashed before its commit
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, target)
+                _insert_version(con, name, version, meta, src, content_hash, files)
+            row = con.execute("SELECT * FROM versions WHERE name=? AND version=?", (name, version)).fetchone()
+            return self._row_to_version(con, row), True
+
+    @contextlib.contextmanager
+    def _storage_errors(self, src: Path) -> Iterator[None]:
+        """A full disk or an unwritable registry folder while publishing ``src``, as one-line errors
+        (other index errors go on to :meth:`_db`)."""
+        try:
+            yield
+        except (OSError, sqlite3.OperationalError) as exc:
+            if is_no_space(exc):
+                raise DiskFullError(
+                    f"no space left on the device while publishing '{src}' to the registry at "
+                    f"'{self.root}'; its index and earlier versions are intact: free some space and "
+                    "publish again"
                 ) from None
-            finally:
-                _remove(staging)
+            if not isinstance(exc, OSError):
+                raise
+            raise RegistryError(
+                f"cannot store '{src}' in the registry at '{self.root}' "
+                f"({exc.strerror or exc}); pass a writable --registry folder"
+            ) from None
 
     # ---- read -------------------------------------------------------------------------------------
     def list(self, name: str | None = None) -> list[Version]:
@@ -404,11 +442,7 @@ class Registry:
         v = self.verify(ref)
         if to is None:
             return v.path
-        dest = Path(to)
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
-            raise RegistryError(
-                f"'{dest}' already exists; pass --overwrite to replace it or choose another folder"
-            )
+        dest = check_output_folder(to, overwrite=overwrite, error=RegistryError)
         with atomic_dir(dest) as tmp:
             for rel in v.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -31,16 +31,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.adapters.build import load_adapter
-from lorakit.export.merge import ExportError, _logits, _worst
-from lorakit.files.atomic import atomic_dir, now_iso
+from lorakit.adapters.build import LoadedAdapter, load_adapter
+from lorakit.export.common import (
+    ExportError,
+    adapter_name,
+    logits_of,
+    provenance,
+    worst_diff,
+    write_provenance,
+)
+from lorakit.files.atomic import atomic_dir
+from lorakit.files.outputs import check_output_folder
 
 GGUF_TYPES = ("f16", "q8_0")
 #: Largest |unmerged - GGUF f16| logit difference accepted, relative to the largest |logit|.
 F16_RELATIVE_TOLERANCE = 1e-2
 #: The Hugging Face architectures this writer lays out in llama.cpp's "llama" architecture.
 LLAMA_FAMILY = ("llama",)
-EXPORT_METADATA = "lorakit-export.json"
 
 # Byte-level BPE pre-tokenizers (tokenizer.json) and llama.cpp's name for the same split
 # (tokenizer.ggml.pre); a vocabulary split any other way is refused rather than written wrong.
@@ -530,6 +537,29 @@ def _scores(refs: list[str], adapter: list[str], gguf_answers: list[str]) -> dic
     }
 
 
+@dataclass
+class _Reference:
+    """What the unmerged adapter does on the check prompts (and, with --score-test, the test split)."""
+
+    batches: list[dict[str, torch.Tensor]]  # chat prompts, left-padded, of different lengths
+    logits: list[torch.Tensor]
+    checked: int  # prompts over all batches
+    held_out: tuple[list[list[int]], list[str]] | None = None  # the test split: prompt ids, references
+    answers: list[str] | None = None  # the adapter's greedy answers to held_out
+
+
+@dataclass
+class _FileCheck:
+    """The merged GGUF file read back by transformers, against the reference."""
+
+    reread: torch.nn.Module
+    diff: float
+    scale: float
+    top1: float
+    tolerance: float | None
+    tokens_equal: bool
+
+
 def export_gguf(
     adapter: str | Path,
     out_dir: str | Path,
@@ -565,17 +595,56 @@ def export_gguf(
             describe to llama.cpp, or a check failed (nothing is written then).
         AdapterError: The adapter cannot be loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorakit.models.modeling import quiet_transformers
-    from lorakit.tasks.causal_lm import end_of_turn_ids
-
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"--gguf-type: '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"'{out}' already exists; pass --overwrite to replace it or choose another folder")
+    out = check_output_folder(out_dir, overwrite=overwrite, error=ExportError)
     loaded = load_adapter(adapter, base_model=base_model, device="cpu")
+    _check_gguf_exportable(loaded)
+    ref = _unmerged_reference(loaded, score_test=score_test)
+    pairs, skipped = lora_pairs(loaded.model, loaded.meta) if lora else ({}, "not asked for (--no-lora)")
+    merged = loaded.model.merge_and_unload().eval()
+    name = f"{Path(loaded.meta['base_model']['name_or_path']).name} + lorakit adapter"
+    model_file = f"model-{gguf_type}.gguf"
+
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="lorakit-gguf-") as hf_dir:
+        tokenizer = _save_hf_folder(loaded, merged, Path(hf_dir))
+        write_llama_gguf(merged, tokenizer, Path(hf_dir), tmp / model_file, gguf_type=gguf_type, name=name)
+        check = _check_model_file(tmp, model_file, tokenizer, ref, gguf_type, relative_tolerance)
+        scored = None
+        if ref.held_out is not None and ref.answers is not None:
+            scored = _scores(ref.held_out[1], ref.answers, _answers(loaded, check.reread, ref.held_out))
+        lora_file, lora_diff = None, None
+        if pairs:
+            lora_diff = _write_lora_checked(
+                pairs, merged.config, tmp / f"lora-{gguf_type}.gguf", gguf_type, name
+            )
+            lora_file = out / f"lora-{gguf_type}.gguf"
+        _write_modelfile(tmp, model_file, tokenizer, merged, loaded)
+        result = GGUFResult(
+            out,
+            out / model_file,
+            gguf_type,
+            check.diff,
+            check.scale,
+            check.top1,
+            check.tolerance,
+            check.tokens_equal,
+            lora_file,
+            lora_diff,
+            None if pairs else skipped,
+            ref.checked,
+            scored,
+        )
+        write_provenance(tmp, provenance("gguf", {adapter_name(loaded): loaded}, result.to_dict()))
+    return result
+
+
+def _check_gguf_exportable(loaded: LoadedAdapter) -> None:
+    """Refuse, before any work, an adapter this writer cannot lay out or merge exactly.
+
+    Raises:
+        ExportError: Not a Llama-family causal LM (or rope scaling), or a quantised base.
+    """
     _check_architecture(loaded.model.get_base_model())
     quant = loaded.meta.get("config", {}).get("model", {}).get("quantization", "none")
     if quant not in (None, "none"):
@@ -583,97 +652,94 @@ def export_gguf(
             f"this adapter was trained on a {quant}-quantised base; export with --base-model "
             "pointing at the unquantised model"
         )
-    data_cfg = loaded.config.data
-    batches = loaded.task.export_batches(
-        loaded.processor, data_cfg
-    )  # chat prompts, left-padded, of different lengths
-    checked = sum(len(b["input_ids"]) for b in batches)
-    reference = [_logits(loaded.model, b) for b in batches]
-    held_out = _held_out(loaded) if score_test else None
-    adapter_answers = _answers(loaded, loaded.model, held_out) if held_out else None
-    pairs, skipped = lora_pairs(loaded.model, loaded.meta) if lora else ({}, "not asked for (--no-lora)")
-    merged = loaded.model.merge_and_unload().eval()
-    name = f"{Path(loaded.meta['base_model']['name_or_path']).name} + lorakit adapter"
-    model_file = f"model-{gguf_type}.gguf"
 
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="lorakit-gguf-") as hf_dir:
-        hf = Path(hf_dir)
-        loaded.task.save_merged(merged, hf, loaded)  # the tokenizer with the adapter's chat template
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(hf)
-        write_llama_gguf(merged, tokenizer, hf, tmp / model_file, gguf_type=gguf_type, name=name)
-        # The check reads the file with transformers' GGUF loader: an implementation that is not ours.
-        with quiet_transformers():
-            reread = AutoModelForCausalLM.from_pretrained(
-                str(tmp), gguf_file=model_file, dtype=torch.float32
-            ).eval()
-            gguf_tok = AutoTokenizer.from_pretrained(str(tmp), gguf_file=model_file)
-        got = [_logits(reread, b) for b in batches]
-        diff, scale = _worst(got, reference, batches), max(float(r.abs().max()) for r in reference)
-        tolerance = relative_tolerance if gguf_type == "f16" else None
-        if tolerance is not None and not diff <= tolerance * scale:
-            raise ExportError(
-                f"GGUF check failed: largest |unmerged - GGUF {gguf_type}| logit difference is "
-                f"{diff:.3g} > {tolerance:g} x {scale:.3g} (largest |logit|); nothing was written"
-            )
-        tokens_equal = _same_tokens(tokenizer, gguf_tok, batches)
-        if not tokens_equal:
-            raise ExportError(
-                "GGUF check failed: the tokenizer read back from the GGUF file does not give the "
-                "adapter's token ids (or its chat template differs); nothing was written"
-            )
-        scored = None
-        if held_out is not None and adapter_answers is not None:
-            scored = _scores(held_out[1], adapter_answers, _answers(loaded, reread, held_out))
-        lora_file = lora_diff = None
-        if pairs:
-            lora_file = tmp / f"lora-{gguf_type}.gguf"
-            write_lora_gguf(pairs, merged.config, lora_file, gguf_type=gguf_type, name=name)
-            deltas = read_lora_gguf_deltas(lora_file, merged.config)
-            want = {m: b @ a for m, (a, b) in pairs.items()}
-            if set(deltas) != set(want):
-                raise ExportError(
-                    f"LoRA GGUF check failed: it holds {len(deltas)} adapted weights, the adapter "
-                    f"{len(want)}; nothing was written"
-                )
-            lora_diff = max(float(np.abs(deltas[m] - want[m]).max()) for m in want)
-            lora_file = out / lora_file.name
-        stops = end_of_turn_ids(tokenizer, merged)
-        (tmp / "Modelfile").write_text(
-            modelfile_text(model_file, tokenizer, stops, getattr(data_cfg, "system_prompt", None)),
-            encoding="utf-8",
-        )
-        result = GGUFResult(
-            out,
-            out / model_file,
-            gguf_type,
-            diff,
-            scale,
-            _top1_agreement(got, reference, batches),
-            tolerance,
-            tokens_equal,
-            lora_file,
-            lora_diff,
-            None if pairs else skipped,
-            checked,
-            scored,
-        )
-        from lorakit.files.hashing import hash_tree
 
-        provenance = {
-            "format": 1,
-            "kind": "gguf",
-            "task": loaded.meta["task"],
-            "created_at": now_iso(),
-            "adapter": {
-                "path": str(loaded.adapter_dir.resolve()),
-                "content_hash": hash_tree(loaded.adapter_dir)[0],
-            },
-            "base_model": loaded.meta["base_model"],
-            "metrics": loaded.meta.get("metrics", {}),
-            "verification": result.to_dict(),
-        }
-        (tmp / EXPORT_METADATA).write_text(
-            json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8"
+def _unmerged_reference(loaded: LoadedAdapter, *, score_test: bool) -> _Reference:
+    """The unmerged adapter's logits on the task's check prompts; with ``score_test`` also its answers
+    to the run's test split (before the merge changes the model)."""
+    batches = loaded.task.export_batches(loaded.processor, loaded.config.data)
+    ref = _Reference(
+        batches, [logits_of(loaded.model, b) for b in batches], sum(len(b["input_ids"]) for b in batches)
+    )
+    if score_test:
+        ref.held_out = _held_out(loaded)
+        ref.answers = _answers(loaded, loaded.model, ref.held_out)
+    return ref
+
+
+def _save_hf_folder(loaded: LoadedAdapter, merged: torch.nn.Module, folder: Path) -> Any:
+    """Save the merged model in Hugging Face format (the tokenizer with the adapter's chat template) and
+    return that tokenizer, read back."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models.modeling import quiet_transformers
+
+    loaded.task.save_merged(merged, folder, loaded)
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def _check_model_file(
+    tmp: Path, model_file: str, tokenizer: Any, ref: _Reference, gguf_type: str, relative_tolerance: float
+) -> _FileCheck:
+    """Read the GGUF file back with transformers' GGUF loader (an implementation that is not ours) and
+    compare its logits and its tokenizer with the adapter's.
+
+    Raises:
+        ExportError: f16 logits beyond the tolerance, or other token ids / chat template.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.models.modeling import quiet_transformers
+
+    with quiet_transformers():
+        reread = AutoModelForCausalLM.from_pretrained(
+            str(tmp), gguf_file=model_file, dtype=torch.float32
+        ).eval()
+        gguf_tok = AutoTokenizer.from_pretrained(str(tmp), gguf_file=model_file)
+    got = [logits_of(reread, b) for b in ref.batches]
+    diff, scale = worst_diff(got, ref.logits, ref.batches), max(float(r.abs().max()) for r in ref.logits)
+    tolerance = relative_tolerance if gguf_type == "f16" else None
+    if tolerance is not None and not diff <= tolerance * scale:
+        raise ExportError(
+            f"GGUF check failed: largest |unmerged - GGUF {gguf_type}| logit difference is "
+            f"{diff:.3g} > {tolerance:g} x {scale:.3g} (largest |logit|); nothing was written"
         )
-    return result
+    if not _same_tokens(tokenizer, gguf_tok, ref.batches):
+        raise ExportError(
+            "GGUF check failed: the tokenizer read back from the GGUF file does not give the "
+            "adapter's token ids (or its chat template differs); nothing was written"
+        )
+    return _FileCheck(reread, diff, scale, _top1_agreement(got, ref.logits, ref.batches), tolerance, True)
+
+
+def _write_lora_checked(
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]], config: Any, path: Path, gguf_type: str, name: str
+) -> float:
+    """Write the llama.cpp LoRA file and read its deltas back; the largest |delta W| difference.
+
+    Raises:
+        ExportError: The file does not hold the adapter's adapted weights.
+    """
+    write_lora_gguf(pairs, config, path, gguf_type=gguf_type, name=name)
+    deltas = read_lora_gguf_deltas(path, config)
+    want = {m: b @ a for m, (a, b) in pairs.items()}
+    if set(deltas) != set(want):
+        raise ExportError(
+            f"LoRA GGUF check failed: it holds {len(deltas)} adapted weights, the adapter "
+            f"{len(want)}; nothing was written"
+        )
+    return max(float(np.abs(deltas[m] - want[m]).max()) for m in want)
+
+
+def _write_modelfile(
+    tmp: Path, model_file: str, tokenizer: Any, merged: torch.nn.Module, loaded: LoadedAdapter
+) -> None:
+    """Ollama's Modelfile: the model file, the chat template, the end-of-turn stops, the system prompt."""
+    from lorakit.tasks.causal_lm import end_of_turn_ids
+
+    stops = end_of_turn_ids(tokenizer, merged)
+    (tmp / "Modelfile").write_text(
+        modelfile_text(model_file, tokenizer, stops, getattr(loaded.config.data, "system_prompt", None)),
+        encoding="utf-8",
+    )

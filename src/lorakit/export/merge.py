@@ -14,7 +14,6 @@ temporary folder that replaces the output folder only when every check passed.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,23 @@ from typing import Any
 import torch
 
 from lorakit.adapters.build import LoadedAdapter, load_adapter
-from lorakit.errors import LorakitError
-from lorakit.files.atomic import atomic_dir, now_iso
+from lorakit.export.common import (
+    ExportError,
+    adapter_name,
+    in_float64,
+    logits_of,
+    max_diff,
+    provenance,
+    worst_diff,
+    write_provenance,
+)
+from lorakit.files.atomic import atomic_dir
 from lorakit.files.diskspace import no_space_is_an_error
+from lorakit.files.outputs import check_output_folder
 
 #: Largest |unmerged - merged| logit difference accepted for fp32 models.
 FP32_TOLERANCE = 1e-4
-EXPORT_METADATA = "lorakit-export.json"
 ONNX_FILE = "model.onnx"
-
-
-class ExportError(LorakitError):
-    """An export cannot be made or did not reproduce the adapter's outputs."""
 
 
 @dataclass
@@ -64,30 +68,6 @@ class ExportResult:
 # --------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------
-
-
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def _max_diff(got: torch.Tensor, want: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
-    """Largest absolute difference, over real (non-padding) positions for per-token outputs."""
-    diff = (got.double() - want.double()).abs()
-    if diff.dim() == 3 and "attention_mask" in batch:
-        diff = diff[batch["attention_mask"].bool()]
-    return float(diff.max()) if diff.numel() else 0.0
-
-
-def _worst(
-    got: list[torch.Tensor], want: list[torch.Tensor], batches: list[dict[str, torch.Tensor]]
-) -> float:
-    return max(_max_diff(g, w, b) for g, w, b in zip(got, want, batches, strict=True))
-
-
-def _f64(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Floating inputs (pixels) in float64; ids and masks unchanged."""
-    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
 def _onnx_export(
@@ -143,13 +123,24 @@ def _onnx_check(path: Path, batches: list[dict[str, torch.Tensor]], reference: l
     worst = 0.0
     for batch, want in zip(batches, reference, strict=True):
         out = session.run(["logits"], {k: v.numpy() for k, v in batch.items() if k in names})[0]
-        worst = max(worst, _max_diff(torch.from_numpy(out), want, batch))
+        worst = max(worst, max_diff(torch.from_numpy(out), want, batch))
     return worst
 
 
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Reference:
+    """The unmerged adapter's logits on the task's check batches, in float32 and float64."""
+
+    batches: list[dict[str, torch.Tensor]]
+    fp32: list[torch.Tensor]
+    fp64: list[torch.Tensor]
+    noise: float  # largest |float32 - float64|: what float32 arithmetic alone moves
+    checked: int  # rows over all batches
 
 
 def export(
@@ -179,13 +170,35 @@ def export(
             found a difference above ``tolerance`` (nothing is written then).
         AdapterError: The adapter cannot be loaded.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"'{out}' already exists; pass --overwrite to replace it or choose another folder")
+    out = check_output_folder(out_dir, overwrite=overwrite, error=ExportError)
     loaded: LoadedAdapter = load_adapter(adapter, base_model=base_model, device="cpu")
+    _check_mergeable(loaded, out, onnx=onnx)
+    reference = _unmerged_reference(loaded)
+    # peft folds B @ A * scaling into each target weight and swaps the trained heads (modules_to_save) in.
+    merged = loaded.model.merge_and_unload()
+    merged.eval()
+    kept = f"'{out}' was left as it was; free some space and export again"
+    with no_space_is_an_error("the merged model", out, kept), atomic_dir(out) as tmp:
+        loaded.task.save_merged(merged, tmp, loaded)
+        # Check what a user gets: the saved folder, reloaded by plain transformers (or the zoo loader).
+        reloaded = loaded.task.load_merged(tmp, loaded)
+        result = _check_reloaded(reloaded, out, reference, tolerance)
+        if onnx:
+            result.onnx_diff = _write_onnx_checked(reloaded, loaded, tmp, reference, tolerance)
+            result.onnx_path = out / ONNX_FILE
+        _write_provenance_and_card(loaded, tmp, result, onnx=onnx)
+    return result
+
+
+def _check_mergeable(loaded: LoadedAdapter, out: Path, *, onnx: bool) -> None:
+    """Refuse, before any work, what cannot be exported exactly.
+
+    Raises:
+        ExportError: ``out`` holds the adapter, the base was quantised, or ONNX for a task without it.
+    """
+    task, meta = loaded.task, loaded.meta
     if out.resolve() in (loaded.adapter_dir.resolve(), *loaded.adapter_dir.resolve().parents):
         raise ExportError(f"'{out}' holds the adapter being exported; choose another output folder")
-    task, meta = loaded.task, loaded.meta
     quant = meta.get("config", {}).get("model", {}).get("quantization", "none")
     if quant not in (None, "none"):
         raise ExportError(
@@ -197,73 +210,69 @@ def export(
             f"--onnx: ONNX export is for the classification tasks; export this {task.name} adapter "
             "without --onnx (Hugging Face format)"
         )
-    data_cfg = loaded.config.data
 
-    # ---- reference outputs of the unmerged model ------------------------------------------------
-    # The check runs in float64: the merge itself is exact algebra, while float32 arithmetic alone
-    # moves the logits of a 30-layer LM by ~1e-4 (adding the update to W, or not, changes roundings).
-    # float64 isolates the merge error; the float32 numbers are reported beside it.
-    batches = task.export_batches(loaded.processor, data_cfg)
+
+def _unmerged_reference(loaded: LoadedAdapter) -> _Reference:
+    """The unmerged model's logits on the check batches, in float32 and float64.
+
+    The check runs in float64: the merge itself is exact algebra, while float32 arithmetic alone moves
+    the logits of a 30-layer LM by ~1e-4 (adding the update to W, or not, changes roundings). float64
+    isolates the merge error; the float32 numbers are reported beside it.
+    """
+    batches = loaded.task.export_batches(loaded.processor, loaded.config.data)
     checked = sum(len(next(iter(b.values()))) for b in batches)
-    ref32 = [_logits(loaded.model, b) for b in batches]
-    ref64 = [_logits(loaded.model.double(), _f64(b)) for b in batches]
+    ref32 = [logits_of(loaded.model, b) for b in batches]
+    ref64 = [logits_of(loaded.model.double(), in_float64(b)) for b in batches]
     loaded.model.float()  # float32 -> float64 -> float32 is lossless
-    noise = _worst(ref32, ref64, batches)
+    return _Reference(batches, ref32, ref64, worst_diff(ref32, ref64, batches), checked)
 
-    # peft folds B @ A * scaling into each target weight and swaps the trained heads (modules_to_save) in.
-    merged = loaded.model.merge_and_unload()
-    merged.eval()
 
-    with (
-        no_space_is_an_error(
-            "the merged model", out, f"'{out}' was left as it was; free some space and export again"
-        ),
-        atomic_dir(out) as tmp,
-    ):
-        task.save_merged(merged, tmp, loaded)
-        # Check what a user gets: the saved folder, reloaded by plain transformers (or the zoo loader).
-        reloaded = task.load_merged(tmp, loaded)
-        diff32 = _worst([_logits(reloaded, b) for b in batches], ref32, batches)
-        merged_diff = _worst([_logits(reloaded.double(), _f64(b)) for b in batches], ref64, batches)
-        reloaded.float()
-        if not merged_diff <= tolerance:  # also catches NaN
-            raise ExportError(
-                f"merge check failed: largest |unmerged - merged| logit difference is {merged_diff:.3g} "
-                f"> {tolerance:g} (float64); nothing was written"
-            )
-        onnx_path = onnx_diff = None
-        if onnx:
-            assert task.onnx_axes is not None  # checked above
-            _onnx_export(reloaded, batches[0], tmp / ONNX_FILE, task.onnx_axes)
-            onnx_diff = _onnx_check(tmp / ONNX_FILE, batches, ref32)
-            if not onnx_diff <= tolerance:
-                raise ExportError(
-                    "ONNX check failed: largest |unmerged - onnxruntime| logit difference is "
-                    f"{onnx_diff:.3g} > {tolerance:g}; nothing was written"
-                )
-            onnx_path = out / ONNX_FILE
-        result = ExportResult(out, merged_diff, diff32, noise, onnx_path, onnx_diff, tolerance, checked)
-        from lorakit.adapters.card import merged_card
-        from lorakit.files.hashing import hash_tree
+def _check_reloaded(reloaded: torch.nn.Module, out: Path, ref: _Reference, tolerance: float) -> ExportResult:
+    """The merged model as saved and reloaded against the unmerged reference, in float64 and float32.
 
-        provenance = {
-            "format": 1,
-            "kind": "merged",
-            "task": meta["task"],
-            "created_at": now_iso(),
-            "adapter": {
-                "path": str(loaded.adapter_dir.resolve()),
-                "content_hash": hash_tree(loaded.adapter_dir)[0],
-            },
-            "base_model": meta["base_model"],
-            "label_space": meta.get("label_space"),
-            "metrics": meta.get("metrics", {}),
-            "verification": result.to_dict() | {"out_dir": None, "onnx": ONNX_FILE if onnx else None},
-        }
-        (tmp / EXPORT_METADATA).write_text(
-            json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8"
+    Raises:
+        ExportError: The reloaded model's logits differ from the unmerged ones by more than ``tolerance``.
+    """
+    diff32 = worst_diff([logits_of(reloaded, b) for b in ref.batches], ref.fp32, ref.batches)
+    merged_diff = worst_diff(
+        [logits_of(reloaded.double(), in_float64(b)) for b in ref.batches], ref.fp64, ref.batches
+    )
+    reloaded.float()
+    if not merged_diff <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"merge check failed: largest |unmerged - merged| logit difference is {merged_diff:.3g} "
+            f"> {tolerance:g} (float64); nothing was written"
         )
-        (tmp / "README.md").write_text(
-            merged_card(meta, provenance, zoo_format=not (tmp / "config.json").is_file()), encoding="utf-8"
+    return ExportResult(out, merged_diff, diff32, ref.noise, None, None, tolerance, ref.checked)
+
+
+def _write_onnx_checked(
+    reloaded: torch.nn.Module, loaded: LoadedAdapter, tmp: Path, ref: _Reference, tolerance: float
+) -> float:
+    """Export the reloaded model to ONNX and run it with onnxruntime; its largest logit difference.
+
+    Raises:
+        ExportError: The ONNX export failed or its logits differ by more than ``tolerance``.
+    """
+    axes = loaded.task.onnx_axes
+    assert axes is not None  # checked by _check_mergeable
+    _onnx_export(reloaded, ref.batches[0], tmp / ONNX_FILE, axes)
+    onnx_diff = _onnx_check(tmp / ONNX_FILE, ref.batches, ref.fp32)
+    if not onnx_diff <= tolerance:
+        raise ExportError(
+            "ONNX check failed: largest |unmerged - onnxruntime| logit difference is "
+            f"{onnx_diff:.3g} > {tolerance:g}; nothing was written"
         )
-    return result
+    return onnx_diff
+
+
+def _write_provenance_and_card(loaded: LoadedAdapter, tmp: Path, result: ExportResult, *, onnx: bool) -> None:
+    """``lorakit-export.json`` (what was merged and what the checks measured) and the model card."""
+    from lorakit.adapters.card import merged_card
+
+    verification = result.to_dict() | {"out_dir": None, "onnx": ONNX_FILE if onnx else None}
+    record = provenance("merged", {adapter_name(loaded): loaded}, verification)
+    write_provenance(tmp, record)
+    (tmp / "README.md").write_text(
+        merged_card(loaded.meta, record, zoo_format=not (tmp / "config.json").is_file()), encoding="utf-8"
+    )

@@ -5,10 +5,11 @@ and pipeline parallelism), and refuses, or silently ignores, what those kernels 
 checks below say so before anything is handed over, each as a problem with its fix::
 
     adapters ─► vLLM's limits? (causal LM, no modules_to_save, no DoRA, rank <= max, supported targets)
-             ─► OUT/base/              plain Hugging Face folder of the base (a GGUF base converted),
-                                       chat template
-                OUT/adapters/NAME/     peft files of each adapter
-                OUT/serve.sh           the command that starts vLLM's OpenAI server
+             ─► OUT/base/                plain Hugging Face folder of the base (a GGUF base converted),
+                                         chat template
+                OUT/adapters/NAME/       peft files of each adapter
+                OUT/serve.sh             the command that starts vLLM's OpenAI server
+                OUT/lorakit-export.json  the adapters (content hashes), the base, what was checked
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 
 from lorakit.adapters.build import LoadedAdapter, load_adapter
 from lorakit.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, other_base
-from lorakit.export.merge import ExportError
+from lorakit.export.common import ExportError, adapter_name, provenance, write_provenance
 from lorakit.files.atomic import atomic_dir
+from lorakit.files.outputs import check_output_folder
 
 #: The values vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -33,6 +35,17 @@ VLLM_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": _LLAMA_LINEAR,
     "qwen2": _LLAMA_LINEAR,
 }
+#: What :func:`vllm_problems` checks, as lorakit-export.json records it.
+VLLM_CHECKS = (
+    "causal LM",
+    "no modules_to_save",
+    "no DoRA",
+    "rank <= max_lora_rank",
+    "one r and alpha (no rank_pattern / alpha_pattern)",
+    "no trained biases",
+    "targets vLLM adapts",
+    "one base model",
+)
 
 
 @dataclass
@@ -157,7 +170,8 @@ def export_vllm(
 
     Args:
         adapters: Adapter or run directories on one base model.
-        out_dir: Folder to write (``base/``, ``adapters/NAME/``, ``serve.sh``); replaced atomically.
+        out_dir: Folder to write (``base/``, ``adapters/NAME/``, ``serve.sh``, ``lorakit-export.json``);
+            replaced atomically.
         names: The name each adapter is served under; default: its run folder's name.
         max_lora_rank: The server's --max-lora-rank; default: the smallest vLLM accepts for these adapters.
         overwrite: Replace an existing non-empty ``out_dir``.
@@ -169,13 +183,9 @@ def export_vllm(
         ExportError: Something vLLM would refuse (every problem, each with its fix, on one line),
             adapters on different bases, or ``out_dir`` taken.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"'{out}' already exists; pass --overwrite to replace it or choose another folder")
+    out = check_output_folder(out_dir, overwrite=overwrite, error=ExportError)
     loaded = [load_adapter(a, device="cpu") for a in adapters]
-    names = names or [
-        a.adapter_dir.parent.name if a.adapter_dir.name == "adapter" else a.adapter_dir.name for a in loaded
-    ]
+    names = names or [adapter_name(a) for a in loaded]
     if len(set(names)) != len(names):
         raise ExportError(f"--vllm: adapters need distinct names, got {', '.join(names)}")
     first = loaded[0].meta["base_model"].get("fingerprint")
@@ -219,4 +229,6 @@ def export_vllm(
             + ' "$@"\n',
             encoding="utf-8",
         )
+        verification = {"checked": list(VLLM_CHECKS), "max_lora_rank": rank}
+        write_provenance(tmp, provenance("vllm", dict(zip(names, loaded, strict=True)), verification))
     return VLLMExport(out, out / "base", {n: out / "adapters" / n for n in names}, rank, command)

@@ -636,9 +636,8 @@ class Recipe:
             "parameters": {"trainable": self.trainable, "total": self.total},
         }
         # The final adapter: the best weights, with the validation metrics of that step and the test metrics.
-        meta = self.metadata() | {"trained": s.best_at}
-        meta["metrics"] = {"validation": scalars(s.best_eval)} | (
-            {"test": scalars(test_metrics)} if test_metrics else {}
+        meta = self.metadata(
+            {"validation": scalars(s.best_eval)} | ({"test": scalars(test_metrics)} if test_metrics else {})
         )
         initial = Path(self.initial.name) / "initial" if self.initial else None
         artifacts.save_adapter(
@@ -680,38 +679,21 @@ class Recipe:
         )
         return test, base
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """lorakit.json: what later stages need to use the adapter without asking again."""
-        cfg, lc = self.cfg, self.lora_cfg
-        return {
-            "format": "lorakit-adapter/1",
-            "task": cfg.task,
-            "base_model": {
-                "name_or_path": cfg.model.name_or_path,
-                "resolved": self.base.path,
-                "revision": cfg.model.revision,
-                "model_type": self.model.get_base_model().config.model_type,
-                "fingerprint": self.fingerprint,
-            },
-            "label_space": self.data.label_space.to_dict() if self.data.label_space else None,
-            "data": {"sizes": self.sizes, "stats": self.data.stats},
-            "lora": {
-                "r": cfg.lora.r,
-                "alpha": cfg.lora.alpha,
-                "dropout": cfg.lora.dropout,
-                "target_modules": sorted(lc.target_modules)
-                if not isinstance(lc.target_modules, str)
-                else lc.target_modules,
-                "modules_to_save": self.head_modules,
-                "layers": lc.layers_to_transform,
-                "use_rslora": cfg.lora.use_rslora,
-                "use_dora": cfg.lora.use_dora,
-            },
-            "parameters": {"trainable": self.trainable, "total": self.total},
-            "config": cfg.to_yaml_dict(),
-            "versions": artifacts.library_versions(),
-            "created_at": atomic.now_iso(),
-        }
+        return artifacts.build_metadata(
+            self.cfg,
+            self.lora_cfg,
+            resolved=self.base.path,
+            model_type=getattr(self.model.get_base_model().config, "model_type", None),
+            fingerprint=self.fingerprint,
+            label_space=self.data.label_space,
+            data_sizes=self.sizes,
+            data_stats=self.data.stats,
+            parameters=(self.trainable, self.total),
+            metrics=metrics,
+            trained=self.state.best_at,
+        )
 
     def write_report(
         self, meta: dict[str, Any], test: dict[str, Any] | None, base: dict[str, Any] | None
