@@ -632,3 +632,24 @@ def new_module_names(missing_keys: list[str], mismatched_keys: list[Any]) -> lis
     """Module paths (``classifier``, ``pooler.dense``) whose weights the checkpoint did not provide."""
     keys = list(missing_keys) + [k[0] if isinstance(k, (tuple, list)) else k for k in mismatched_keys]
     return sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
+
+
+def load_tokenizer(model_cfg: ModelConfig, model_path: str) -> Any:
+    """The base model's tokenizer, for the tasks that read text with an encoder (a zoo entry has none).
+
+    Raises:
+        ModelError: A zoo backbone, or no tokenizer can be loaded from ``model_path``.
+    """
+    from transformers import AutoTokenizer
+
+    reject_zoo(model_path)
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(
+                model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+            )
+    except Exception as exc:
+        raise ModelError(
+            f"model.name_or_path: could not load a tokenizer from '{model_path}': "
+            f"{str(exc).splitlines()[0][:200]}"
+        ) from None

@@ -14,7 +14,12 @@ from lorakit.config.schema import ModelConfig, RunConfig, TokenizedDataConfig
 from lorakit.data.labels import LabelSpace
 from lorakit.data.sources import build_splits
 from lorakit.errors import DataError, ModelError
-from lorakit.models.modeling import load_base_config, new_module_names, quiet_transformers, reject_zoo
+from lorakit.models.modeling import (
+    load_base_config,
+    load_tokenizer,
+    new_module_names,
+    quiet_transformers,
+)
 from lorakit.tasks.base import PreparedData
 from lorakit.tasks.classification import ClassificationTask
 
@@ -77,19 +82,7 @@ class TextClassification(ClassificationTask):
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
-        from transformers import AutoTokenizer
-
-        reject_zoo(model_path)
-        try:
-            with quiet_transformers():
-                tok = AutoTokenizer.from_pretrained(
-                    model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-                )
-        except Exception as exc:
-            raise ModelError(
-                f"model.name_or_path: could not load a tokenizer from '{model_path}': "
-                f"{str(exc).splitlines()[0][:200]}"
-            ) from None
+        tok = load_tokenizer(model_cfg, model_path)
         if tok.pad_token is None:
             # Decoder-only models often ship without a pad token; padding positions are masked anyway.
             tok.pad_token = tok.eos_token or tok.unk_token

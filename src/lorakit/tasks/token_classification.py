@@ -35,7 +35,12 @@ from lorakit.data.labels import LabelSpace
 from lorakit.data.sources import build_splits
 from lorakit.errors import DataError, LorakitError, ModelError
 from lorakit.files.paths import resolve_location
-from lorakit.models.modeling import load_base_config, new_module_names, quiet_transformers, reject_zoo
+from lorakit.models.modeling import (
+    load_base_config,
+    load_tokenizer,
+    new_module_names,
+    quiet_transformers,
+)
 from lorakit.tasks.base import PreparedData, ReportSection, ReportTable, Task
 
 IGNORE = -100  # sub-words and special tokens: no loss, no metric
@@ -175,19 +180,7 @@ class TokenClassification(Task):
 
     # ---- data -----------------------------------------------------------------------------------
     def load_processor(self, model_cfg: ModelConfig, model_path: str) -> Any:
-        from transformers import AutoTokenizer
-
-        reject_zoo(model_path)
-        try:
-            with quiet_transformers():
-                tok = AutoTokenizer.from_pretrained(
-                    model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-                )
-        except Exception as exc:
-            raise ModelError(
-                f"model.name_or_path: could not load a tokenizer from '{model_path}': "
-                f"{str(exc).splitlines()[0][:200]}"
-            ) from None
+        tok = load_tokenizer(model_cfg, model_path)
         if not tok.is_fast:
             raise ModelError(
                 f"model.name_or_path: '{model_path}' has no fast tokenizer, which token classification "
