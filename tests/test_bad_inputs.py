@@ -612,7 +612,3 @@ def test_bad_input(
     assert "Traceback" not in err
     assert case.expect in lines[0], lines[0]
     assert _snapshot(ws) == before, "an existing file was changed or a new one left behind"
-    MESSAGES[case.name] = lines[0]
-
-
-MESSAGES: dict[str, str] = {}

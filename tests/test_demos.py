@@ -4,6 +4,7 @@ its --quick mode (a handful of prompts and steps on the packaged SmolLM2 and Min
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,14 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_dpo_demo_runs_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.timeout(900)
+def test_the_dpo_demo_runs_end_to_end(tmp_path: Path, smollm2_cache: Path) -> None:
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "dpo_demo.py"), "--quick", "--work", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=900,
+        env=dict(os.environ, LORAKIT_CACHE=str(smollm2_cache)),  # SmolLM2 converted once (conftest)
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "Warning" not in r.stdout + r.stderr

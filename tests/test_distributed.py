@@ -19,7 +19,8 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import CHAT_WORDS, make_config, make_lm_config, make_texts, write_csv
+import lorakit
+from conftest import CHAT_WORDS, make_config, make_lm_config, make_texts, run_cli, write_csv
 
 TOL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +51,6 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         torchrun_cmd(config, *extra, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
-def single(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(config), "--no-progress", *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
     )
 
 
@@ -101,17 +92,16 @@ def text_config(folder: Path, tiny_bert_dir: Path, csv: Path, batch_size: int, *
 def text_runs(
     tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
 ) -> tuple[Path, subprocess.CompletedProcess]:
-    """The same run on 1 process (batch 8) and on 2 processes
+    """The same run on 1 process (batch 8; this one, no need to start another) and on 2 processes
     (batch 4 each): 72 steps, checkpoints every 4."""
     root = tmp_path_factory.mktemp("ddp")
     csv = write_csv(root / "reviews.csv", make_texts(160))
-    one = text_config(root / "one", tiny_bert_dir, csv, batch_size=8)
-    r1 = single(one)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    lorakit.train(text_config(root / "one", tiny_bert_dir, csv, batch_size=8), progress=False)  # in here
     two = text_config(root / "two", tiny_bert_dir, csv, batch_size=4)  # per process: 2 x 4 = 8
     return root, torchrun(two)
 
 
+@pytest.mark.slow  # torchrun: three processes
 def test_two_processes_match_one_with_the_same_global_batch(
     text_runs: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
@@ -135,9 +125,14 @@ def test_two_processes_match_one_with_the_same_global_batch(
     assert r2.stdout.count("adapter: ") == 1  # rank 0 prints the summary, once
 
 
+@pytest.mark.slow  # torchrun: three processes
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_resume_after_a_kill(
-    text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path, engine: str
+    text_runs: tuple[Path, subprocess.CompletedProcess],
+    tmp_path: Path,
+    tiny_bert_dir: Path,
+    engine: str,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     root, _ = text_runs
     env = (
@@ -160,8 +155,8 @@ def test_two_processes_resume_after_a_kill(
     proc.wait(timeout=60)
     assert not (run / "adapter").exists() and (run / "checkpoints").is_dir(), "the run was not killed mid-way"
 
-    # A 2-process checkpoint cannot be resumed by 1 process: its batches would differ.
-    wrong = single(config, "--resume")
+    # A 2-process checkpoint cannot be resumed by 1 process (this one): its batches would differ.
+    wrong = run_cli(capsys, "train", str(config), "--resume", "--no-progress")
     assert wrong.returncode == 2 and "trained on 2 process(es), not 1" in wrong.stderr
 
     resumed = torchrun(config, "--resume", env=env)
@@ -206,11 +201,11 @@ def lm_single_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
     ]
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r1 = single(lm_config(root / "one", tiny_llama_dir, data, batch_size=8))
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    lorakit.train(lm_config(root / "one", tiny_llama_dir, data, batch_size=8), progress=False)  # in here
     return data, root / "one"
 
 
+@pytest.mark.slow  # torchrun: three processes
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_language_model_weights_tokens(
     lm_single_run: tuple[Path, Path], tmp_path: Path, tiny_llama_dir: Path, engine: str
@@ -233,6 +228,7 @@ def test_two_processes_language_model_weights_tokens(
         assert [s["output"] for s in m2[split]["samples"]] == [s["output"] for s in m1[split]["samples"]]
 
 
+@pytest.mark.slow  # torchrun: three processes
 def test_a_bad_run_folder_stops_every_rank_with_one_message(
     tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path
 ) -> None:
@@ -247,6 +243,7 @@ def test_a_bad_run_folder_stops_every_rank_with_one_message(
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow  # accelerate launch: three processes
 def test_two_fsdp_processes_match_one(
     text_runs: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, tiny_bert_dir: Path
 ) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -278,12 +277,15 @@ def test_gguf_check_catches_a_wrong_layout(tmp_path: Path, smol_llama_dir: Path,
 
 
 @pytest.mark.slow
-def test_smollm2_135m_adapter_as_gguf_f16_and_q8_0(tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.timeout(900)
+def test_smollm2_135m_adapter_as_gguf_f16_and_q8_0(
+    tmp_path: Path, monkeypatch, capsys, smollm2_cache
+) -> None:
     """The packaged SmolLM2-135M-Instruct with a LoRA adapter: f16 GGUF within tolerance, q8_0 measured."""
     from lorakit.config.schema import ModelConfig
     from lorakit.tasks.causal_lm import gguf_converted, gguf_parts
 
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORAKIT_CACHE", str(smollm2_cache))  # the base converted once (conftest)
     gguf_file = _smollm2_folder() / SMOLLM2_GGUF
     # The base as a plain folder (what lorakit's GGUF cache holds), so that peft can write an adapter on it.
     folder, _ = gguf_converted(*gguf_parts(ModelConfig(name_or_path=str(gguf_file)), str(gguf_file)))
@@ -304,7 +306,6 @@ def test_smollm2_135m_adapter_as_gguf_f16_and_q8_0(tmp_path: Path, monkeypatch, 
         tmp_path / "f16" / "model-f16.gguf"
     ).stat().st_size
     _llama_cpp_answers_as_lorakit(adapter, tmp_path / "f16" / "model-f16.gguf", tmp_path)
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
 
 
 def _llama_cpp_answers_as_lorakit(adapter: Path, gguf: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import make_config, make_texts, write_csv
+from conftest import make_config, make_texts, run_cli, write_csv
 from lorakit.errors import AdapterError, RunDirError
 
 
@@ -235,30 +235,30 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_check_train_eval_predict(write_config, tmp_path: Path) -> None:
+def test_cli_check_train_eval_predict(write_config, tmp_path: Path, capsys) -> None:
     cfg = write_config()
-    r = _cli("check", str(cfg))
+    r = run_cli(capsys, "check", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "splits    train 96, validation 32, test 32" in r.stdout
     assert "trainable" in r.stdout and "targets" in r.stdout
     assert re.search(r"optimizer steps at lr 0\.01 on cpu in (bf16 autocast|fp32);", r.stdout), r.stdout
-    r = _cli("train", str(cfg), "--no-progress", "--set", "train.epochs=1")
+    r = run_cli(capsys, "train", str(cfg), "--no-progress", "--set", "train.epochs=1")
     assert r.returncode == 0, r.stderr
     assert "held-out test (32 examples never trained on)" in r.stdout and "adapter:" in r.stdout
     run = tmp_path / "run"
     data = write_csv(tmp_path / "h.csv", make_texts(12, seed=5))
-    r = _cli("eval", str(run), "--data", str(data))
+    r = run_cli(capsys, "eval", str(run), "--data", str(data))
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and "on 12 examples" in r.stdout
-    r = _cli("predict", str(run / "adapter"), "great superb", "--json", "--top-k", "2")
+    r = run_cli(capsys, "predict", str(run / "adapter"), "great superb", "--json", "--top-k", "2")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[0])
     assert row["input"] == "great superb" and len(row["top_k"]) == 2
 
 
-def test_cli_reports_three_config_mistakes_in_one_line(write_config) -> None:
+def test_cli_reports_three_config_mistakes_in_one_line(write_config, capsys) -> None:
     cfg = write_config(lora={"r": 0}, train={"learning_rat": 0.1, "epochs": -1})
-    r = _cli("train", str(cfg))
+    r = run_cli(capsys, "train", str(cfg))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: 3 problems in"), r.stderr
@@ -266,6 +266,7 @@ def test_cli_reports_three_config_mistakes_in_one_line(write_config) -> None:
     assert "did you mean 'learning_rate'" in lines[0]
 
 
+@pytest.mark.slow  # two `lorakit` processes
 def test_cli_user_errors_exit_2_without_traceback(write_config, tmp_path: Path) -> None:
     # Two real processes (one that loads the model, one that fails before); the whole catalogue of
     # mistakes runs in-process in test_bad_inputs.py.

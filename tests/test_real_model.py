@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200
-    )
-
-
-def test_demo_config_end_to_end_on_a_small_slice(tmp_path: Path) -> None:
+@pytest.mark.timeout(900)
+def test_demo_config_end_to_end_on_a_small_slice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _cli = functools.partial(run_cli, capsys)  # the commands in this process (conftest.run_cli)
     config = ROOT / "configs" / "imdb-minilm.yaml"
     small = [
         "--set",

@@ -3,27 +3,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LORAKIT_CACHE=str(cache))
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=1200, env=env
-    )
-
-
-def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: Path) -> None:
+@pytest.mark.timeout(900)
+def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """The packaged SmolLM2-135M-Instruct (GGUF) on 48 Rotten Tomatoes reviews: answers become one
     word that stops at the end-of-turn token; the base model without the adapter does not answer so."""
     config = ROOT / "configs" / "rt-smollm2-chat.yaml"
@@ -39,8 +35,10 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
         "--set",
         f"output.dir={tmp_path / 'run'}",
     ]
-    cache = tmp_path / "cache"
-    r = _cli("train", str(config), *small, "--no-progress", cache=cache)
+    cache = tmp_path / "cache"  # its own, empty: this run converts the GGUF file on first use
+    monkeypatch.setenv("LORAKIT_CACHE", str(cache))
+    _cli = functools.partial(run_cli, capsys)  # the commands in this process (conftest.run_cli)
+    r = _cli("train", str(config), *small, "--no-progress")
     assert r.returncode == 0, r.stderr
     # The GGUF file was converted once to a transformers folder, which later commands load instead.
     (converted,) = (cache / "gguf").iterdir()
@@ -51,7 +49,7 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(tmp_path: P
     # GGUF base + adapter -> one merged Hugging Face folder that plain transformers loads and answers with:
     # one word, then the end-of-turn token (not 16 tokens of
     # chatter). (`lorakit generate` itself: tiny-model tests.)
-    r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"), cache=cache)
+    r = _cli("export", str(tmp_path / "run"), "--merge", str(tmp_path / "merged"))
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -109,6 +109,7 @@ for path in sys.argv[2:]:
 """
 
 
+@pytest.mark.slow  # two publishing processes
 def test_two_processes_publishing_at_once_keep_the_index_intact(adapter: Path, tmp_path: Path) -> None:
     root = tmp_path / "reg"
     batches = [[str(_variant(adapter, tmp_path, f"{p}-{i}")) for i in range(6)] for p in range(2)]

@@ -85,6 +85,7 @@ def _one_error_line(args: list[str], capsys: pytest.CaptureFixture) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow  # a second `lorakit train` process
 def test_a_second_train_into_a_folder_in_use_is_refused_and_a_killed_run_frees_it(
     tmp_path, tiny_bert_dir, capsys
 ) -> None:
@@ -271,6 +272,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return 0, {"error": str(e)}
 
 
+@pytest.mark.slow  # a `lorakit serve` process
 def test_sigterm_to_serve_finishes_the_requests_in_flight_then_exits(finished) -> None:
     import json
     import signal

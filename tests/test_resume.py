@@ -57,6 +57,7 @@ def _train_until_killed(config: Path, run: Path, *, after_step: int | None, dela
     return proc.returncode
 
 
+@pytest.mark.slow  # five `lorakit train` processes
 def test_sigkill_and_resume_gives_the_uninterrupted_result(write_config, tmp_path: Path) -> None:
     reference = lorakit.train(
         write_config(**SETTINGS), overrides=[f"output.dir={tmp_path / 'reference'}"], progress=False
@@ -95,11 +96,33 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(write_config, tmp_pat
     assert "resumed from checkpoint" in (run / "train.log").read_text()
 
 
-def test_resume_refuses_a_changed_config_and_a_finished_run(write_config, tmp_path: Path) -> None:
+def _train_until_stopped(config: Path, monkeypatch: pytest.MonkeyPatch, *, at_step: int) -> None:
+    """`lorakit train` in this process, stopped by a SIGTERM during optimizer step ``at_step`` (exit 130):
+    an interrupted run with checkpoints, without a second process to start and kill."""
+    from lorakit.cli import main
+
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", step_then_signal)
+        with pytest.raises(SystemExit) as exc:
+            main(["train", str(config), "--no-progress"])
+    assert exc.value.code == 130
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run(
+    write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = write_config(**SETTINGS)
     run = tmp_path / "run"
-    _train_until_killed(config, run, after_step=4, delay=None)
-    assert _newest_step(run) >= 4
+    _train_until_stopped(config, monkeypatch, at_step=7)
+    assert _newest_step(run) >= 4 and not (run / "adapter").exists()
     with pytest.raises(RunDirError, match=r"config differs .*\(train.learning_rate\)"):
         lorakit.train(config, overrides=["train.learning_rate=0.5"], resume=True, progress=False)
     lorakit.train(config, resume=True, progress=False)

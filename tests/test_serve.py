@@ -343,6 +343,7 @@ def test_chat_completions_mixed_adapters_equal_single(tmp_path: Path, tiny_llama
         e.close()
 
 
+@pytest.mark.slow  # a `lorakit serve` process
 def test_real_uvicorn_process_over_http(adapters) -> None:
     port = free_port()
     proc = subprocess.Popen(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import lorakit
+from conftest import run_cli
 from lorakit.config.loading import load_config
 from lorakit.errors import ConfigError
 from lorakit.training.events import Callback
@@ -100,6 +99,7 @@ def test_a_failed_run_is_marked_failed_in_mlflow(
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow  # W&B starts its service process (and git)
 def test_wandb_offline_run_holds_config_metrics_and_artifacts(
     write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -155,7 +155,7 @@ def test_report_to_is_checked_at_load(write_config, monkeypatch: pytest.MonkeyPa
 
 
 def test_unreachable_trackers_are_one_line_errors_before_anything_is_written(
-    write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
     with pytest.raises(TrackerError, match="cannot be reached"):
@@ -168,21 +168,9 @@ def test_unreachable_trackers_are_one_line_errors_before_anything_is_written(
         check_reachable(["wandb"], timeout=2)
     # The CLI: exit 2, one line, no run folder.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorakit",
-            "train",
-            str(write_config(output={"report_to": ["mlflow"]})),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith(
+    r = run_cli(capsys, "train", str(write_config(output={"report_to": ["mlflow"]})), "--no-progress")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith(
         "error: output.report_to: mlflow: the tracking server http://127.0.0.1:9"
     )
     assert not (tmp_path / "run").exists()

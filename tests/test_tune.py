@@ -106,6 +106,7 @@ def test_tune_section_problems_are_reported_at_load_all_at_once(write_config, tm
         load_tune_config(cfg)
 
 
+@pytest.mark.slow  # a `lorakit tune` and three trial processes
 def test_study_prunes_fails_and_logs_to_mlflow(write_config, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -1,16 +1,16 @@
 """`lorakit ui`: the pages in a real browser (Debian's chromium driven by Playwright), plus the
 schema-generated form, the run-folder reading and the request guard without one.
 
-The browser tests share one workspace and one server (module scope) and run in order: a CLI run,
-then runs started, stopped and resumed from the pages, compared, tried and published. Each page is
-saved as a screenshot under tests/artifacts/ui/.
+The browser tests share one workspace, one server and the run started from the form (module scope,
+each built by whichever test asks first, so that every test also runs alone): a CLI run, then runs
+started, stopped and resumed from the pages, compared, tried and published. Each page is saved as a
+screenshot under tests/artifacts/ui/.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -215,12 +215,14 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> 
         "output": {"dir": "runs/cli-run", "tensorboard": False, "report": False},
     }
     (ws / "configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
-    subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", "configs/tiny.yaml", "--no-progress"],
-        cwd=ws,
-        check=True,
-        capture_output=True,
-    )
+    from lorakit.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:  # `lorakit train` run in the workspace (in this process)
+        mp.chdir(ws)
+        try:
+            main(["train", "configs/tiny.yaml", "--no-progress"])
+        except SystemExit as exc:
+            assert not exc.code, f"lorakit train ended with exit code {exc.code}"
     return ws
 
 
@@ -318,33 +320,55 @@ def test_bad_form_value_shows_its_message_beside_the_field(page, server: Server)
     shot(page, "new-run")
 
 
+@pytest.fixture(scope="module")
+def form_run(browser, server: Server) -> dict:
+    """The run "form-run" started from the form (the slow settings) and watched on its page until it
+    finished: what the page showed. Built once, by whichever test asks first (each runs alone too)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        fill_form(page, server, "form-run", **slow_form_values())
+        page.click("#start")
+        page.wait_for_url("**/runs/form-run")
+        seen: list[int] = []
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            text = page.inner_text("#steps")
+            step = int(text.split()[1])
+            if not seen or step != seen[-1]:
+                seen.append(step)
+            if page.locator("#metrics").count():
+                break
+            if 0 < step < 240 and len(seen) == 3:
+                shot(page, "run-live")
+            time.sleep(0.2)
+        shown = {
+            "steps": seen,
+            "metrics": page.locator("#metrics").count(),
+            "status": page.inner_text("#status"),
+            "log": page.inner_text("#log")[-500:],
+        }
+        shot(page, "run")
+    finally:
+        context.close()
+    return shown
+
+
 @pytest.mark.slow
-def test_run_from_the_form_shows_progress_then_metrics(page, server: Server, workspace: Path) -> None:
-    fill_form(page, server, "form-run", **slow_form_values())
-    page.click("#start")
-    page.wait_for_url("**/runs/form-run")
-    seen: list[int] = []
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        text = page.inner_text("#steps")
-        step = int(text.split()[1])
-        if not seen or step != seen[-1]:
-            seen.append(step)
-        if page.locator("#metrics").count():
-            break
-        if 0 < step < 240 and len(seen) == 3:
-            shot(page, "run-live")
-        time.sleep(0.2)
-    assert page.locator("#metrics").count(), f"the run did not finish: {page.inner_text('#log')[-500:]}"
+def test_run_from_the_form_shows_progress_then_metrics(form_run: dict, workspace: Path) -> None:
+    seen = form_run["steps"]
+    assert form_run["metrics"], f"the run did not finish: {form_run['log']}"
     assert any(0 < s < 240 for s in seen), f"no progress between start and end was shown: {seen}"
     assert seen == sorted(seen)
-    assert page.inner_text("#status") == "finished"
+    assert form_run["status"] == "finished"
     assert (workspace / "runs" / "form-run" / "adapter" / "adapter_model.safetensors").is_file()
-    shot(page, "run")
 
 
 @pytest.mark.slow
-def test_stop_then_resume_gives_the_uninterrupted_adapter(page, server: Server, workspace: Path) -> None:
+def test_stop_then_resume_gives_the_uninterrupted_adapter(
+    page, server: Server, workspace: Path, form_run: dict
+) -> None:
     from safetensors.torch import load_file
 
     fill_form(page, server, "stopped-run", **slow_form_values())
@@ -370,6 +394,7 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(page, server: Server, 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("form_run")
 def test_two_runs_compared(page, server: Server) -> None:
     page.goto(server.url)
     page.check('input[value="cli-run"]')
@@ -385,6 +410,7 @@ def test_two_runs_compared(page, server: Server) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("form_run")
 def test_try_it_predicts(page, server: Server) -> None:
     page.goto(f"{server.url}/runs/form-run/try")
     page.fill("#text", "a wonderful brilliant film")

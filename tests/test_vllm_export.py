@@ -123,12 +123,15 @@ def test_what_vllm_refuses_is_one_line_with_every_problem(
 
 
 @pytest.mark.slow
-def test_vllm_serves_smollm2_adapters_with_lorakit_generates_answers(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.timeout(900)
+def test_vllm_serves_smollm2_adapters_with_lorakit_generates_answers(
+    tmp_path: Path, monkeypatch, smollm2_cache
+) -> None:
     """Two adapters on the packaged SmolLM2-135M-Instruct in one vLLM batch; greedy answers compared with
     `lorakit generate`'s for the same 20 prompts (token ids identical: lorakit renders the prompts)."""
     if not VLLM_PYTHON.is_file():
         pytest.fail("vLLM's environment is missing: run `make vllm-env` first")
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORAKIT_CACHE", str(smollm2_cache))  # the base converted once (conftest)
     from lorakit.adapters.build import load_adapter
     from lorakit.config.schema import ModelConfig
     from lorakit.serving.prediction import generate
