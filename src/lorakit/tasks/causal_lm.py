@@ -555,7 +555,7 @@ class CausalLM(Task):
             fmt = fmt_box.setdefault("fmt", detect_format(d, ds.column_names))
             from lorakit.data.sources import require_columns
 
-            require_columns(ds, required_columns(d, fmt), key=key)
+            require_columns(ds, required_columns(d, fmt), key=key, data_cfg=d)
             return ds
 
         raw = build_splits(d, columns=self.columns(d), encode=encode)
