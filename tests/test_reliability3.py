@@ -391,9 +391,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) 
 
     folder = tmp_path_factory.mktemp("finished3")
     data = write_csv(folder / "r.csv", make_texts(64))
-    cfg = make_config(
-        folder, tiny_bert_dir, data, train={"epochs": 1, "max_steps": 2}, output={"report": False}
-    )
+    sections = {"data": {"validation_size": 8, "test_size": 8}, "train": {"epochs": 1, "max_steps": 2}}
+    cfg = make_config(folder, tiny_bert_dir, data, **sections, output={"report": False})
     return lorakit.train(cfg, progress=False).run_dir
 
 
@@ -415,10 +414,24 @@ class _OtherProcess:
         os.close(self.fd)
 
 
+def _plain_peft(run: Path, folder: Path) -> tuple[Path, str]:
+    """The run's adapter as peft alone writes it (what `lorakit import` takes)."""
+    import shutil
+
+    from lorakit.adapters.folder import read_metadata
+
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run / "adapter" / name, folder / name)
+    labels = read_metadata(run / "adapter")["label_space"]["id2label"]
+    return folder, ",".join(labels[str(i)] for i in range(len(labels)))
+
+
 def _writers(run: Path, out: Path, registry: Path) -> dict[str, list[str]]:
+    peft, labels = _plain_peft(run, out.parent / "peft")
     return {
         "export --merge": ["export", str(run), "--merge", str(out)],
-        "import --out": ["import", str(run / "adapter"), "--out", str(out)],
+        "import --out": ["import", str(peft), "--labels", labels, "--out", str(out)],
         "registry pull --to": ["registry", "pull", "tiny:1", "--to", str(out), "--registry", str(registry)],
     }
 
