@@ -780,6 +780,14 @@ def ui(
             help="Token every request must carry (open the UI with ?token=...).",
         ),
     ] = None,
+    max_runs: Annotated[
+        int | None,
+        typer.Option(
+            "--max-runs",
+            min=1,
+            help="Trainings at once; the others wait in a queue (default: 1 on CPU, 1 per GPU).",
+        ),
+    ] = None,
 ) -> None:
     """A local web app: runs table, new-run form, live run pages, compare, try it, registry."""
     try:
@@ -810,7 +818,7 @@ def ui(
         err=True,
     )
     uvicorn.run(
-        create_app(Path.cwd(), token=token, loopback=is_loopback(host)),
+        create_app(Path.cwd(), token=token, loopback=is_loopback(host), max_runs=max_runs),
         host=host,
         port=port,
         log_level="warning",

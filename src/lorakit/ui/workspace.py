@@ -181,7 +181,7 @@ class RunInfo:
 
     name: str
     path: Path
-    status: str  # running / finished / failed / interrupted
+    status: str  # queued / running / finished / failed / interrupted / cancelled
     task: str = ""
     base_model: str = ""
     best_metric: str = ""
@@ -206,7 +206,7 @@ class RunInfo:
 
 
 def run_status(run: Path, ui: dict[str, Any], now: float | None = None) -> str:
-    """running / finished / failed / interrupted, read from the folder and the UI's record.
+    """queued / running / finished / failed / interrupted / cancelled, from the folder and the UI's record.
 
     A run with ``metrics.json`` and ``adapter/`` finished. A run the UI started is running while its
     process lives; afterwards its exit code decides (130: stopped, with a checkpoint). A run started
@@ -215,21 +215,30 @@ def run_status(run: Path, ui: dict[str, Any], now: float | None = None) -> str:
     """
     if (run / "metrics.json").is_file() and (run / "adapter").is_dir():
         return "finished"
+    if ui.get("cancelled"):
+        return "cancelled"
+    if ui.get("queued") and not ui.get("pid"):
+        return "queued"
     if ui.get("pid") and pid_alive(int(ui["pid"])) and ui.get("exit_code") is None:
         return "running"
-    has_checkpoint = any((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else False
+    checkpointed = has_checkpoint(run)
     code = ui.get("exit_code")
     if code is not None:
-        return "interrupted" if has_checkpoint or code in (130, -2, -15) else "failed"
+        return "interrupted" if checkpointed or code in (130, -2, -15) else "failed"
     if ui.get("pid"):  # started by the UI, exit code unknown (the UI was restarted meanwhile)
-        return "interrupted" if has_checkpoint else "failed"
+        return "interrupted" if checkpointed else "failed"
     now = now or time.time()
     newest = max(
         (p.stat().st_mtime for p in [run / "train.log", run / "checkpoints"] if p.exists()), default=0.0
     )
     if now - newest < ACTIVE_SECONDS:
         return "running"
-    return "interrupted" if has_checkpoint else "failed"
+    return "interrupted" if checkpointed else "failed"
+
+
+def has_checkpoint(run: Path) -> bool:
+    """Whether the run folder holds a checkpoint to resume from."""
+    return any((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else False
 
 
 def read_run(ws: Workspace, name: str) -> RunInfo:

@@ -160,3 +160,36 @@ lorakit.tryPage = function (name, widget) {
     }
   });
 };
+
+// The new-run form: the page opens on its summary (problems, or the valid message and check output),
+// a link to a field opens the "advanced" part it sits in, and the data preview follows data.* fields.
+lorakit.reveal = function (id) {
+  const el = document.getElementById(id);
+  if (!el) return;
+  for (let d = el.closest("details"); d; d = d.parentElement.closest("details")) d.open = true;
+  el.scrollIntoView({ block: "center" });
+  el.focus();
+};
+
+lorakit.newPage = function () {
+  document.addEventListener("DOMContentLoaded", () => {
+    const top = document.getElementById("summary") || document.getElementById("result") || document.getElementById("check");
+    if (top) top.scrollIntoView({ block: "start" });
+    document.querySelectorAll('#summary a[href^="#f-"]').forEach((a) => a.addEventListener("click", (e) => {
+      e.preventDefault();
+      lorakit.reveal(a.getAttribute("href").slice(1));
+    }));
+    const form = document.getElementById("run-form"), box = document.getElementById("preview");
+    if (!form || !box) return;
+    let asked = 0;
+    const refresh = () => {
+      const mine = ++asked;
+      fetch("/new/preview", { method: "POST", body: new FormData(form) }).then((r) => r.text()).then((html) => {
+        if (mine === asked) box.innerHTML = html;
+      });
+    };
+    form.querySelectorAll('[name^="data."]').forEach((el) => el.addEventListener("change", refresh));
+    const train = form.querySelector('[name="data.train"]');
+    if (train && train.value && !box.innerHTML.trim()) refresh();
+  });
+};
