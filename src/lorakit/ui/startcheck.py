@@ -39,8 +39,8 @@ def model_problem(cfg: RunConfig) -> str | None:
     location = cfg.model.name_or_path
     try:
         resolved = resolve_location(location, what="model.name_or_path")
-    except LorakitError as exc:
-        return str(exc)
+    except Exception as exc:  # lorakit's own errors, and whatever else a strange location raises
+        return _one_line("model.name_or_path", location, exc)
     if looks_like_local_path(location) and not Path(resolved).expanduser().exists():
         return (
             f"model.name_or_path: '{location}' does not exist; check the path (it is read from the workspace)"
@@ -55,7 +55,7 @@ def _read(cfg: RunConfig, key: str) -> Any:
         return None
     try:
         local = looks_like_local_path(resolve_location(location, what=f"data.{key}"))
-    except LorakitError:
+    except Exception:
         local = True  # read_data reports it as the run would
     if not local and cfg.data.format in ("auto", "hub"):
         return None
@@ -71,9 +71,16 @@ def data_problems(cfg: RunConfig) -> dict[str, str]:
     for key in SOURCES:
         try:
             _read(cfg, key)
-        except LorakitError as exc:
-            problems[f"data.{key}"] = str(exc)
+        except Exception as exc:  # lorakit's own errors, and whatever else a strange location raises
+            problems[f"data.{key}"] = _one_line(f"data.{key}", getattr(cfg.data, key), exc)
     return problems
+
+
+def _one_line(key: str, location: str, exc: Exception) -> str:
+    """An exception as the one line the form shows (lorakit's messages already name the key)."""
+    if isinstance(exc, LorakitError):
+        return " ".join(str(exc).split())
+    return f"{key}: '{location}' cannot be used: {' '.join(str(exc).split())[:200] or type(exc).__name__}"
 
 
 def start_problems(ws: Workspace, cfg: RunConfig, name: str) -> dict[str, str]:
@@ -100,7 +107,12 @@ def preview(cfg: RunConfig) -> dict[str, Any] | None:
     Raises:
         LorakitError: The data cannot be read or lacks a column (the message names the key).
     """
-    ds = _read(cfg, "train")
+    try:
+        ds = _read(cfg, "train")
+    except LorakitError:
+        raise
+    except Exception as exc:
+        raise LorakitError(_one_line("data.train", cfg.data.train, exc)) from None
     if ds is None:
         return None
     d, n = cfg.data, len(ds)

@@ -198,6 +198,12 @@ class RunInfo:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started)) if self.started else ""
 
     @property
+    def resumed_text(self) -> str:
+        """When the UI last resumed the run (its start time stays the first one)."""
+        resumed = self.ui.get("resumed")
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(resumed)) if resumed else ""
+
+    @property
     def duration_text(self) -> str:
         if self.seconds is None:
             return ""
