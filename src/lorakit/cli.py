@@ -225,6 +225,30 @@ def eval_(
 
 
 @app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    run_b: Annotated[
+        Path | None, typer.Argument(help="Another, scored on the same test split (default: A's base model).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparisons as JSON.")] = False,
+) -> None:
+    """Which run is better on the same test examples, and how sure: McNemar's exact test for accuracy
+    and exact match, paired bootstrap intervals for every metric; against the base model too where a
+    run scored it (train.score_base_model)."""
+    from lorakit.evaluation.paired import compare_runs, format_table
+
+    comparisons = compare_runs(run_a, run_b)
+    if not comparisons:
+        raise LorakitError(
+            f"'{run_a}' scored no base model to compare with (train.score_base_model); give a second run"
+        )
+    if as_json:
+        typer.echo(json.dumps([c.to_dict() for c in comparisons], indent=2))
+    else:
+        typer.echo(format_table(comparisons))
+
+
+@app.command()
 def predict(
     path: Annotated[Path, typer.Argument(help="Run directory or adapter directory.")],
     inputs: Annotated[
