@@ -144,8 +144,13 @@ def train(
             "resume continues a run, overwrite starts it again"
         )
     mode = "auto" if resume_or_start else resume
-    result = run_train(
-        config, overrides=set_ or [], overwrite=overwrite or None, resume=mode, progress=not no_progress
+    result = run_train(  # a process of its own: it shares the CPU cores with the user's other trainings
+        config,
+        overrides=set_ or [],
+        overwrite=overwrite or None,
+        resume=mode,
+        progress=not no_progress,
+        share_cores=True,
     )
     if not result.main:  # a data-parallel run: rank 0 reports
         return
