@@ -131,21 +131,28 @@ def binary_diff(metric: str, right_a: np.ndarray, right_b: np.ndarray) -> Metric
     )
 
 
-def _macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
-    scores = []
-    for c in np.union1d(true, pred):
-        tp = np.sum((pred == c) & (true == c))
-        denom = np.sum(pred == c) + np.sum(true == c)
-        scores.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(scores))
+def _macro_f1(true: np.ndarray, pred: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Macro F1 over the classes of integer-coded labels, along ``axis`` (resamples stacked before it)."""
+    classes = np.arange(int(max(true.max(), pred.max())) + 1)
+    t = np.expand_dims(true, -1) == classes  # (..., n, classes)
+    p = np.expand_dims(pred, -1) == classes
+    tp = np.sum(t & p, axis=axis - 1 if axis < 0 else axis)
+    denom = np.sum(t, axis=axis - 1 if axis < 0 else axis) + np.sum(p, axis=axis - 1 if axis < 0 else axis)
+    present = denom > 0  # a class neither true nor predicted in a resample does not count
+    f1 = np.where(present, 2 * tp / np.maximum(denom, 1), 0.0)
+    return f1.sum(-1) / np.maximum(present.sum(-1), 1)
 
 
 def f1_diff(true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> MetricDiff:
     """Macro F1 of A and B with a paired bootstrap CI of the difference."""
+    _, codes = np.unique(np.concatenate([true, pred_a, pred_b]), return_inverse=True)
+    t, a, b = np.split(codes, 3)
     low, high = _bootstrap(
-        (true, pred_a, pred_b), lambda t, a, b: _macro_f1(t, b) - _macro_f1(t, a), vectorized=False
+        (t, a, b),
+        lambda t, a, b, axis=-1: _macro_f1(t, b, axis) - _macro_f1(t, a, axis),
+        vectorized=True,
     )
-    return MetricDiff("f1_macro", _macro_f1(true, pred_a), _macro_f1(true, pred_b), low, high)
+    return MetricDiff("f1_macro", float(_macro_f1(t, a)), float(_macro_f1(t, b)), low, high)
 
 
 def compare_predictions(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> Comparison:
