@@ -299,6 +299,8 @@ def test_runs_page_lists_the_cli_run(page, server: Server, workspace: Path) -> N
     # the examples the adapter got most wrong (validation and test), as in the report: a header row each
     wrong = [metrics[split]["mistakes"] for split in ("validation", "test")]
     assert page.locator(".mistakes tr").count() == sum(len(w) + 1 for w in wrong if w)
+    written = {text for text, _ in make_texts(320, seed=3)}  # the reviews as written, not re-tokenised
+    assert all(m["input"] in written for w in wrong for m in w) and any(wrong)
     shot(page, "run-finished")
 
 
@@ -436,11 +438,12 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(
 def test_second_run_waits_in_the_queue_then_the_failed_one_is_deleted(
     page, server: Server, workspace: Path
 ) -> None:
-    fill_form(page, server, "q-first", **slow_form_values())
+    fill_form(page, server, "q-first", **slow_form_values(), **{"train.max_steps": "120"})
     page.click("#start")
     page.wait_for_url("**/runs/q-first")
     # one training at a time on CPU: the second waits its turn (it fails at its first evaluation)
-    fill_form(page, server, "q-second", **slow_form_values(), **{"train.metric_for_best": "bogus"})
+    fails = {"train.metric_for_best": "bogus", "train.eval_every_steps": "4"}
+    fill_form(page, server, "q-second", **slow_form_values() | fails)
     page.click("#start")
     page.wait_for_url("**/runs/q-second")
     assert page.inner_text("#status") == "queued", "q-first ended before q-second was queued"
@@ -561,6 +564,9 @@ def test_registry_publish_card_delete(page, server: Server) -> None:
     shot(page, "registry")
     page.click("text=model card")
     assert "tiny-sentiment" in page.inner_text("h1")
+    card = page.locator("#card")  # rendered: headings and a labels table, no Markdown marks
+    assert card.locator("h2").count() >= 3 and card.locator("table td").count() >= 4
+    assert "## " not in card.inner_text() and "library_name" not in card.inner_text()
     shot(page, "model-card")
     page.goto(f"{server.url}/registry")
     page.click("text=delete")

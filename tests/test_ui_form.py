@@ -4,6 +4,7 @@ help texts as text, and deleting a failed run."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -138,3 +139,28 @@ def test_failed_run_is_deleted_after_confirming(client) -> None:
     (ws / "runs" / "done" / "config.yaml").write_text("task: text-classification\n")
     refused = c.post("/runs/done/delete", data={"confirm": "yes"}, headers=SAME_SITE)
     assert refused.status_code == 400 and (ws / "runs" / "done").exists()  # a finished run is kept
+
+
+def test_thumbnails_only_of_the_images_a_run_lists(client, tmp_path: Path) -> None:
+    from PIL import Image
+
+    c, ws = client
+    picture = tmp_path / "cat.png"
+    Image.new("RGB", (300, 200), "red").save(picture)
+    run = ws / "runs" / "pictures"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: image-classification\n")
+    mistake = {
+        "input": str(picture),
+        "image": str(picture),
+        "true": "a",
+        "predicted": "b",
+        "probability": 0.9,
+    }
+    (run / "metrics.json").write_text(json.dumps({"test": {"mistakes": [mistake]}}))
+    r = c.get("/runs/pictures/thumb", params={"ref": str(picture)})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    from io import BytesIO
+
+    assert Image.open(BytesIO(r.content)).size == (96, 64)
+    assert c.get("/runs/pictures/thumb", params={"ref": "/etc/passwd"}).status_code == 400

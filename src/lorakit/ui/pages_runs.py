@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import mimetypes
 from typing import Any
@@ -161,6 +162,21 @@ def _run_actions_and_files(app: FastAPI, ws: Workspace, page: Any) -> None:
             target, media_type=mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         )
 
+    @app.get("/runs/{name}/thumb")
+    async def thumbnail(name: str, ref: str) -> Response:
+        """A small PNG of an image the run's metrics name (a mistake's example): only those, so a
+        request cannot read any other file."""
+        info = await run_in_threadpool(read_run, ws, name)
+        named = {
+            str(m.get("image"))
+            for split in ("validation", "test")
+            for m in ((info.metrics or {}).get(split) or {}).get("mistakes") or []
+            if isinstance(m, dict) and m.get("image")
+        }
+        if ref not in named:
+            raise WorkspaceError(f"run '{name}' shows no image '{ref[:80]}'")
+        return Response(await run_in_threadpool(_thumbnail, ref), media_type="image/png")
+
     @app.get("/runs/{name}/config.yaml")
     async def run_config(name: str) -> Response:
         path = ws.run_dir(name) / "config.yaml"
@@ -180,6 +196,20 @@ def _compare_page(app: FastAPI, ws: Workspace, page: Any) -> None:
             return page(request, "compare.html", runs=runs, chosen=names, result=None)
         result = await run_in_threadpool(compare_runs, ws, names)
         return page(request, "compare.html", runs=runs, chosen=names, result=result)
+
+
+def _thumbnail(ref: str, size: int = 96) -> bytes:
+    from PIL import Image
+
+    try:
+        with Image.open(ref) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+    except (OSError, ValueError) as exc:
+        raise WorkspaceError(f"image '{ref[:80]}' cannot be read: {exc}") from None
+    return buf.getvalue()
 
 
 def _stopped_at(info: RunInfo, progress: dict[str, Any]) -> int | None:

@@ -214,8 +214,9 @@ class RunInfo:
 def run_status(run: Path, ui: dict[str, Any], now: float | None = None) -> str:
     """queued / running / finished / failed / interrupted / cancelled, from the folder and the UI's record.
 
-    A run with ``metrics.json`` and ``adapter/`` finished. A run the UI started is running while its
-    process lives; afterwards its exit code decides (130: stopped, with a checkpoint). A run started
+    A run with ``metrics.json`` and ``adapter/`` finished. A run the UI started is queued until it
+    starts, then running while its process lives; afterwards its exit code decides (130: stopped,
+    with a checkpoint; 2: an error lorakit reported, failed even with a checkpoint). A run started
     from the CLI counts as running while its log or checkpoints changed in the last two minutes;
     after that it was interrupted when it left a checkpoint, else it failed.
     """
@@ -229,6 +230,8 @@ def run_status(run: Path, ui: dict[str, Any], now: float | None = None) -> str:
         return "running"
     checkpointed = has_checkpoint(run)
     code = ui.get("exit_code")
+    if code == 2:  # lorakit refused to go on (a user error): the same config fails again on resume
+        return "failed"
     if code is not None:
         return "interrupted" if checkpointed or code in (130, -2, -15) else "failed"
     if ui.get("pid"):  # started by the UI, exit code unknown (the UI was restarted meanwhile)
