@@ -438,7 +438,7 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(
 def test_second_run_waits_in_the_queue_then_the_failed_one_is_deleted(
     page, server: Server, workspace: Path
 ) -> None:
-    fill_form(page, server, "q-first", **slow_form_values(), **{"train.max_steps": "120"})
+    fill_form(page, server, "q-first", **slow_form_values() | {"train.max_steps": "80"})
     page.click("#start")
     page.wait_for_url("**/runs/q-first")
     # one training at a time on CPU: the second waits its turn (it fails at its first evaluation)
@@ -479,8 +479,13 @@ def test_two_runs_compared(page, server: Server) -> None:
     verdict = page.inner_text("#paired .verdict >> nth=0")  # the same test examples: paired
     assert "cli-run" in verdict and "form-run" in verdict and "95% CI" in verdict and "McNemar p" in verdict
     assert page.locator("#paired table.paired").count() >= 1
-    legend = page.locator(".uplot .u-legend .u-series th").all_inner_texts()
-    assert [t.strip() for t in legend if t.strip() in ("cli-run", "form-run")][:2] == ["cli-run", "form-run"]
+    # one order of runs: the tables' columns, then both charts' legends
+    columns = [
+        t.strip() for t in page.locator("#compare-metrics tr >> nth=0").locator("th").all_inner_texts()
+    ]
+    assert sorted(columns[1:]) == ["cli-run", "form-run"]
+    legend = [t.strip() for t in page.locator(".uplot .u-legend .u-series th").all_inner_texts()]
+    assert [t for t in legend if t in columns[1:]] == columns[1:] * 2
     shot(page, "compare")
     page.goto(server.url)
     shot(page, "runs")

@@ -122,17 +122,18 @@ def _read_form(ws: Workspace, form: dict[str, str], action: str) -> tuple[dict[s
 def _preview(ws: Workspace, task: str, form: dict[str, str]) -> dict[str, Any]:
     """What the data preview shows for the form's data section (an error line when it cannot)."""
     raw, problems = forms.form_to_config(task, form)
-    if problems:
-        return {"error": next(iter(problems.values()))[0]}
+    data_problems = [p for key, ps in problems.items() if key.startswith("data.") for p in ps]
+    if data_problems:
+        return {"error": data_problems[0]}
     if not (raw.get("data") or {}).get("train"):
         return {"error": "name a data.train file to see its first rows"}
     outside = forms.paths_outside({"data": raw["data"]}, ws.root)
     if outside:
         return {"error": next(iter(outside.values()))}
-    # The model does not matter for the data: any name makes the config whole.
-    raw["model"] = dict(raw.get("model") or {}) | {"name_or_path": "preview"}
+    # Only the data section matters here: any model name makes the config whole.
+    data_only = {"task": task, "data": raw["data"], "model": {"name_or_path": "preview"}}
     try:
-        return startcheck.preview(validate_config(raw, "the form")) or {
+        return startcheck.preview(validate_config(data_only, "the form")) or {
             "error": "data.train is a Hub dataset: it is downloaded when the run starts"
         }
     except ConfigError as exc:
