@@ -93,5 +93,6 @@ def test_cores_are_divided_between_trainings(tmp_path: Path) -> None:
         fixed.close()
         me.close()
         assert sorted(p.name for p in tmp_path.iterdir()) == [f"{other_pid}.json"]
+        assert torch.get_num_threads() == before  # given back
     finally:
         torch.set_num_threads(before)

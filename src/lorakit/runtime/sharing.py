@@ -60,6 +60,7 @@ class CoreShare:
         self.fixed, self.folder, self.cores = fixed, folder or registry_folder(), cores or cpu_cores()
         self.pid = os.getpid()
         self.threads: int | None = None
+        self._before: int | None = None  # torch's threads before the first change, given back on close
         self._checked = 0.0
         self.folder.mkdir(parents=True, exist_ok=True)
         self.entry = self.folder / f"{self.pid}.json"
@@ -101,6 +102,7 @@ class CoreShare:
         if n != self.threads and not self.fixed:
             import torch
 
+            self._before = torch.get_num_threads() if self._before is None else self._before
             torch.set_num_threads(n)
             others = len(self.others())
             if others or self.threads is not None:
@@ -116,4 +118,10 @@ class CoreShare:
         return n
 
     def close(self) -> None:
+        """Leave the machine's trainings; the process's threads are as they were (an API caller's
+        next training, or a test, starts from them)."""
         self.entry.unlink(missing_ok=True)
+        if self._before is not None:
+            import torch
+
+            torch.set_num_threads(self._before)
