@@ -438,31 +438,34 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(
 def test_second_run_waits_in_the_queue_then_the_failed_one_is_deleted(
     page, server: Server, workspace: Path
 ) -> None:
-    fill_form(page, server, "q-first", **slow_form_values() | {"train.max_steps": "80"})
+    # the first fails at its first evaluation (step 4); one training at a time on CPU: the second
+    # waits its turn meanwhile
+    fails = {"train.metric_for_best": "bogus", "train.eval_every_steps": "4"}
+    fill_form(page, server, "q-first", **slow_form_values() | fails)
     page.click("#start")
     page.wait_for_url("**/runs/q-first")
-    # one training at a time on CPU: the second waits its turn (it fails at its first evaluation)
-    fails = {"train.metric_for_best": "bogus", "train.eval_every_steps": "4"}
-    fill_form(page, server, "q-second", **slow_form_values() | fails)
+    fill_form(page, server, "q-second", **slow_form_values() | {"train.max_steps": "8"})
     page.click("#start")
     page.wait_for_url("**/runs/q-second")
     assert page.inner_text("#status") == "queued", "q-first ended before q-second was queued"
     assert "1 of 1 in line" in page.inner_text("#queue-place") and page.locator("#cancel").count() == 1
     shot(page, "run-queued")
-    wait_status(page, "failed", timeout=240)
+    wait_status(page, "finished", timeout=240)
     state = workspace / ".lorakit-ui"
     first, second = (json.loads((state / f"{n}.json").read_text()) for n in ("q-first", "q-second"))
-    assert first["exit_code"] == 0 and first["ended"] <= second["started"]  # started when the slot freed
+    assert first["exit_code"] == 2 and first["ended"] <= second["started"]  # started when the slot freed
+    page.goto(f"{server.url}/runs/q-first")
+    assert page.inner_text("#status") == "failed"
     assert page.locator("#resume").count() == 0  # nothing to resume: fix it in the form, or delete it
     page.click("#edit")
-    assert page.input_value("#f-run_name") == "q-second-2"
+    assert page.input_value("#f-run_name") == "q-first-2"
     assert page.input_value('[name="train.metric_for_best"]') == "bogus"
-    page.goto(f"{server.url}/runs/q-second")
+    page.goto(f"{server.url}/runs/q-first")
     page.click("#delete")
     shot(page, "run-delete-confirm")
     page.click("#confirm-delete")
-    assert "deleted run q-second" in page.inner_text("#notice")
-    assert not (workspace / "runs" / "q-second").exists() and not (state / "q-second.json").exists()
+    assert "deleted run q-first" in page.inner_text("#notice")
+    assert not (workspace / "runs" / "q-first").exists() and not (state / "q-first.json").exists()
 
 
 @pytest.mark.slow
