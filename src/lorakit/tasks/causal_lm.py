@@ -851,6 +851,14 @@ class CausalLM(Task):
         em = exact_match(refs, outs)
         if em is not None:
             metrics["exact_match"] = em
+            # each answer's exact match, in split order (with its reference): what `lorakit compare` pairs
+            metrics["predictions"] = {
+                "reference": list(refs),
+                "exact_match": [
+                    float(exact_match([r], [o]) or 0.0) if r else None
+                    for r, o in zip(refs, outs, strict=True)
+                ],
+            }
         metrics["samples"] = [
             {"prompt": processor.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
             for p, r, o in list(zip(prompts, refs, outs, strict=True))[:8]
