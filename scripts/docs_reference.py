@@ -159,7 +159,7 @@ def config_reference() -> str:
     ]
     for key, model, note in sections:
         out += [f"## `{key}:`", "", _cell(model.__doc__ or "") + (f" ({note})" if note else ""), ""]
-        out += field_table(model, key) + [""]
+        out += [*field_table(model, key), ""]
     for name in task_names():
         task = task_class(name)
         out += [f"## Task `{name}` {{#task-{name}}}", "", _cell(task.__doc__ or ""), ""]
@@ -169,7 +169,7 @@ def config_reference() -> str:
         ):
             names = _differs(own, base)
             if names:
-                out += [f"`{key}:` fields of this task:", ""] + field_table(own, key, names) + [""]
+                out += [f"`{key}:` fields of this task:", "", *field_table(own, key, names), ""]
     out += ["## `tune:`", "", _cell(TuneConfig.__doc__ or ""), "", *field_table(TuneConfig, "tune"), ""]
     out += [
         "Each entry of `tune.space` (a config key such as `lora.r`) is:",
@@ -194,7 +194,11 @@ def _param_row(param: Any, ctx: Any) -> str:
         help_text = " ".join([param.help or "", *extra])
         return f"| {name} | {kind} | {_cell(help_text)} |"
     decl, help_text = param.get_help_record(ctx)
-    kind = ("flag" if getattr(param, "is_flag", False) else "option") + (", repeatable" if param.multiple else "") + (", required" if param.required else "")
+    kind = (
+        ("flag" if getattr(param, "is_flag", False) else "option")
+        + (", repeatable" if param.multiple else "")
+        + (", required" if param.required else "")
+    )
     return f"| `{_cell(decl)}` | {kind} | {_cell(help_text)} |"
 
 

@@ -41,9 +41,9 @@ def _extras() -> dict[str, list[str]]:
     for line in metadata.requires("lorakit") or []:
         req = Requirement(line)
         for extra in extras:
-            if req.marker is not None and req.marker.evaluate({"extra": extra}):
-                if _version(req.name) is None:
-                    missing[extra].append(req.name)
+            wanted = req.marker is not None and req.marker.evaluate({"extra": extra})
+            if wanted and _version(req.name) is None:
+                missing[extra].append(req.name)
     return missing
 
 
@@ -131,8 +131,10 @@ def environment_report() -> dict[str, Any]:
             **{k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
         },
         **_precision(),
-        "extras": {extra: ("installed" if not lacks else "missing " + ", ".join(lacks))
-                   for extra, lacks in _extras().items()},
+        "extras": {
+            extra: ("installed" if not lacks else "missing " + ", ".join(lacks))
+            for extra, lacks in _extras().items()
+        },
         "folders": {
             "cache": str(cache_root()),
             "gguf_cache": str(cache_root() / "gguf")
@@ -155,7 +157,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             if not value:
                 flat.append(("gpus", "none"))
             for i, gpu in enumerate(value):
-                flat.append((f"gpu {i}", f"{gpu['name']}, {gpu['memory_gib']} GiB, capability {gpu['capability']}"))
+                flat.append(
+                    (f"gpu {i}", f"{gpu['name']}, {gpu['memory_gib']} GiB, capability {gpu['capability']}")
+                )
         else:
             flat.append((prefix, "not installed" if value is None else str(value)))
 
