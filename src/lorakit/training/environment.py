@@ -55,7 +55,17 @@ def _cpu_name() -> str:
             return found.group(1).strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.machine()  # (platform.processor() would start `uname -p`)
+
+
+def _os_name() -> str:
+    """Kernel, release and machine, plus the distribution's name where it says one (no subprocess)."""
+    u = os.uname()
+    try:
+        distro = platform.freedesktop_os_release().get("PRETTY_NAME", "")
+    except OSError:
+        distro = ""
+    return f"{u.sysname} {u.release} {u.machine}" + (f" ({distro})" if distro else "")
 
 
 def _cpu() -> dict[str, Any]:
@@ -106,8 +116,6 @@ def environment_report() -> dict[str, Any]:
         A mapping of versions, platform, CPU, GPUs, threads, the precision ``auto`` picks, the extras
         (each with the packages it lacks) and lorakit's folders.
     """
-    from lorakit import __version__
-
     hf_cache = None
     try:
         from huggingface_hub import constants
@@ -117,9 +125,9 @@ def environment_report() -> dict[str, Any]:
         pass
     registry = default_root()
     return {
-        "lorakit": __version__,
+        "lorakit": _version("lorakit"),
         "python": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
-        "os": platform.platform(),
+        "os": _os_name(),
         "libraries": {name: _version(name) for name in LIBRARIES},
         "cuda": torch.version.cuda or "none (a CPU build of torch)",
         "cpu": _cpu(),
