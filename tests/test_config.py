@@ -139,7 +139,7 @@ def test_a_task_owns_its_fields_and_the_error_names_the_owner(tmp_path: Path) ->
     assert err.value.problems == [
         "data.image_size: unknown key; it belongs to task image-classification, not text-classification",
         "data.max_lenght: unknown key; did you mean 'max_length'?",
-        "train.generation_samples: unknown key; it belongs to task causal-lm / preference, not "
+        "train.generation_samples: unknown key; it belongs to task causal-lm / preference / grpo, not "
         "text-classification",
     ]
     lm = load_config(_write(tmp_path, MINIMAL), ["task=causal-lm", "train.generation_samples=8"])

@@ -87,6 +87,24 @@ def _tags(folder: Path, models: dict[str, Path]) -> Path:
     return path
 
 
+def _prompts(folder: Path, models: dict[str, Path]) -> Path:
+    rows = [
+        {"prompt": r["messages"][0]["content"], "answer": r["messages"][1]["content"]}
+        for r in make_chat_rows(32)
+    ]
+    data = _jsonl(folder / "prompts.jsonl", rows)
+    train = {
+        **QUICK,
+        "generation_samples": 2,
+        "num_generations": 2,
+        "max_completion_length": 2,
+        "rewards": [{"function": "exact_match", "column": "answer"}],
+    }
+    path = make_lm_config(folder, models["llama"], data, train=train, output={"report": False})
+    path.write_text(path.read_text().replace("causal-lm", "grpo"))
+    return path
+
+
 #: How to train a tiny adapter of each registered task.
 BUILDERS: dict[str, Callable[[Path, dict[str, Path]], Path]] = {
     "text-classification": _text,
@@ -94,6 +112,7 @@ BUILDERS: dict[str, Callable[[Path, dict[str, Path]], Path]] = {
     "causal-lm": _chat,
     "preference": _pairs,
     "token-classification": _tags,
+    "grpo": _prompts,
 }
 
 

@@ -25,25 +25,33 @@ def _plot_history(history: list[dict[str, Any]], out: Path, curve_metrics: tuple
     if not train and not val:
         return None
     metric_keys = [k for k in curve_metrics if val and k in val[0]]
-    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(11 if metric_keys else 6, 4), squeeze=False)
+    # metrics an online task logs while it trains (its rewards), drawn beside the validation ones
+    train_keys = [k for k in curve_metrics if any(k in r for r in train)]
+    panels = bool(metric_keys or train_keys)
+    fig, axes = plt.subplots(1, 2 if panels else 1, figsize=(11 if panels else 6, 4), squeeze=False)
     ax = axes[0][0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
+    val_loss = [r for r in val if "loss" in r]
+    if val_loss:
+        ax.plot([r["step"] for r in val_loss], [r["loss"] for r in val_loss], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    if metric_keys:
+    if panels:
         ax = axes[0][1]
+        for k in train_keys:
+            rows = [r for r in train if k in r]  # rows of steps that generated (RL: the first of its passes)
+            ax.plot([r["step"] for r in rows], [r[k] for r in rows], alpha=0.6, label=f"train {k}")
         for k in metric_keys:
             ax.plot([r["step"] for r in val], [r[k] for r in val], "o-", label=k)
         values = [r[k] for r in val for k in metric_keys]
+        values += [r[k] for r in train for k in train_keys if k in r]
         if all(0 <= v <= 1 for v in values):  # shares: show them on the full 0-1 scale
             ax.set_ylim(max(0.0, min(values) - 0.1), 1.0)
-        if len(val) == 1:  # one evaluation: a point on a step axis from 0, its values written beside it
+        if len(val) == 1 and not train_keys:  # one evaluation: a point from step 0, its values beside it
             ax.set_xlim(0, val[0]["step"] * 1.25 or 1)
             for k in metric_keys:
                 ax.annotate(
@@ -55,7 +63,7 @@ def _plot_history(history: list[dict[str, Any]], out: Path, curve_metrics: tuple
                 )
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("optimizer step")
-        ax.set_title("Validation metrics")
+        ax.set_title("Validation metrics" if not train_keys else "Metrics")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

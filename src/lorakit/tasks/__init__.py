@@ -27,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "causal-lm": "lorakit.tasks.causal_lm:CausalLM",
     "preference": "lorakit.tasks.preference:Preference",
     "token-classification": "lorakit.tasks.token_classification:TokenClassification",
+    "grpo": "lorakit.tasks.grpo:GRPO",
 }
 
 

@@ -187,6 +187,37 @@ class Task(ABC):
         """The mean training loss of a collated batch."""
         return model(**batch).loss
 
+    def loss_with_metrics(
+        self, model: torch.nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:meth:`loss` and what the training log shows of the batch beside it (averaged over the
+        micro-batches of each logged row): nothing by default; an RL task adds its KL and clip ratio."""
+        return self.loss(model, batch), {}
+
+    def rollout(
+        self, model: torch.nn.Module, batch: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """The training batch made from a collated one, with the model as it is now, and its metrics.
+        The identity for tasks that learn from fixed examples; an online (RL) task generates answers
+        here, scores them and returns them with their advantages. Runs once per batch, under
+        ``no_grad`` where the task says so, before the :meth:`updates_per_batch` optimizer steps on it."""
+        return batch, {}
+
+    def updates_per_batch(self, train_cfg: TrainConfig) -> int:
+        """Optimizer steps made on each (accumulated) batch of :meth:`rollout`: 1, except for online
+        tasks that reuse their generated answers (GRPO's ``num_iterations``)."""
+        return 1
+
+    def helper_adapters(self, cfg: RunConfig) -> dict[str, str]:
+        """Other lorakit adapters the task uses while training (a classifier as a reward model, say), as
+        ``{config key: folder}``; the recipe loads each on the run's device and hands them to
+        :meth:`use_helpers`. None by default."""
+        return {}
+
+    def use_helpers(self, loaded: dict[str, Any]) -> None:
+        """Receive the adapters :meth:`helper_adapters` named, loaded (``{config key: LoadedAdapter}``)."""
+        return None
+
     def loss_units(self, batch: dict[str, Any]) -> int:
         """What :meth:`loss` averages over (here: the batch's examples); data-parallel ranks weight
         their losses by it, so that the averaged gradient is the single-process one."""

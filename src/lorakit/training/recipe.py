@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from lorakit.adapters import folder as artifacts
-from lorakit.adapters.build import build_model, open_base, resolve_config
+from lorakit.adapters.build import build_model, load_adapter, open_base, resolve_config
 from lorakit.adapters.card import model_card
 from lorakit.config.loading import load_config
 from lorakit.config.schema import RunConfig, load_yaml
@@ -169,6 +169,7 @@ class Recipe:
         self.state = TrainState()
         self.eval_seconds = 0.0  # seconds this process spent evaluating
         self.clock_offset = 0.0  # training seconds before a resume
+        self.save_due = False  # a periodic checkpoint fell inside a group of passes
         self.initial: tempfile.TemporaryDirectory | None = None
         self.trackers: list[Callback] = []
         self.lock: rundir.RunLock | None = None
@@ -192,6 +193,7 @@ class Recipe:
         )
         self._setup_data()
         self._setup_model()
+        self._setup_helpers()
         self._setup_run_dir()
         self._setup_optimizer()
         self._restore()
@@ -240,6 +242,22 @@ class Recipe:
             self.initial = tempfile.TemporaryDirectory(prefix="lorakit-initial-")
             self.model.save_pretrained(str(Path(self.initial.name) / "initial"), safe_serialization=True)
         self.fingerprint = modeling.model_fingerprint(self.base.path, self.model.get_base_model())
+
+    def _setup_helpers(self) -> None:
+        """The other adapters the task trains with (reward models), checked and loaded before the run
+        folder is touched."""
+        wanted = self.task.helper_adapters(self.cfg)
+        if not wanted:
+            return
+
+        loaded = {}
+        for key, location in wanted.items():
+            try:
+                loaded[key] = load_adapter(location, device=self.device.type)
+            except LorakitError as exc:
+                raise LorakitError(f"{key}: {exc}") from None
+            loaded[key].model.eval()
+        self.task.use_helpers(loaded)
 
     def _setup_run_dir(self) -> None:
         run = Path(self.cfg.output.dir)
@@ -327,7 +345,11 @@ class Recipe:
         self.lengths = (
             self.train_ds["length"] if "length" in self.train_ds.column_names else [1] * len(self.train_ds)
         )
-        self.steps_per_epoch, self.total_steps = optimizer_steps(len(self.train_ds), t, world.size)
+        # An online task (RL) may make several optimizer updates on each batch it generated.
+        self.passes = self.task.updates_per_batch(t)
+        batches_per_epoch, _ = optimizer_steps(len(self.train_ds), t, world.size)
+        self.steps_per_epoch = batches_per_epoch * self.passes
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         self.optimizer, self.scheduler, self.scaler = make_optimizer(
             self.model,
             t,
@@ -407,7 +429,8 @@ class Recipe:
 
     def train_epoch(self) -> None:
         """The micro-batches of one epoch from the current data position; an optimizer step every
-        ``gradient_accumulation_steps`` of them (and at the epoch's end)."""
+        ``gradient_accumulation_steps`` of them (and at the epoch's end), made ``self.passes`` times on
+        the same batches where the task asks for it (PPO-style updates of online tasks)."""
         s, t = self.state, self.cfg.train
         # The global micro-batches of batch_size x processes examples; each rank takes its rows.
         batches = train_batches(
@@ -417,30 +440,61 @@ class Recipe:
             epoch=s.epoch,
             group_by_length=t.group_by_length,
         )
+        group: list[list[int]] = []
         for micro, global_idx in enumerate(batches):
             if micro < s.micro:  # resumed: these batches were trained on before the checkpoint
                 continue
-            boundary = not (micro + 1) % t.gradient_accumulation_steps or micro == len(batches) - 1
-            self.backward(global_idx, boundary)
-            if not boundary:
+            group.append(global_idx)
+            if (micro + 1) % t.gradient_accumulation_steps and micro != len(batches) - 1:
                 continue
-            self.optimizer_step()
-            s.micro = micro + 1
-            self.after_step(s.epoch + (micro + 1) / len(batches))
+            self.train_group(group, micro + 1, s.epoch + (micro + 1) / len(batches))
+            group = []
             if s.step >= self.total_steps or s.stop:
                 break
 
-    def backward(self, global_idx: list[int], boundary: bool) -> None:
-        """Forward and backward of this rank's rows of one global micro-batch."""
-        s, t, world = self.state, self.cfg.train, self.world
-        mine = distributed.shard(global_idx, world)
+    def train_group(self, group: list[list[int]], next_micro: int, epoch: float) -> None:
+        """The optimizer step(s) on one group of accumulated micro-batches. The task makes each batch
+        once (:meth:`~lorakit.tasks.base.Task.rollout`: an online task generates and scores answers
+        here); every further pass reuses them. Checkpoints and stop requests wait for the group's last
+        pass, so a resume starts at a group's beginning, with the random state of then."""
+        s = self.state
+        made: list[tuple[dict[str, Any], int, int]] = []
+        for p in range(self.passes):
+            for i, global_idx in enumerate(group):
+                if p == 0:
+                    made.append(self.make_batch(global_idx))
+                self.backward(*made[i], boundary=i == len(group) - 1)
+            self.optimizer_step()
+            last = p == self.passes - 1 or s.step >= self.total_steps
+            if last:
+                s.micro = next_micro
+            self.after_step(epoch, group_done=last)
+            if s.step >= self.total_steps or s.stop:
+                return
+
+    def make_batch(self, global_idx: list[int]) -> tuple[dict[str, Any], int, int]:
+        """(this rank's model batch of one global micro-batch, its loss units, the global row count)."""
+        mine = distributed.shard(global_idx, self.world)
         batch = to_device(
             self.train_collate(take(self.train_ds, mine or global_idx[:1])), self.device
         )  # a rank left without rows runs one at weight 0
-        units = self.task.loss_units(batch) if mine else 0
+        with autocast(self.device, self.amp):
+            batch, metrics = self.task.rollout(self.model, batch)
+        self.add_train_metrics(metrics)
+        return batch, self.task.loss_units(batch) if mine else 0, len(global_idx)
+
+    def add_train_metrics(self, metrics: dict[str, float]) -> None:
+        """Sum a micro-batch's task metrics (rewards, KL, ...) into the next logged training row."""
+        for k, v in metrics.items():
+            total, n = self.state.running_metrics.get(k, (0.0, 0))
+            self.state.running_metrics[k] = (total + float(v), n + 1)
+
+    def backward(self, batch: dict[str, Any], units: int, rows: int, boundary: bool) -> None:
+        """Forward and backward of this rank's part of one global micro-batch (``rows`` rows in all)."""
+        s, t, world = self.state, self.cfg.train, self.world
         # Gradients are averaged over the ranks only at the optimizer step; accumulation steps stay local.
         with distributed.sync_gradients(self.forward, world, boundary), autocast(self.device, self.amp):
-            loss = self.task.loss(self.forward, batch)
+            loss, metrics = self.task.loss_with_metrics(self.forward, batch)
             # This rank's mean loss, weighted by its share of the global batch's examples (or label
             # tokens): DDP's gradient average is then the single-process gradient.
             units_all, loss_sum = distributed.all_sum([units, float(loss.detach()) * units], self.device)
@@ -457,8 +511,9 @@ class Recipe:
                 f"or use mixed_precision: no{kept}"
             )
         self.scaler.scale(scaled / t.gradient_accumulation_steps).backward()
-        s.running_loss += global_loss * len(global_idx)
-        s.running_n += len(global_idx)
+        self.add_train_metrics(metrics)
+        s.running_loss += global_loss * rows
+        s.running_n += rows
 
     def optimizer_step(self) -> None:
         t = self.cfg.train
@@ -474,14 +529,18 @@ class Recipe:
         self.state.step += 1
         self.events.on_step(self.state.step)
 
-    def after_step(self, epoch: float) -> None:
-        """Logging, evaluation and checkpoints that fall on the step just made."""
+    def after_step(self, epoch: float, *, group_done: bool = True) -> None:
+        """Logging, evaluation and checkpoints that fall on the step just made (a checkpoint due
+        before the end of a group of passes is written at its end, see :meth:`train_group`)."""
         step, t = self.state.step, self.cfg.train
         if step % t.logging_steps == 0 or step == self.total_steps:
             self.log_train_loss(epoch)
         if t.eval_every_steps and step % t.eval_every_steps == 0:
             self.evaluate(epoch)
-        if t.save_every_steps and step % t.save_every_steps == 0:
+        self.save_due |= bool(t.save_every_steps) and step % t.save_every_steps == 0
+        if not group_done:
+            return
+        if self.save_due:
             self.save_checkpoint()
         if self.stop_request and self.stop_request.requested and step < self.total_steps:
             self.save_checkpoint()  # the same state a periodic checkpoint holds: resume is exact
@@ -501,6 +560,8 @@ class Recipe:
         s = self.state
         avg, lr = s.running_loss / max(1, s.running_n), self.scheduler.get_last_lr()[0]
         row = {"step": s.step, "epoch": round(epoch, 4), "split": "train", "loss": avg, "lr": lr}
+        row |= {k: total / max(1, n) for k, (total, n) in sorted(s.running_metrics.items())}
+        s.running_metrics = {}
         s.history.append(row)
         log.log(
             logging.DEBUG if self.progress else logging.INFO,
@@ -590,6 +651,7 @@ class Recipe:
     def save_checkpoint(self) -> None:
         """Write the training state, weights, optimizer, schedule and scaler (rank 0; collectives on all)."""
         s = self.state
+        self.save_due = False
         s.rng_ranks = distributed.gather(
             checkpoint.rng_state(), self.world
         )  # each rank draws its own dropout masks

@@ -30,6 +30,7 @@ class TrainState:
     evals_without_gain: int = 0
     running_loss: float = 0.0  # loss summed over the examples since the last logged row
     running_n: int = 0
+    running_metrics: dict[str, tuple[float, int]] = field(default_factory=dict)  # task metrics: (sum, n)
     run_seconds: float = 0.0  # training time so far, evaluations left out (carried over a resume)
     rng_ranks: list[dict[str, Any]] = field(default_factory=list)  # each process's random generators
 
