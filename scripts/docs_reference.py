@@ -45,7 +45,7 @@ def type_name(annotation: Any) -> str:
         inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
         return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "mapping"
+        return annotation.__name__
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -105,13 +105,16 @@ def field_table(model: type[BaseModel], prefix: str, only: set[str] | None = Non
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             nested.append((f"{prefix}.{name}", annotation))
+        for item in typing.get_args(annotation) if typing.get_origin(annotation) is list else ():
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                nested.append((f"{prefix}.{name}[]", item))  # each entry of a list of mappings
         rows.append(
             f"| `{prefix}.{name}` | {_cell(type_name(annotation))} | {_cell(default_text(field))} "
             f"| {_cell(allowed_values(field))} | {_cell(field.description or '')} |"
         )
     lines = rows
     for key, sub in nested:
-        lines += ["", f"`{key}` ({_cell(sub.__doc__ or '')}):", "", *field_table(sub, key)]
+        lines += ["", f"`{key}`: {_cell(sub.__doc__ or '')}", "", *field_table(sub, key)]
     return lines
 
 
