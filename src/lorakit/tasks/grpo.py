@@ -361,19 +361,63 @@ def completion_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float
 ) -> torch.Tensor:
     """log pi(y_t | x, y_<t) of every answer token [N, T], from logits / temperature. Positions follow the
-    attention mask (left-padded prompts keep the positions they had when sampled)."""
-    ids, attn = batch["input_ids"], batch["attention_mask"]
+    attention mask (left-padded prompts keep the positions they had when sampled). When the batch's rows
+    come in groups that share their prompt (``group_size`` G > 1, as rollouts make them), each prompt runs
+    through the model once and its keys and values serve the G answers (:func:`_shared_prompt_logits`)."""
     t = batch["completion_mask"].shape[1]
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    try:
-        logits = model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=t + 1
-        )
-    except TypeError:  # a model without logits_to_keep
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-    logits = logits.logits[:, -(t + 1) : -1].float() / temperature
-    targets = ids[:, -t:]
+    if batch.get("group_size", 1) > 1 and _can_share_prompts(model):
+        logits = _shared_prompt_logits(model, batch, t)
+    else:
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        try:
+            out = model(
+                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=t + 1
+            )
+        except TypeError:  # a model without logits_to_keep
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        logits = out.logits[:, -(t + 1) : -1]
+    logits = logits.float() / temperature
+    targets = batch["input_ids"][:, -t:]
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _can_share_prompts(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward can take a prompt cache with gradients: not under DDP / FSDP (one
+    forward per backward) nor with gradient checkpointing in training (no cache where layers replay)."""
+    if hasattr(model, "module"):
+        return False
+    return not (model.training and getattr(model, "is_gradient_checkpointing", False))
+
+
+def _shared_prompt_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], t: int) -> torch.Tensor:
+    """The logits [N, T, V] that predict each answer token, with each group's prompt run once: prompts
+    [B, P] (every G-th row) with ``use_cache``, the cache repeated G times, then the answers [N, T] on
+    top of it. The cached keys and values keep their gradients, so the loss reaches the prompt's share
+    of the LoRA weights as in the full pass; the logits are the full pass's up to float rounding."""
+    g = batch["group_size"]
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    width = ids.shape[1] - t
+    prompt_ids, prompt_mask = ids[::g, :width], attn[::g, :width]
+    prompt = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = prompt.cache if hasattr(prompt, "cache") else prompt.past_key_values  # transformers >= 5.x: cache
+    cache.batch_repeat_interleave(g)
+    start = prompt_mask.sum(1).repeat_interleave(g)  # each answer's first position
+    answers = model(
+        input_ids=ids[:, width:],
+        attention_mask=attn,
+        position_ids=start[:, None] + torch.arange(t, device=ids.device)[None, :],
+        logits_to_keep=t,
+        **{"cache" if hasattr(prompt, "cache") else "past_key_values": cache},
+    )
+    first = prompt.logits[:, -1:].repeat_interleave(g, 0)  # the prompt's last position: the first token
+    return torch.cat([first, answers.logits[:, :-1]], 1)
 
 
 class GRPO(CausalLM):
@@ -676,6 +720,7 @@ class GRPO(CausalLM):
             "attention_mask": torch.cat([mask, answer_mask], 1),
             "completion_mask": loss_mask,
             "advantages": advantages.to(ids.device),
+            "group_size": g,  # rows i*g ... i*g + g - 1 answer the same prompt
         }
         with torch.no_grad():
             if cfg.num_iterations > 1:
