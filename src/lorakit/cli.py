@@ -854,6 +854,18 @@ def ui(
     )
 
 
+@app.command()
+def env(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """What a bug report needs: versions, Python, OS, CPU (bf16 / AMX) or GPUs, threads, what
+    `mixed_precision: auto` picks here, installed extras, cache and registry folders."""
+    from lorakit.training.environment import environment_report, report_lines
+
+    report = environment_report()
+    typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(report_lines(report)))
+
+
 def _stop_cleanly_on_sigterm() -> None:
     """SIGTERM ends `serve` with exit code 0 once uvicorn has answered the requests in flight.
 

@@ -70,52 +70,73 @@ class DataConfig(Section):
     fields (columns, lengths, image sizes, prompt formats) are on its subclass in ``lorakit/tasks/``."""
 
     train: str = Field(
-        description="Training data: a csv/json/jsonl/parquet file (or glob), a pkg:// path, "
-        "or a Hub dataset name."
+        description="Training data: a csv/tsv/json/jsonl/parquet file or glob, a pkg:// path inside an "
+        "installed package, or a Hub dataset name. Always set.",
     )
     validation: str | None = Field(
         None,
-        description="Validation data; when unset a seeded split of `train` of size "
-        "`validation_size` is used.",
+        description="Validation data in the format of `train`, scored at each evaluation to pick the best "
+        "adapter; unset = a seeded split of `train` (`validation_size`). Set it when you have a "
+        "fixed validation set.",
     )
     test: str | None = Field(
         None,
-        description="Held-out test data, scored once at the end; "
-        "when unset and `test_size` > 0, split from `train`.",
+        description="Held-out test data, scored once at the end; unset = a split of `train` when `test_size` "
+        "> 0, else no test. Set it to report results on a fixed test set.",
     )
     format: Literal["auto", "csv", "json", "jsonl", "parquet", "imagefolder", "idx", "hub"] = Field(
         "auto",
-        description="Data format; `auto` decides by extension (a folder is an image folder with "
-        "one sub-folder per class, `*-images-idx3-ubyte[.gz]` is MNIST-style idx), anything "
-        "else without a file is a Hub name.",
+        description="How to read the data files; `auto` decides by extension (a folder of class sub-folders "
+        "is an image folder, `*-images-idx3-ubyte[.gz]` is MNIST-style idx, a name that is no "
+        "file is a Hub dataset). Change it only for files whose extension does not say their "
+        "format.",
     )
-    hub_split: str = Field("train", description="Which split of a Hub dataset `train` names.")
+    hub_split: str = Field(
+        "train",
+        description="Which split of the Hub dataset named by `train` to read (e.g. train, validation). Change"
+        " it for datasets whose training split has another name.",
+    )
     label_names: list[str] | None = Field(
-        None, description="Names for integer labels 0..K-1, in order (e.g. [negative, positive])."
+        None,
+        description="Class names for integer labels 0..K-1, in id order (e.g. [negative, positive]); used in "
+        "reports, predictions and the model card. Set it when the label column holds integers.",
     )
     where: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keep only rows whose columns equal these values, e.g. {source: imdb}.",
+        description="Keep only the rows whose columns equal these values, e.g. {source: imdb}. Use it to "
+        "train on part of a file without editing it.",
     )
     validation_size: float = Field(
         0.1,
         gt=0,
-        description="Share (0-1) or count (>= 1) of `train` held out for validation when "
-        "`validation` is unset.",
+        description="Share (below 1) or number (1 or more) of `train` rows held out for validation when "
+        "`validation` is unset, split per class. Lower it for small data sets, raise it for "
+        "steadier best-adapter choice.",
     )
     test_size: float = Field(
         0,
         ge=0,
-        description="Share (0-1) or count (>= 1) of `train` held out as a test split when "
-        "`test` is unset; 0 = none.",
+        description="Share (below 1) or number (1 or more) of `train` rows held out as the test split when "
+        "`test` is unset; 0 = no test split. Set it to get a held-out score without a separate "
+        "file.",
     )
     max_train_samples: int | None = Field(
-        None, ge=1, description="Use at most this many training examples (seeded sample)."
+        None,
+        ge=1,
+        description="Train on at most this many examples (a seeded sample); unset = all. Use it for quick "
+        "trial runs before the full one.",
     )
     max_eval_samples: int | None = Field(
-        None, ge=1, description="Use at most this many validation and test examples each."
+        None,
+        ge=1,
+        description="Score at most this many validation and test examples each (a seeded sample); unset = "
+        "all. Lower it when evaluations take too long.",
     )
-    seed: int = Field(42, description="Seed of splits and sampling: the same seed gives the same examples.")
+    seed: int = Field(
+        42,
+        description="Seed of the splits and samples: the same seed gives the same examples. Change it to see "
+        "how much results depend on the split.",
+    )
 
     _locations = field_validator("train", "validation", "test")(_pkg_form("data"))
 
@@ -134,41 +155,58 @@ class TokenizedDataConfig(DataConfig):
     """Data of the tasks that read tokenized text."""
 
     max_length: int = Field(
-        256, ge=8, le=32768, description="Tokens per example; longer inputs are truncated."
+        256,
+        ge=8,
+        le=32768,
+        description="Tokens per example; longer inputs are truncated (see `truncation`), shorter ones padded "
+        "per batch. Raise it for long texts (memory and time grow with it), lower it to train "
+        "faster.",
     )
     pad_to_multiple_of: int | None = Field(
         32,
         ge=1,
         le=1024,
-        description="Pad each batch to its longest example rounded up to a multiple of this, so "
-        "batches come in few shapes and the memory of CPU kernels' caches and of the heap stops growing "
-        "over a run (MiniLM, 60 bf16 steps: peak RSS 1611 instead of 2322 MB, 0.87x the step time; "
-        "bench/train_memory.py, BENCHMARKS.md); null = exactly the longest example.",
+        description="Each batch is padded to its longest example rounded up to a multiple of this many "
+        "tokens, so batches come in few shapes and memory stays flat over a run; null = exactly "
+        "the longest example. Rarely worth changing.",
     )
 
 
 class ModelConfig(Section):
     """The pretrained base model."""
 
-    name_or_path: str = Field(description="A local folder, a pkg:// path or a Hugging Face Hub id.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
+    name_or_path: str = Field(
+        description="The pretrained base model: a local folder, a pkg:// path, a Hugging Face Hub id, a .gguf"
+        " file, or `zoo:<name>` for lorakit's model zoo. Always set.",
+    )
+    revision: str | None = Field(
+        None,
+        description="Hub revision of the model (branch, tag or commit id); unset = the default branch. Pin it"
+        " to make runs reproducible.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow Python code shipped in the Hub repository to run when the model is loaded. Only "
+        "for models you trust whose architecture transformers does not include.",
+    )
     gguf_file: str | None = Field(
         None,
-        description="GGUF file inside the model folder (dequantised on load); found automatically "
-        "when `name_or_path` is a .gguf file or a folder with exactly one.",
+        description="The GGUF file inside the `name_or_path` folder (dequantised on load); found "
+        "automatically when `name_or_path` is a .gguf file or a folder with exactly one. Set it "
+        "when a folder holds several.",
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
-        "none", description="Load the frozen base in 4 / 8 bits (QLoRA; needs a CUDA GPU and bitsandbytes)."
+        "none",
+        description="Load the frozen base in 4 or 8 bits (QLoRA) to fit larger models in GPU memory; needs a "
+        "CUDA GPU and bitsandbytes. Leave `none` on CPUs.",
     )
     dropout: float | None = Field(
         0.0,
         ge=0,
         lt=1,
-        description="Override every dropout probability of the base model (hidden, attention, "
-        "classifier); null keeps the model's own. The default 0 halves the step time on CPUs "
-        "(dropout masks are costly there), saves the masks' memory, and cost no accuracy in "
-        "one-epoch LoRA runs (BENCHMARKS.md, quality).",
+        description="Set every dropout probability of the base model (hidden, attention, classifier); null "
+        "keeps the model's own. The default 0 makes CPU steps much faster and cost no accuracy in"
+        " short LoRA runs; raise it for long runs on small data.",
     )
 
     _location = field_validator("name_or_path")(_pkg_form("model"))
@@ -177,107 +215,178 @@ class ModelConfig(Section):
 class LoraSettings(Section):
     """LoRA hyperparameters (passed to peft.LoraConfig)."""
 
-    r: int = Field(8, ge=1, le=4096, description="Rank of the update matrices.")
+    r: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="Rank of the LoRA update matrices: more rank, more trainable parameters and capacity. "
+        "Raise it (16, 32) when the adapter underfits a large data set.",
+    )
     alpha: float = Field(
         16,
         gt=0,
-        description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).",
+        description="Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with "
+        "`use_rslora`). Usually twice `r`; raise it to make the update stronger at the same rank.",
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout probability on the input of each LoRA update. Raise it (0.05-0.1) against "
+        "overfitting on small data.",
+    )
     target_modules: list[str] | str | None = Field(
         None,
-        description="Module name suffixes to adapt, a regex string, or `all-linear`; unset = "
-        "the default for the architecture.",
+        description="The layers that get LoRA: module name suffixes (e.g. [query, value]), a regex string, or"
+        " `all-linear`; unset = the architecture's default (every linear layer of the blocks for "
+        "known models). A wrong name is an error listing the model's layers.",
     )
     layers: list[int] | None = Field(
         None,
         min_length=1,
-        description="Adapt only these blocks of the model (0 = the lowest, -1 = the top one; "
-        "e.g. [-3, -2, -1] for the top three); unset = every block. Fewer adapted blocks make the "
-        "backward pass shorter (it stops at the lowest adapted block) at some cost in accuracy.",
+        description="Adapt only these blocks (0 = the lowest, -1 = the top one; e.g. [-3, -2, -1]); unset = "
+        "every block. Fewer blocks make training faster (the backward pass stops at the lowest "
+        "one) at some cost in accuracy.",
     )
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none",
+        description="Which biases are trained with the adapter: `none`, `all`, or `lora_only` (those of "
+        "adapted layers). Leave `none` unless you have a reason.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r, which "
+        "keeps large ranks from learning too slowly. Try it with ranks of 32 and more.",
+    )
+    use_dora: bool = Field(
+        False,
+        description="Weight-decomposed LoRA (DoRA): learns a magnitude per output as well as a direction; "
+        "somewhat more memory and time per step. Try it when plain LoRA falls short of full fine-"
+        "tuning.",
+    )
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
         "default",
-        description="Initialisation of the update matrices: `default` (A random, B zero), "
-        "`gaussian`, `pissa` (A and B from the weight's top singular vectors; exact SVD, slow "
-        "on large models) or `olora` (QR). PiSSA / OLoRA move part of the base weights into the "
-        "adapter while training; the saved adapter is converted to a plain LoRA adapter of rank "
-        "2r that applies to the original base model.",
+        description="How the update matrices start: `default` (A random, B zero: the adapter starts as a no-"
+        "op), `gaussian`, `pissa` (from the weight's top singular vectors; exact SVD, slow on "
+        "large models) or `olora` (QR). PiSSA / OLoRA adapters are saved as plain LoRA of rank 2r"
+        " for the original base.",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
-        description="Extra modules trained fully and saved; the task head is always added.",
+        description="Further modules trained in full and saved with the adapter (the task's new head always "
+        "is). Add e.g. an embedding layer when new tokens must be learned.",
     )
     batch_norm: Literal["train", "freeze"] = Field(
         "train",
-        description="BatchNorm layers (CNNs): `train` trains them and saves them with the "
-        "adapter (their running statistics follow the new data); `freeze` keeps the pretrained "
-        "statistics and weights (pure LoRA).",
+        description="BatchNorm layers of CNNs: `train` trains them and saves them with the adapter (their "
+        "statistics follow your data); `freeze` keeps the pretrained ones (pure LoRA). Use "
+        "`freeze` only when your images resemble the pretraining data.",
     )
 
 
 class TrainConfig(Section):
     """Optimisation and evaluation schedule."""
 
-    epochs: float = Field(3, gt=0, description="Passes over the training data (fractions allowed).")
-    max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    epochs: float = Field(
+        3,
+        gt=0,
+        description="Passes over the training data; fractions allowed (1.5 = one and a half). Raise it when "
+        "validation still improves at the end.",
     )
-    batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many optimizer steps, whatever `epochs` says; unset = run the epochs. "
+        "Use it to bound a run's time exactly.",
+    )
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Examples per forward pass, per process; lower it when memory runs out (and raise "
+        "`gradient_accumulation_steps` to keep the effective batch).",
+    )
     eval_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Examples per forward pass during evaluation; unset = batch_size on CPUs "
-        "(larger batches only raise the memory peak there: measured +400 MB at 64 on MiniLM, "
-        "BENCHMARKS.md, training speed), 4 x batch_size on GPUs.",
+        description="Examples per forward pass during evaluation; unset = `batch_size` on CPUs (bigger "
+        "batches only raise the memory peak there), 4 x `batch_size` on GPUs. Raise it on GPUs "
+        "with memory to spare.",
     )
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1,
+        ge=1,
+        description="Forward passes whose gradients are summed before each optimizer step: the effective "
+        "batch is batch_size x this x processes. Raise it to train with a large batch in little "
+        "memory.",
+    )
     learning_rate: float | None = Field(
         None,
         gt=0,
         lt=1,
-        description="Peak learning rate of AdamW; unset = the architecture's default: 1e-3 (transformers), "
-        "5e-3 for the zoo's EfficientNet-Lite0 (measured: BENCHMARKS.md, quality).",
+        description="Peak learning rate of AdamW (A, B and the head alike); unset = the architecture's "
+        "default (1e-3 for transformers, 5e-3 for the zoo's EfficientNet-Lite0). Lower it when "
+        "the loss jumps or diverges.",
     )
     head_learning_rate: float | None = Field(
         None,
         gt=0,
         lt=1,
-        description="Learning rate of the modules trained in full (the task head, and BatchNorm "
-        "layers and lora.modules_to_save where there are any); unset = learning_rate.",
+        description="Learning rate of what is trained in full (the task head, BatchNorm layers, "
+        "`lora.modules_to_save`); unset = `learning_rate`. Lower it when the new head overfits "
+        "before the adapter has learned.",
     )
     lora_plus_ratio: float | None = Field(
         None,
         gt=0,
-        description="LoRA+: the B matrices learn at learning_rate x this ratio (the paper "
-        "suggests 16); unset = the same rate as A.",
+        description="LoRA+: the B matrices learn at learning_rate x this ratio (the paper suggests 16); unset"
+        " = the same rate as A. Pair a high ratio with a lower `learning_rate`.",
     )
     weight_decay: float = Field(
-        0.01, ge=0, description="AdamW weight decay (not applied to biases and norms)."
+        0.01,
+        ge=0,
+        description="AdamW weight decay, per step, on weights (never on biases and norms). Raise it against "
+        "overfitting on small data.",
     )
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    adam_betas: tuple[float, float] = Field(
+        (0.9, 0.999),
+        description="AdamW's (beta1, beta2): decay rates of the gradient's running mean and variance. Rarely "
+        "changed.",
+    )
+    warmup_ratio: float = Field(
+        0.06,
+        ge=0,
+        lt=1,
+        description="Share of the optimizer steps (0-1) over which the learning rate rises linearly from 0 to"
+        " its peak. Raise it when the first steps make the loss jump.",
+    )
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "linear", description="Learning-rate schedule after warm-up."
+        "linear",
+        description="How the learning rate moves after warm-up: `linear` to 0, `cosine` to 0, `constant`, or "
+        "`constant_with_warmup`. Try `cosine` for long runs.",
     )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = none.")
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0,
+        description="Clip the gradient's global L2 norm to this value before each step; null = no clipping. "
+        "Lower it when losses spike.",
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto",
-        description="`auto` = bf16 (or fp16) on a CUDA GPU, bf16 on a CPU with native bf16 "
-        "(AVX512-BF16 / AMX), fp32 otherwise; `no` = fp32.",
+        description="`auto` = bf16 (or fp16) autocast on a CUDA GPU, bf16 on a CPU with native bf16 "
+        "(AVX512-BF16 / AMX), fp32 otherwise; `no` = fp32, `bf16` / `fp16` force autocast. Set "
+        "`no` for the last fraction of a point of accuracy at up to twice the time; `lorakit env`"
+        " shows what `auto` picks.",
     )
     group_by_length: bool = Field(
-        True, description="Batch examples of similar length together (less padding)."
+        True,
+        description="Batch examples of similar length together (shuffled in groups), so less padding is "
+        "computed. Turn it off only to compare with plain random batches.",
     )
     gradient_checkpointing: bool | float = Field(
         False,
-        description="Recompute transformer blocks' activations in the backward pass instead of keeping "
-        "them (transformers models): true = every block; a share between 0 and 1 = that share of the "
-        "blocks, spread evenly (memory and time in between). Less memory, slower steps (measured: "
-        "BENCHMARKS.md, causal LM and DPO).",
+        description="Recompute the activations of transformer blocks in the backward pass instead of keeping "
+        "them: true = every block, a share between 0 and 1 = that share of the blocks, spread "
+        "evenly. Turn it on when memory runs out; steps get slower.",
     )
 
     @field_validator("gradient_checkpointing")
@@ -288,67 +397,107 @@ class TrainConfig(Section):
         return v
 
     eval_every_steps: int | None = Field(
-        None, ge=1, description="Evaluate every N optimizer steps; unset = at the end of each epoch."
+        None,
+        ge=1,
+        description="Evaluate (and checkpoint) every N optimizer steps; unset = at the end of each epoch. Set"
+        " it for long epochs, for early stopping within an epoch, and for `lorakit tune`'s "
+        "pruner.",
     )
     metric_for_best: str | None = Field(
         None,
-        description="Validation metric that selects the best adapter (e.g. accuracy, f1_macro, loss); "
-        "unset = the task's default (accuracy for classification).",
+        description="Validation metric that chooses the adapter kept at the end (e.g. accuracy, f1_macro, "
+        "exact_match, loss); unset = the task's default. Set it when another metric matters to "
+        "you (f1_macro for unbalanced classes).",
     )
     greater_is_better: bool | None = Field(
         None,
-        description="Whether a higher `metric_for_best` is better; unset = False for losses and perplexity, "
-        "True otherwise.",
+        description="Whether a higher `metric_for_best` is better; unset = false for losses and perplexity, "
+        "true otherwise. Set it only for a metric of your own whose direction lorakit cannot "
+        "tell.",
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many evaluations without improvement."
+        None,
+        ge=1,
+        description="Stop after this many evaluations without a better `metric_for_best`; unset = never stop "
+        "early. Set it with many epochs to save time once validation stops improving.",
     )
-    logging_steps: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")
+    logging_steps: int = Field(
+        10,
+        ge=1,
+        description="Log the average training loss every N optimizer steps (run log, trackers, "
+        "history.jsonl). Lower it for finer loss curves.",
+    )
     save_every_steps: int | None = Field(
         100,
         ge=1,
-        description="Write a resumable checkpoint every N optimizer steps (and after each "
-        "evaluation); null = only after evaluations.",
+        description="Write a resumable checkpoint every N optimizer steps (and after each evaluation); null ="
+        " only after evaluations. Lower it when runs are often interrupted.",
     )
-    seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
-    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = torch's default.")
+    seed: int = Field(
+        42,
+        description="Seed of initialisation, dropout and data order: the same seed on the same machine gives "
+        "the same adapter. Change it to measure run-to-run spread.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto",
+        description="Where to train: `auto` = a CUDA GPU, else Apple MPS, else the CPU; or name one. Set "
+        "`cpu` to keep a GPU free.",
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch uses for the run; unset = torch's default (one per core). Lower it to "
+        "share the machine with other work.",
+    )
     release_memory: bool = Field(
         True,
-        description="Linux (glibc): tensors of 8 MiB and more are given back to the system when freed "
-        "(malloc's mmap threshold fixed at 8 MiB) instead of staying in a heap that batches of changing "
-        "shapes fragment, so the process's memory does not creep up during a run (measured on MiniLM, "
-        "125 steps: peak RSS 2798 instead of 3561 MB, 11% fewer samples/s; BENCHMARKS.md, training "
-        "speed; false for the fastest steps). Applies to the whole process.",
+        description="Linux: give large freed tensors back to the system at once instead of keeping them in a "
+        "heap that batches of changing shapes fragment, so memory does not creep up over a run (a"
+        " little slower). Applies to the whole process; turn it off when all batches have one "
+        "shape.",
     )
     score_base_model: bool = Field(
         False,
-        description="Also score the test split with the adapter switched off: the before / "
-        "after comparison lands in metrics.json.",
+        description="Also score the test split with the adapter switched off, so metrics.json holds the "
+        "before / after comparison. Turn it on to show what the adapter adds.",
     )
 
 
 class OutputConfig(Section):
     """Where the run writes its artifacts."""
 
-    dir: str = Field("runs/lorakit", description="Run directory: adapter/, metrics, report/, logs.")
-    overwrite: bool = Field(False, description="Replace an existing run directory.")
-    tensorboard: bool = Field(
-        True, description="Write TensorBoard event files under <dir>/tensorboard (when `report_to` is unset)."
+    dir: str = Field(
+        "runs/lorakit",
+        description="The run folder: adapter/, metrics.json, history.jsonl, report/, checkpoints and logs. "
+        "One run per folder.",
     )
-    report: bool = Field(True, description="Write an HTML report with plots under <dir>/report.")
+    overwrite: bool = Field(
+        False,
+        description="Replace an existing run folder (the CLI's --overwrite). Leave false so that a finished "
+        "run is never lost by accident.",
+    )
+    tensorboard: bool = Field(
+        True,
+        description="Write TensorBoard event files under <dir>/tensorboard when `report_to` is unset. Turn it"
+        " off to write less.",
+    )
+    report: bool = Field(
+        True,
+        description="Write the HTML report (metrics, loss curves, confusion matrices, samples) under "
+        "<dir>/report. Turn it off for runs nobody will read, such as search trials.",
+    )
     report_to: list[TrackerName] | None = Field(
         None,
-        description="Experiment trackers, the words transformers uses: tensorboard (files under "
-        "<dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
-        "working folder), wandb (offline without WANDB_API_KEY); [] = none; unset = "
-        "[tensorboard] when `tensorboard` is true. mlflow and wandb need `pip install "
-        "'lorakit[track]'`.",
+        description="Experiment trackers: tensorboard (files under <dir>/tensorboard), mlflow "
+        "(MLFLOW_TRACKING_URI, else a local SQLite file), wandb (offline without WANDB_API_KEY); "
+        "[] = none; unset = [tensorboard] when `tensorboard` is true. mlflow and wandb need `pip "
+        "install 'lorakit[track]'`.",
     )
     experiment: str = Field(
         "lorakit",
         min_length=1,
-        description="MLflow experiment / W&B project the run is logged to (with `report_to`).",
+        description="The MLflow experiment / W&B project runs are logged to (with `report_to`). Set one per "
+        "project to keep runs apart.",
     )
 
     @field_validator("report_to", mode="before")
@@ -389,8 +538,9 @@ class RunConfig(Section):
 
     task: str = Field(
         DEFAULT_TASK,
-        description="What is learned: one of the tasks in lorakit/tasks (text-classification, "
-        "image-classification, causal-lm, ...).",
+        description="What is learned: text-classification, image-classification, token-classification, "
+        "causal-lm, preference, ... (the tasks in lorakit/tasks); it decides which `data:` and "
+        "`train:` keys exist.",
     )
     data: DataConfig
     model: ModelConfig
@@ -399,8 +549,8 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     tune: dict[str, Any] | None = Field(
         None,
-        description="The search of `lorakit tune` (search space, metric, trials; "
-        "lorakit.experiments.tuning.TuneConfig checks it); `lorakit train` ignores it.",
+        description="The search of `lorakit tune`: search space, metric, number of trials, pruner, storage; "
+        "`lorakit train` ignores it.",
     )
 
     def to_yaml_dict(self) -> dict[str, Any]:

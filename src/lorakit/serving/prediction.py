@@ -14,7 +14,7 @@ from lorakit.errors import DataError
 class Predictor:
     """Keeps a base model + adapter loaded and predicts on batches of raw inputs.
 
-    Example:
+    Examples:
         >>> p = Predictor.from_adapter("runs/imdb/adapter")
         >>> p(["A wonderful film."])[0]["label"]
     """

@@ -143,8 +143,7 @@ class ImageClassificationTrain(TrainConfig):
         False,
         description=TrainConfig.model_fields["release_memory"].description
         + " Images: false by default, because every batch has the same shape, so the heap does not "
-        "creep; kept in the heap, the freed activations cost no page faults (Fashion-MNIST demo, 100 "
-        "steps: 0.80x the time of 8 MiB mappings, peak RSS +3%; BENCHMARKS.md, images).",
+        "creep and reusing it makes steps faster.",
     )
 
 

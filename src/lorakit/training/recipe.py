@@ -36,6 +36,7 @@ from lorakit.files import atomic
 from lorakit.models import modeling
 from lorakit.runtime import distributed, sharing
 from lorakit.runtime.memory import release_freed_memory
+from lorakit.runtime.progress import progress_bars
 from lorakit.runtime.stopping import StopRequest, TrainingStopped
 from lorakit.tasks import get_task
 from lorakit.training import checkpoint, rundir, tracking
@@ -90,7 +91,8 @@ def train(
         resume: Continue from the newest checkpoint in the run directory (weights, optimizer,
             schedule, RNG and data position), giving the same result as an uninterrupted run.
             Without a checkpoint it is an error; ``"auto"`` starts from the beginning instead.
-        progress: Show progress bars.
+        progress: Show progress bars; False also hides those of datasets, transformers and
+            huggingface_hub while the run lasts.
         callbacks: Subscribers to the training events (trackers, a web page, ...).
         share_cores: On CPU, share the cores with this user's other trainings on the machine
             (:mod:`lorakit.runtime.sharing`; ``lorakit train`` does) unless ``train.num_threads`` is set.
@@ -125,7 +127,10 @@ def train(
             callbacks = [*callbacks, SharedCores(share)]
         # SIGTERM / SIGINT: finish the step, write a checkpoint, exit (single process; ranks would
         # have to agree).
-        with StopRequest() if not world.distributed else contextlib.nullcontext() as stop_request:
+        with (
+            progress_bars(progress),  # progress=False: quiet as the CLI's --no-progress, library bars too
+            StopRequest() if not world.distributed else contextlib.nullcontext() as stop_request,
+        ):
             recipe = Recipe(
                 cfg,
                 world,
