@@ -129,8 +129,8 @@ CASES = [
     Case(
         "unknown data format",
         lambda ws, w, run: (
-            ws.joinpath("d.xlsx").write_text("x"),
-            ["check", _cfg(ws, w, data={"train": str(ws / "d.xlsx")})],
+            ws.joinpath("d.xyz").write_text("x"),
+            ["check", _cfg(ws, w, data={"train": str(ws / "d.xyz")})],
         )[1],
         "cannot tell the format",
     ),

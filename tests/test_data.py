@@ -43,9 +43,9 @@ def test_missing_empty_and_unknown_format(tmp_path: Path) -> None:
     (tmp_path / "header.csv").write_text("text,label\n")
     with pytest.raises(DataError, match="holds no rows"):
         read_source(str(tmp_path / "header.csv"))
-    (tmp_path / "d.xlsx").write_text("x")
+    (tmp_path / "d.xyz").write_text("x")
     with pytest.raises(DataError, match="cannot tell the format"):
-        read_source(str(tmp_path / "d.xlsx"))
+        read_source(str(tmp_path / "d.xyz"))
 
 
 def test_hub_name_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

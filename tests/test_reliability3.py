@@ -28,6 +28,8 @@ def _records(task: str, n: int = 12) -> list[dict[str, Any]]:
         return [{"instruction": t, "output": lab} for t, lab in texts]
     if task == "preference":
         return [{"prompt": t, "chosen": "good", "rejected": "bad"} for t, _ in texts]
+    if task == "grpo":
+        return [{"prompt": t, "label": lab} for t, lab in texts]
     if task == "token-classification":
         return [{"tokens": t.split(), "tags": ["O"] * len(t.split())} for t, _ in texts]
     if task == "image-classification":
@@ -188,7 +190,7 @@ INSTRUCTION_TEMPLATES = {
 }
 
 
-@pytest.mark.parametrize("task", ["causal-lm", "preference"])
+@pytest.mark.parametrize("task", ["causal-lm", "preference", "grpo"])
 @pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
 def test_a_broken_chat_template_is_one_line_at_load(tmp_path, task, template) -> None:
     raw = {
@@ -196,10 +198,14 @@ def test_a_broken_chat_template_is_one_line_at_load(tmp_path, task, template) ->
         "data": {"train": "x.jsonl", "chat_template": template},
         "model": {"name_or_path": "m"},
     }
+    if task == "grpo":  # (without rewards its train section is refused and data is not reported)
+        raw["train"] = {"rewards": [{"function": "exact_match", "column": "label"}]}
     with pytest.raises(ConfigError) as exc:
         validate_config(raw)
-    assert len(exc.value.problems) == 1 and exc.value.problems[0].startswith("data.chat_template: ")
-    assert CHAT_TEMPLATES[template] in exc.value.problems[0], exc.value.problems
+    ours = [p for p in exc.value.problems if p.startswith("data.chat_template: ")]
+    assert len(exc.value.problems) == 1 and len(ours) == 1 and CHAT_TEMPLATES[template] in ours[0], (
+        exc.value.problems
+    )
 
 
 @pytest.mark.parametrize("template", sorted(INSTRUCTION_TEMPLATES))
@@ -262,6 +268,7 @@ HINTS = {
     "token-classification": ({"tokens": ["a"]}, "'tags' not found", "data.tags_column"),
     "image-classification": ({"label": "a"}, "'image' not found", "data.image_column"),
     "causal-lm": ({"instruction": "a"}, "'output' not found", "data.output_column"),
+    "grpo": ({"text": "a"}, "'prompt' not found", "data.prompt_column"),
 }
 
 

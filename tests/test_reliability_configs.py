@@ -32,6 +32,7 @@ MODEL_OF = {
     "image-classification": "vit",
     "causal-lm": "llama",
     "preference": "llama",
+    "grpo": "llama",
 }
 
 
@@ -85,8 +86,10 @@ def _shrunk(path: Path, tmp: Path, models: dict[str, Path]) -> Path:
         lora.update(r=4, alpha=lora.get("alpha", 8) * 4 / rank)
     train.update(max_steps=1, batch_size=4, eval_batch_size=4, gradient_accumulation_steps=1)
     train["mixed_precision"] = "no"  # fp16 of the Food-101 brief needs a CUDA GPU
-    if task in ("causal-lm", "preference"):
+    if task in ("causal-lm", "preference", "grpo"):
         train.update(generation_samples=2, max_new_tokens=2)
+    if task == "grpo":
+        train.update(num_generations=2, max_completion_length=2)
     raw["output"] = {**raw.get("output", {}), "dir": str(tmp / "run"), "report_to": [], "report": False}
     out = tmp / path.name
     out.write_text(yaml.safe_dump(raw, sort_keys=False))

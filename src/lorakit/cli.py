@@ -902,6 +902,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing half-written was left in place", err=True)
         sys.exit(130)
+    finally:  # a command that failed between its output-folder check and its write lets go of the folder
+        from lorakit.files.outputs import release_output_folders
+
+        release_output_folders()
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ empty or with ``--overwrite``, one message for all of them, and by one process a
 Two commands filling the same folder at once (two `lorakit export --out X`) would both pass the empty-
 folder check and then replace each other's work, or fail in the final rename. :func:`check_output_folder`
 therefore takes an exclusive, non-blocking OS lock (``flock`` on ``.<name>.lock`` beside the folder) and
-holds it until :func:`lorakit.files.atomic.atomic_dir` has renamed the finished folder into place (or the
-process ends: the kernel drops the lock however it ends); the second command is refused at once, before
-it loads anything.
+holds it until :func:`lorakit.files.atomic.atomic_dir` has renamed the finished folder into place, or the
+command ends (the CLI lets go of every folder it holds; the kernel drops the lock however a process
+ends). The lock file is removed as the lock is let go. The second command is refused at once, before it
+loads anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -30,23 +32,45 @@ def _claim(out: Path, error: type[LorakitError], prefix: str) -> None:
     except ImportError:  # not on POSIX (Windows): no lock
         return
     key.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key.parent / f".{key.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = _lock_path(key)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise error(
+                f"{prefix}'{out}' is being written by another lorakit command that is still running; "
+                "wait for it to end, or choose another folder"
+            ) from None
+        try:  # the holder before us removes the file as it lets go: lock the file that is there now
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise error(
-            f"{prefix}'{out}' is being written by another lorakit command that is still running; wait "
-            "for it to end, or choose another folder"
-        ) from None
     _HELD[key] = fd
 
 
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
 def release_output_folder(path: str | Path) -> None:
-    """Let go of the lock :func:`check_output_folder` took on ``path`` (safe when none is held)."""
-    fd = _HELD.pop(Path(path).absolute(), None)
+    """Let go of the lock :func:`check_output_folder` took on ``path`` and remove its file (safe when
+    none is held)."""
+    key = Path(path).absolute()
+    fd = _HELD.pop(key, None)
     if fd is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_lock_path(key))  # still locked: a newcomer that opened it sees it gone and retries
         os.close(fd)
+
+
+def release_output_folders() -> None:
+    """Let go of every output folder this process holds (the end of a CLI command)."""
+    for path in list(_HELD):
+        release_output_folder(path)
 
 
 def check_output_folder(
