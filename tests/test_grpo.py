@@ -225,6 +225,26 @@ def test_each_prompt_runs_once_with_the_full_pass_log_probs_and_gradients(tiny_l
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
 
 
+def test_generation_reads_each_prompt_once_and_answers_as_plain_generate(tiny_llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from lorakit.tasks.grpo import GRPO, GRPOTrainConfig
+
+    task = GRPO()
+    task.train_cfg = GRPOTrainConfig(rewards=[{"function": "length", "max_tokens": 2}])
+    task.tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = _policy(tiny_llama_dir)
+    ids = torch.randint(4, 30, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    shared = task.sample(model, ids, mask, greedy=True, max_new_tokens=5, group=3)
+    plain = task.sample(
+        model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), greedy=True, max_new_tokens=5
+    )
+    for a, b in zip(shared, plain, strict=True):
+        assert torch.equal(a, b)
+
+
 # ---- rewards -------------------------------------------------------------------------------------
 
 

@@ -106,7 +106,7 @@ def test_the_most_confident_mistakes_are_listed_in_metrics_and_report(trained_on
         assert m["probability"] >= 0.5 and np.isclose(
             m["probability"], np.exp(logits[row]).max() / np.exp(logits[row]).sum(), atol=0.02
         )
-        assert m["input"] == loaded.processor.decode(split[row]["input_ids"], skip_special_tokens=True)
+        assert m["input"] == split[row]["input_text"]  # the text as written, not the decoded tokens
     page = (trained_once.run_dir / "report" / "index.html").read_text()
     assert ("Most confident mistakes: test" in page) == bool(mistakes)
 

@@ -203,6 +203,42 @@ def test_cli_answers_or_refuses_in_one_line(adapters, name, command, capsys):
     )
 
 
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_cli_predict_with_its_options_refuses_a_generating_adapter_in_one_line(adapters, name, capsys):
+    # `lorakit predict --top-k 2` on a chat adapter once ended in KeyError: 'top_k'
+    task = get_task(name)
+    if task.cli_command == "predict":
+        pytest.skip("answers predict")
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(adapters[name]), "hi", "--top-k", "2", "--json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == [
+        f"error: lorakit predict does not answer with {name} adapters; use lorakit generate"
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("command", ANSWERS)
+def test_python_api_answers_or_refuses_in_one_line(adapters, name, command):
+    from lorakit.errors import AdapterError
+    from lorakit.serving import prediction
+
+    task = get_task(name)
+    call = getattr(prediction, command)
+    inputs = [_input_for(task, adapters[name])]
+    if command == task.cli_command:
+        assert (
+            len(call(adapters[name], inputs, **({"max_new_tokens": 2} if command == "generate" else {}))) == 1
+        )
+        return
+    with pytest.raises(AdapterError) as exc:
+        call(adapters[name], inputs)
+    assert (
+        str(exc.value)
+        == f"lorakit {command} does not answer with {name} adapters; use lorakit {task.cli_command}"
+    )
+
+
 @pytest.fixture(scope="module")
 def servers(adapters):
     from fastapi.testclient import TestClient
@@ -218,6 +254,7 @@ def servers(adapters):
 REQUESTS = {
     "/v1/predict": {"adapter": "a", "inputs": ["what colour is the sky ?"]},
     "/v1/chat/completions": {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/completions": {"model": "a", "prompt": "hi", "max_tokens": 2},  # served for no task
 }
 
 

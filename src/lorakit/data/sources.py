@@ -17,12 +17,12 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from lorakit.config.schema import DataConfig
+from lorakit.data import records
 from lorakit.errors import DataError, LorakitError
 from lorakit.files.paths import looks_like_local_path, resolve_location
 
 log = logging.getLogger(__name__)
 
-_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _FORMAT_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 
 
@@ -32,7 +32,8 @@ def read_source(
     """Read one data source into a :class:`datasets.Dataset`.
 
     Args:
-        location: A file, a glob, a ``pkg://`` path or a Hub dataset name.
+        location: A file (csv / tsv / json / jsonl, plain or .gz / .bz2 / .xz compressed, or parquet), a
+            glob, a folder of such files (shards) or of images, a ``pkg://`` path or a Hub dataset name.
         fmt: ``auto`` (by extension), ``csv``, ``json``, ``jsonl``, ``parquet`` or ``hub``.
         key: The config key the location came from, for error messages.
         hub_split: The split to take from a Hub dataset.
@@ -41,7 +42,8 @@ def read_source(
         The rows, untouched.
 
     Raises:
-        DataError: The file is missing, empty, unreadable or of an unknown format, or the Hub is out of reach.
+        DataError: The file is missing, empty, unreadable (the broken record named by its line) or of an
+            unknown format, or the Hub is out of reach.
     """
     try:
         resolved = resolve_location(location, what=key)
@@ -52,11 +54,13 @@ def read_source(
 
     from lorakit.data import images
 
-    if fmt == "imagefolder" or (fmt == "auto" and Path(resolved).expanduser().is_dir()):
-        if not Path(resolved).expanduser().is_dir():
+    folder = Path(resolved).expanduser()
+    shards = _shards(folder, key=key) if folder.is_dir() and fmt != "imagefolder" else []
+    if fmt == "imagefolder" or (folder.is_dir() and not shards):
+        if not folder.is_dir():
             raise DataError(f"{key}: image folder '{location}' does not exist; check the path")
-        return images.read_image_folder(Path(resolved).expanduser(), key=key)
-    files = sorted(glob.glob(str(Path(resolved).expanduser()))) or []
+        return images.read_image_folder(folder, key=key)
+    files = shards or sorted(glob.glob(str(folder))) or []
     if files and (fmt == "idx" or (fmt == "auto" and images.is_idx_file(files[0]))):
         return images.read_idx(files[0], key=key)
     if not files:
@@ -64,22 +68,69 @@ def read_source(
             f"{key}: file '{location}' does not exist; check the path (relative paths start "
             "from the current folder)"
         )
-    builder = _FORMAT_BUILDERS.get(fmt) if fmt != "auto" else _BUILDERS.get(Path(files[0]).suffix.lower())
-    if builder is None:
-        raise DataError(
-            f"{key}: cannot tell the format of '{files[0]}'; use a .csv/.tsv/.json/.jsonl/.parquet "
-            "file, an image folder or set data.format"
-        )
+    builder = _FORMAT_BUILDERS.get(fmt) if fmt != "auto" else _builder_of(files, key=key)
     for f in files:
         if Path(f).stat().st_size == 0:
             raise DataError(f"{key}: file '{f}' is empty; it needs a header row and at least one example")
-    kwargs: dict[str, Any] = {"delimiter": "\t"} if Path(files[0]).suffix.lower() == ".tsv" else {}
+    delimiter = "\t" if records.split_suffix(files[0])[0] == ".tsv" else ","
+    ds = _load_files(files, builder, delimiter, location=location, key=key)
+    if len(ds) == 0:
+        raise DataError(f"{key}: '{location}' holds no rows; add examples below the header")
+    if ds.column_names and ds.column_names[0].startswith("\ufeff"):  # a byte-order mark read as text
+        ds = ds.rename_column(ds.column_names[0], ds.column_names[0].lstrip("\ufeff"))
+    return ds
+
+
+def _shards(folder: Path, *, key: str) -> list[str]:
+    """The data files of a folder of shards (``part-0.csv``, ...; Spark's ``_SUCCESS`` and other marker
+    files ignored), or [] for a folder of images (sub-folders per class).
+
+    Raises:
+        DataError: The folder holds data files of more than one format.
+    """
+    files = sorted(
+        f for f in folder.iterdir() if not f.name.startswith((".", "_")) and records.is_data_file(f)
+    )
+    kinds = sorted({records.split_suffix(f)[0] for f in files})
+    if len(kinds) > 1:
+        raise DataError(
+            f"{key}: folder '{folder}' mixes data files of several formats ({', '.join(kinds)}); "
+            "keep one format per folder, or name the files with a glob (e.g. folder/*.csv)"
+        )
+    return [str(f) for f in files]
+
+
+def _builder_of(files: list[str], *, key: str) -> str:
+    """The ``datasets`` builder of the files by their suffix.
+
+    Raises:
+        DataError: A spreadsheet or a file of no known format, or files of several formats.
+    """
+    kinds = {records.split_suffix(f) for f in files}
+    fmt, comp = records.split_suffix(files[0])
+    if fmt in records.SPREADSHEETS:
+        raise DataError(
+            f"{key}: '{files[0]}' is a spreadsheet, which lorakit does not read; save the sheet as CSV "
+            f"(UTF-8) and point to that (readable: {records.READABLE})"
+        )
+    builder = records.BUILDERS.get(fmt)
+    if builder is None or (builder == "parquet" and comp):
+        raise DataError(
+            f"{key}: cannot tell the format of '{files[0]}'; use {records.READABLE}, or set data.format"
+        )
+    if len({records.BUILDERS.get(f) for f, _ in kinds}) > 1:
+        raise DataError(f"{key}: the files of the glob have several formats; match files of one format")
+    return builder
+
+
+def _load_files(files: list[str], builder: str, delimiter: str, *, location: str, key: str) -> Dataset:
+    kwargs: dict[str, Any] = {"delimiter": delimiter} if delimiter != "," else {}
     quiet = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(
         datasets.logging.CRITICAL
     )  # its builders log "Failed to read file" before raising; reported below
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for malformed files
         if "corresponds to no data" in str(exc):
             raise DataError(f"{key}: '{location}' holds no rows; add examples below the header") from None
@@ -87,13 +138,13 @@ def read_source(
             raise DataError(
                 f"{key}: '{location}' is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8)"
             ) from None
+        bad = records.find_bad_record(files, builder, delimiter)
+        if bad is not None:
+            raise DataError(bad.message(key)) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{key}: could not read '{location}' as {builder}: {reason[:300]}") from None
     finally:
         datasets.logging.set_verbosity(quiet)
-    if len(ds) == 0:
-        raise DataError(f"{key}: '{location}' holds no rows; add examples below the header")
-    return ds
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -128,21 +179,52 @@ def _read_hub(name: str, *, key: str, split: str) -> Dataset:
     return ds
 
 
-def require_columns(ds: Dataset, columns: list[str], *, key: str) -> None:
-    """Raise a :class:`DataError` naming the missing columns and the ones that exist."""
+def require_columns(
+    ds: Dataset, columns: list[str], *, key: str, data_cfg: DataConfig | None = None, field: str = ""
+) -> None:
+    """Raise a :class:`DataError` naming the missing columns, the ones that exist and the settings that
+    name them.
+
+    Args:
+        ds: The rows.
+        columns: The columns they must have.
+        key: The config key of the source, for the message.
+        data_cfg: The task's data section: the hint names its fields that ask for the missing columns
+            (``data.rejected_column`` for a preference file, ``data.tags_column`` for token tags).
+        field: The setting that asked for ``columns`` when it is not a column field (``data.where``).
+    """
     missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"{key}: column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)} not "
-            f"found; the data has {', '.join(ds.column_names)} (set data.text_column / data.label_column)"
-        )
+    if not missing:
+        return
+    settings = [field] if field else column_settings(data_cfg, missing) if data_cfg is not None else []
+    hint = (
+        f"; rename the column{'s' if len(missing) > 1 else ''} or set {' / '.join(settings)}"
+        if settings
+        else ""
+    )
+    raise DataError(
+        f"{key}: column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)} not "
+        f"found; the data has {', '.join(ds.column_names)}{hint}"
+    )
+
+
+def column_settings(data_cfg: DataConfig, columns: list[str]) -> list[str]:
+    """The ``data.*`` settings of ``data_cfg`` that ask for ``columns``: a field whose value is one of
+    them (``rejected_column: rejected``) or a template that reads it (``instruction_template``)."""
+    found = []
+    for name, value in data_cfg:
+        if isinstance(value, str) and (
+            value in columns or any("{" + c + end in value for c in columns for end in "}!:")
+        ):
+            found.append(f"data.{name}")
+    return found
 
 
 def filter_rows(ds: Dataset, where: dict[str, Any], *, key: str) -> Dataset:
     """Keep the rows whose columns equal the values in ``where`` (``data.where``)."""
     if not where:
         return ds
-    require_columns(ds, list(where), key=f"{key} (data.where)")
+    require_columns(ds, list(where), key=key, field="data.where")
     wanted = {col: (val if isinstance(val, list) else [val]) for col, val in where.items()}
     kept = ds.filter(lambda row: all(row[c] in vals for c, vals in wanted.items()), desc="data.where")
     if len(kept) == 0:
@@ -209,7 +291,7 @@ def build_splits(
         else:
             ds = read_source(location, cfg.format, key=key, hub_split=cfg.hub_split)
         ds = filter_rows(ds, cfg.where, key=key)
-        require_columns(ds, columns, key=key)
+        require_columns(ds, columns, key=key, data_cfg=cfg)
         return encode(ds, key) if encode else ds
 
     train = load(cfg.train, "data.train")

@@ -49,7 +49,7 @@ def evaluate(
     data_cfg = cfg.data
     ds = loaded.task.read_data(data, data_cfg, key="--data")
     ds = filter_rows(ds, data_cfg.where, key="--data")
-    require_columns(ds, loaded.task.columns(data_cfg), key="--data")
+    require_columns(ds, loaded.task.columns(data_cfg), key="--data", data_cfg=data_cfg)
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
     ds = loaded.task.encode_labels(ds, data_cfg, loaded.label_space, key="--data")

@@ -48,7 +48,7 @@ JOURNAL = "study.journal"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SearchDim(_Strict):

@@ -45,24 +45,30 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in (nearly) one rename.
 
     An existing ``target`` is moved aside first and removed only after the new one is in place.
-    On failure the temporary folder is removed and ``target`` is left as it was.
+    On failure the temporary folder is removed and ``target`` is left as it was. Either way the lock
+    :func:`lorakit.files.outputs.check_output_folder` took on ``target`` is let go at the end.
     """
+    from lorakit.files.outputs import release_output_folder
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        release_output_folder(target)
 
 
 def now_iso() -> str:

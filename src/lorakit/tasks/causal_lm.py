@@ -18,11 +18,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lorakit.config.schema import ModelConfig, RunConfig, TokenizedDataConfig, TrainConfig
 from lorakit.data.batching import eval_batches
 from lorakit.data.sources import build_splits
+from lorakit.data.templates import chat_template_problem, format_template_problem, template_validator
 from lorakit.errors import DataError, ModelError
 from lorakit.files.paths import cache_root
 from lorakit.models.modeling import new_module_names, quiet_transformers
@@ -99,6 +100,14 @@ class CausalLMData(TokenizedDataConfig):
         False,
         description="Pack several short examples into each max_length row; examples never attend to "
         "each other (block-diagonal attention, positions restart).",
+    )
+
+    # Checked at load (`lorakit check`, the UI's form), before a tokenizer or a row is read.
+    _chat_template = field_validator("chat_template")(
+        template_validator(chat_template_problem, skip=tuple(NAMED_TEMPLATES))
+    )
+    _instruction_template = field_validator("instruction_template")(
+        template_validator(format_template_problem)
     )
 
 
@@ -555,7 +564,7 @@ class CausalLM(Task):
             fmt = fmt_box.setdefault("fmt", detect_format(d, ds.column_names))
             from lorakit.data.sources import require_columns
 
-            require_columns(ds, required_columns(d, fmt), key=key)
+            require_columns(ds, required_columns(d, fmt), key=key, data_cfg=d)
             return ds
 
         raw = build_splits(d, columns=self.columns(d), encode=encode)
@@ -842,6 +851,14 @@ class CausalLM(Task):
         em = exact_match(refs, outs)
         if em is not None:
             metrics["exact_match"] = em
+            # each answer's exact match, in split order (with its reference): what `lorakit compare` pairs
+            metrics["predictions"] = {
+                "reference": list(refs),
+                "exact_match": [
+                    float(exact_match([r], [o]) or 0.0) if r else None
+                    for r, o in zip(refs, outs, strict=True)
+                ],
+            }
         metrics["samples"] = [
             {"prompt": processor.decode(p, skip_special_tokens=False)[-500:], "reference": r, "output": o}
             for p, r, o in list(zip(prompts, refs, outs, strict=True))[:8]

@@ -94,7 +94,15 @@ class ClassificationTask(Task):
     def example_metrics(
         self, ds: Dataset, processor: Any, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace
     ) -> dict[str, Any]:
-        return {"mistakes": self.mistakes(ds, processor, logits, labels, label_space)}
+        names = label_space.labels
+        return {
+            "mistakes": self.mistakes(ds, processor, logits, labels, label_space),
+            # every example's true and predicted label, in split order: what `lorakit compare` pairs
+            "predictions": {
+                "true": [names[int(i)] for i in labels],
+                "predicted": [names[int(i)] for i in logits.argmax(-1)],
+            },
+        }
 
     def mistakes(
         self, ds: Dataset, processor: Any, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace

@@ -382,6 +382,14 @@ def completion_logps(
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _generate_takes_cache(model: torch.nn.Module) -> bool:
+    """Whether this transformers' ``generate`` takes the cache as ``cache`` (5.x) or ``past_key_values``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" in inspect.signature(base.forward).parameters
+
+
 def _can_share_prompts(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward can take a prompt cache with gradients: not under DDP / FSDP (one
     forward per backward) nor with gradient checkpointing in training (no cache where layers replay)."""
@@ -655,9 +663,12 @@ class GRPO(CausalLM):
         max_new_tokens: int,
         temperature: float | None = None,
         top_p: float | None = None,
+        group: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(answer ids [N, T], answer mask [N, T]: up to and with the end-of-turn token, truncated [N]);
-        sampled at ``train.temperature`` / ``top_p`` unless given."""
+        """(answer ids [N, T], answer mask [N, T]: up to and with the end-of-turn token, truncated [N])
+        for prompts [B, P], each answered ``group`` times (N = B * group, row i's answers at i * group
+        ...); sampled at ``train.temperature`` / ``top_p`` unless given. Each prompt is read once: its
+        keys and values (all but the last token) are repeated for its group before generation starts."""
         cfg, tok = self.train_cfg, self.tokenizer
         stops = end_of_turn_ids(tok, getattr(model, "get_base_model", lambda: model)())
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -673,6 +684,14 @@ class GRPO(CausalLM):
                 "top_k": 0,
             }
         )
+        cache = self._prompt_cache(model, ids, mask, group)
+        ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+        if cache is not None:  # transformers >= 5.x names it `cache`
+            options[
+                "cache"
+                if type(cache).__name__ != "tuple" and _generate_takes_cache(model)
+                else "past_key_values"
+            ] = cache
         gen = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -691,6 +710,24 @@ class GRPO(CausalLM):
         answers = torch.where(answer_mask.bool(), answers, pad)
         return answers, answer_mask, ~ended
 
+    @staticmethod
+    def _prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: int) -> Any:
+        """The keys and values of every prompt token but the last, repeated ``group`` times (generation
+        then reads only the last token of each copy); None where there is nothing to share."""
+        if group < 2 or ids.shape[1] < 2:
+            return None
+        head = mask[:, :-1]
+        out = model(
+            input_ids=ids[:, :-1],
+            attention_mask=head,
+            position_ids=(head.cumsum(1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.batch_repeat_interleave(group)
+        return cache
+
     def _texts(self, answers: torch.Tensor, answer_mask: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         ids = [row[: int(n)] for row, n in zip(answers.tolist(), answer_mask.sum(1).tolist(), strict=True)]
         return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids], ids
@@ -701,11 +738,16 @@ class GRPO(CausalLM):
         """G sampled answers per prompt, their rewards and group advantages, and (when needed) the
         sampling policy's and the reference's log-probabilities."""
         cfg, g = self.train_cfg, self.train_cfg.num_generations
+        answers, answer_mask, truncated = self.sample(
+            model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            greedy=False,
+            max_new_tokens=cfg.max_completion_length,
+            group=g,
+        )
         ids = batch["prompt_ids"].repeat_interleave(g, 0)
         mask = batch["prompt_mask"].repeat_interleave(g, 0)
-        answers, answer_mask, truncated = self.sample(
-            model, ids, mask, greedy=False, max_new_tokens=cfg.max_completion_length
-        )
         texts, answer_ids = self._texts(answers, answer_mask)
         per_reward = self.score(batch["prompts"], texts, answer_ids, batch["rows"], g)
         weights = torch.tensor([r.weight for r in cfg.rewards])

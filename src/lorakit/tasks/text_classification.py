@@ -23,6 +23,9 @@ from lorakit.models.modeling import (
 from lorakit.tasks.base import PreparedData
 from lorakit.tasks.classification import ClassificationTask
 
+#: Columns of a preprocessed row that are not model inputs (the collator leaves them out).
+NOT_MODEL_INPUTS = ("length", "input_text")
+
 
 def head_tail(seq: list[int], max_len: int) -> list[int]:
     """Keep the first quarter of ``max_len`` tokens and fill the rest from the end.
@@ -143,6 +146,11 @@ class TextClassification(ClassificationTask):
         def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
             enc = encode_texts(processor, batch[text], batch[pair] if pair else None, data_cfg)
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            # the text as written, for the mistakes tables (re-decoded tokens read "i ' ve", "< br / >")
+            pairs = batch[pair] if pair else [None] * len(batch[text])
+            enc["input_text"] = [
+                str(t) if p is None else f"{t}\n\n{p}" for t, p in zip(batch[text], pairs, strict=True)
+            ]
             return enc
 
         keep = {"labels"}
@@ -158,7 +166,7 @@ class TextClassification(ClassificationTask):
         def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             # Dynamic padding: each batch is padded to its own
             # longest example (rounded up to data.pad_to_multiple_of).
-            return pad([{k: v for k, v in ex.items() if k != "length"} for ex in examples])
+            return pad([{k: v for k, v in ex.items() if k not in NOT_MODEL_INPUTS} for ex in examples])
 
         return collate_fn
 
@@ -253,6 +261,8 @@ class TextClassification(ClassificationTask):
         ]
 
     def describe(self, row: dict[str, Any], processor: Any) -> dict[str, str]:
+        if "input_text" in row:  # as written in the data
+            return {"input": row["input_text"][:600]}
         return {"input": processor.decode(row["input_ids"], skip_special_tokens=True)[:600]}
 
     # ---- prediction -----------------------------------------------------------------------------

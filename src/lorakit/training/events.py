@@ -38,6 +38,17 @@ class Callback:
         """The run ended (finished or not): release what was opened."""
 
 
+class SharedCores(Callback):
+    """Re-divides the CPU cores among the machine's trainings between steps (see
+    :mod:`lorakit.runtime.sharing`): threads can only change on the thread that runs the steps."""
+
+    def __init__(self, share: Any) -> None:
+        self.share = share
+
+    def on_step(self, step: int) -> None:
+        self.share.apply()
+
+
 class Events(Callback):
     """Calls every subscriber in order. A subscriber that fails is logged and dropped: an
     observer never stops a run."""

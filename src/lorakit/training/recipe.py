@@ -34,13 +34,13 @@ from lorakit.data.batching import autocast, take, to_device, train_batches
 from lorakit.errors import LorakitError, RunDirError
 from lorakit.files import atomic
 from lorakit.models import modeling
-from lorakit.runtime import distributed
+from lorakit.runtime import distributed, sharing
 from lorakit.runtime.memory import release_freed_memory
 from lorakit.runtime.progress import progress_bars
 from lorakit.runtime.stopping import StopRequest, TrainingStopped
 from lorakit.tasks import get_task
 from lorakit.training import checkpoint, rundir, tracking
-from lorakit.training.events import Callback, Events, ProgressBar, TensorBoard
+from lorakit.training.events import Callback, Events, ProgressBar, SharedCores, TensorBoard
 from lorakit.training.optim import make_optimizer, optimizer_steps, set_seed
 from lorakit.training.state import TrainState
 
@@ -80,6 +80,7 @@ def train(
     resume: rundir.Resume = False,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    share_cores: bool = False,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter as the run config says.
 
@@ -93,6 +94,8 @@ def train(
         progress: Show progress bars; False also hides those of datasets, transformers and
             huggingface_hub while the run lasts.
         callbacks: Subscribers to the training events (trackers, a web page, ...).
+        share_cores: On CPU, share the cores with this user's other trainings on the machine
+            (:mod:`lorakit.runtime.sharing`; ``lorakit train`` does) unless ``train.num_threads`` is set.
 
     Under ``torchrun`` / ``accelerate launch`` every process calls this: training is data-parallel
     (``train.batch_size`` per process), evaluation is shared out and gathered, and only rank 0
@@ -114,10 +117,14 @@ def train(
     level = log.level
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 speaks for the run
-    recipe = None
+    recipe = share = None
     try:
         device = device or modeling.pick_device(cfg.train.device)
         cfg = resolve_config(cfg, get_task(cfg.task), device)  # complete before anything is built
+        if share_cores and device.type == "cpu" and not world.distributed:
+            share = sharing.CoreShare(cfg.train.num_threads)
+            share.apply(force=True)
+            callbacks = [*callbacks, SharedCores(share)]
         # SIGTERM / SIGINT: finish the step, write a checkpoint, exit (single process; ranks would
         # have to agree).
         with (
@@ -140,6 +147,8 @@ def train(
     finally:
         if recipe is not None:
             recipe.cleanup()
+        if share is not None:
+            share.close()
         log.setLevel(level)
         distributed.shutdown()
 

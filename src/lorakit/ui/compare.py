@@ -1,12 +1,16 @@
-"""Two or more runs side by side: the config keys that differ, their metrics, their curves."""
+"""Two or more runs side by side: the config keys that differ, their metrics, their curves, and which
+is better on the same test examples (:mod:`lorakit.evaluation.paired`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from lorakit.errors import LorakitError
+from lorakit.evaluation import paired
+from lorakit.evaluation.paired import Comparison
 from lorakit.tasks import get_task, task_names
 from lorakit.ui.progress import read_progress
-from lorakit.ui.workspace import Workspace, read_run
+from lorakit.ui.workspace import RunInfo, Workspace, read_run
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -58,7 +62,32 @@ def compare_runs(ws: Workspace, names: list[str]) -> dict[str, Any]:
             "train": p["train"],
             "validation": [[row["step"], row[metric]] for row in p["validation"] if metric in row],
         }
-    return {"names": names, "differences": differences, "metrics": rows, "curves": curves, "metric": metric}
+    return {
+        "names": names,
+        "differences": differences,
+        "metrics": rows,
+        "curves": curves,
+        "metric": metric,
+        "paired": _paired(runs),
+    }
+
+
+def _paired(runs: list[RunInfo]) -> list[Comparison | str]:
+    """The first run against each other one (and each against its base model, once), example by
+    example; a line instead where a run has not finished."""
+    out: list[Comparison | str] = []
+    seen: set[tuple[str, str]] = set()
+    for other in runs[1:]:
+        try:
+            found = paired.compare_runs(runs[0].path, other.path)
+        except LorakitError as exc:
+            out.append(f"{runs[0].name} vs {other.name}: {exc}")
+            continue
+        for c in found:  # the first run's base model comes with every pair: shown once
+            if (c.a, c.b) not in seen:
+                seen.add((c.a, c.b))
+                out.append(c)
+    return out
 
 
 def _default_metric(task: str) -> str:

@@ -27,6 +27,8 @@ from lorakit.files.paths import PKG_SCHEME
 
 #: Set by the UI from the run name, not typed in.
 HIDDEN = {"output.dir", "output.overwrite"}
+#: Shown first, outside "advanced": what a new user sets (with every ``data.*_column`` of the task).
+ESSENTIAL = ("data.train", "model.name_or_path", "train.epochs", "train.learning_rate", "lora.r")
 #: Fields naming files the run reads: local ones must lie inside the workspace (pkg:// and Hub names pass).
 PATH_KEYS = ("data.train", "data.validation", "data.test", "model.name_or_path")
 
@@ -57,6 +59,7 @@ class FormField:
     required: bool = False
     value: str = ""  # as shown in the input
     errors: list[str] = field(default_factory=list)
+    essential: bool = False  # shown first; the others sit under the section's "advanced"
 
 
 @dataclass
@@ -65,6 +68,19 @@ class Section:
     description: str
     fields: list[FormField]
     subsections: list[Section] = field(default_factory=list)
+
+    @property
+    def essential(self) -> list[FormField]:
+        return [f for f in self.fields if f.essential]
+
+    @property
+    def advanced(self) -> list[FormField]:
+        return [f for f in self.fields if not f.essential]
+
+    @property
+    def has_errors(self) -> bool:
+        """A problem in this section or below it (its "advanced" part opens then)."""
+        return any(f.errors for f in self.fields) or any(s.has_errors for s in self.subsections)
 
 
 def _literal_options(annotation: Any) -> list[str] | None:
@@ -141,9 +157,15 @@ def _section(name: str, model: type[BaseModel], values: dict[str, Any], prefix: 
                 options=["true", "false"] if kind == "bool" else (_literal_options(ann) or []),
                 required=info.is_required(),
                 value=show(current, kind),
+                essential=_essential(key, default),
             )
         )
     return sec
+
+
+def _essential(key: str, default: Any) -> bool:
+    column = key.startswith("data.") and key.count(".") == 1 and key.endswith("_column")
+    return key in ESSENTIAL or (column and default is not None)
 
 
 def iter_fields(sections: list[Section]) -> typing.Iterator[FormField]:

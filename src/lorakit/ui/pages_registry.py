@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from markupsafe import Markup
 from pydantic import BaseModel, Field, ValidationError
 
 from lorakit.adapters.registry import Registry, parse_ref
@@ -57,7 +58,8 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
         version = await run_in_threadpool(registry().get, ref)
         readme = ws.inside(version.path / "README.md")
         text = readme.read_text(encoding="utf-8") if readme.is_file() else "(this version has no model card)"
-        return page(request, "card.html", version=version, card=text)
+        front, html = render_card(text)
+        return page(request, "card.html", version=version, card=html, front=front)
 
     @app.get("/registry/delete", response_class=HTMLResponse)
     async def confirm_delete(request: Request, ref: str) -> HTMLResponse:
@@ -72,3 +74,16 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
             return RedirectResponse(f"/registry/delete?ref={ref}", status_code=303)
         gone = await run_in_threadpool(registry().delete, ref)
         return await listing(request, notice="deleted " + ", ".join(v.ref for v in gone))
+
+
+def render_card(text: str) -> tuple[str, Markup]:
+    """A model card (README.md) as HTML: its YAML front matter (the Hub's metadata) apart, its
+    Markdown rendered with raw HTML escaped (a card is data, never markup of this page)."""
+    from markdown_it import MarkdownIt
+
+    front = ""
+    if text.startswith("---\n") and "\n---" in text[4:]:
+        front, text = text[4:].split("\n---", 1)
+        text = text.lstrip("-").lstrip("\n")
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    return front.strip(), Markup(md.render(text))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import mimetypes
 from typing import Any
@@ -18,7 +19,7 @@ from lorakit.data.labels import LabelSpace
 from lorakit.errors import LorakitError
 from lorakit.tasks import get_task, task_names
 from lorakit.tasks.base import ReportSection
-from lorakit.ui import launch
+from lorakit.ui import launch, runqueue
 from lorakit.ui.compare import compare_runs
 from lorakit.ui.progress import read_progress, signature
 from lorakit.ui.workspace import (
@@ -26,6 +27,7 @@ from lorakit.ui.workspace import (
     Workspace,
     WorkspaceError,
     check_name,
+    has_checkpoint,
     list_runs,
     read_json,
     read_run,
@@ -40,7 +42,7 @@ def add_routes(app: FastAPI, ws: Workspace, page: Any) -> None:
     """Register the runs pages on ``app``; ``page(request, template, status, **context)`` renders."""
     _runs_pages(app, ws, page)
     _live_progress(app, ws)
-    _run_actions_and_files(app, ws)
+    _run_actions_and_files(app, ws, page)
     _compare_page(app, ws, page)
 
 
@@ -54,7 +56,12 @@ def _runs_pages(app: FastAPI, ws: Workspace, page: Any) -> None:
         present = [r for r in runs if getattr(r, key) is not None]
         present.sort(key=lambda r: getattr(r, key), reverse=bool(desc))
         rows = present + [r for r in runs if getattr(r, key) is None]
-        return page(request, "runs.html", runs=rows, sort=key, desc=bool(desc))
+        line = runqueue.queued(ws)
+        places = {n: i + 1 for i, n in enumerate(line)}
+        deleted = request.query_params.get("deleted")
+        return page(
+            request, "runs.html", runs=rows, sort=key, desc=bool(desc), places=places, deleted=deleted
+        )
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
     async def run_page(request: Request, name: str) -> HTMLResponse:
@@ -71,6 +78,10 @@ def _runs_pages(app: FastAPI, ws: Workspace, page: Any) -> None:
             request,
             "run.html",
             run=info,
+            queue_place=runqueue.place(ws, name),
+            resumable=has_checkpoint(info.path),
+            stopped_at=_stopped_at(info, progress),
+            stopping=info.status == "running" and bool(info.ui.get("stop_requested")),
             progress=progress,
             console=console,
             sections=sections,
@@ -96,7 +107,7 @@ def _live_progress(app: FastAPI, ws: Workspace) -> None:
                     last, quiet = sig, 0.0
                     data = await run_in_threadpool(read_progress, run)
                     yield f"event: progress\ndata: {json.dumps(data | {'status': status})}\n\n"
-                    if status != "running":
+                    if status not in ("running", "queued"):
                         yield "event: end\ndata: {}\n\n"
                         return
                 elif quiet > 15:  # a comment line keeps proxies from closing the stream
@@ -112,18 +123,34 @@ def _live_progress(app: FastAPI, ws: Workspace) -> None:
         )
 
 
-def _run_actions_and_files(app: FastAPI, ws: Workspace) -> None:
-    """Stop and resume a run; its report files and config."""
+def _run_actions_and_files(app: FastAPI, ws: Workspace, page: Any) -> None:
+    """Stop, resume and delete a run; its report files and config."""
 
     @app.post("/runs/{name}/stop")
     async def stop(name: str) -> RedirectResponse:
-        launch.stop_run(ws, name)
+        launch.stop_run(ws, name)  # a queued run leaves the queue
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
     @app.post("/runs/{name}/resume")
-    async def resume(name: str) -> RedirectResponse:
+    async def resume(request: Request, name: str) -> RedirectResponse:
         await run_in_threadpool(launch.resume_run, ws, name)
+        await run_in_threadpool(runqueue.pump, ws, request.app.state.slots)
         return RedirectResponse(f"/runs/{name}", status_code=303)
+
+    @app.get("/runs/{name}/delete", response_class=HTMLResponse)
+    async def confirm_delete(request: Request, name: str) -> HTMLResponse:
+        info = await run_in_threadpool(read_run, ws, name)
+        return page(request, "confirm_run.html", run=info)
+
+    @app.post("/runs/{name}/delete")
+    async def delete(request: Request, name: str) -> RedirectResponse:
+        form = await request.form()
+        if form.get("confirm") != "yes":
+            raise WorkspaceError(
+                f"deleting run '{name}' needs confirming (the button on /runs/{name}/delete)"
+            )
+        await run_in_threadpool(launch.delete_run, ws, name)
+        return RedirectResponse(f"/?deleted={name}", status_code=303)
 
     @app.get("/runs/{name}/report/{path:path}")
     async def report_file(name: str, path: str) -> FileResponse:
@@ -134,6 +161,21 @@ def _run_actions_and_files(app: FastAPI, ws: Workspace) -> None:
         return FileResponse(
             target, media_type=mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         )
+
+    @app.get("/runs/{name}/thumb")
+    async def thumbnail(name: str, ref: str) -> Response:
+        """A small PNG of an image the run's metrics name (a mistake's example): only those, so a
+        request cannot read any other file."""
+        info = await run_in_threadpool(read_run, ws, name)
+        named = {
+            str(m.get("image"))
+            for split in ("validation", "test")
+            for m in ((info.metrics or {}).get(split) or {}).get("mistakes") or []
+            if isinstance(m, dict) and m.get("image")
+        }
+        if ref not in named:
+            raise WorkspaceError(f"run '{name}' shows no image '{ref[:80]}'")
+        return Response(await run_in_threadpool(_thumbnail, ref), media_type="image/png")
 
     @app.get("/runs/{name}/config.yaml")
     async def run_config(name: str) -> Response:
@@ -154,6 +196,28 @@ def _compare_page(app: FastAPI, ws: Workspace, page: Any) -> None:
             return page(request, "compare.html", runs=runs, chosen=names, result=None)
         result = await run_in_threadpool(compare_runs, ws, names)
         return page(request, "compare.html", runs=runs, chosen=names, result=result)
+
+
+def _thumbnail(ref: str, size: int = 96) -> bytes:
+    from PIL import Image
+
+    try:
+        with Image.open(ref) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+    except (OSError, ValueError) as exc:
+        raise WorkspaceError(f"image '{ref[:80]}' cannot be read: {exc}") from None
+    return buf.getvalue()
+
+
+def _stopped_at(info: RunInfo, progress: dict[str, Any]) -> int | None:
+    """The step a run the user stopped stopped at (its newest checkpoint), None when not stopped."""
+    if info.status != "interrupted" or not (info.ui.get("stop_requested") or info.ui.get("exit_code") == 130):
+        return None
+    steps = [int(p.name.removeprefix("step-")) for p in (info.path / "checkpoints").glob("step-*")]
+    return max(steps, default=progress.get("step") or 0)
 
 
 def _sections(info: RunInfo) -> list[ReportSection]:

@@ -74,7 +74,19 @@ def read_progress(run: Path, *, tail: int = 30) -> dict[str, Any]:
         if s1 > s0:
             out["eta_seconds"] = round((t1 - t0) / (s1 - s0) * (out["total"] - s1))
     out["log"] = lines[-tail:]
+    out["phase"] = _phase(run, lines, out)
     return out
+
+
+def _phase(run: Path, lines: list[str], progress: dict[str, Any]) -> str:
+    """What a running run is doing outside its training steps ("" while it steps): train.log starts
+    once the data is read, and the test split is scored after the last step."""
+    if not progress["train"]:
+        return "reading the data" if not lines else "loading the model and taking the first steps"
+    if progress["total"] and progress["step"] >= progress["total"] and not (run / "metrics.json").exists():
+        scored = any(" INFO test (" in line for line in lines)
+        return "writing the adapter and report" if scored else "final evaluation: scoring the test split"
+    return ""
 
 
 def _history(run: Path) -> list[dict[str, Any]]:

@@ -181,7 +181,7 @@ class RunInfo:
 
     name: str
     path: Path
-    status: str  # running / finished / failed / interrupted
+    status: str  # queued / running / finished / failed / interrupted / cancelled
     task: str = ""
     base_model: str = ""
     best_metric: str = ""
@@ -198,6 +198,12 @@ class RunInfo:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started)) if self.started else ""
 
     @property
+    def resumed_text(self) -> str:
+        """When the UI last resumed the run (its start time stays the first one)."""
+        resumed = self.ui.get("resumed")
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(resumed)) if resumed else ""
+
+    @property
     def duration_text(self) -> str:
         if self.seconds is None:
             return ""
@@ -206,30 +212,42 @@ class RunInfo:
 
 
 def run_status(run: Path, ui: dict[str, Any], now: float | None = None) -> str:
-    """running / finished / failed / interrupted, read from the folder and the UI's record.
+    """queued / running / finished / failed / interrupted / cancelled, from the folder and the UI's record.
 
-    A run with ``metrics.json`` and ``adapter/`` finished. A run the UI started is running while its
-    process lives; afterwards its exit code decides (130: stopped, with a checkpoint). A run started
+    A run with ``metrics.json`` and ``adapter/`` finished. A run the UI started is queued until it
+    starts, then running while its process lives; afterwards its exit code decides (130: stopped,
+    with a checkpoint; 2: an error lorakit reported, failed even with a checkpoint). A run started
     from the CLI counts as running while its log or checkpoints changed in the last two minutes;
     after that it was interrupted when it left a checkpoint, else it failed.
     """
     if (run / "metrics.json").is_file() and (run / "adapter").is_dir():
         return "finished"
+    if ui.get("cancelled"):
+        return "cancelled"
+    if ui.get("queued") and not ui.get("pid"):
+        return "queued"
     if ui.get("pid") and pid_alive(int(ui["pid"])) and ui.get("exit_code") is None:
         return "running"
-    has_checkpoint = any((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else False
+    checkpointed = has_checkpoint(run)
     code = ui.get("exit_code")
+    if code == 2:  # lorakit refused to go on (a user error): the same config fails again on resume
+        return "failed"
     if code is not None:
-        return "interrupted" if has_checkpoint or code in (130, -2, -15) else "failed"
+        return "interrupted" if checkpointed or code in (130, -2, -15) else "failed"
     if ui.get("pid"):  # started by the UI, exit code unknown (the UI was restarted meanwhile)
-        return "interrupted" if has_checkpoint else "failed"
+        return "interrupted" if checkpointed else "failed"
     now = now or time.time()
     newest = max(
         (p.stat().st_mtime for p in [run / "train.log", run / "checkpoints"] if p.exists()), default=0.0
     )
     if now - newest < ACTIVE_SECONDS:
         return "running"
-    return "interrupted" if has_checkpoint else "failed"
+    return "interrupted" if checkpointed else "failed"
+
+
+def has_checkpoint(run: Path) -> bool:
+    """Whether the run folder holds a checkpoint to resume from."""
+    return any((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else False
 
 
 def read_run(ws: Workspace, name: str) -> RunInfo:

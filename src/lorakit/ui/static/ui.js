@@ -13,10 +13,18 @@ lorakit.chart = function (el, title, names, xs, ys) {
   return new uPlot(opts, [xs].concat(ys), el);
 };
 
+// The columns of validation rows in one order on every load: step, epoch, loss, then by name.
+lorakit.metricKeys = function (rows) {
+  const seen = new Set();
+  rows.forEach((r) => Object.keys(r).forEach((k) => seen.add(k)));
+  const first = ["step", "epoch", "loss"].filter((k) => seen.has(k));
+  return first.concat(Array.from(seen).filter((k) => !first.includes(k) && k !== "seconds").sort());
+};
+
 lorakit.curves = function (el, progress) {
   // Training loss and every validation metric of one run, on one chart keyed by step.
   const train = progress.train || [], val = progress.validation || [];
-  const keys = val.length ? Object.keys(val[0]).filter((k) => !["step", "epoch", "seconds"].includes(k)) : [];
+  const keys = lorakit.metricKeys(val).filter((k) => !["step", "epoch"].includes(k));
   const steps = Array.from(new Set(train.map((p) => p[0]).concat(val.map((r) => r.step)))).sort((a, b) => a - b);
   const at = (rows, f) => steps.map((s) => { const r = rows.find((x) => f(x)[0] === s); return r ? f(r)[1] : null; });
   const ys = [at(train, (p) => p)].concat(keys.map((k) => at(val, (r) => [r.step, r[k]])));
@@ -29,41 +37,59 @@ lorakit.fmt = function (s) {
   return (s >= 3600 ? Math.floor(s / 3600) + " h " : "") + Math.floor((s % 3600) / 60) + " min " + (s % 60) + " s";
 };
 
-lorakit.showProgress = function (p) {
+lorakit.showProgress = function (p, running) {
   document.getElementById("bar").max = p.total || 1;
   document.getElementById("bar").value = p.step;
   document.getElementById("steps").textContent = "step " + p.step + " / " + (p.total || "?");
-  document.getElementById("eta").textContent = p.eta_seconds != null && p.step < p.total ? "· about " + lorakit.fmt(p.eta_seconds) + " left" : "";
-  document.getElementById("log").textContent = (p.log || []).join("\n");
+  const stepping = running && !lorakit.stopping && !p.phase;
+  document.getElementById("eta").textContent = stepping && p.eta_seconds != null && p.step < p.total ? "· about " + lorakit.fmt(p.eta_seconds) + " left" : "";
+  document.getElementById("phase").textContent = running && p.phase ? "· " + p.phase + "…" : "";
+  // The log follows its tail, unless the reader scrolled up to read something.
+  const log = document.getElementById("log");
+  const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 24;
+  log.textContent = (p.log || []).join("\n");
+  if (atEnd || !lorakit.logShown) log.scrollTop = log.scrollHeight;
+  lorakit.logShown = true;
   const evals = document.getElementById("evals");
   const rows = p.validation || [];
   if (rows.length) {
-    const keys = Object.keys(rows[0]).filter((k) => k !== "seconds");
+    const keys = lorakit.metricKeys(rows);
     evals.innerHTML = "<tr>" + keys.map((k) => "<th>" + k + "</th>").join("") + "</tr>" +
       rows.map((r) => "<tr>" + keys.map((k) => "<td class=num>" + (typeof r[k] === "number" && !Number.isInteger(r[k]) ? r[k].toFixed(4) : r[k]) + "</td>").join("") + "</tr>").join("");
   }
   lorakit.curves(document.getElementById("chart"), p);
 };
 
-lorakit.runPage = function (name, running) {
+lorakit.runPage = function (name, running, stopping) {
   document.addEventListener("DOMContentLoaded", () => {
-    lorakit.showProgress(JSON.parse(document.getElementById("progress-data").textContent));
+    lorakit.stopping = stopping;
+    const st = document.getElementById("status");
+    const stopForm = document.getElementById("stop-form");
+    if (stopForm) stopForm.addEventListener("submit", () => {  // at once, before the run has stopped
+      lorakit.stopping = true;
+      st.textContent = "stopping…";
+      document.getElementById("eta").textContent = "";
+    });
+    lorakit.showProgress(JSON.parse(document.getElementById("progress-data").textContent), running);
     if (!running) return;
     const es = new EventSource("/runs/" + encodeURIComponent(name) + "/events");
+    let was = st.dataset.status;
     es.addEventListener("progress", (e) => {
       const p = JSON.parse(e.data);
-      lorakit.showProgress(p);
-      const st = document.getElementById("status");
-      st.textContent = p.status; st.className = "status " + p.status;
+      lorakit.showProgress(p, p.status === "running");
+      if (p.status !== was && was === "queued") { es.close(); location.reload(); return; }  // it started
+      was = p.status;
+      st.textContent = lorakit.stopping && p.status === "running" ? "stopping…" : p.status;
+      st.className = "status " + p.status;
     });
     es.addEventListener("end", () => { es.close(); location.reload(); });
   });
 };
 
-lorakit.comparePage = function (metric) {
+lorakit.comparePage = function (metric, names) {
+  // names: the runs in the order of the page's tables (object keys would put "2" before "a-run").
   document.addEventListener("DOMContentLoaded", () => {
     const curves = JSON.parse(document.getElementById("curves").textContent);
-    const names = Object.keys(curves);
     for (const [id, part, title] of [["chart-loss", "train", "training loss"], ["chart-metric", "validation", "validation " + metric]]) {
       const steps = Array.from(new Set(names.flatMap((n) => curves[n][part].map((p) => p[0])))).sort((a, b) => a - b);
       const ys = names.map((n) => steps.map((s) => { const p = curves[n][part].find((q) => q[0] === s); return p ? p[1] : null; }));
@@ -158,5 +184,38 @@ lorakit.tryPage = function (name, widget) {
       drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files.length) send(e.dataTransfer.files[0]); });
       document.getElementById("image").addEventListener("change", (e) => { if (e.target.files.length) send(e.target.files[0]); });
     }
+  });
+};
+
+// The new-run form: the page opens on its summary (problems, or the valid message and check output),
+// a link to a field opens the "advanced" part it sits in, and the data preview follows data.* fields.
+lorakit.reveal = function (id) {
+  const el = document.getElementById(id);
+  if (!el) return;
+  for (let d = el.closest("details"); d; d = d.parentElement.closest("details")) d.open = true;
+  el.scrollIntoView({ block: "center" });
+  el.focus();
+};
+
+lorakit.newPage = function () {
+  document.addEventListener("DOMContentLoaded", () => {
+    const top = document.getElementById("summary") || document.getElementById("result") || document.getElementById("check");
+    if (top) top.scrollIntoView({ block: "start" });
+    document.querySelectorAll('#summary a[href^="#f-"]').forEach((a) => a.addEventListener("click", (e) => {
+      e.preventDefault();
+      lorakit.reveal(a.getAttribute("href").slice(1));
+    }));
+    const form = document.getElementById("run-form"), box = document.getElementById("preview");
+    if (!form || !box) return;
+    let asked = 0;
+    const refresh = () => {
+      const mine = ++asked;
+      fetch("/new/preview", { method: "POST", body: new FormData(form) }).then((r) => r.text()).then((html) => {
+        if (mine === asked) box.innerHTML = html;
+      });
+    };
+    form.querySelectorAll('[name^="data."]').forEach((el) => el.addEventListener("change", refresh));
+    const train = form.querySelector('[name="data.train"]');
+    if (train && train.value && !box.innerHTML.trim()) refresh();
   });
 };
