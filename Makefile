@@ -121,7 +121,7 @@ bench-tune: setup
 # The documentation site (mkdocs.yml, docs/): built offline into site/, every warning an error; its
 # reference pages (config fields, CLI, HTTP API, Python API) are generated from the code as it builds.
 docs: setup
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict --quiet
 
 docs-serve: setup
 	$(BIN)/mkdocs serve
