@@ -60,6 +60,7 @@ class CoreShare:
         self.fixed, self.folder, self.cores = fixed, folder or registry_folder(), cores or cpu_cores()
         self.pid = os.getpid()
         self.threads: int | None = None
+        self.pending: str | None = None  # a quiet apply's message, logged once the run starts
         self._before: int | None = None  # torch's threads before the first change, given back on close
         self._checked = 0.0
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -92,8 +93,9 @@ class CoreShare:
         sharing = 1 + sum(1 for t in others if not t)
         return max(1, free // sharing)
 
-    def apply(self, *, force: bool = False) -> int:
-        """Set torch's threads to :meth:`share` (at most every few seconds unless ``force``); log a change."""
+    def apply(self, *, force: bool = False, quiet: bool = False) -> int:
+        """Set torch's threads to :meth:`share` (at most every few seconds unless ``force``); log a change
+        (``quiet``: keep the message in :attr:`pending` instead, for when the run has started)."""
         now = time.monotonic()
         if not force and now - self._checked < RECHECK_SECONDS:
             return self.threads or 0
@@ -106,14 +108,14 @@ class CoreShare:
             torch.set_num_threads(n)
             others = len(self.others())
             if others or self.threads is not None:
-                log.info(
-                    "%d other lorakit training%s on this machine: this one uses %d of %d CPU cores "
-                    "(train.num_threads sets it)",
-                    others,
-                    "" if others == 1 else "s",
-                    n,
-                    self.cores,
+                message = (
+                    f"{others} other lorakit training{'' if others == 1 else 's'} on this machine: this one "
+                    f"uses {n} of {self.cores} CPU cores (train.num_threads sets it)"
                 )
+                if quiet:
+                    self.pending = message
+                else:
+                    log.info(message)
         self.threads = n
         return n
 

@@ -45,6 +45,12 @@ class SharedCores(Callback):
     def __init__(self, share: Any) -> None:
         self.share = share
 
+    def on_start(self, run_dir: Any, config: Any, info: Any) -> None:
+        # said once the run is under way, not before a config or folder error ends it in one line
+        if self.share.pending:
+            log.info(self.share.pending)
+            self.share.pending = None
+
     def on_step(self, step: int) -> None:
         self.share.apply()
 

@@ -123,7 +123,7 @@ def train(
         cfg = resolve_config(cfg, get_task(cfg.task), device)  # complete before anything is built
         if share_cores and device.type == "cpu" and not world.distributed:
             share = sharing.CoreShare(cfg.train.num_threads)
-            share.apply(force=True)
+            share.apply(force=True, quiet=True)
             callbacks = [*callbacks, SharedCores(share)]
         # SIGTERM / SIGINT: finish the step, write a checkpoint, exit (single process; ranks would
         # have to agree).
