@@ -453,10 +453,11 @@ class GRPO(CausalLM):
     def prepare(self, cfg: RunConfig, processor: Any) -> PreparedData:
         self.train_cfg, self.data_cfg, self.tokenizer = cfg.train, cfg.data, processor
         d = cfg.data
-        wanted = [*self.columns(d), *(r.column for r in cfg.train.rewards if r.column)]
-
         def encode(ds: Dataset, key: str) -> Dataset:
-            require_columns(ds, wanted, key=key)
+            require_columns(ds, self.columns(d), key=key, data_cfg=d)
+            for i, r in enumerate(cfg.train.rewards):  # the columns the rewards read
+                if r.column:
+                    require_columns(ds, [r.column], key=key, field=f"train.rewards.{i}.column")
             return ds
 
         raw = build_splits(d, columns=self.columns(d), encode=encode)
