@@ -453,6 +453,7 @@ class GRPO(CausalLM):
     def prepare(self, cfg: RunConfig, processor: Any) -> PreparedData:
         self.train_cfg, self.data_cfg, self.tokenizer = cfg.train, cfg.data, processor
         d = cfg.data
+
         def encode(ds: Dataset, key: str) -> Dataset:
             require_columns(ds, self.columns(d), key=key, data_cfg=d)
             for i, r in enumerate(cfg.train.rewards):  # the columns the rewards read
