@@ -362,6 +362,21 @@ def test_grpo_climbs_the_reward_and_logs_what_rl_users_watch(grpo_run) -> None:
     assert "Sample answers" in report and "curves.png" in report
 
 
+def test_compare_pairs_the_rewards_of_the_adapter_and_its_base(grpo_run) -> None:
+    """`lorakit compare RUN`: the test prompts' rewards with and without the adapter, paired by prompt."""
+    from lorakit.evaluation.paired import compare_runs, format_table
+
+    [c] = compare_runs(grpo_run.run_dir)
+    assert c.paired and c.examples == 8 and c.metrics[0].metric == "reward"
+    m = c.metrics[0]
+    metrics = json.loads((grpo_run.run_dir / "metrics.json").read_text())
+    assert m.a == pytest.approx(metrics["test_base_model"]["reward"]) and m.b == pytest.approx(
+        metrics["test"]["reward"]
+    )
+    assert m.low <= m.diff <= m.high and m.p_value is None
+    assert f"{m.diff:+.3f}" in format_table([c]) and "points" not in format_table([c])
+
+
 def test_generate_and_merge_work_for_grpo_adapters(grpo_run, tmp_path: Path) -> None:
     from lorakit.cli import main
     from lorakit.serving.prediction import generate
@@ -461,7 +476,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path: Path, tiny_
     data = _jsonl(tmp_path / "p.jsonl", colour_prompts(40))
     settings = {
         "lora": {"dropout": 0.1},
-        "train": {"epochs": 2, "save_every_steps": 2, "num_iterations": 2, "beta": 0.1},
+        "train": {"epochs": 2, "save_every_steps": 2, "num_iterations": 2, "beta": 0.1, "num_threads": 2},
         "output": {"report": False},
     }
     reference = lorakit.train(grpo_config(tmp_path / "a", tiny_llama_dir, data, **settings), progress=False)

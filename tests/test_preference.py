@@ -502,7 +502,13 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path: Path, tiny_
     data = _jsonl(tmp_path / "pairs.jsonl", make_pairs(48))
     settings = {
         "lora": {"dropout": 0.1},
-        "train": {"epochs": 3, "batch_size": 4, "save_every_steps": 2, "generation_samples": 2},
+        "train": {
+            "epochs": 3,
+            "batch_size": 4,
+            "save_every_steps": 2,
+            "generation_samples": 2,
+            "num_threads": 2,
+        },
         "output": {"report": False},
     }
     reference = lorakit.train(pref_config(tmp_path / "a", tiny_llama_dir, data, **settings), progress=False)

@@ -34,7 +34,13 @@ def _chat(folder: Path, models: dict[str, Path]) -> Path:
     data.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(40)))
     settings = {
         "lora": {"dropout": 0.1},
-        "train": {"epochs": 2, "batch_size": 4, "save_every_steps": 2, "eval_every_steps": 3},
+        "train": {
+            "epochs": 2,
+            "batch_size": 4,
+            "save_every_steps": 2,
+            "eval_every_steps": 3,
+            "num_threads": 2,
+        },
         "output": {"report": False},
     }
     settings["train"].update(generation_samples=4, max_new_tokens=3)

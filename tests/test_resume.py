@@ -21,7 +21,7 @@ from lorakit.errors import RunDirError
 # Dropout on, several epochs, a checkpoint every 3 steps: the RNG and data position must be restored.
 SETTINGS = {
     "lora": {"dropout": 0.1},
-    "train": {"epochs": 3, "save_every_steps": 3},
+    "train": {"epochs": 3, "save_every_steps": 3, "num_threads": 2},
     "output": {"report": False},
 }
 

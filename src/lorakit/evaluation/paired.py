@@ -2,13 +2,14 @@
 
 Every test evaluation saves each example's outcome (``metrics.json``: ``test.predictions``, in
 split order: the true and predicted label of a classifier, the exact match of a language model's
-answer). When two runs were scored on the same examples (the same data, split seed and test size,
-so the same true labels in the same order), their outcomes are paired, example by example:
+answer, the reward of a GRPO adapter's greedy answer). When two runs were scored on the same examples
+(the same data, split seed and test size, so the same true labels in the same order), their outcomes
+are paired, example by example:
 
 - accuracy and exact match (right / wrong per example): McNemar's exact test, i.e. a two-sided
   binomial test (``scipy.stats.binomtest``) on the examples only one of the runs got right;
-- every metric, accuracy included: a 95% paired bootstrap confidence interval of the difference
-  B - A (``scipy.stats.bootstrap`` with ``paired=True``, resampling examples).
+- every metric, accuracy and mean reward included: a 95% paired bootstrap confidence interval of
+  the difference B - A (``scipy.stats.bootstrap`` with ``paired=True``, resampling examples).
 
 The same comparison runs against the base model where a run scored it (``train.score_base_model``:
 ``test_base_model.predictions``). Runs scored on different examples are not paired: the result
@@ -45,6 +46,11 @@ class MetricDiff:
     p_value: float | None = None  # McNemar's exact test (binary outcomes only)
     a_only: int | None = None  # examples only A got right / only B got right
     b_only: int | None = None
+    unit: str = "points"  # how a difference is shown: percentage points of a share, or the metric's own units
+
+    def fmt(self, x: float) -> str:
+        """A difference (or an interval end) as shown: ``+8.7`` points of a share, ``+0.214`` of a reward."""
+        return f"{100 * x:+.1f}" if self.unit == "points" else f"{x:+.3f}"
 
     @property
     def diff(self) -> float:
@@ -75,8 +81,9 @@ class Comparison:
             return f"not compared example by example: {self.reason}"
         m = self.metrics[0]
         sign = 1 if m.diff >= 0 else -1  # told from the better run's side: "+8.7 points"
-        low, high = sorted((100 * sign * m.low, 100 * sign * m.high))
-        detail = f"{100 * sign * m.diff:+.1f} points, {CONFIDENCE:.0%} CI {low:+.1f} to {high:+.1f}" + (
+        low, high = sorted((sign * m.low, sign * m.high))
+        unit = f" {m.unit}" if m.unit == "points" else ""
+        detail = f"{m.fmt(sign * m.diff)}{unit}, {CONFIDENCE:.0%} CI {m.fmt(low)} to {m.fmt(high)}" + (
             f", McNemar p = {m.p_value:.2g}" if m.p_value is not None else ""
         )
         if not m.sure:
@@ -131,6 +138,16 @@ def binary_diff(metric: str, right_a: np.ndarray, right_b: np.ndarray) -> Metric
     )
 
 
+def reward_diff(reward_a: np.ndarray, reward_b: np.ndarray) -> MetricDiff:
+    """Paired per-example rewards (GRPO): a bootstrap CI of the difference in the mean reward."""
+    low, high = _bootstrap(
+        (reward_a, reward_b),
+        lambda x, y, axis=-1: np.mean(y, axis=axis) - np.mean(x, axis=axis),
+        vectorized=True,
+    )
+    return MetricDiff("reward", float(reward_a.mean()), float(reward_b.mean()), low, high, unit="")
+
+
 def _macro_f1(true: np.ndarray, pred: np.ndarray, axis: int = -1) -> np.ndarray:
     """Macro F1 over the classes of integer-coded labels, along ``axis`` (resamples stacked before it)."""
     classes = np.arange(int(max(true.max(), pred.max())) + 1)
@@ -168,6 +185,8 @@ def compare_predictions(a: dict[str, Any], b: dict[str, Any], names: tuple[str, 
         key, kind = "true", "labels"
     elif "exact_match" in a and "exact_match" in b:
         key, kind = "reference", "references"
+    elif "reward" in a and "reward" in b:
+        key, kind = "prompt", "prompts"
     else:
         out.reason = "the two evaluations saved no per-example predictions of one kind (older runs?)"
         return out
@@ -182,6 +201,9 @@ def compare_predictions(a: dict[str, Any], b: dict[str, Any], names: tuple[str, 
         true, pa, pb = np.asarray(a["true"]), np.asarray(a["predicted"]), np.asarray(b["predicted"])
         out.examples = len(true)
         out.metrics = [binary_diff("accuracy", pa == true, pb == true), f1_diff(true, pa, pb)]
+    elif kind == "prompts":
+        out.examples = len(a["reward"])
+        out.metrics = [reward_diff(np.asarray(a["reward"], float), np.asarray(b["reward"], float))]
     else:
         keep = [
             i for i, v in enumerate(a["exact_match"]) if v is not None and b["exact_match"][i] is not None
@@ -254,8 +276,9 @@ def format_table(comparisons: list[Comparison]) -> str:
                 else ""
             )
             lines.append(
-                f"  {m.metric:<12} {m.a:.4f} -> {m.b:.4f}  {100 * m.diff:+.1f} points  "
-                f"{CONFIDENCE:.0%} CI {100 * m.low:+.1f} to {100 * m.high:+.1f}{test}"
+                f"  {m.metric:<12} {m.a:.4f} -> {m.b:.4f}  {m.fmt(m.diff)}"
+                f"{' points' if m.unit == 'points' else ''}  {CONFIDENCE:.0%} CI {m.fmt(m.low)} to "
+                f"{m.fmt(m.high)}{test}"
             )
         lines.append(f"  {c.verdict}")
         if c.note:

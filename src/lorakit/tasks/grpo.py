@@ -889,6 +889,11 @@ class GRPO(CausalLM):
         }
         for spec, column in zip(t.rewards, per_reward.T, strict=True):
             metrics[f"reward_{spec.label_text}"] = float(torch.nanmean(column))
+        # each prompt's reward, in split order: what `lorakit compare` pairs between runs
+        metrics["predictions"] = {
+            "prompt": [x["prompt"] for x in samples],
+            "reward": [x["reward"] for x in samples],
+        }
         metrics["samples"] = samples[:8]
         return metrics
 
