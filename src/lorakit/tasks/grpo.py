@@ -47,7 +47,14 @@ from lorakit.config.schema import DataConfig, RunConfig, TrainConfig
 from lorakit.data.sources import build_splits, require_columns
 from lorakit.errors import DataError, LorakitError
 from lorakit.tasks.base import PreparedData, ReportSection, ReportTable
-from lorakit.tasks.causal_lm import CausalLM, CausalLMData, CausalLMTrain, end_of_turn_ids, normalise_answer
+from lorakit.tasks.causal_lm import (
+    CausalLM,
+    CausalLMData,
+    CausalLMTrain,
+    end_of_turn_ids,
+    logits_keep_mode,
+    normalise_answer,
+)
 from lorakit.tasks.preference import as_reference
 
 BUILTINS = ("exact_match", "regex", "format", "length")
@@ -370,12 +377,8 @@ def completion_logps(
     else:
         ids, attn = batch["input_ids"], batch["attention_mask"]
         pos = (attn.cumsum(1) - 1).clamp(min=0)
-        try:
-            out = model(
-                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=t + 1
-            )
-        except TypeError:  # a model without logits_to_keep
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        keep = {"logits_to_keep": t + 1} if logits_keep_mode(model) != "none" else {}
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **keep)
         logits = out.logits[:, -(t + 1) : -1]
     logits = logits.float() / temperature
     targets = batch["input_ids"][:, -t:]
