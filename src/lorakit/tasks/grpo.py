@@ -385,20 +385,31 @@ def completion_logps(
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _generate_takes_cache(model: torch.nn.Module) -> bool:
-    """Whether this transformers' ``generate`` takes the cache as ``cache`` (5.x) or ``past_key_values``."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" in inspect.signature(base.forward).parameters
-
-
 def _can_share_prompts(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward can take a prompt cache with gradients: not under DDP / FSDP (one
     forward per backward) nor with gradient checkpointing in training (no cache where layers replay)."""
     if hasattr(model, "module"):
         return False
     return not (model.training and getattr(model, "is_gradient_checkpointing", False))
+
+
+def repeated_prompt_cache(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, g: int
+) -> tuple[Any, Any, str]:
+    """Prompts [B, P] (left-padded) through ``model`` once with ``use_cache``: (the output, its cache
+    repeated ``g`` times for the G answers of each prompt, the keyword a forward or ``generate`` takes
+    it by: ``cache`` in transformers >= 5.x, else ``past_key_values``)."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    name = "cache" if hasattr(out, "cache") else "past_key_values"
+    cache = getattr(out, name)
+    cache.batch_repeat_interleave(g)
+    return out, cache, name
 
 
 def _shared_prompt_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], t: int) -> torch.Tensor:
@@ -410,22 +421,14 @@ def _shared_prompt_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ids, attn = batch["input_ids"], batch["attention_mask"]
     width = ids.shape[1] - t
     prompt_ids, prompt_mask = ids[::g, :width], attn[::g, :width]
-    prompt = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = prompt.cache if hasattr(prompt, "cache") else prompt.past_key_values  # transformers >= 5.x: cache
-    cache.batch_repeat_interleave(g)
+    prompt, cache, name = repeated_prompt_cache(model, prompt_ids, prompt_mask, g)
     start = prompt_mask.sum(1).repeat_interleave(g)  # each answer's first position
     answers = model(
         input_ids=ids[:, width:],
         attention_mask=attn,
         position_ids=start[:, None] + torch.arange(t, device=ids.device)[None, :],
         logits_to_keep=t,
-        **{"cache" if hasattr(prompt, "cache") else "past_key_values": cache},
+        **{name: cache},
     )
     first = prompt.logits[:, -1:].repeat_interleave(g, 0)  # the prompt's last position: the first token
     return torch.cat([first, answers.logits[:, :-1]], 1)
@@ -689,14 +692,10 @@ class GRPO(CausalLM):
                 "top_k": 0,
             }
         )
-        cache = self._prompt_cache(model, ids, mask, group)
+        if group > 1 and ids.shape[1] > 1:  # every prompt token but the last read once for its group
+            _, cache, name = repeated_prompt_cache(model, ids[:, :-1], mask[:, :-1], group)
+            options[name] = cache
         ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-        if cache is not None:  # transformers >= 5.x names it `cache`
-            options[
-                "cache"
-                if type(cache).__name__ != "tuple" and _generate_takes_cache(model)
-                else "past_key_values"
-            ] = cache
         gen = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -714,24 +713,6 @@ class GRPO(CausalLM):
         answer_mask = (cols[None, :] <= first[:, None]).long() & (cols[None, :] < answers.shape[1])
         answers = torch.where(answer_mask.bool(), answers, pad)
         return answers, answer_mask, ~ended
-
-    @staticmethod
-    def _prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: int) -> Any:
-        """The keys and values of every prompt token but the last, repeated ``group`` times (generation
-        then reads only the last token of each copy); None where there is nothing to share."""
-        if group < 2 or ids.shape[1] < 2:
-            return None
-        head = mask[:, :-1]
-        out = model(
-            input_ids=ids[:, :-1],
-            attention_mask=head,
-            position_ids=(head.cumsum(1) - 1).clamp(min=0),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        cache.batch_repeat_interleave(group)
-        return cache
 
     def _texts(self, answers: torch.Tensor, answer_mask: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         ids = [row[: int(n)] for row, n in zip(answers.tolist(), answer_mask.sum(1).tolist(), strict=True)]
