@@ -343,9 +343,8 @@ def _run_temp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A lorakit cache (for ``LORAKIT_CACHE``) that holds the packaged SmolLM2-135M-Instruct GGUF file
-    converted to a transformers folder, as lorakit converts it on first use (~40 s on 2 cores): once per
-    pytest run, shared by its workers. test_real_model_llm.py converts into a cache of its own (that
-    first use is what it tests)."""
+    converted to a transformers folder, as lorakit converts it on first use (~30 s on 2 cores): once per
+    pytest run, shared by its workers."""
     from filelock import FileLock
 
     from lorakit.tasks.causal_lm import gguf_converted

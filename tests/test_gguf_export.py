@@ -26,10 +26,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _tiny_smol_llama(folder: Path) -> Path:
+def _tiny_smol_llama(folder: Path, smollm2_cache: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(_smollm2_folder()), gguf_file=SMOLLM2_GGUF)
+    (converted,) = (smollm2_cache / "gguf").iterdir()  # the packaged file's tokenizer, converted once
+    tok = AutoTokenizer.from_pretrained(str(converted))
     tok.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -55,11 +56,11 @@ def _smollm2_folder() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smol_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> Path:
     """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, tied embeddings, random weights) with SmolLM2's
     tokenizer.
     """
-    return _tiny_smol_llama(tmp_path_factory.mktemp("tiny-smol-llama"))
+    return _tiny_smol_llama(tmp_path_factory.mktemp("tiny-smol-llama"), smollm2_cache)
 
 
 def _peft_adapter(base_dir: Path, out: Path, *, scale: float = 0.3, **lora: object) -> Path:

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(900)
 def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, smollm2_cache: Path
 ) -> None:
-    """The packaged SmolLM2-135M-Instruct (GGUF) on 48 Rotten Tomatoes reviews: answers become one
-    word that stops at the end-of-turn token; the base model without the adapter does not answer so."""
+    """The packaged SmolLM2-135M-Instruct (GGUF) on 48 Rotten Tomatoes reviews (24 held out): answers
+    become one word that stops at the end-of-turn token; the base model without the adapter does not."""
     config = ROOT / "configs" / "rt-smollm2-chat.yaml"
     small = [
         "--set",
@@ -35,12 +35,12 @@ def test_smollm2_gguf_learns_the_answer_format_on_a_few_real_reviews(
         "--set",
         f"output.dir={tmp_path / 'run'}",
     ]
-    cache = tmp_path / "cache"  # its own, empty: this run converts the GGUF file on first use
+    cache = smollm2_cache  # where conftest converted the GGUF file once, as lorakit does on first use
     monkeypatch.setenv("LORAKIT_CACHE", str(cache))
     _cli = functools.partial(run_cli, capsys)  # the commands in this process (conftest.run_cli)
     r = _cli("train", str(config), *small, "--no-progress")
     assert r.returncode == 0, r.stderr
-    # The GGUF file was converted once to a transformers folder, which later commands load instead.
+    # The GGUF file is converted once to a transformers folder, which later commands load instead.
     (converted,) = (cache / "gguf").iterdir()
     assert (converted / "config.json").is_file() and (converted / "model.safetensors").is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

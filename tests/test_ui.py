@@ -447,11 +447,23 @@ def _goto(page, url: str) -> None:
             page.wait_for_load_state()
 
 
+def _wait_until_idle(workspace: Path, timeout: float = 120) -> None:
+    """Wait for the UI's runs started by earlier tests to end (a page shows metrics a moment before
+    its process exits), so the queue starts from empty."""
+    from lorakit.ui import runqueue
+
+    deadline = time.time() + timeout
+    while runqueue.running(Workspace(workspace)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not runqueue.running(Workspace(workspace)), "an earlier test's run is still running"
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("form_run")
 def test_second_run_waits_in_the_queue_then_the_failed_one_is_deleted(
     page, server: Server, workspace: Path
 ) -> None:
+    _wait_until_idle(workspace)
     # the first fails at its first evaluation (step 4); one training at a time on CPU: the second
     # waits its turn meanwhile
     fails = {"train.metric_for_best": "bogus", "train.eval_every_steps": "4"}

@@ -1,13 +1,15 @@
 """`lorakit export --vllm`: what vLLM refuses is said before anything is handed over, each problem with its
 fix; a servable adapter is laid out as base folder + peft adapters + the command that starts vLLM's server.
-The slow test serves SmolLM2 with two adapters in vLLM itself (`make vllm-env`), compares greedy answers,
-and starts the written serve.sh."""
+The slow test serves SmolLM2 with two adapters in vLLM itself (`make vllm-env`) through the written
+serve.sh and compares greedy answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -127,8 +129,9 @@ def test_what_vllm_refuses_is_one_line_with_every_problem(
 def test_vllm_serves_smollm2_adapters_with_lorakit_generates_answers(
     tmp_path: Path, monkeypatch, smollm2_cache
 ) -> None:
-    """Two adapters on the packaged SmolLM2-135M-Instruct in one vLLM batch; greedy answers compared with
-    `lorakit generate`'s for the same 20 prompts (token ids identical: lorakit renders the prompts)."""
+    """Two adapters on the packaged SmolLM2-135M-Instruct in one vLLM server started by the written
+    serve.sh; greedy answers compared with `lorakit generate`'s for the same 20 prompts (token ids
+    identical: lorakit renders the prompts), then a chat request naming an adapter."""
     if not VLLM_PYTHON.is_file():
         pytest.fail("vLLM's environment is missing: run `make vllm-env` first")
     monkeypatch.setenv("LORAKIT_CACHE", str(smollm2_cache))  # the base converted once (conftest)
@@ -159,41 +162,46 @@ def test_vllm_serves_smollm2_adapters_with_lorakit_generates_answers(
     ]
     loaded = load_adapter(adapters[0], device="cpu")
     ids = [loaded.task.prompt_ids(loaded.processor, loaded.data_cfg, p) for p in prompts]
-    job = {
-        "base": str(v.base_dir),
-        "adapters": {k: str(p) for k, p in v.adapters.items()},
-        "max_lora_rank": v.max_lora_rank,
-        "prompt_ids": ids + ids,
-        "adapter_of_prompt": ["one"] * 20 + ["two"] * 20,
-        "max_new_tokens": 16,
-    }
-    (tmp_path / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
-    r = subprocess.run(
-        [
-            str(VLLM_PYTHON),
-            str(ROOT / "tests" / "vllm_greedy.py"),
-            str(tmp_path / "job.json"),
-            str(tmp_path / "answers.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    answers = json.loads((tmp_path / "answers.json").read_text())
+    with _serve_sh(v.out_dir / "serve.sh", tmp_path, env) as port:
+        # all 40 requests at once: the server batches them, the two adapters mixed in its batches
+        jobs = [(name, i) for name in ("one", "two") for i in ids]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: _completion(port, *job), jobs))
+        _chat_answers(port)
     ours = [o["output"] for a in adapters for o in generate(a, prompts, max_new_tokens=16, device="cpu")]
     same = sum(a == b for a, b in zip(answers, ours, strict=True))
     print(f"vLLM vs lorakit generate: {same}/{len(ours)} greedy answers identical")
     assert answers[:20] != answers[20:]  # the two adapters answered differently within one batch
     assert same >= 0.9 * len(ours), list(zip(answers, ours, strict=True))[:5]
-    _serve_sh_answers_chat(v.out_dir / "serve.sh", tmp_path, env)
 
 
-def _serve_sh_answers_chat(serve_sh: Path, tmp_path: Path, env: dict[str, str]) -> None:
-    """The written serve.sh, run as a user would (vLLM's environment first on PATH), starts vLLM's OpenAI
-    server and answers a chat request naming an adapter (the `vllm` command of the CPU build did not)."""
+def _post(port: int, route: str, body: dict) -> dict:
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    c.request("POST", route, json.dumps(body), {"content-type": "application/json"})
+    r = c.getresponse()
+    answer = json.loads(r.read())
+    assert r.status == 200 and answer["model"] == body["model"], answer
+    return answer
+
+
+def _completion(port: int, adapter: str, prompt_ids: list[int]) -> str:
+    """vLLM's greedy answer to a prompt given as token ids (rendered by lorakit), float32 as lorakit's."""
+    body = {"model": adapter, "prompt": prompt_ids, "max_tokens": 16, "temperature": 0.0}
+    return _post(port, "/v1/completions", body)["choices"][0]["text"].strip()
+
+
+def _chat_answers(port: int) -> None:
+    body = {"model": "two", "messages": [{"role": "user", "content": "Name one fruit."}], "max_tokens": 8}
+    assert _post(port, "/v1/chat/completions", body)["choices"][0]["message"]["content"].strip()
+
+
+@contextlib.contextmanager
+def _serve_sh(serve_sh: Path, tmp_path: Path, env: dict[str, str]):
+    """The written serve.sh, run as a user would (vLLM's environment first on PATH, the `vllm` command of
+    the CPU build did not start), until its OpenAI server answers /health: yields the port."""
     import http.client
     import time
 
@@ -202,11 +210,9 @@ def _serve_sh_answers_chat(serve_sh: Path, tmp_path: Path, env: dict[str, str]) 
     port = free_port()
     path = f"{VLLM_PYTHON.parent}{os.pathsep}{env['PATH']}"
     log = (tmp_path / "serve.log").open("w")
+    extra = ["--port", str(port), "--max-model-len", "1024", "--dtype", "float32", "--seed", "0"]
     proc = subprocess.Popen(
-        ["sh", str(serve_sh), "--port", str(port), "--max-model-len", "1024"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(env, PATH=path),
+        ["sh", str(serve_sh), *extra], stdout=log, stderr=subprocess.STDOUT, env=dict(env, PATH=path)
     )
     try:
         deadline = time.monotonic() + 600
@@ -219,13 +225,7 @@ def _serve_sh_answers_chat(serve_sh: Path, tmp_path: Path, env: dict[str, str]) 
                     break
             except OSError:
                 time.sleep(1)
-        body = {"model": "two", "messages": [{"role": "user", "content": "Name one fruit."}], "max_tokens": 8}
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        c.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
-        r = c.getresponse()
-        answer = json.loads(r.read())
-        assert r.status == 200 and answer["model"] == "two", answer
-        assert answer["choices"][0]["message"]["content"].strip()
+        yield port
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -690,9 +690,10 @@ def _check_model_file(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorakit.models.gguf_reading import gguf_read_once
     from lorakit.models.modeling import quiet_transformers
 
-    with quiet_transformers():
+    with quiet_transformers(), gguf_read_once():  # one parse of the file for the model and tokenizer
         reread = AutoModelForCausalLM.from_pretrained(
             str(tmp), gguf_file=model_file, dtype=torch.float32
         ).eval()

@@ -26,6 +26,7 @@ from lorakit.data.sources import build_splits
 from lorakit.data.templates import chat_template_problem, format_template_problem, template_validator
 from lorakit.errors import DataError, ModelError
 from lorakit.files.paths import cache_root
+from lorakit.models.gguf_reading import gguf_read_once
 from lorakit.models.modeling import new_module_names, quiet_transformers
 from lorakit.runtime import distributed
 from lorakit.tasks.base import GenerateOptions, PreparedData, ReportSection, ReportTable, Task
@@ -173,8 +174,9 @@ def plain_weights(model: Any) -> None:
 def gguf_converted(where: str, gguf: str | None) -> tuple[str, str | None]:
     """A local GGUF file as a transformers folder (safetensors weights, config, tokenizer), converted once.
 
-    transformers parses the GGUF file for the config, the tokenizer and the weights separately (~40 s
-    of a process's start for SmolLM2-135M on 2 CPU cores); the converted folder, kept in
+    transformers parses the GGUF file for the config, the tokenizer and the weights separately (read
+    once here: :func:`.gguf_reading.gguf_read_once`), which still costs a process's start seconds; the
+    converted folder, kept in
     :func:`cache_root` under ``gguf/`` and keyed by the file's path, size, modification time and the
     transformers version, loads in seconds. The same weights and tokenizer either way. Hub GGUF files
     and ``LORAKIT_GGUF_CACHE=0`` load directly; if the cache cannot be written, the file is read as is.
@@ -199,7 +201,7 @@ def gguf_converted(where: str, gguf: str | None) -> tuple[str, str | None]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s to a transformers folder once (later loads read %s)", src, folder)
-        with quiet_transformers():
+        with quiet_transformers(), gguf_read_once():  # one parse of the file, not three
             tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf)
         plain_weights(model)
