@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.adapters.build import LoadedAdapter, load_adapter
-from lorakit.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, other_base
+from lorakit.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_method, other_base
+from lorakit.config.schema import METHOD_NAMES
 from lorakit.export.common import ExportError, adapter_name, provenance, write_provenance
 from lorakit.files.atomic import atomic_dir
 from lorakit.files.outputs import check_output_folder
@@ -82,6 +83,11 @@ def vllm_problems(loaded: LoadedAdapter, max_lora_rank: int) -> list[str]:
             f"{name}: modules trained in full ({', '.join(lora['modules_to_save'])}, in "
             "modules_to_save) are not loaded by vLLM's LoRA; "
             "train with lora.modules_to_save: [] or use export --merge / lorakit serve"
+        )
+    if adapter_method(meta) != "lora":
+        problems.append(
+            f"{name}: vLLM serves LoRA adapters only; this is a {METHOD_NAMES[adapter_method(meta)]} adapter "
+            "(lora.method: " + adapter_method(meta) + "): use export --merge, or retrain with lora.method: lora"
         )
     if lora.get("use_dora"):
         problems.append(
