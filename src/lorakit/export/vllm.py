@@ -75,6 +75,12 @@ def vllm_problems(loaded: LoadedAdapter, max_lora_rank: int) -> list[str]:
             f"{name}: vLLM serves causal language models; this is a {loaded.task.name} adapter "
             "(serve it with lorakit serve)"
         ]
+    method = adapter_method(meta)
+    if method != "lora":  # nothing else of it matters to vLLM
+        return [
+            f"{name}: vLLM serves LoRA adapters only; this is a {METHOD_NAMES[method]} adapter "
+            f"(lora.method: {method}): use export --merge, or retrain with lora.method: lora"
+        ]
     lora = meta.get("lora", {})
     peft_cfg = json.loads((loaded.adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     problems = []
@@ -83,11 +89,6 @@ def vllm_problems(loaded: LoadedAdapter, max_lora_rank: int) -> list[str]:
             f"{name}: modules trained in full ({', '.join(lora['modules_to_save'])}, in "
             "modules_to_save) are not loaded by vLLM's LoRA; "
             "train with lora.modules_to_save: [] or use export --merge / lorakit serve"
-        )
-    if adapter_method(meta) != "lora":
-        problems.append(
-            f"{name}: vLLM serves LoRA adapters only; this is a {METHOD_NAMES[adapter_method(meta)]} adapter "
-            "(lora.method: " + adapter_method(meta) + "): use export --merge, or retrain with lora.method: lora"
         )
     if lora.get("use_dora"):
         problems.append(

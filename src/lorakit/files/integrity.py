@@ -70,7 +70,8 @@ def adapter_config_problem(path: str | Path) -> str | None:
         return f"holds a JSON {type(data).__name__}, not an object of PEFT settings"
     kind = data.get("peft_type")
     if "peft_type" in data and kind not in PEFT_TYPES:
-        return f"has peft_type {kind!r}; lorakit loads LoRA, LoHa and LoKr adapters (peft_type {', '.join(PEFT_TYPES)})"
+        loads = ", ".join(PEFT_TYPES)
+        return f"has peft_type {kind!r}; lorakit loads LoRA, LoHa and LoKr adapters (peft_type {loads})"
     keys = ADAPTER_CONFIG_KEYS if kind in (None, "LORA") else LYCORIS_CONFIG_KEYS
     missing = [k for k in keys if k not in data]
     if missing:

@@ -439,6 +439,17 @@ def peft_config(
     return cls(**common, alpha=settings.alpha, use_effective_conv2d=settings.effective_conv2d)
 
 
+#: How peft names the tensors of each method's layers: LoRA's ``lora_A`` / ``lora_B`` (and DoRA's
+#: ``lora_magnitude_vector``), LoHa's ``hada_w1_a`` ..., LoKr's ``lokr_w1`` ...
+ADAPTER_TENSOR_PREFIXES = (".lora_", ".hada_", ".lokr_")
+
+
+def is_adapter_weight(key: str) -> bool:
+    """Whether a state-dict key of a peft model is adapter state: an adapter tensor of any method, or a
+    copy of a module trained in full (``modules_to_save``). What checkpoints and the best weights hold."""
+    return "modules_to_save" in key or any(p in key for p in ADAPTER_TENSOR_PREFIXES)
+
+
 def adapted_layers(model: nn.Module) -> list[str]:
     """Paths (in the base model) of the layers a peft model adapts: LoRA, LoHa or LoKr layers."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -460,7 +471,10 @@ def check_patterns(model: nn.Module, settings: LoraSettings) -> None:
     from peft.utils.other import get_pattern_key
 
     layers = adapted_layers(model)
-    for field, pattern in (("rank_pattern", settings.rank_pattern), ("alpha_pattern", settings.alpha_pattern)):
+    for field, pattern in (
+        ("rank_pattern", settings.rank_pattern),
+        ("alpha_pattern", settings.alpha_pattern),
+    ):
         # peft's own rule: a key matches a layer whose path ends with it (as a regex) after a dot
         used = {get_pattern_key(list(pattern), name) for name in layers}
         bad = [k for k in pattern if k not in used]
