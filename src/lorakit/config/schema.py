@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -315,14 +315,14 @@ class LoraSettings(Section):
         "matrix: fewer parameters per rank on k x k kernels (1 x 1 ones are unchanged). Try it "
         "when the adapted convolutions have large kernels.",
     )
-    rank_pattern: dict[str, Annotated[int, Field(ge=1, le=4096)]] = Field(
+    rank_pattern: dict[str, int] = Field(
         default_factory=dict,
         description="Per-layer ranks that differ from `r`: layer name suffix or regex -> rank (peft's "
         "rank_pattern), e.g. {'_conv_head': 32}. A key that matches no adapted layer is an error "
         "listing the adapted layers. Give more rank to the layers that carry most of the change "
         "(often the top ones).",
     )
-    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(
+    alpha_pattern: dict[str, float] = Field(
         default_factory=dict,
         description="Per-layer alphas that differ from `alpha`, keyed as `rank_pattern` (peft's "
         "alpha_pattern). Set it beside `rank_pattern` to keep alpha / r the same on the layers "
@@ -381,6 +381,17 @@ class LoraSettings(Section):
     @classmethod
     def _patterns_compile(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         return _pattern_keys(v, info)
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_positive(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        bad = [
+            f"'{k}': {n}" for k, n in v.items() if n <= 0 or (info.field_name == "rank_pattern" and n > 4096)
+        ]
+        if bad:
+            what = "ranks from 1 to 4096" if info.field_name == "rank_pattern" else "alphas above 0"
+            raise ValueError(f"lora.{info.field_name}: {', '.join(bad)}: give {what}")
+        return v
 
 
 class TrainConfig(Section):
