@@ -13,6 +13,11 @@ official test split (1,000 further training images are lorakit's validation spli
              that only the training method differs
   full-bf16:LR the same under bf16 autocast (as lorakit trains on a CPU with native bf16)
   lorakit    `lorakit train` with a config naming only data, model and budget (its defaults)
+  loha, loha-eff, lokr, lokr-eff, lora-ranks
+             the same with one lora setting changed (METHODS below): LoHa at r=4 (the parameters of
+             LoRA's r=8 per layer), LoKr at r=8, each with and without effective_conv2d (the Tucker
+             form of k x k kernels: the default targets of Lite0 are 1x1, so only a target list with
+             the depthwise convolutions would differ), and LoRA with rank 32 on the widest layer
 
     .venv/bin/python bench/quality_images.py  # full at 3e-4 and 1e-3, lorakit (~15 min on 2 cores)
     .venv/bin/python bench/quality_images.py --only lorakit --variant "r16=lora.r=16,lora.alpha=32"
@@ -45,6 +50,14 @@ LABELS = [
     "Ankle boot",
 ]
 N_TRAIN, N_VAL, N_TEST = 10_000, 1_000, 2_000
+#: The adapter-method configurations (issue 40), as overrides of lorakit's defaults.
+METHODS: dict[str, list[str]] = {
+    "loha": ["lora.method=loha", "lora.r=4", "lora.alpha=8"],
+    "loha-eff": ["lora.method=loha", "lora.r=4", "lora.alpha=8", "lora.effective_conv2d=true"],
+    "lokr": ["lora.method=lokr", "lora.r=8", "lora.alpha=16"],
+    "lokr-eff": ["lora.method=lokr", "lora.r=8", "lora.alpha=16", "lora.effective_conv2d=true"],
+    "lora-ranks": ["lora.rank_pattern={_conv_head: 32}", "lora.alpha_pattern={_conv_head: 64}"],
+}
 
 
 def run_config(work: Path, quick: bool) -> Path:
@@ -154,6 +167,7 @@ def child(name: str, work: Path, overrides: list[str], quick: bool) -> None:
     else:
         import lorakit
 
+        overrides = METHODS.get(name, []) + overrides
         t0 = time.perf_counter()
         res = lorakit.train(config, overrides=overrides, progress=False)
         r = {
@@ -174,7 +188,7 @@ def main() -> None:
         child,
         only=["full:3e-4", "full:1e-3", "lorakit"],
         only_help="which configurations to run: full:LR (full fine-tuning at that learning rate, fp32), "
-        "full-bf16:LR (the same under bf16 autocast), lorakit",
+        "full-bf16:LR (the same under bf16 autocast), lorakit, " + ", ".join(METHODS),
         header=f"# bench/quality_images.py: {N_TRAIN} Fashion-MNIST training images, 1 epoch, 64 px, "
         f"EfficientNet-Lite0 (ImageNet); accuracy on {N_TEST} official test images",
         quick_header="# bench/quality_images.py --quick: 256 training images, a smoke "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lorakit.config.schema import METHOD_NAMES
 from lorakit.tasks import get_task
 
 #: The training settings a card lists, in this order.
@@ -90,13 +91,24 @@ def _labels(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def _method_line(lora: dict[str, Any]) -> str:
+    """The adapter's method and its settings (LoRA's variants; LoHa / LoKr's convolution form)."""
+    method = lora.get("method", "lora")
+    if method == "lora":
+        return (
+            f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+            f"rsLoRA={lora['use_rslora']}, DoRA={lora['use_dora']}"
+        )
+    name = METHOD_NAMES.get(method, method)
+    return f"- {name}: r={lora['r']}, alpha={lora['alpha']}, effective_conv2d={lora.get('effective_conv2d')}"
+
+
 def _hyperparameters(meta: dict[str, Any]) -> list[str]:
     lora, params, train = meta["lora"], meta["parameters"], meta["config"]["train"]
     return [
         "",
         "## Hyperparameters",
-        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
-        f"rsLoRA={lora['use_rslora']}, DoRA={lora['use_dora']}",
+        _method_line(lora),
         f"- target modules: {lora['target_modules']}",
         f"- trained fully (modules_to_save): {lora['modules_to_save']}",
         f"- trainable parameters: {params['trainable']:,} of {params['total']:,} "

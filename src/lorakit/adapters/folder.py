@@ -20,8 +20,9 @@ Its keys, in this order::
     base_model    name_or_path, resolved, revision, model_type, fingerprint (content hash)
     label_space   {"id2label": {...}} or null
     data          sizes (examples per split), stats (what preparing the data counted)
-    lora          r, alpha, dropout, target_modules, modules_to_save, layers, use_rslora, use_dora,
-                  rank_pattern, alpha_pattern: from the peft config, as peft resolved it, sorted
+    lora          method (lora | loha | lokr; absent = lora), r, alpha, dropout, target_modules,
+                  modules_to_save, layers, use_rslora, use_dora, effective_conv2d, rank_pattern,
+                  alpha_pattern: from the peft config, as peft resolved it, sorted
     parameters    trainable, total (modeling.count_parameters of the model as trained)
     config        the resolved run config
     versions      lorakit, torch, transformers, peft, datasets
@@ -58,6 +59,8 @@ METADATA_FORMAT = "lorakit-adapter/2"
 READABLE_FORMATS = ("lorakit-adapter/1", METADATA_FORMAT)
 #: What every later stage reads from lorakit.json (``base_model.name_or_path`` too).
 METADATA_KEYS = ("task", "base_model")
+#: peft's adapter types (``adapter_config.json``'s ``peft_type``) -> ``lora.method``.
+METHODS = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,18 +214,26 @@ def lora_record(lora: Any) -> dict[str, Any]:
     trained here and the same adapter imported from its peft files get the same block.
     """
     targets, layers = lora.target_modules, lora.layers_to_transform
+    method = METHODS.get(str(getattr(lora.peft_type, "value", lora.peft_type)), "lora")
     return {
+        "method": method,
         "r": lora.r,
-        "alpha": lora.lora_alpha,
-        "dropout": lora.lora_dropout,
+        "alpha": lora.lora_alpha if method == "lora" else lora.alpha,
+        "dropout": getattr(lora, "lora_dropout", 0.0),
         "target_modules": targets if targets is None or isinstance(targets, str) else sorted(targets),
         "modules_to_save": sorted(set(lora.modules_to_save or [])),
         "layers": [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None),
-        "use_rslora": bool(lora.use_rslora),
-        "use_dora": bool(lora.use_dora),
+        "use_rslora": bool(getattr(lora, "use_rslora", False)),
+        "use_dora": bool(getattr(lora, "use_dora", False)),
+        "effective_conv2d": bool(getattr(lora, "use_effective_conv2d", False)),
         "rank_pattern": dict(lora.rank_pattern or {}),
         "alpha_pattern": dict(lora.alpha_pattern or {}),
     }
+
+
+def adapter_method(meta: dict[str, Any]) -> str:
+    """The adapter's ``lora.method`` (``lora``, ``loha``, ``lokr``); older metadata, without it, is LoRA."""
+    return str((meta.get("lora") or {}).get("method", "lora"))
 
 
 def build_metadata(

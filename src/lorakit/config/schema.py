@@ -212,9 +212,53 @@ class ModelConfig(Section):
     _location = field_validator("name_or_path")(_pkg_form("model"))
 
 
-class LoraSettings(Section):
-    """LoRA hyperparameters (passed to peft.LoraConfig)."""
+AdapterMethod = Literal["lora", "loha", "lokr"]
+#: What peft calls each method's adapter type (``adapter_config.json``'s ``peft_type``).
+PEFT_TYPES: dict[str, str] = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
+#: The method's name for people (messages, logs, the model card).
+METHOD_NAMES: dict[str, str] = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
+
+def _lora_only(value: Any, info: ValidationInfo, default: Any, fix: str) -> Any:
+    """A LoRA-only setting with ``lora.method`` loha / lokr: one problem naming the method and the fix."""
+    method = info.data.get("method", "lora")
+    if method != "lora" and value != default:
+        raise ValueError(
+            f"lora.{info.field_name}: {value!r} is a LoRA setting that {METHOD_NAMES[method]} does not have; "
+            f"{fix}, or use lora.method: lora"
+        )
+    return value
+
+
+def _pattern_keys(value: Any, info: ValidationInfo) -> Any:
+    """Refuse a ``rank_pattern`` / ``alpha_pattern`` key that is not a regex (before its values are checked,
+    so that both problems are reported at once)."""
+    bad = []
+    for key in value if isinstance(value, dict) else []:
+        try:
+            re.compile(key)
+        except re.error as exc:
+            bad.append(f"'{key}' ({exc})")
+    if bad:
+        raise ValueError(
+            f"lora.{info.field_name}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a valid regex; "
+            "write a layer name suffix such as 'blocks.0.conv' or a regex such as 'blocks\\.[0-3]\\..*'"
+        )
+    return value
+
+
+class LoraSettings(Section):
+    """Adapter hyperparameters (passed to peft's LoraConfig, LoHaConfig or LoKrConfig)."""
+
+    method: AdapterMethod = Field(
+        "lora",
+        description="The kind of adapter: `lora` (a low-rank update B @ A per layer), `loha` (the Hadamard "
+        "product of two low-rank updates: rank r^2 from the parameters of rank 2r) or `lokr` (a "
+        "Kronecker product of a small and a low-rank matrix). LoHa and LoKr were made for "
+        "convolutions: try them on CNNs when LoRA stays short of full fine-tuning. They merge and "
+        "serve like LoRA, but without the gathered multi-adapter kernel and without GGUF / vLLM "
+        "export.",
+    )
     r: int = Field(
         8,
         ge=1,
@@ -264,6 +308,26 @@ class LoraSettings(Section):
         "somewhat more memory and time per step. Try it when plain LoRA falls short of full fine-"
         "tuning.",
     )
+    effective_conv2d: bool = Field(
+        False,
+        description="LoHa / LoKr only: decompose a k x k convolution's update over its kernel as well (the "
+        "FedPara paper's Tucker form, peft's `use_effective_conv2d`) instead of as one flattened "
+        "matrix: fewer parameters per rank on k x k kernels (1 x 1 ones are unchanged). Try it "
+        "when the adapted convolutions have large kernels.",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-layer ranks that differ from `r`: layer name suffix or regex -> rank (peft's "
+        "rank_pattern), e.g. {'_conv_head': 32}. A key that matches no adapted layer is an error "
+        "listing the adapted layers. Give more rank to the layers that carry most of the change "
+        "(often the top ones).",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-layer alphas that differ from `alpha`, keyed as `rank_pattern` (peft's "
+        "alpha_pattern). Set it beside `rank_pattern` to keep alpha / r the same on the layers "
+        "whose rank you changed.",
+    )
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
         "default",
         description="How the update matrices start: `default` (A random, B zero: the adapter starts as a no-"
@@ -282,6 +346,52 @@ class LoraSettings(Section):
         "statistics follow your data); `freeze` keeps the pretrained ones (pure LoRA). Use "
         "`freeze` only when your images resemble the pretraining data.",
     )
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_is_lora(cls, v: float, info: ValidationInfo) -> float:
+        return _lora_only(v, info, 0.0, "set it to 0")
+
+    @field_validator("use_rslora", "use_dora")
+    @classmethod
+    def _variant_is_lora(cls, v: bool, info: ValidationInfo) -> bool:
+        return _lora_only(v, info, False, "set it to false")
+
+    @field_validator("init")
+    @classmethod
+    def _init_is_lora(cls, v: str, info: ValidationInfo) -> str:
+        return _lora_only(v, info, "default", "remove it")
+
+    @field_validator("bias")
+    @classmethod
+    def _bias_is_lora(cls, v: str, info: ValidationInfo) -> str:
+        return _lora_only(v, info, "none", "remove it")
+
+    @field_validator("effective_conv2d")
+    @classmethod
+    def _effective_conv2d_is_lycoris(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("method", "lora") == "lora":
+            raise ValueError(
+                "lora.effective_conv2d: true applies to LoHa and LoKr only; set lora.method: loha or lokr, "
+                "or remove it"
+            )
+        return v
+
+    @field_validator("rank_pattern", "alpha_pattern", mode="before")
+    @classmethod
+    def _patterns_compile(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _pattern_keys(v, info)
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_positive(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        bad = [
+            f"'{k}': {n}" for k, n in v.items() if n <= 0 or (info.field_name == "rank_pattern" and n > 4096)
+        ]
+        if bad:
+            what = "ranks from 1 to 4096" if info.field_name == "rank_pattern" else "alphas above 0"
+            raise ValueError(f"lora.{info.field_name}: {', '.join(bad)}: give {what}")
+        return v
 
 
 class TrainConfig(Section):
@@ -552,6 +662,17 @@ class RunConfig(Section):
         description="The search of `lorakit tune`: search space, metric, number of trials, pruner, storage; "
         "`lorakit train` ignores it.",
     )
+
+    @field_validator("train")
+    @classmethod
+    def _lora_plus_is_lora(cls, v: TrainConfig, info: ValidationInfo) -> TrainConfig:
+        lora = info.data.get("lora")
+        if lora is not None and lora.method != "lora" and v.lora_plus_ratio is not None:
+            raise ValueError(
+                f"train.lora_plus_ratio: LoRA+ speeds up LoRA's B matrices, which "
+                f"{METHOD_NAMES[lora.method]} does not have; remove it, or use lora.method: lora"
+            )
+        return v
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain YAML-able data."""

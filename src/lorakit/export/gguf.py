@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from lorakit.adapters.build import LoadedAdapter, load_adapter
+from lorakit.adapters.folder import adapter_method
+from lorakit.config.schema import METHOD_NAMES
 from lorakit.export.common import (
     ExportError,
     adapter_name,
@@ -339,6 +341,9 @@ def lora_pairs(
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str | None]:
     """{HF module name: (A, B * scaling)} of a plain LoRA adapter, or ({}, why llama.cpp cannot take it)."""
     lora = meta.get("lora", {})
+    if adapter_method(meta) != "lora":
+        name = METHOD_NAMES[adapter_method(meta)]
+        return {}, f"{name} adapters have no llama.cpp LoRA form (the merged model carries them)"
     if lora.get("use_dora"):
         return {}, "DoRA adapters have no llama.cpp LoRA form (the merged model carries them)"
     if lora.get("modules_to_save"):

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.adapters.build import LoadedAdapter, load_adapter
-from lorakit.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, other_base
+from lorakit.adapters.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_method, other_base
+from lorakit.config.schema import METHOD_NAMES
 from lorakit.export.common import ExportError, adapter_name, provenance, write_provenance
 from lorakit.files.atomic import atomic_dir
 from lorakit.files.outputs import check_output_folder
@@ -73,6 +74,12 @@ def vllm_problems(loaded: LoadedAdapter, max_lora_rank: int) -> list[str]:
         return [
             f"{name}: vLLM serves causal language models; this is a {loaded.task.name} adapter "
             "(serve it with lorakit serve)"
+        ]
+    method = adapter_method(meta)
+    if method != "lora":  # nothing else of it matters to vLLM
+        return [
+            f"{name}: vLLM serves LoRA adapters only; this is a {METHOD_NAMES[method]} adapter "
+            f"(lora.method: {method}): use export --merge, or retrain with lora.method: lora"
         ]
     lora = meta.get("lora", {})
     peft_cfg = json.loads((loaded.adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))

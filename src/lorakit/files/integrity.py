@@ -14,8 +14,11 @@ from pathlib import Path
 # The header of a safetensors file: an 8-byte little-endian length, then that many bytes of JSON.
 _MAX_HEADER = 100 << 20  # safetensors itself refuses larger headers
 
-# The keys a PEFT LoRA adapter_config.json needs for peft to rebuild the adapter.
+# The keys a PEFT adapter_config.json needs for peft to rebuild the adapter, per adapter type lorakit
+# trains (LoRA, and the LyCORIS methods LoHa and LoKr, whose scaling numerator is `alpha`).
 ADAPTER_CONFIG_KEYS = ("peft_type", "r", "lora_alpha", "target_modules")
+LYCORIS_CONFIG_KEYS = ("peft_type", "r", "alpha", "target_modules")
+PEFT_TYPES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}
 
 
 def safetensors_problem(path: str | Path) -> str | None:
@@ -65,9 +68,12 @@ def adapter_config_problem(path: str | Path) -> str | None:
         return f"is not valid JSON ({str(exc)[:120]})"
     if not isinstance(data, dict):
         return f"holds a JSON {type(data).__name__}, not an object of PEFT settings"
-    missing = [k for k in ADAPTER_CONFIG_KEYS if k not in data]
+    kind = data.get("peft_type")
+    if "peft_type" in data and kind not in PEFT_TYPES:
+        loads = ", ".join(PEFT_TYPES)
+        return f"has peft_type {kind!r}; lorakit loads LoRA, LoHa and LoKr adapters (peft_type {loads})"
+    keys = ADAPTER_CONFIG_KEYS if kind in (None, "LORA") else LYCORIS_CONFIG_KEYS
+    missing = [k for k in keys if k not in data]
     if missing:
-        return f"lacks {', '.join(missing)}: it is not a PEFT LoRA config"
-    if data.get("peft_type") != "LORA":
-        return f"has peft_type {data.get('peft_type')!r}; lorakit loads LoRA adapters (peft_type 'LORA')"
+        return f"lacks {', '.join(missing)}: it is not a PEFT {PEFT_TYPES.get(kind, 'LoRA')} config"
     return None

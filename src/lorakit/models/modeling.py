@@ -351,7 +351,7 @@ def apply_lora(
     Raises:
         ModelError: Bad targets or a combination peft rejects.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     norms = batch_norm_modules(model)
     if settings.batch_norm == "freeze":
@@ -381,22 +381,11 @@ def apply_lora(
                 "lora.layers cannot be combined with a regex lora.target_modules; give the targets as a "
                 "list of names, or put the block indices in the regex and remove lora.layers"
             )
-    config = LoraConfig(
-        task_type=task_type,
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=targets,
-        bias=settings.bias,
-        use_rslora=settings.use_rslora,
-        use_dora=settings.use_dora,
-        init_lora_weights={"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[
-            settings.init
-        ],
-        modules_to_save=modules_to_save or None,
-        layers_to_transform=layers,
-        layers_pattern=pattern,
+    config = peft_config(
+        settings, task_type=task_type, targets=targets, modules_to_save=modules_to_save, layers=layers
     )
+    if layers:
+        config.layers_pattern = pattern
     try:
         with mutated_base_warnings_off(), peft_wrap_warnings_off():
             wrapped = get_peft_model(model, config)
@@ -404,8 +393,97 @@ def apply_lora(
         raise ModelError(
             f"lora: peft could not apply this configuration: {str(exc).splitlines()[0][:300]}"
         ) from None
+    check_patterns(wrapped, settings)
     check_rank(wrapped, settings.r)
     return wrapped
+
+
+def peft_config(
+    settings: LoraSettings,
+    *,
+    task_type: str | None,
+    targets: list[str] | str,
+    modules_to_save: list[str],
+    layers: list[int] | None,
+) -> Any:
+    """The peft config of ``lora.method``: ``LoraConfig``, ``LoHaConfig`` or ``LoKrConfig``.
+
+    The settings peft's three methods share (rank, alpha, targets, per-layer patterns, blocks, heads)
+    are passed alike; the LoRA-only ones (dropout, rsLoRA, DoRA, init, bias) were refused for LoHa /
+    LoKr when the config was loaded, and ``effective_conv2d`` for LoRA.
+    """
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    common = {
+        "task_type": task_type,
+        "r": settings.r,
+        "target_modules": targets,
+        "rank_pattern": dict(settings.rank_pattern),
+        "alpha_pattern": dict(settings.alpha_pattern),
+        "modules_to_save": modules_to_save or None,
+        "layers_to_transform": layers,
+    }
+    if settings.method == "lora":
+        init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[settings.init]
+        return LoraConfig(
+            **common,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            bias=settings.bias,
+            use_rslora=settings.use_rslora,
+            use_dora=settings.use_dora,
+            init_lora_weights=init,
+        )
+    # LoHa / LoKr: peft's defaults start the update at zero (one factor zero), as LoRA's B is.
+    cls = LoHaConfig if settings.method == "loha" else LoKrConfig
+    return cls(**common, alpha=settings.alpha, use_effective_conv2d=settings.effective_conv2d)
+
+
+#: How peft names the tensors of each method's layers: LoRA's ``lora_A`` / ``lora_B`` (and DoRA's
+#: ``lora_magnitude_vector``), LoHa's ``hada_w1_a`` ..., LoKr's ``lokr_w1`` ...
+ADAPTER_TENSOR_PREFIXES = (".lora_", ".hada_", ".lokr_")
+
+
+def is_adapter_weight(key: str) -> bool:
+    """Whether a state-dict key of a peft model is adapter state: an adapter tensor of any method, or a
+    copy of a module trained in full (``modules_to_save``). What checkpoints and the best weights hold."""
+    return "modules_to_save" in key or any(p in key for p in ADAPTER_TENSOR_PREFIXES)
+
+
+def adapted_layers(model: nn.Module) -> list[str]:
+    """Paths (in the base model) of the layers a peft model adapts: LoRA, LoHa or LoKr layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if isinstance(m, BaseTunerLayer) and hasattr(m, "r")
+    ]
+
+
+def check_patterns(model: nn.Module, settings: LoraSettings) -> None:
+    """Refuse a ``lora.rank_pattern`` / ``alpha_pattern`` key that matches no adapted layer (peft would
+    silently keep ``r`` / ``alpha`` there).
+
+    Raises:
+        ModelError: A key matches none of the adapted layers; the message lists them.
+    """
+    from peft.utils.other import get_pattern_key
+
+    layers = adapted_layers(model)
+    for field, pattern in (
+        ("rank_pattern", settings.rank_pattern),
+        ("alpha_pattern", settings.alpha_pattern),
+    ):
+        # peft's own rule: a key matches a layer whose path ends with it (as a regex) after a dot
+        used = {get_pattern_key(list(pattern), name) for name in layers}
+        bad = [k for k in pattern if k not in used]
+        if bad:
+            shown = ", ".join(layers[:40]) + (f", ... ({len(layers)} in all)" if len(layers) > 40 else "")
+            raise ModelError(
+                f"lora.{field}: {', '.join(repr(k) for k in bad)} match{'es' if len(bad) == 1 else ''} no "
+                f"adapted layer; the adapted layers are: {shown}"
+            )
 
 
 def enable_gradient_checkpointing(
@@ -536,16 +614,18 @@ def check_rank(model: nn.Module, r: int) -> None:
     from peft.tuners.lora import LoraLayer
 
     widths = [
-        (name, m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, LoraLayer)
+        (name, m.in_features, m.out_features, m.r.get("default", r))
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer)
     ]
-    if not widths:
+    too_wide = [w for w in widths if w[3] >= min(w[1], w[2])]  # each layer's own rank (lora.rank_pattern)
+    if not too_wide:
         return
-    name, n_in, n_out = min(widths, key=lambda w: min(w[1], w[2]))
-    if r < min(n_in, n_out):
-        return
-    smallest_saving = min((i * o - 1) // (i + o) for _, i, o in widths)  # r * (in + out) < in * out
+    name, n_in, n_out, rank = too_wide[0]
+    smallest_saving = min((i * o - 1) // (i + o) for _, i, o, _ in widths)  # r * (in + out) < in * out
+    key = "lora.r" if rank == r else "lora.rank_pattern: rank"
     raise ModelError(
-        f"lora.r = {r} is not below the width of '{name.removeprefix('base_model.model.')}' "
+        f"{key} = {rank} is not below the width of '{name.removeprefix('base_model.model.')}' "
         f"({n_in} in, {n_out} out): the update would be full rank with more parameters than the "
         f"layer; use lora.r <= {max(1, smallest_saving)}, the largest rank whose two LoRA matrices "
         "are smaller than every layer they adapt"

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from lorakit.adapters.build import adapter_config, load_adapter
-from lorakit.adapters.folder import find_adapter_dir, other_base, read_metadata
+from lorakit.adapters.folder import adapter_method, find_adapter_dir, other_base, read_metadata
 from lorakit.adapters.registry import Registry, check_name, parse_ref
-from lorakit.config.schema import DataConfig
+from lorakit.config.schema import METHOD_NAMES, DataConfig
 from lorakit.data.labels import LabelSpace
 from lorakit.errors import AdapterError, LorakitError
 from lorakit.runtime.memory import trim_heap
@@ -64,6 +64,7 @@ class AdapterInfo:
             "task": self.meta.get("task"),
             "source": self.source,
             "loaded": loaded,
+            "method": adapter_method(self.meta),
             "labels": list(self.label_space.labels) if self.label_space else None,
             "metrics": self.meta.get("metrics", {}).get("test")
             or self.meta.get("metrics", {}).get("validation"),
@@ -154,6 +155,10 @@ class Engine:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
 
         first = self._resolve(adapters[0], paths=True)
+        #: The adapters' method (``lora.method``): one per server, as peft holds one kind per model.
+        self.method = adapter_method(first.meta)
+        if self.method != "lora":
+            gathered = self.gathered = self._lycoris_path(first.name)
         loaded = load_adapter(
             first.path, device=device, adapter_name=first.name
         )  # the base every adapter shares
@@ -177,6 +182,27 @@ class Engine:
         self._sync_merge()
         self._worker = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
         self._worker.start()
+
+    def _lycoris_path(self, name: str) -> bool:
+        """LoHa / LoKr: the gathered multi-adapter kernel (and peft's mixed batches) apply to LoRA only, so
+        a lone adapter is served merged and several run one pass per adapter. Returns ``gathered``: False.
+
+        Raises:
+            AdapterError: Reduced-precision adapter storage was asked for (it needs the gathered kernel).
+        """
+        kind = METHOD_NAMES[self.method]
+        if self.storage != torch.float32:
+            raise AdapterError(
+                f"adapter '{name}' is a {kind} adapter: its weights are held in float32 (the reduced-"
+                "precision storage needs the gathered kernel of LoRA); drop --adapter-dtype"
+            )
+        self.mixed_ok = False  # peft's mixed batches are LoRA's: one pass per adapter
+        log.info(
+            "%s adapters: no gathered multi-adapter kernel; one adapter is served merged, several with one "
+            "pass per adapter in a batch",
+            kind,
+        )
+        return False
 
     # ---- adapters ---------------------------------------------------------------------------------
     def _resolve(self, spec: str, *, paths: bool = False) -> AdapterInfo:
@@ -215,6 +241,12 @@ class Engine:
         return AdapterInfo(name, path, meta, data_cfg, space, source)
 
     def _check_fits(self, info: AdapterInfo) -> None:
+        method = adapter_method(info.meta)
+        if method != self.method:
+            raise AdapterError(
+                f"adapter '{info.name}' is a {METHOD_NAMES.get(method, method)} adapter; this server serves "
+                f"{METHOD_NAMES[self.method]} adapters (one kind per server): serve it on a server of its own"
+            )
         if info.meta.get("task") != self.task.name:
             raise AdapterError(
                 f"adapter '{info.name}' is a {info.meta.get('task')} adapter; this server "

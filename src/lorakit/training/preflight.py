@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.config.loading import load_config
-from lorakit.config.schema import RunConfig
+from lorakit.config.schema import METHOD_NAMES, RunConfig
 from lorakit.models import modeling
 from lorakit.tasks import get_task
 
@@ -57,7 +57,10 @@ class Plan:
         out += [f"  warning   {w}" for w in self.stats.get("warnings", [])]
         out += [
             f"model       {c.model.name_or_path} ({self.model_type})",
-            f"LoRA        r={c.lora.r} alpha={c.lora.alpha} dropout={c.lora.dropout}"
+            f"{METHOD_NAMES[c.lora.method]:<12}r={c.lora.r} alpha={c.lora.alpha}"
+            + (f" dropout={c.lora.dropout}" if c.lora.method == "lora" else "")
+            + (" effective-conv2d" if c.lora.effective_conv2d else "")
+            + (f" rank_pattern={c.lora.rank_pattern}" if c.lora.rank_pattern else "")
             + (" rsLoRA" if c.lora.use_rslora else "")
             + (" DoRA" if c.lora.use_dora else ""),
             f"  targets   {self.target_modules}",

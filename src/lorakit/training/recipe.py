@@ -682,7 +682,7 @@ class Recipe:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """A CPU copy of what the adapter file holds: LoRA matrices and modules_to_save copies (full
         tensors; under FSDP gathering them is a collective every rank runs)."""
-        return distributed.full_state(self.model, lambda k: "lora_" in k or "modules_to_save" in k)
+        return distributed.full_state(self.model, modeling.is_adapter_weight)
 
     # ============================================================================================
     # finish: best weights back in, test split, metrics, adapter, report
