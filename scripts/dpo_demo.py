@@ -54,7 +54,8 @@ def imdb_halves() -> tuple[list[dict[str, str]], list[str]]:
 
 
 def train_judge(work: Path, rows: list[dict[str, str]], n: int, quick: bool) -> Path:
-    """A MiniLM sentiment adapter on ``n`` reviews (+ 300 held out), or the one a previous run left."""
+    """A MiniLM sentiment adapter on ``n`` reviews (+ 300 held out; 40 with ``quick``), or the one a
+    previous run left."""
     run = work / "judge"
     if (run / "metrics.json").is_file():
         return run
@@ -64,14 +65,14 @@ def train_judge(work: Path, rows: list[dict[str, str]], n: int, quick: bool) -> 
     with data.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["text", "label"])
         w.writeheader()
-        w.writerows(rows[: n + 400])
+        w.writerows(rows[: n + (60 if quick else 400)])
     cfg = {
         "task": "text-classification",
         "data": {
             "train": str(data),
             "label_names": ["negative", "positive"],
-            "validation_size": 100,
-            "test_size": 300,
+            "validation_size": 20 if quick else 100,
+            "test_size": 40 if quick else 300,
             "max_length": 128,
             "truncation": "head_tail",  # reviews often end with the verdict
             "seed": 42,
@@ -101,7 +102,8 @@ class Judge:
         import lorakit
 
         self.predictor = lorakit.Predictor.from_adapter(run)
-        self.accuracy = json.loads((run / "metrics.json").read_text())["test"]["accuracy"]
+        test = json.loads((run / "metrics.json").read_text())["test"]
+        self.accuracy, self.tested = test["accuracy"], sum(c["support"] for c in test["per_class"].values())
 
     def __call__(self, texts: list[str]) -> list[float]:
         out = self.predictor(texts, top_k=2)
@@ -179,7 +181,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
     datasets.disable_progress_bars()  # the demo prints its own progress lines
     hf_logging.disable_progress_bar()
-    n_train, n_test, n_judge, new_tokens = (16, 8, 64, 12) if args.quick else (256, 64, 1500, 24)
+    n_train, n_test, n_judge, new_tokens = (16, 8, 64, 6) if args.quick else (256, 64, 1500, 24)
     t0 = time.perf_counter()
     work = args.work or (WORK.with_name(WORK.name + "-quick") if args.quick else WORK)
     work.mkdir(parents=True, exist_ok=True)
@@ -187,7 +189,7 @@ def main() -> None:
     judge = Judge(train_judge(work, judge_rows, n_judge, args.quick))
     print(
         f"judge: MiniLM LoRA on {n_judge} IMDB reviews, held-out accuracy "
-        f"{100 * judge.accuracy:.1f}% (300 reviews)  [{time.perf_counter() - t0:.0f} s]",
+        f"{100 * judge.accuracy:.1f}% ({judge.tested} reviews)  [{time.perf_counter() - t0:.0f} s]",
         flush=True,
     )
 
@@ -219,6 +221,7 @@ def main() -> None:
             "data.test_size=2",
             "train.max_steps=2",
             "train.generation_samples=2",
+            f"train.max_new_tokens={new_tokens}",
         ]
     run = lorakit.train(CONFIG, overrides=overrides, progress=False)
     print(f"DPO trained in {run.seconds:.0f} s  [{time.perf_counter() - t0:.0f} s]", flush=True)

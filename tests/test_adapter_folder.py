@@ -69,6 +69,7 @@ def test_train_and_import_of_the_same_peft_files_read_back_alike(trained: Path, 
     # The lora block and the parameter counts come from the peft config and model, whoever wrote them.
     assert theirs["lora"] == ours["lora"]
     assert list(ours["lora"]) == [
+        "method",
         "r",
         "alpha",
         "dropout",
@@ -77,6 +78,7 @@ def test_train_and_import_of_the_same_peft_files_read_back_alike(trained: Path, 
         "layers",
         "use_rslora",
         "use_dora",
+        "effective_conv2d",
         "rank_pattern",
         "alpha_pattern",
     ]

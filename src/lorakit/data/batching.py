@@ -19,6 +19,12 @@ from datasets import Dataset
 from lorakit.runtime import distributed
 
 
+def column_values(ds: Dataset, name: str) -> list[Any]:
+    """A column as a Python list, read in one piece: iterating ``ds[name]`` (a lazy ``Column`` in
+    datasets 4+) reads row by row, ~15x slower (5 s for 50,000 reviews)."""
+    return ds[name][:]
+
+
 def train_batches(
     lengths: Sequence[int],
     batch_size: int,
@@ -93,7 +99,7 @@ def evaluate_model(
     """
     was_training = model.training
     model.eval()
-    lengths = ds["length"] if "length" in ds.column_names else [1] * len(ds)
+    lengths = column_values(ds, "length") if "length" in ds.column_names else [1] * len(ds)
     world = distributed.current()
     mine: list[tuple[list[int], np.ndarray, np.ndarray]] = []
     loss_sum = 0.0

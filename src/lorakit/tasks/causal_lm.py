@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict
 from pydantic import Field, field_validator, model_validator
 
 from lorakit.config.schema import ModelConfig, RunConfig, TokenizedDataConfig, TrainConfig
-from lorakit.data.batching import eval_batches
+from lorakit.data.batching import column_values, eval_batches
 from lorakit.data.sources import build_splits
 from lorakit.data.templates import chat_template_problem, format_template_problem, template_validator
 from lorakit.errors import DataError, ModelError
@@ -588,7 +588,7 @@ class CausalLM(Task):
                     f"beyond data.max_length={d.max_length})"
                 )
         stats["warnings"] = warnings
-        lengths = np.asarray(splits["train"]["length"])
+        lengths = np.asarray(column_values(splits["train"], "length"))
         stats["train_tokens"] = {
             "mean": float(lengths.mean()),
             "max": int(lengths.max()),
@@ -806,7 +806,7 @@ class CausalLM(Task):
         collate = self.collate(processor, data_cfg)
         world = distributed.current()
         nll, tokens = 0.0, 0
-        batches = eval_batches(ds["length"], batch_size)
+        batches = eval_batches(column_values(ds, "length"), batch_size)
         for idx in distributed.shard(batches, world):  # each rank its share
             batch = to_device(collate(take(ds, idx)), device)
             with autocast(device, amp):

@@ -11,6 +11,7 @@ from datasets import ClassLabel, Dataset
 from pydantic import BaseModel, Field
 
 from lorakit.config.schema import DataConfig
+from lorakit.data.batching import column_values
 from lorakit.data.labels import LabelSpace
 from lorakit.errors import DataError
 from lorakit.tasks.base import ReportImage, ReportMatrix, ReportSection, ReportTable, Task
@@ -63,7 +64,7 @@ class ClassificationTask(Task):
         self, ds: Dataset, data_cfg: DataConfig, label_space: LabelSpace, *, key: str
     ) -> Dataset:
         self.check_rows(ds, data_cfg, key=key)
-        unknown = label_space.unknown(ds[data_cfg.label_column])
+        unknown = label_space.unknown(column_values(ds, data_cfg.label_column))
         if unknown:
             raise DataError(
                 f"{key}: labels {unknown[:5]} are not among the training labels "

@@ -44,6 +44,7 @@ from datasets import Dataset, DatasetDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lorakit.config.schema import DataConfig, RunConfig, TrainConfig
+from lorakit.data.batching import column_values
 from lorakit.data.sources import build_splits, require_columns
 from lorakit.errors import DataError, LorakitError
 from lorakit.tasks.base import PreparedData, ReportSection, ReportTable
@@ -471,7 +472,7 @@ class GRPO(CausalLM):
         splits, cut = {}, {}
         for name, ds in raw.items():
             splits[name], cut[name] = self._encode_split(ds, processor, d, key=f"data.{name}")
-        lengths = np.asarray(splits["train"]["length"])
+        lengths = np.asarray(column_values(splits["train"], "length"))
         warnings = [
             f"data.{split}: {n} prompt(s) longer than data.max_length={d.max_length} lost their start"
             for split, n in cut.items()

@@ -20,6 +20,7 @@ from datasets import Dataset, DatasetDict
 from pydantic import Field
 
 from lorakit.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lorakit.data.batching import column_values
 from lorakit.data.images import IDX_ROWS, AugmentConfig, BadImage, ImageSpec, ImageTransforms, load_image
 from lorakit.data.labels import LabelSpace
 from lorakit.data.sources import build_splits
@@ -97,7 +98,7 @@ def check_images(
     """
     if ds.info.description == IDX_ROWS:  # PNGs lorakit just wrote from valid pixels
         return ds
-    values = ds[column]
+    values = column_values(ds, column)
     fixed: list[Any] = []
     bad: list[tuple[int, str]] = []
     for i, v in enumerate(values):
@@ -224,7 +225,9 @@ class ImageClassification(ClassificationTask):
                 notes=notes,
             )
             if "space" not in space_box:  # the first source read is train: it defines the label space
-                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key, notes=notes)
+                space_box["space"] = LabelSpace.infer(
+                    column_values(ds, d.label_column), d.label_names, key=key, notes=notes
+                )
             return self.encode_labels(ds, d, space_box["space"], key=key)
 
         raw = build_splits(d, columns=self.columns(d), encode=encode, stratify="labels")

@@ -38,6 +38,7 @@ from datasets import Dataset, DatasetDict
 from pydantic import Field
 
 from lorakit.config.schema import DataConfig, RunConfig, TrainConfig
+from lorakit.data.batching import column_values
 from lorakit.data.sources import build_splits
 from lorakit.errors import DataError
 from lorakit.runtime import distributed
@@ -399,7 +400,7 @@ class Preference(CausalLM):
             for split, c in counts.items()
             if any(c.values())
         ]
-        lengths = np.asarray(splits["train"]["length"])
+        lengths = np.asarray(column_values(splits["train"], "length"))
         stats = {
             "sizes": {k: len(v) for k, v in raw.items()},
             "columns": raw["train"].column_names,
@@ -550,7 +551,7 @@ class Preference(CausalLM):
         collate = self.collate(processor, d)
         world = distributed.current()
         sums = dict.fromkeys(EVAL_SUMS, 0.0)
-        for idx in distributed.shard(eval_batches(ds["length"], batch_size), world):
+        for idx in distributed.shard(eval_batches(column_values(ds, "length"), batch_size), world):
             batch = to_device(collate(take(ds, idx)), device)
             for k, v in self._pair_sums(model, batch, len(idx), t, device, amp).items():
                 sums[k] += v

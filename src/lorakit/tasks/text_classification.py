@@ -11,6 +11,7 @@ from datasets import Dataset
 from pydantic import Field, model_validator
 
 from lorakit.config.schema import ModelConfig, RunConfig, TokenizedDataConfig
+from lorakit.data.batching import column_values
 from lorakit.data.labels import LabelSpace
 from lorakit.data.sources import build_splits
 from lorakit.errors import DataError, ModelError
@@ -93,7 +94,7 @@ class TextClassification(ClassificationTask):
 
     def check_rows(self, ds: Dataset, data_cfg: TextClassificationData, *, key: str) -> None:
         for col in filter(None, [data_cfg.text_column, data_cfg.text_pair_column]):
-            values = ds[col]
+            values = column_values(ds, col)
             bad = [i for i, t in enumerate(values) if not isinstance(t, str) or not t.strip()]
             if bad:
                 raise DataError(
@@ -114,7 +115,9 @@ class TextClassification(ClassificationTask):
         def encode(ds: Dataset, key: str) -> Dataset:
             if "space" not in space_box:  # the first source read is train: it defines the label space
                 self.check_rows(ds, d, key=key)
-                space_box["space"] = LabelSpace.infer(ds[d.label_column], d.label_names, key=key, notes=notes)
+                space_box["space"] = LabelSpace.infer(
+                    column_values(ds, d.label_column), d.label_names, key=key, notes=notes
+                )
             return self.encode_labels(ds, d, space_box["space"], key=key)
 
         raw = build_splits(d, columns=columns, encode=encode, stratify="labels")
@@ -128,7 +131,7 @@ class TextClassification(ClassificationTask):
         }
         stats["label_counts"] = self.label_counts(raw, space)
         stats["warnings"] = notes
-        lengths = np.asarray(splits["train"]["length"])
+        lengths = np.asarray(column_values(splits["train"], "length"))
         stats["train_tokens"] = {
             "mean": float(lengths.mean()),
             "max": int(lengths.max()),

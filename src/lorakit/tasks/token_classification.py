@@ -31,6 +31,7 @@ from datasets import Dataset, DatasetDict
 from pydantic import BaseModel, Field
 
 from lorakit.config.schema import ModelConfig, RunConfig, TokenizedDataConfig
+from lorakit.data.batching import column_values
 from lorakit.data.labels import LabelSpace
 from lorakit.data.sources import build_splits
 from lorakit.errors import DataError, LorakitError, ModelError
@@ -209,7 +210,9 @@ class TokenClassification(Task):
         if d.tokens_column not in cols and d.text_column in cols and d.entities_column in cols:
             pairs = [
                 spans_to_tags(text, ents or [], key=key, row=i)
-                for i, (text, ents) in enumerate(zip(ds[d.text_column], ds[d.entities_column], strict=True))
+                for i, (text, ents) in enumerate(
+                    zip(column_values(ds, d.text_column), column_values(ds, d.entities_column), strict=True)
+                )
             ]
             return Dataset.from_dict(
                 {d.tokens_column: [w for w, _ in pairs], d.tags_column: [t for _, t in pairs]}
@@ -221,7 +224,7 @@ class TokenClassification(Task):
 
     def _named_tags(self, ds: Dataset, d: TokenClassificationData, *, key: str) -> Dataset:
         """The tags as BIO strings (integer tags named by ``data.label_names``), checked row by row."""
-        words, tags = ds[d.tokens_column], ds[d.tags_column]
+        words, tags = column_values(ds, d.tokens_column), column_values(ds, d.tags_column)
         names = d.label_names
         out = []
         for i, (w, t) in enumerate(zip(words, tags, strict=True)):
@@ -241,7 +244,7 @@ class TokenClassification(Task):
         self, ds: Dataset, data_cfg: TokenClassificationData, label_space: LabelSpace, *, key: str
     ) -> Dataset:
         ds = self._named_tags(ds, data_cfg, key=key)
-        unknown = sorted({t for row in ds["tags"] for t in row} - set(label_space.labels))
+        unknown = sorted({t for row in column_values(ds, "tags") for t in row} - set(label_space.labels))
         if unknown:
             raise DataError(
                 f"{key}: tags {unknown[:5]} are not among the training tags {list(label_space.labels)[:10]}; "
@@ -272,7 +275,7 @@ class TokenClassification(Task):
         splits = {
             name: self.preprocess(ds, processor, d, space, key=f"data.{name}") for name, ds in raw.items()
         }
-        lengths = np.asarray(splits["train"]["length"])
+        lengths = np.asarray(column_values(splits["train"], "length"))
         stats = {
             "sizes": {k: len(v) for k, v in raw.items()},
             "columns": [d.tokens_column, d.tags_column],

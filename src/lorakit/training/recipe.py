@@ -30,7 +30,7 @@ from lorakit.adapters.build import build_model, load_adapter, open_base, resolve
 from lorakit.adapters.card import model_card
 from lorakit.config.loading import load_config
 from lorakit.config.schema import RunConfig, load_yaml
-from lorakit.data.batching import autocast, take, to_device, train_batches
+from lorakit.data.batching import autocast, column_values, take, to_device, train_batches
 from lorakit.errors import LorakitError, RunDirError
 from lorakit.files import atomic
 from lorakit.models import modeling
@@ -352,7 +352,9 @@ class Recipe:
         self.train_collate = self.task.collate(self.base.processor, self.cfg.data, train=True)
         self.train_ds = self.data.splits["train"]
         self.lengths = (
-            self.train_ds["length"] if "length" in self.train_ds.column_names else [1] * len(self.train_ds)
+            column_values(self.train_ds, "length")
+            if "length" in self.train_ds.column_names
+            else [1] * len(self.train_ds)
         )
         # An online task (RL) may make several optimizer updates on each batch it generated.
         self.passes = self.task.updates_per_batch(t)
