@@ -415,3 +415,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(
         key=lambda item: rank.get(item.path.name, len(rank))
     )  # stable: the order within a file is kept
+
+
+def train_until_stopped(config: Path, monkeypatch: pytest.MonkeyPatch, *, at_step: int) -> None:
+    """`lorakit train` in this process, stopped by a SIGTERM during optimizer step ``at_step`` (exit 130):
+    an interrupted run with checkpoints, without a second process to start and kill."""
+    import signal
+
+    import torch
+
+    from lorakit.cli import main
+
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", step_then_signal)
+        with pytest.raises(SystemExit) as exc:
+            main(["train", str(config), "--no-progress"])
+    assert exc.value.code == 130

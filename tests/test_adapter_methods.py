@@ -9,7 +9,6 @@ answers mixed batches right (without LoRA's gathered kernel), and what a stage c
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
-from conftest import make_config, make_image_config, make_images, run_cli
+from conftest import make_config, make_image_config, make_images, run_cli, train_until_stopped
 from lorakit.errors import ConfigError, ModelError
 
 STEPS = {"max_steps": 3, "batch_size": 8, "logging_steps": 1, "num_threads": 2}
@@ -118,21 +117,7 @@ def test_merge_is_verified_and_prints_the_difference(runs, tmp_path: Path, capsy
 
 def _stopped_then_resumed(config: Path, monkeypatch: pytest.MonkeyPatch, at_step: int) -> Path:
     """Train, stopped by SIGTERM during optimizer step ``at_step`` (a checkpoint exists), then resume."""
-    from lorakit.cli import main
-
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == at_step:
-            signal.raise_signal(signal.SIGTERM)
-        return real_step(self, *args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(torch.optim.AdamW, "step", step_then_signal)
-        with pytest.raises(SystemExit) as exc:
-            main(["train", str(config), "--no-progress"])
-    assert exc.value.code == 130
+    train_until_stopped(config, monkeypatch, at_step=at_step)
     run = config.parent / "run"
     assert (run / "checkpoints").is_dir() and not (run / "adapter").exists()
     return lorakit.train(config, resume=True, progress=False).adapter_dir

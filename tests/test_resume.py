@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
+from conftest import train_until_stopped
 from lorakit.errors import RunDirError
 
 # Dropout on, several epochs, a checkpoint every 3 steps: the RNG and data position must be restored.
@@ -96,32 +97,12 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(write_config, tmp_pat
     assert "resumed from checkpoint" in (run / "train.log").read_text()
 
 
-def _train_until_stopped(config: Path, monkeypatch: pytest.MonkeyPatch, *, at_step: int) -> None:
-    """`lorakit train` in this process, stopped by a SIGTERM during optimizer step ``at_step`` (exit 130):
-    an interrupted run with checkpoints, without a second process to start and kill."""
-    from lorakit.cli import main
-
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == at_step:
-            signal.raise_signal(signal.SIGTERM)
-        return real_step(self, *args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(torch.optim.AdamW, "step", step_then_signal)
-        with pytest.raises(SystemExit) as exc:
-            main(["train", str(config), "--no-progress"])
-    assert exc.value.code == 130
-
-
 def test_resume_refuses_a_changed_config_and_a_finished_run(
     write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = write_config(**SETTINGS)
     run = tmp_path / "run"
-    _train_until_stopped(config, monkeypatch, at_step=7)
+    train_until_stopped(config, monkeypatch, at_step=7)
     assert _newest_step(run) >= 4 and not (run / "adapter").exists()
     with pytest.raises(RunDirError, match=r"config differs .*\(train.learning_rate\)"):
         lorakit.train(config, overrides=["train.learning_rate=0.5"], resume=True, progress=False)
