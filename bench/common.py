@@ -317,7 +317,7 @@ def run_configs(
             a for o in overrides for a in ("--set", o)
         ]
         try:
-            results.append(run_child(script, name, extra))
+            results.append({**run_child(script, name, extra), "name": name})  # with its @seed
         except SystemExit as failed:
             print(f"{name:28s} FAILED: {failed}  {' '.join(overrides)}", flush=True)
             continue
@@ -351,11 +351,24 @@ def run_main(
     and return None; otherwise run every configuration, print the results table and return them."""
     ap = parser(doc)
     ap.add_argument("--only", nargs="*", default=only, help=only_help)
+    ap.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[],
+        metavar="SEED",
+        help="run every configuration once per seed (data sample, augmentation, initialisation and "
+        "batch order; named NAME@SEED); unset = the one fixed seed",
+    )
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.work, args.set, args.quick)
+        child(args.child.partition("@")[0], args.work, args.set, args.quick)
         return None
     configs: list[tuple[str, list[str]]] = [(n, []) for n in args.only] + variants(args.variant)
+    if args.seeds:
+        configs = [
+            (f"{n}@{s}", [*o, f"data.seed={s}", f"train.seed={s}"]) for s in args.seeds for n, o in configs
+        ]
     print(quick_header if args.quick else header, flush=True)
     with tempfile.TemporaryDirectory(prefix=f"lorakit-{script.stem}-") as tmp:
         results = run_configs(script, configs, Path(tmp), args.quick)

@@ -316,6 +316,36 @@ def test_zoo_conv_swap_is_exact_and_freeze_keeps_batchnorm_statistics() -> None:
     assert not any("_bn" in m for m in peft_model.peft_config["default"].modules_to_save)
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_zoo_stride1_depthwise_convolutions_take_adapters_and_strided_ones_are_refused(method: str) -> None:
+    """The stride-1 depthwise convolutions are plain ``nn.Conv2d`` (symmetric padding), so LoHa and LoKr
+    adapt them with outputs of the right shape (peft's LoRA takes grouped convolutions only at a rank
+    divisible by the groups); the four strided ones pad their own input, and naming them is one error
+    whose suggested regex then works."""
+    from lorakit.config.schema import LoraSettings
+    from lorakit.errors import ModelError
+    from lorakit.models import modeling
+
+    model, new = lite0_classifier("a", "b")
+    with pytest.raises(ModelError) as err:
+        modeling.resolve_targets(model, LoraSettings(target_modules=["_depthwise_conv"]), new)
+    message = str(err.value)
+    assert all(f"_blocks.{i}._depthwise_conv" in message for i in (1, 3, 5, 11)), message
+    assert "_blocks.2._depthwise_conv" not in message.split(" pad ")[0]
+    regex = message.split("lora.target_modules: '")[1].split("'")[0]
+    settings = LoraSettings(method=method, r=2, alpha=4, target_modules=regex, effective_conv2d=True)
+    peft_model = modeling.apply_lora(model, settings, task_type=None, new_modules=new)
+    adapted = {n.rsplit(".base_layer", 1)[0] for n, _ in peft_model.named_modules() if n.endswith("base_layer")}
+    assert sum("_depthwise_conv" in n for n in adapted) == 12
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # a non-zero update in every adapter
+    peft_model.train()
+    out = peft_model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert out.logits.shape == (2, 2)
+
+
 def test_zoo_strided_depthwise_convolutions_run_in_fp32_under_cpu_autocast() -> None:
     """PyTorch's bf16 backward of a strided depthwise convolution is 6-19x its fp32 time on CPUs: the zoo
     runs those four in fp32 under autocast, and leaves them exactly as they were outside it."""

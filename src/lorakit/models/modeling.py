@@ -247,6 +247,7 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]
                     f"lora.target_modules: regex '{targets}' matches no module of this {model_type} model; "
                     f"its adaptable layers are named: {', '.join(adaptable_module_names(model))}"
                 )
+            _refuse_self_padded(model, targets)
         return targets
     names = [
         n
@@ -264,7 +265,35 @@ def resolve_targets(model: nn.Module, settings: LoraSettings, exclude: list[str]
             f"lora.target_modules: {', '.join(hints)} match{'es' if len(bad) == 1 else ''} no layer of this "
             f"{model_type} model; its adaptable layers are named: {', '.join(real)}"
         )
+    _refuse_self_padded(model, targets)
     return list(targets)
+
+
+def _refuse_self_padded(model: nn.Module, targets: list[str] | str) -> None:
+    """A convolution that pads its own input before convolving (TF-'same' padding of a strided
+    convolution, e.g. EfficientNet's) cannot be adapted: peft computes the adapter's convolution on the
+    unpadded input, so its output has another shape. The error names them and gives the regex that
+    adapts the rest."""
+
+    def chosen(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(_matches(name, t) for t in targets)
+
+    def pads(m: nn.Module) -> bool:
+        pad = getattr(m, "static_padding", None)
+        return isinstance(m, nn.Conv2d) and pad is not None and type(pad).__name__ != "Identity"
+
+    bad = [n for n, m in model.named_modules() if pads(m) and chosen(n)]
+    if not bad:
+        return
+    wanted = targets if isinstance(targets, str) else "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets)) + ")"
+    rest = "(?!(?:" + "|".join(map(re.escape, bad)) + ")$)" + wanted
+    raise ModelError(
+        f"lora.target_modules: {', '.join(bad)} pad their input themselves ('same' padding of a strided "
+        "convolution), which an adapted convolution does not do; leave them out with the regex "
+        f"lora.target_modules: '{rest}', or train them in full with lora.modules_to_save"
+    )
 
 
 BLOCK_LISTS = ("layer", "layers", "h", "block", "blocks")  # the names peft knows for a model's list of blocks

@@ -85,30 +85,54 @@ def _swap_convs(
     return swapped
 
 
-def _is_unpadded_pointwise(conv: nn.Conv2d) -> bool:
-    """A 1x1 stride-1 convolution of another class than ``nn.Conv2d`` whose 'same' padding is empty."""
+def _same_padding(conv: nn.Conv2d) -> tuple[int, ...] | None:
+    """The (left, right, top, bottom) zero padding a TF-'same' convolution applies before its
+    convolution; () when it pads nothing, None when it is not of that form."""
     pad = getattr(conv, "static_padding", None)
-    unpadded = pad is None or isinstance(pad, nn.Identity) or type(pad).__name__ == "Identity"
+    if pad is None or isinstance(pad, nn.Identity) or type(pad).__name__ == "Identity":
+        return ()
+    return tuple(pad.padding) if isinstance(pad, nn.ZeroPad2d) else None
+
+
+def _is_plain_equivalent(conv: nn.Conv2d) -> bool:
+    """A stride-1 convolution of another class than ``nn.Conv2d`` with an odd kernel whose 'same'
+    padding is symmetric (k // 2 on every side): a plain ``nn.Conv2d`` with ``padding=k // 2`` computes
+    exactly the same. That covers the 1x1 convolutions and the stride-1 depthwise ones."""
+    kh, kw = conv.kernel_size
+    pad = _same_padding(conv)
+    symmetric = pad == () or pad == (kw // 2, kw // 2, kh // 2, kh // 2)
     return (
         type(conv) is not nn.Conv2d
-        and conv.kernel_size == (1, 1)
         and tuple(conv.stride) == (1, 1)
-        and unpadded
+        and tuple(conv.dilation) == (1, 1)
+        and kh % 2 == 1
+        and kw % 2 == 1
+        and conv.padding in ((0, 0), "valid")
+        and symmetric
     )
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, groups=conv.groups)
+    kh, kw = conv.kernel_size
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        padding=(kh // 2, kw // 2),
+        bias=conv.bias is not None,
+        groups=conv.groups,
+    )
     plain.weight = conv.weight
     if conv.bias is not None:
         plain.bias = conv.bias
     return plain
 
 
-def plain_pointwise_convs(model: nn.Module) -> int:
-    """Swap the TF-'same'-padded 1x1 stride-1 convolutions for plain ``nn.Conv2d`` (their padding is
-    empty, so outputs are exactly equal). peft wraps plain convolutions only; returns how many."""
-    return _swap_convs(model, _is_unpadded_pointwise, _plain_conv)
+def plain_stride1_convs(model: nn.Module) -> int:
+    """Swap the TF-'same'-padded stride-1 convolutions (the 1x1 ones and the stride-1 depthwise ones)
+    for plain ``nn.Conv2d`` with symmetric padding (outputs exactly equal): peft adapts a convolution
+    as a plain one, so a padded subclass would get a delta of the wrong shape; returns how many."""
+    return _swap_convs(model, _is_plain_equivalent, _plain_conv)
 
 
 class Fp32OnCpuConv(nn.Conv2d):
@@ -173,7 +197,7 @@ def _build_lite0(num_labels: int, image_size: int, dropout: float | None) -> nn.
             "model.name_or_path: the efficientnet-lite0 weights do not fit the model code "
             f"({(result.unexpected_keys or result.missing_keys)[:3]})"
         )
-    plain_pointwise_convs(net)
+    plain_stride1_convs(net)
     strided_depthwise_in_fp32(net)
     return net
 

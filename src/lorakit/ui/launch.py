@@ -81,9 +81,21 @@ def spawn(ws: Workspace, name: str, args: list[str], cwd: Path) -> subprocess.Po
     def wait() -> None:  # also reaps the child, so it never lingers as a zombie
         code = proc.wait()
         _record(ws, name, exit_code=code, ended=time.time())
+        _WATCHED.discard(name)
 
+    _WATCHED.add(name)
     threading.Thread(target=wait, name=f"lorakit-ui-wait-{name}", daemon=True).start()
     return proc
+
+
+#: The runs this process started whose exit is not yet on record: the queue counts them as running until
+#: it is, so a run's recorded end never comes after the start of the run that took its place.
+_WATCHED: set[str] = set()
+
+
+def watched(name: str) -> bool:
+    """Whether this process started ``name`` and has not yet recorded its exit."""
+    return name in _WATCHED
 
 
 def _enqueue(ws: Workspace, name: str, args: list[str], cwd: Path) -> None:

@@ -45,8 +45,9 @@ def _records(ws: Workspace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _is_running(rec: dict[str, Any]) -> bool:
-    return bool(rec.get("pid")) and rec.get("exit_code") is None and pid_alive(int(rec["pid"]))
+def _is_running(name: str, rec: dict[str, Any]) -> bool:
+    alive = bool(rec.get("pid")) and (pid_alive(int(rec["pid"])) or launch.watched(name))
+    return alive and rec.get("exit_code") is None
 
 
 def queued(ws: Workspace) -> list[str]:
@@ -58,7 +59,7 @@ def queued(ws: Workspace) -> list[str]:
 
 def running(ws: Workspace) -> list[str]:
     """The runs the UI started whose process is alive."""
-    return sorted(n for n, r in _records(ws).items() if _is_running(r))
+    return sorted(n for n, r in _records(ws).items() if _is_running(n, r))
 
 
 def place(ws: Workspace, name: str) -> tuple[int, int] | None:
