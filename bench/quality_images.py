@@ -53,15 +53,15 @@ N_TRAIN, N_VAL, N_TEST = 10_000, 1_000, 2_000
 #: The adapter-method configurations (issue 40), as overrides of lorakit's defaults.
 #: lorakit's default targets plus the depthwise 3x3 / 5x5 convolutions of the stride-1 blocks (the strided
 #: ones pad their input themselves, which an adapted convolution cannot do).
-WITH_DEPTHWISE = (
+DEPTHWISE = (
     "lora.target_modules=(?!.*_blocks\\.(?:1|3|5|11)\\._depthwise_conv$)"
     "(?:.*\\.)?(?:_expand_conv|_depthwise_conv|_project_conv|_conv_head)"
 )
 METHODS: dict[str, list[str]] = {
     "loha": ["lora.method=loha", "lora.r=4", "lora.alpha=8"],
-    "loha-eff": ["lora.method=loha", "lora.r=4", "lora.alpha=8", "lora.effective_conv2d=true", WITH_DEPTHWISE],
+    "loha-eff": ["lora.method=loha", "lora.r=4", "lora.alpha=8", "lora.effective_conv2d=true", DEPTHWISE],
     "lokr": ["lora.method=lokr", "lora.r=8", "lora.alpha=16"],
-    "lokr-eff": ["lora.method=lokr", "lora.r=8", "lora.alpha=16", "lora.effective_conv2d=true", WITH_DEPTHWISE],
+    "lokr-eff": ["lora.method=lokr", "lora.r=8", "lora.alpha=16", "lora.effective_conv2d=true", DEPTHWISE],
     "lora-ranks": ["lora.rank_pattern={_conv_head: 32}", "lora.alpha_pattern={_conv_head: 64}"],
 }
 
@@ -194,7 +194,7 @@ def print_gaps(results: list[dict]) -> None:
     for r in results:
         by_seed.setdefault(r["name"].partition("@")[2], []).append(r)
     gaps: dict[str, list[float]] = {}
-    for seed, rows in by_seed.items():
+    for rows in by_seed.values():
         full = [r for r in rows if r["name"].startswith(("full:", "full-bf16:"))]
         if not full:
             continue

@@ -287,7 +287,9 @@ def _refuse_self_padded(model: nn.Module, targets: list[str] | str) -> None:
     bad = [n for n, m in model.named_modules() if pads(m) and chosen(n)]
     if not bad:
         return
-    wanted = targets if isinstance(targets, str) else "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets)) + ")"
+    wanted = (
+        targets if isinstance(targets, str) else "(?:.*\\.)?(?:" + "|".join(map(re.escape, targets)) + ")"
+    )
     rest = "(?!(?:" + "|".join(map(re.escape, bad)) + ")$)" + wanted
     raise ModelError(
         f"lora.target_modules: {', '.join(bad)} pad their input themselves ('same' padding of a strided "
