@@ -280,11 +280,13 @@ def _refuse_self_padded(model: nn.Module, targets: list[str] | str) -> None:
             return re.fullmatch(targets, name) is not None
         return any(_matches(name, t) for t in targets)
 
-    def pads(m: nn.Module) -> bool:
-        pad = getattr(m, "static_padding", None)
-        return isinstance(m, nn.Conv2d) and pad is not None and type(pad).__name__ != "Identity"
+    from lorakit.models.zoo import same_padding
 
-    bad = [n for n, m in model.named_modules() if pads(m) and chosen(n)]
+    bad = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and same_padding(m) != () and chosen(n)
+    ]
     if not bad:
         return
     wanted = (

@@ -85,7 +85,7 @@ def _swap_convs(
     return swapped
 
 
-def _same_padding(conv: nn.Conv2d) -> tuple[int, ...] | None:
+def same_padding(conv: nn.Conv2d) -> tuple[int, ...] | None:
     """The (left, right, top, bottom) zero padding a TF-'same' convolution applies before its
     convolution; () when it pads nothing, None when it is not of that form."""
     pad = getattr(conv, "static_padding", None)
@@ -99,7 +99,7 @@ def _is_plain_equivalent(conv: nn.Conv2d) -> bool:
     padding is symmetric (k // 2 on every side): a plain ``nn.Conv2d`` with ``padding=k // 2`` computes
     exactly the same. That covers the 1x1 convolutions and the stride-1 depthwise ones."""
     kh, kw = conv.kernel_size
-    pad = _same_padding(conv)
+    pad = same_padding(conv)
     symmetric = pad == () or pad == (kw // 2, kw // 2, kh // 2, kh // 2)
     return (
         type(conv) is not nn.Conv2d
